@@ -1,0 +1,8 @@
+"""Neural network architectures, chosen by name from a registry (torch only)."""
+
+from models.registry import MODEL_REGISTRY, ModelSpec, build_model, register_model
+
+# Importing the modules registers their builders.
+from models import cnn, rnn  # noqa: E402,F401
+
+__all__ = ["MODEL_REGISTRY", "ModelSpec", "build_model", "register_model"]

@@ -1,0 +1,23 @@
+"""Preprocessing baked into the network, so the exported ONNX graph takes raw inputs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Standardized(nn.Module):
+    """``inner((x - mean) / std)`` with the training set's statistics stored as buffers.
+
+    Baking the statistics into the module means checkpoints, ONNX exports and the
+    service all agree on preprocessing without a separate step that could drift.
+    """
+
+    def __init__(self, inner: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std) if std > 0 else 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner((x - self.mean) / self.std)

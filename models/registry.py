@@ -1,0 +1,48 @@
+"""Name → builder registry, so a run's model can be rebuilt from its saved name and config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.nn as nn
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture and the kind of input it accepts ("image" or "sequence")."""
+
+    name: str
+    builder: Builder
+    input_kind: str
+    summary: str
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, input_kind: str) -> Callable[[Builder], Builder]:
+    """Register ``builder(input_shape, num_classes, **config)`` under ``name``."""
+
+    def decorate(builder: Builder) -> Builder:
+        if name in MODEL_REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        summary = (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
+        MODEL_REGISTRY[name] = ModelSpec(name, builder, input_kind, summary)
+        return builder
+
+    return decorate
+
+
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, **config: Any
+) -> nn.Module:
+    """Build a registered model; unknown names and config keys fail with the valid choices."""
+    if name not in MODEL_REGISTRY:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODEL_REGISTRY))}")
+    try:
+        return MODEL_REGISTRY[name].builder(tuple(input_shape), num_classes, **config)
+    except TypeError as error:
+        raise TypeError(f"bad config for model {name!r}: {error}") from error

@@ -1,0 +1,1 @@
+"""fluxo pipeline steps: data → train → export, orchestrated by Prefect flows."""

@@ -1,0 +1,166 @@
+"""Typed settings: one home per setting.
+
+Precedence, lowest first: the defaults below → ``FLUXO_*`` environment variables
+(``FLUXO_TRAIN__EPOCHS=3``) → a YAML preset → ``--set key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.errors import FluxoError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(_Section):
+    """Where the dataset comes from, where it lives and how it is split."""
+
+    dataset: str = Field("digits", description="Built-in dataset name (digits, mnist1d).")
+    data_dir: Path = Field(Path("data"), description="DVC-tracked dataset directory, relative to the project root.")
+    dvc_remote: str = Field(
+        str(Path.home() / ".cache" / "fluxo" / "dvc-remote"),
+        description="DVC remote URL or local path; outside the repo so clones never carry data.",
+    )
+    dvc_remote_endpoint_url: str | None = Field(None, description="S3 endpoint for an S3-compatible DVC remote.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of all samples held out for validation.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of all samples held out for testing.")
+    split_seed: int = Field(0, description="Seed of the stratified split; part of the data version.")
+    push: bool = Field(True, description="Push the data to the DVC remote after versioning.")
+
+
+class ModelSettings(_Section):
+    """Which registered architecture to build, and its constructor arguments."""
+
+    name: str = Field("cnn2d", description="Model name in the models registry.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model builder.")
+
+
+class TrainSettings(_Section):
+    """Optimisation and early stopping."""
+
+    epochs: int = Field(30, ge=1, description="Upper bound on epochs; early stopping usually ends sooner.")
+    batch_size: int = Field(64, ge=1, description="Mini-batch size.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    patience: int = Field(5, ge=1, description="Epochs without validation-loss improvement before stopping.")
+    seed: int = Field(0, description="Seed for weights and batch order.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
+    checkpoint_dir: Path = Field(Path(".fluxo/checkpoints"), description="Where best/last checkpoints are written.")
+
+
+class TrackingSettings(_Section):
+    """MLflow tracking and registry."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins, else SQLite under mlflow/."
+    )
+    experiment: str = Field("fluxo", description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        None, description="Model Registry name; default fluxo-<dataset>, since only same-data models compete."
+    )
+    champion_alias: str = Field("champion", description="Alias that marks the served model version.")
+    champion_metric: str = Field("test_accuracy", description="Test metric that decides promotion (higher wins).")
+
+
+class ExportSettings(_Section):
+    """ONNX export and the parity check against PyTorch."""
+
+    export_dir: Path = Field(Path(".fluxo/export"), description="Where model.onnx and metadata.json are written.")
+    opset: int = Field(18, ge=13, description="ONNX opset version.")
+    parity_atol: float = Field(1e-4, gt=0, description="Max abs logit difference allowed between ONNX and PyTorch.")
+
+
+class ServeSettings(_Section):
+    """The REST service."""
+
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 inside containers.")
+    port: int = Field(3000, ge=1, le=65535, description="HTTP port.")
+    model_cache: Path = Field(Path(".fluxo/serve"), description="Where the served model is materialised.")
+
+
+class FluxoSettings(BaseSettings):
+    """All settings of one pipeline run."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUXO_", env_nested_delimiter="__", extra="forbid")
+
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+
+    @field_validator("data")
+    @classmethod
+    def _splits_leave_training_data(cls, data: DataSettings) -> DataSettings:
+        if data.val_fraction + data.test_fraction >= 0.9:
+            raise ValueError("data.val_fraction + data.test_fraction must leave at least 10% for training")
+        return data
+
+    def registered_model_name(self) -> str:
+        """The registry entry this run's model joins: one per dataset unless set explicitly."""
+        return self.tracking.registered_model or f"fluxo-{self.data.dataset}"
+
+    def resolved_tracking_uri(self, root: Path) -> str:
+        """MLFLOW_TRACKING_URI, then the setting, then the local SQLite store under ``mlflow/``."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
+        if uri:
+            return uri
+        return f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.epochs=3`` → (["train", "epochs"], 3); the value is read as YAML so types survive."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise FluxoError(f"--set {text!r}: expected key=value, for example --set train.epochs=3")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(config: Path | None = None, overrides: list[str] | None = None) -> FluxoSettings:
+    """Build settings from defaults, environment, an optional YAML preset and ``key=value`` overrides."""
+    layer: dict[str, Any] = {}
+    if config is not None:
+        if not Path(config).is_file():
+            raise FluxoError(f"config {config}: no such file; presets live in configs/*.yaml")
+        try:
+            loaded = yaml.safe_load(Path(config).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise FluxoError(f"config {config}: not valid YAML ({error})") from error
+        if not isinstance(loaded, dict):
+            raise FluxoError(f"config {config}: expected a mapping of sections (data, model, train, ...)")
+        layer = loaded
+    for text in overrides or []:
+        path, value = parse_override(text)
+        nested: dict[str, Any] = {path[-1]: value}
+        for key in reversed(path[:-1]):
+            nested = {key: nested}
+        layer = _merge(layer, nested)
+    env_defaults = FluxoSettings().model_dump()
+    try:
+        return FluxoSettings.model_validate(_merge(env_defaults, layer))
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        source = f"config {config}" if config else "settings"
+        raise FluxoError(f"{source}: {problems}") from error

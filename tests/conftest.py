@@ -1,0 +1,54 @@
+"""Shared fixtures: every store (DVC repo and remote, MLflow, checkpoints) lives in tmp_path."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import FluxoSettings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's MLFLOW_TRACKING_URI or FLUXO_* must never leak into a test's stores."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("FLUXO_") or key == "MLFLOW_TRACKING_URI":
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """An empty git repository standing in for a fresh clone of a user's project."""
+    root = tmp_path / "project"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    return root
+
+
+def make_settings(root: Path, *overrides: str, config: Path | None = SMOKE) -> FluxoSettings:
+    """Settings with every store under ``root``'s parent (tmp_path), plus overrides."""
+    stores = root.parent
+    return load_settings(
+        config,
+        [
+            f"data.dvc_remote={stores / 'dvc-remote'}",
+            f"tracking.tracking_uri=sqlite:///{stores / 'mlflow.db'}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture
+def settings_for(project: Path):
+    def build(*overrides: str, config: Path | None = SMOKE) -> FluxoSettings:
+        return make_settings(project, *overrides, config=config)
+
+    return build
