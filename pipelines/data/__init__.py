@@ -1,0 +1,1 @@
+"""Data steps: built-in sources, the on-disk dataset layout, DVC versioning and splits."""

@@ -1,0 +1,103 @@
+"""DVC versioning of ``data/``: the md5 in ``data.dvc`` is the data version every run records."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipelines.errors import FluxoError
+
+log = logging.getLogger(__name__)
+
+REMOTE_NAME = "fluxo"
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """The DVC identity of a dataset directory."""
+
+    md5: str  # e.g. "4b1a...c2.dir"
+    nfiles: int
+    size: int
+    dvc_file: Path
+    pushed: int  # objects sent to the remote by this call (0 when already there)
+
+
+@contextlib.contextmanager
+def _quiet_dvc():
+    """DVC prints git hints to stdout; keep them in the debug log instead of the user's terminal."""
+    buffer = io.StringIO()
+    hints = logging.getLogger("dvc.repo.scm_context")  # "git add data.dvc" hints, at INFO
+    level = hints.level
+    hints.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        hints.setLevel(level)
+    if buffer.getvalue().strip():
+        log.debug("dvc: %s", buffer.getvalue().strip())
+
+
+def _open_repo(root: Path, remote: str, endpoint_url: str | None):
+    from dvc.repo import Repo
+
+    with _quiet_dvc():
+        if not (root / ".dvc").is_dir():
+            Repo.init(str(root), no_scm=not (root / ".git").exists())
+            log.info("initialised a DVC repository in %s", root)
+        repo = Repo(str(root))
+        # The remote goes to .dvc/config.local: a machine's path or bucket is not the project's.
+        with repo.config.edit("local") as conf:
+            section = {"url": remote}
+            if endpoint_url:
+                section["endpointurl"] = endpoint_url
+            conf["remote"][REMOTE_NAME] = section
+            conf["core"]["remote"] = REMOTE_NAME
+    return repo
+
+
+def version_data(
+    root: Path, data_dir: Path, remote: str, push: bool = True, endpoint_url: str | None = None
+) -> DataVersion:
+    """``dvc add`` the data directory (and ``dvc push`` it); return the version recorded in its .dvc file.
+
+    Unchanged data gives the same md5 and adds nothing to the cache or the remote.
+    """
+    root = Path(root).resolve()
+    target = (root / data_dir).resolve()
+    if not target.is_dir():
+        raise FluxoError(f"{target}: no dataset to version; run `fluxo data ingest` first")
+    if not remote.startswith(("s3://", "gs://", "azure://", "ssh://", "http://", "https://")):
+        Path(remote).expanduser().mkdir(parents=True, exist_ok=True)
+        remote = str(Path(remote).expanduser().resolve())
+    repo = _open_repo(root, remote, endpoint_url)
+    try:
+        with _quiet_dvc():
+            repo.add(str(target))
+            pushed = repo.push() if push else 0
+    except Exception as error:  # DVC raises many types; the user needs the remote and the cause.
+        raise FluxoError(f"DVC failed to version {target} (remote {remote}): {error}") from error
+    finally:
+        repo.close()
+    version = read_data_version(target.with_name(target.name + ".dvc"))
+    version = DataVersion(version.md5, version.nfiles, version.size, version.dvc_file, int(pushed or 0))
+    log.info("data version %s (%d files, pushed %d objects)", version.md5, version.nfiles, version.pushed)
+    return version
+
+
+def read_data_version(dvc_file: Path) -> DataVersion:
+    """Parse a ``.dvc`` file; the md5 of its single output is the data version."""
+    try:
+        spec = yaml.safe_load(Path(dvc_file).read_text())
+        out = spec["outs"][0]
+        return DataVersion(str(out["md5"]), int(out.get("nfiles", 0)), int(out.get("size", 0)), Path(dvc_file), 0)
+    except FileNotFoundError as error:
+        raise FluxoError(f"{dvc_file}: missing; run `fluxo data ingest` to version the data") from error
+    except (yaml.YAMLError, KeyError, IndexError, TypeError) as error:
+        raise FluxoError(f"{dvc_file}: not a DVC file with one output ({error}); run `fluxo data ingest`") from error

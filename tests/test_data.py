@@ -1,0 +1,154 @@
+"""Ingest, split and DVC versioning against a real DVC repo and a local remote in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.data import store
+from pipelines.data.ingest import ingest, version
+from pipelines.data.sources import RawDataset, load_builtin
+from pipelines.data.split import stratified_split
+from pipelines.data.store import read_dataset, validate_raw, write_dataset
+from pipelines.data.versioning import read_data_version
+from pipelines.errors import FluxoError
+
+
+def _cache_files(root: Path) -> set[Path]:
+    return {p for p in (root / ".dvc" / "cache").rglob("*") if p.is_file()}
+
+
+def test_ingest_writes_a_complete_split_dataset(project: Path, settings_for) -> None:
+    settings = settings_for()
+    ingest(project, settings.data)
+    dataset = read_dataset(project / "data")
+    sizes = {name: len(split.y) for name, split in dataset.splits.items()}
+    assert sum(sizes.values()) == 1797
+    assert sizes["test"] == pytest.approx(0.2 * 1797, abs=2)
+    assert sizes["val"] == pytest.approx(0.2 * 1797, abs=2)
+    assert dataset.input_shape == (1, 8, 8)
+    assert dataset.labels == [str(d) for d in range(10)]
+    # Stratified: every class keeps its share in every split.
+    overall = np.bincount(np.concatenate([s.y for s in dataset.splits.values()])) / 1797
+    for split in dataset.splits.values():
+        assert np.abs(np.bincount(split.y, minlength=10) / len(split.y) - overall).max() < 0.02
+
+
+def test_split_indices_partition_the_dataset() -> None:
+    raw = load_builtin("digits")
+    indices = stratified_split(raw, 0.2, 0.2, seed=0)
+    train, val, test = (set(indices[s].tolist()) for s in ("train", "val", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert train | val | test == set(range(len(raw.y)))
+    again = stratified_split(raw, 0.2, 0.2, seed=0)
+    assert all(np.array_equal(indices[s], again[s]) for s in indices)
+
+
+def test_same_source_gives_same_version_and_stores_nothing_new(project: Path, settings_for) -> None:
+    settings = settings_for()
+    ingest(project, settings.data)
+    first = version(project, settings.data)
+    assert first.md5.endswith(".dir") and first.pushed > 0
+    assert (project / "data.dvc").is_file() and (project / ".dvc").is_dir()
+    cache_before = _cache_files(project)
+    remote_before = {p for p in Path(settings.data.dvc_remote).rglob("*") if p.is_file()}
+
+    ingest(project, settings.data)
+    second = version(project, settings.data)
+    assert second.md5 == first.md5
+    assert second.pushed == 0
+    assert _cache_files(project) == cache_before
+    assert {p for p in Path(settings.data.dvc_remote).rglob("*") if p.is_file()} == remote_before
+
+
+def test_a_different_split_seed_is_a_different_version(project: Path, settings_for) -> None:
+    ingest(project, settings_for().data)
+    first = version(project, settings_for().data)
+    changed = settings_for("data.split_seed=1").data
+    ingest(project, changed)
+    assert version(project, changed).md5 != first.md5
+
+
+def test_mnist1d_keeps_its_own_test_set() -> None:
+    raw = load_builtin("mnist1d")
+    assert raw.x.shape == (5000, 1, 40)
+    indices = stratified_split(raw, 0.2, 0.2, seed=0)
+    assert len(indices["test"]) == 1000 and raw.fixed_test[indices["test"]].all()
+    assert len(indices["train"]) + len(indices["val"]) == 4000
+
+
+def test_unknown_dataset_lists_builtins() -> None:
+    with pytest.raises(FluxoError, match="digits, mnist1d"):
+        load_builtin("cifar")
+
+
+def _tiny(x: np.ndarray, y: np.ndarray) -> RawDataset:
+    return RawDataset("tiny", "sequence", x.astype(np.float32), y.astype(np.int64), ["a", "b"])
+
+
+def test_validation_rejects_nan_single_class_and_bad_labels() -> None:
+    x = np.zeros((6, 1, 4))
+    x[3, 0, 2] = np.nan
+    with pytest.raises(FluxoError, match="NaN or Inf.*index 3"):
+        validate_raw(_tiny(x, np.array([0, 1] * 3)))
+    with pytest.raises(FluxoError, match="only one class"):
+        validate_raw(_tiny(np.zeros((6, 1, 4)), np.zeros(6)))
+    with pytest.raises(FluxoError, match="labels must be 0..1"):
+        validate_raw(_tiny(np.zeros((6, 1, 4)), np.array([0, 1, 2] * 2)))
+
+
+def test_failed_ingest_leaves_previous_data_untouched(project: Path, settings_for, monkeypatch) -> None:
+    settings = settings_for()
+    ingest(project, settings.data)
+    version(project, settings.data)
+    before = {p.relative_to(project): p.read_bytes() for p in (project / "data").rglob("*") if p.is_file()}
+    dvc_file = (project / "data.dvc").read_text()
+
+    calls = {"n": 0}
+    real_save = np.save
+
+    def failing_save(path, array):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        real_save(path, array)
+
+    monkeypatch.setattr(store.np, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        ingest(project, settings_for("data.split_seed=5").data)
+
+    after = {p.relative_to(project): p.read_bytes() for p in (project / "data").rglob("*") if p.is_file()}
+    assert after == before
+    assert (project / "data.dvc").read_text() == dvc_file
+    assert not [p for p in project.iterdir() if ".ingest-" in p.name], "staging directory left behind"
+
+
+def test_read_dataset_explains_missing_and_corrupt_data(tmp_path: Path) -> None:
+    with pytest.raises(FluxoError, match="fluxo data ingest"):
+        read_dataset(tmp_path / "data")
+    raw = _tiny(np.random.default_rng(0).normal(size=(20, 1, 4)), np.array([0, 1] * 10))
+    write_dataset(raw, stratified_split(raw, 0.2, 0.2, 0), tmp_path / "data", {"seed": 0})
+    (tmp_path / "data" / "val" / "x.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(FluxoError, match=r"val.*unreadable"):
+        read_dataset(tmp_path / "data")
+    (tmp_path / "data" / "dataset.json").write_text("{")
+    with pytest.raises(FluxoError, match="dataset.json: not valid JSON"):
+        read_dataset(tmp_path / "data")
+
+
+def test_read_data_version_explains_a_bad_dvc_file(tmp_path: Path) -> None:
+    with pytest.raises(FluxoError, match="missing"):
+        read_data_version(tmp_path / "data.dvc")
+    (tmp_path / "data.dvc").write_text("outs: []\n")
+    with pytest.raises(FluxoError, match="not a DVC file"):
+        read_data_version(tmp_path / "data.dvc")
+
+
+def test_manifest_records_split_and_shape(project: Path, settings_for) -> None:
+    ingest(project, settings_for().data)
+    manifest = json.loads((project / "data" / "dataset.json").read_text())
+    assert manifest["split"]["seed"] == 0 and manifest["kind"] == "image"
+    assert manifest["split"]["sizes"]["train"] + manifest["split"]["sizes"]["val"] + manifest["split"]["sizes"]["test"] == 1797
