@@ -1,0 +1,1 @@
+"""Training: engine, metrics, checkpoints and the tracker the engine reports to."""
