@@ -1,0 +1,238 @@
+"""The ``fluxo`` command: thin subcommands over the pipeline steps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipelines.config import FluxoSettings, load_settings
+from pipelines.errors import FluxoError
+
+app = typer.Typer(help="fluxo: versioned data → tracked training → ONNX → REST.", no_args_is_help=True)
+data_app = typer.Typer(help="Dataset steps.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("fluxo")
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML preset under configs/ that overrides the defaults.")
+]
+SetOption = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override one setting, e.g. --set train.epochs=3.")
+]
+RootOption = Annotated[Path, typer.Option("--root", help="Project root holding data/, data.dvc and mlflow/.")]
+
+# Libraries that narrate every step at INFO; their warnings still come through.
+NOISY_LOGGERS = ("dvc", "onnx_ir", "onnxscript", "torch.onnx", "mlflow", "alembic", "httpx", "prefect.events")
+
+
+def configure_logging(verbose: bool) -> None:
+    """Configured once, here: library code only ever calls ``logging.getLogger(__name__)``."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # MLflow draws a progress bar for every artifact download, even a single small file.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not verbose:
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    configure_logging(verbose)
+
+
+def _settings(config: Path | None, overrides: list[str] | None) -> FluxoSettings:
+    return load_settings(config, overrides or [])
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+    serve: Annotated[bool, typer.Option("--serve", help="Serve the champion when the pipeline is done.")] = False,
+) -> None:
+    """Run the whole pipeline as one Prefect flow: ingest → version → train → export → register."""
+    from pipelines.flows import pipeline_flow
+
+    try:
+        settings = _settings(config, overrides)
+        summary = pipeline_flow(config=str(config) if config else None, overrides=overrides or [], root=str(root))
+    except FluxoError as error:
+        _fail(error)
+    typer.echo(json.dumps(summary, indent=2))
+    if serve:
+        _serve(root, settings, None, settings.serve.host, settings.serve.port)
+
+
+@data_app.command("ingest")
+def data_ingest(
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Built-in dataset name: digits, mnist1d.")] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Write the dataset under data/, version it with DVC and push it to the remote."""
+    from pipelines.data.ingest import ingest, version
+    from pipelines.data.store import read_dataset
+
+    try:
+        extra = [f"data.dataset={dataset}"] if dataset else []
+        settings = _settings(config, (overrides or []) + extra)
+        data_dir = ingest(root, settings.data)
+        data_version = version(root, settings.data)
+        manifest = read_dataset(data_dir).manifest
+    except FluxoError as error:
+        _fail(error)
+    typer.echo(
+        json.dumps(
+            {"dataset": manifest["name"], "kind": manifest["kind"], "input_shape": manifest["input_shape"],
+             "splits": manifest["split"]["sizes"], "data_version": data_version.md5, "pushed": data_version.pushed},
+            indent=2,
+        )
+    )
+
+
+@app.command()
+def train(config: ConfigOption = None, overrides: SetOption = None, root: RootOption = Path(".")) -> None:
+    """Train and evaluate on the current data/ as a new MLflow run."""
+    from pipelines.data.ingest import version
+    from pipelines.train.run import train as train_step
+
+    try:
+        settings = _settings(config, overrides)
+        # `dvc add` is idempotent: it records the version of whatever data/ holds right now.
+        result = train_step(root, settings, version(root, settings.data))
+    except FluxoError as error:
+        _fail(error)
+    typer.echo(json.dumps({"run_id": result.run_id, **result.test_metrics}, indent=2))
+
+
+@app.command()
+def export(
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="MLflow run to export; default the newest.")] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Export a run's best model to ONNX, check parity, register it and decide the champion."""
+    from pipelines.export.step import export_run
+
+    try:
+        result = export_run(root, _settings(config, overrides), run_id)
+    except FluxoError as error:
+        _fail(error)
+    typer.echo(
+        json.dumps(
+            {"run_id": result.run_id, "export_dir": str(result.export_dir), "model": result.registered_model,
+             "version": result.model_version, "parity": result.parity.as_dict(), "promotion": result.promotion.reason},
+            indent=2,
+        )
+    )
+
+
+def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, port: int) -> None:
+    from pipelines.serve import materialize_model
+    from serving.client import example_request
+    from serving.launch import start_server, wait_ready
+
+    try:
+        model_dir = materialize_model(root, settings, model)
+    except FluxoError as error:
+        _fail(error)
+    process = start_server(model_dir, port=port, host=host)
+    try:
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        wait_ready(url, timeout=120, process=process)
+        metadata = json.loads((model_dir / "metadata.json").read_text())
+        typer.echo(f"\nfluxo is serving {metadata['model_name']} v{metadata['model_version']} at {url}\n")
+        typer.echo(example_request(metadata, url))
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    if process.returncode not in (0, None, -15):
+        raise typer.Exit(code=process.returncode)
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or an export directory.")
+    ] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Interface to bind.")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="HTTP port.")] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Serve the champion model (or --model) over REST with BentoML on ONNX Runtime."""
+    try:
+        settings = _settings(config, overrides)
+    except FluxoError as error:
+        _fail(error)
+    _serve(root, settings, model, host or settings.serve.host, port or settings.serve.port)
+
+
+@app.command()
+def schedule(
+    cron: Annotated[str, typer.Option("--cron", help='Cron expression, e.g. "0 3 * * *".')],
+    name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "scheduled",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Serve the pipeline as a Prefect deployment on a cron schedule; runs until stopped."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        _fail(FluxoError(f'--cron {cron!r}: not a cron expression; five fields, e.g. "0 3 * * *" for 03:00 daily'))
+    try:
+        _settings(config, overrides)  # fail now, not at 3 a.m.
+    except FluxoError as error:
+        _fail(error)
+    from pipelines.flows import serve_on_schedule
+
+    serve_on_schedule(cron, str(config) if config else None, overrides or [], str(root), name)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option("--port", help="HTTP port of the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option("--host", help="Interface to bind.")] = "127.0.0.1",
+    root: RootOption = Path("."),
+) -> None:
+    """Open the MLflow UI on the local store (or MLFLOW_TRACKING_URI)."""
+    settings = _settings(None, None)
+    uri = settings.resolved_tracking_uri(root)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    typer.echo(f"MLflow UI on http://{host}:{port} for {uri}")
+    raise typer.Exit(code=subprocess.call(command, env=os.environ.copy()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Export steps: ONNX export, parity against PyTorch, registry and champion promotion."""

@@ -1,0 +1,50 @@
+"""PyTorch → ONNX with a dynamic batch axis, checked by ``onnx.checker``.
+
+Inputs have a fixed per-instance shape (sequence length included): it is saved
+in the metadata and the service enforces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int) -> onnx.ModelProto:
+    """Export ``model`` (eval mode, on the CPU) to a single self-contained ``.onnx`` file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.to("cpu").eval()
+    example = torch.zeros(2, *input_shape)
+    chatter = io.StringIO()
+    # The exporter prints progress lines and warnings about optional torchvision ops.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+        )
+    log.debug("torch.onnx: %s", chatter.getvalue().strip())
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    log.info("exported %s (opset %d, %.1f kB)", path, opset, path.stat().st_size / 1024)
+    return proto

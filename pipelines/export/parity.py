@@ -1,0 +1,45 @@
+"""Does the ONNX graph compute what the PyTorch model computes? Checked on the test split."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+from pipelines.export.onnx_export import INPUT_NAME
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    samples: int
+    max_abs_diff: float
+    argmax_agreement: float
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol and self.argmax_agreement == 1.0
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def check_parity(
+    model: nn.Module, onnx_path: Path, x: np.ndarray, atol: float, batch_size: int = 512
+) -> ParityReport:
+    """Max abs logit difference and argmax agreement between PyTorch and ONNX Runtime (CPU)."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model = model.to("cpu").eval()
+    worst, agree = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+        onnx_logits = session.run(None, {INPUT_NAME: batch})[0]
+        with torch.no_grad():
+            torch_logits = model(torch.from_numpy(batch)).numpy()
+        worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
+        agree += int((onnx_logits.argmax(1) == torch_logits.argmax(1)).sum())
+    return ParityReport(len(x), worst, agree / max(len(x), 1), atol)

@@ -1,0 +1,141 @@
+"""The export step: a run's best checkpoint → ONNX → parity check → registry → maybe champion."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import FluxoSettings
+from pipelines.data.store import read_dataset
+from pipelines.data.versioning import read_data_version
+from pipelines.errors import FluxoError
+from pipelines.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from pipelines.export.parity import ParityReport, check_parity
+from pipelines.export.registry import PromotionDecision, promote_if_better
+from pipelines.tracking import configure_mlflow
+from pipelines.train.checkpoint import load_checkpoint, rebuild_model
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+
+
+@dataclass
+class ExportResult:
+    run_id: str
+    export_dir: Path
+    parity: ParityReport
+    registered_model: str
+    model_version: str
+    promotion: PromotionDecision
+
+
+def latest_run_id(experiment: str) -> str:
+    """The newest finished run of the experiment that has a checkpoint."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        raise FluxoError(f"experiment {experiment!r} has no finished run to export; run `fluxo train` first")
+    return runs[0].info.run_id
+
+
+def build_metadata(
+    spec: dict[str, Any], run: Any, name: str, test_metrics: dict[str, float], opset: int
+) -> dict[str, Any]:
+    """What the service needs beside the ONNX file (see serving/README.md)."""
+    return {
+        "model_name": name,
+        "model_version": None,
+        "architecture": spec["architecture"],
+        "run_id": run.info.run_id,
+        "dataset": spec["dataset"],
+        "data_version": run.data.tags.get("data_version"),
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_shape": list(spec["input_shape"]),
+        "input_dtype": "float32",
+        "labels": list(spec["labels"]),
+        "preprocessing": {"normalize": {"mean": spec["mean"], "std": spec["std"]}, "in_graph": True},
+        "test_metrics": test_metrics,
+        "onnx_opset": opset,
+    }
+
+
+def export_run(root: Path, settings: FluxoSettings, run_id: str | None = None) -> ExportResult:
+    """Export a run's best model, check it against PyTorch, register it and decide promotion."""
+    import mlflow
+    import mlflow.onnx
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    root = Path(root)
+    configure_mlflow(root, settings)
+    client = MlflowClient()
+    run_id = run_id or latest_run_id(settings.tracking.experiment)
+    run = client.get_run(run_id)
+
+    current = read_data_version(root / f"{settings.data.data_dir}.dvc").md5
+    trained_on = run.data.tags.get("data_version")
+    if trained_on != current:
+        raise FluxoError(
+            f"run {run_id} was trained on data version {trained_on} but {settings.data.data_dir}/ holds {current}; "
+            "check out the matching data.dvc and run `dvc checkout`, or retrain"
+        )
+    with tempfile.TemporaryDirectory() as scratch:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=scratch)
+        model, spec = rebuild_model(load_checkpoint(Path(local)))
+
+    export_dir = root / settings.export.export_dir
+    onnx_path = export_dir / MODEL_FILE
+    proto = export_onnx(model, tuple(spec["input_shape"]), onnx_path, settings.export.opset)
+
+    test = read_dataset(root / settings.data.data_dir).splits["test"]
+    parity = check_parity(model, onnx_path, test.x, settings.export.parity_atol)
+    name = settings.registered_model_name()
+    test_metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    metadata = build_metadata(spec, run, name, test_metrics, settings.export.opset)
+
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({"parity_max_abs_diff": parity.max_abs_diff, "parity_argmax_agreement": parity.argmax_agreement})
+        mlflow.log_dict(parity.as_dict(), "export/parity.json")
+        if not parity.passed:
+            raise FluxoError(
+                f"ONNX parity failed for run {run_id}: max |Δlogit| {parity.max_abs_diff:.2e} "
+                f"(allowed {parity.atol:.0e}), argmax agreement {parity.argmax_agreement:.4f}; "
+                "the model was not registered"
+            )
+        sample = np.ascontiguousarray(test.x[:2], dtype=np.float32)
+        import onnxruntime as ort
+
+        logits = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: sample})[0]
+        info = mlflow.onnx.log_model(
+            proto,
+            name="model",
+            registered_model_name=name,
+            signature=infer_signature(sample, logits),
+            metadata=metadata,
+            pip_requirements=["onnx", "onnxruntime"],
+            save_as_external_data=False,
+        )
+    version = str(info.registered_model_version)
+    metadata["model_version"] = version
+    (export_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    promotion = promote_if_better(
+        client, name, version, run_id, settings.tracking.champion_metric, settings.tracking.champion_alias
+    )
+    log.info("parity: max |Δlogit| %.2e, argmax agreement %.4f", parity.max_abs_diff, parity.argmax_agreement)
+    return ExportResult(run_id, export_dir, parity, name, version, promotion)
