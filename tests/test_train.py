@@ -1,0 +1,106 @@
+"""The training engine on real (tiny) data, without MLflow; checkpoints; model/data mismatches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import build_model
+from models.preprocess import Standardized
+from pipelines.data.ingest import ingest
+from pipelines.data.sources import load_builtin
+from pipelines.data.versioning import DataVersion
+from pipelines.errors import FluxoError
+from pipelines.train.checkpoint import load_checkpoint, model_payload, rebuild_model, save_checkpoint
+from pipelines.train.engine import FitConfig, evaluate, fit, seed_everything, ClassificationStep
+from pipelines.train.run import train_and_evaluate
+from pipelines.train.tracker import NullTracker
+
+
+def _digits_tensors():
+    raw = load_builtin("digits")
+    x, y = torch.from_numpy(raw.x), torch.from_numpy(raw.y)
+    return (x[:1200], y[:1200]), (x[1200:], y[1200:])
+
+
+def _model() -> Standardized:
+    return Standardized(build_model("cnn2d", (1, 8, 8), 10, channels=8), mean=4.9, std=6.0)
+
+
+def test_fit_learns_digits_and_restores_best_weights() -> None:
+    seed_everything(0)
+    train, val = _digits_tensors()
+    model = _model()
+    config = FitConfig(epochs=6, batch_size=64, learning_rate=5e-3, weight_decay=0, patience=3, seed=0)
+    best_seen: list[int] = []
+    result = fit(model, train, val, config, on_best=lambda m, epoch: best_seen.append(epoch))
+    loss, accuracy, _ = evaluate(model, *val, ClassificationStep())
+    assert accuracy > 0.85, result.history
+    assert loss == pytest.approx(result.best_val_loss, rel=1e-5)  # the model holds the best epoch's weights
+    assert best_seen[-1] == result.best_epoch
+    assert [h["epoch"] for h in result.history] == list(range(1, result.epochs_run + 1))
+    assert result.samples_per_second > 0
+
+
+def test_early_stopping_stops_when_validation_stalls() -> None:
+    train, val = _digits_tensors()
+    # A zero learning rate can never improve validation loss after the first epoch.
+    config = FitConfig(epochs=50, batch_size=256, learning_rate=1e-12, weight_decay=0, patience=2, seed=0)
+    result = fit(_model(), train, val, config)
+    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
+
+
+def test_same_seed_same_weights() -> None:
+    train, val = _digits_tensors()
+    config = FitConfig(epochs=2, batch_size=128, learning_rate=1e-3, weight_decay=0, patience=5, seed=3)
+    states = []
+    for _ in range(2):
+        seed_everything(3)
+        model = _model()
+        fit(model, train, val, config)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_checkpoint_round_trip_and_truncation(tmp_path: Path) -> None:
+    model = _model().eval()
+    spec = {"architecture": "cnn2d", "params": {"channels": 8}, "input_shape": [1, 8, 8],
+            "labels": [str(i) for i in range(10)], "mean": 4.9, "std": 6.0}
+    path = save_checkpoint(tmp_path / "best.pt", model_payload(model, spec))
+    rebuilt, loaded_spec = rebuild_model(load_checkpoint(path))
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(rebuilt(x), model(x)) and loaded_spec == spec
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left
+
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(FluxoError, match="best.pt: unreadable"):
+        load_checkpoint(path)
+
+
+def test_model_and_dataset_kinds_must_match(project: Path, settings_for) -> None:
+    settings = settings_for("model.name=gru")
+    ingest(project, settings.data)
+    with pytest.raises(FluxoError, match="takes sequence inputs.*image dataset"):
+        train_and_evaluate(project, settings, DataVersion("x", 0, 0, project / "data.dvc", 0), NullTracker())
+
+
+def test_bad_model_params_are_reported(project: Path, settings_for) -> None:
+    settings = settings_for("model.params={kernel: 3}")
+    ingest(project, settings.data)
+    with pytest.raises(FluxoError, match="model.params for 'cnn2d'"):
+        train_and_evaluate(project, settings, DataVersion("x", 0, 0, project / "data.dvc", 0), NullTracker())
+
+
+def test_train_and_evaluate_without_mlflow(project: Path, settings_for) -> None:
+    settings = settings_for("train.epochs=3")
+    ingest(project, settings.data)
+    spec, metrics, checkpoint, result = train_and_evaluate(
+        project, settings, DataVersion("x", 0, 0, project / "data.dvc", 0), NullTracker()
+    )
+    assert set(metrics) == {"test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro"}
+    assert all(0 <= v <= 1 for v in metrics.values())
+    assert checkpoint.is_file() and spec["architecture"] == "cnn2d"
+    assert np.isfinite(result.best_val_loss)
