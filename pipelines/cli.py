@@ -147,34 +147,49 @@ def export(
     )
 
 
+def _example_instance(root: Path, settings: FluxoSettings, metadata: dict) -> list | None:
+    """A real held-out sample for the printed example, when data/ holds the model's data version."""
+    from pipelines.data.store import read_dataset
+    from pipelines.data.versioning import read_data_version
+
+    try:
+        if read_data_version(root / f"{settings.data.data_dir}.dvc").md5 != metadata.get("data_version"):
+            return None
+        test = read_dataset(root / settings.data.data_dir).splits["test"]
+    except FluxoError:
+        return None
+    return test.x[0].tolist()
+
+
 def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, port: int) -> None:
     from pipelines.serve import materialize_model
+    from serving import ServingError
     from serving.client import example_request
-    from serving.launch import start_server, wait_ready
+    from serving.launch import start_server, stop_server, wait_ready
 
     try:
         model_dir = materialize_model(root, settings, model)
-    except FluxoError as error:
+        process = start_server(model_dir, port=port, host=host)
+    except (FluxoError, ServingError) as error:
         _fail(error)
-    process = start_server(model_dir, port=port, host=host)
     try:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         wait_ready(url, timeout=120, process=process)
         metadata = json.loads((model_dir / "metadata.json").read_text())
-        typer.echo(f"\nfluxo is serving {metadata['model_name']} v{metadata['model_version']} at {url}\n")
-        typer.echo(example_request(metadata, url))
+        example = example_request(metadata, url)
+        instance = _example_instance(root, settings, metadata)
+        if instance is not None:
+            body = json.dumps({"instances": [instance]}, separators=(",", ":"))
+            example["curl"] = f"curl -s -X POST {example['url']} -H 'Content-Type: application/json' -d '{body}'"
+        typer.echo(f"\nfluxo is serving {metadata['model_name']} v{metadata['model_version']} at {url}")
+        typer.echo(f"  metadata: curl -s {url}/metadata\n  predict:  {example['curl']}\n")
         process.wait()
+    except ServingError as error:
+        _fail(error)
     except KeyboardInterrupt:
         pass
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-    if process.returncode not in (0, None, -15):
-        raise typer.Exit(code=process.returncode)
+        stop_server(process)
 
 
 @app.command()
