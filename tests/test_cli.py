@@ -1,0 +1,62 @@
+"""The `fluxo` command as a user types it: each stage alone, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from tests.conftest import SMOKE
+
+runner = CliRunner()
+
+
+def _stores(project: Path) -> list[str]:
+    stores = project.parent
+    return ["--set", f"data.dvc_remote={stores / 'dvc-remote'}", "--set", f"tracking.tracking_uri=sqlite:///{stores / 'mlflow.db'}"]
+
+
+def _json_tail(output: str) -> dict:
+    return json.loads(output[output.index("{") :])
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "data", "train", "export", "serve", "schedule", "ui"):
+        assert command in result.output
+
+
+def test_stages_one_by_one(project: Path) -> None:
+    common = ["--root", str(project), "--config", str(SMOKE), *_stores(project)]
+    ingested = runner.invoke(app, ["data", "ingest", "--dataset", "digits", *common])
+    assert ingested.exit_code == 0, ingested.output
+    summary = _json_tail(ingested.stdout)
+    assert summary["splits"]["test"] == 360 and summary["data_version"].endswith(".dir")
+
+    trained = runner.invoke(app, ["train", *common])
+    assert trained.exit_code == 0, trained.output
+    run_id = _json_tail(trained.stdout)["run_id"]
+
+    exported = runner.invoke(app, ["export", "--run-id", run_id, *common])
+    assert exported.exit_code == 0, exported.output
+    result = _json_tail(exported.stdout)
+    assert result["parity"]["passed"] and result["model"] == "fluxo-digits" and result["version"] == "1"
+    assert (project / ".fluxo" / "export" / "model.onnx").is_file()
+
+
+def test_bad_inputs_exit_2_with_the_reason(project: Path) -> None:
+    cases = [
+        (["train", "--set", "train.epoch=3"], "train.epoch"),
+        (["data", "ingest", "--dataset", "imagenet"], "digits, mnist1d"),
+        (["schedule", "--cron", "every night"], "not a cron expression"),
+        (["run", "--config", "configs/missing.yaml"], "no such file"),
+        (["serve", "--model", "ftp://x", *_stores(project)], "expected an export directory"),
+        (["export", "--root", str(project), *_stores(project)], "no finished run"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)

@@ -1,0 +1,96 @@
+"""The whole path on real parts: Prefect flow (test harness) → DVC → MLflow → ONNX → `bentoml serve` over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.data.store import read_dataset
+from pipelines.data.versioning import read_data_version
+from pipelines.serve import materialize_model
+from tests.conftest import SMOKE, make_settings
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_path: Path) -> None:
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flows import pipeline_flow
+    from serving.launch import start_server, stop_server, wait_ready
+
+    overrides = [
+        f"data.dvc_remote={tmp_path / 'dvc-remote'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.epochs=3",
+    ]
+    with prefect_test_harness(server_startup_timeout=120):
+        summary = pipeline_flow(config=str(SMOKE), overrides=overrides, root=str(project))
+
+    data_version = read_data_version(project / "data.dvc").md5
+    assert summary["data_version"] == data_version
+    assert summary["promoted"] and summary["model_version"] == "1"
+    assert summary["parity_max_abs_diff"] <= 1e-4
+    assert any(Path(tmp_path / "dvc-remote").rglob("*")), "nothing was pushed to the DVC remote"
+    run = MlflowClient().get_run(summary["run_id"])
+    assert run.data.tags["data_version"] == data_version
+
+    settings = make_settings(project, "train.epochs=3")
+    model_dir = materialize_model(project, settings)
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log_file:
+        server = start_server(model_dir, port, log_file=log_file)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, timeout=120, process=server)
+            test = read_dataset(project / "data").splits["test"]
+            held_out = test.x[:40]
+            session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+            logits = session.run(None, {"input": held_out})[0]
+            expected = np.exp(logits - logits.max(1, keepdims=True))
+            expected /= expected.sum(1, keepdims=True)
+
+            response = httpx.post(f"{url}/predict", json={"instances": held_out.tolist()}, timeout=30)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["model_version"] == "1"
+            labels = [p["label"] for p in body["predictions"]]
+            assert labels == [str(i) for i in logits.argmax(1)]
+            served = np.array([p["probabilities"] for p in body["predictions"]])
+            np.testing.assert_allclose(served, expected, atol=1e-5)
+
+            metadata = httpx.get(f"{url}/metadata", timeout=10).json()
+            assert metadata["data_version"] == data_version
+            assert metadata["input_shape"] == [1, 8, 8]
+
+            bad = httpx.post(f"{url}/predict", json={"instances": [[0.0] * 64]}, timeout=10)
+            assert bad.status_code == 400 and "(1, 8, 8)" in bad.text
+        except Exception:
+            print(log_path.read_text()[-4000:])
+            raise
+        finally:
+            stop_server(server)
+
+
+def test_schedule_builds_a_cron_deployment(tmp_path: Path) -> None:
+    from pipelines.flows import scheduled_deployment
+
+    deployment = scheduled_deployment("0 3 * * *", str(SMOKE), ["train.epochs=1"], str(tmp_path), "nightly")
+    assert deployment.name == "nightly"
+    assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+    assert deployment.parameters == {"config": str(SMOKE), "overrides": ["train.epochs=1"], "root": str(tmp_path.resolve())}
+    assert json.dumps(deployment.parameters)  # a deployment's parameters must be JSON
