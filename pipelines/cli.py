@@ -176,11 +176,8 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         wait_ready(url, timeout=120, process=process)
         metadata = json.loads((model_dir / "metadata.json").read_text())
-        example = example_request(metadata, url)
         instance = _example_instance(root, settings, metadata)
-        if instance is not None:
-            body = json.dumps({"instances": [instance]}, separators=(",", ":"))
-            example["curl"] = f"curl -s -X POST {example['url']} -H 'Content-Type: application/json' -d '{body}'"
+        example = example_request(metadata, url, instances=[instance] if instance is not None else None)
         typer.echo(f"\nfluxo is serving {metadata['model_name']} v{metadata['model_version']} at {url}")
         typer.echo(f"  metadata: curl -s {url}/metadata\n  predict:  {example['curl']}\n")
         process.wait()

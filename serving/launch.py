@@ -1,0 +1,153 @@
+"""Start ``bentoml serve`` for a model directory and wait until it answers.
+
+Used by the CLI (``fluxo serve``) and the HTTP tests. The server runs as a
+child process, not in-process: BentoML spawns its own worker processes and
+owns signals, so a subprocess is the one way to start and stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import psutil
+
+from serving import MODEL_DIR_ENV, ServingError
+
+logger = logging.getLogger(__name__)
+
+SERVICE_IMPORT = "serving.service:Fluxo"
+# The directory that holds the ``serving`` package: BentoML imports the service from here.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def serve_command(model_dir: Path | str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The ``bentoml serve`` argv for this model directory.
+
+    ``model_dir`` reaches the server through ``FLUXO_MODEL_DIR`` (see
+    :func:`serve_env`), not argv: BentoML re-imports the service in each worker.
+    The argument is kept so the caller's intent is explicit and checked.
+    """
+    if not Path(model_dir).is_dir():
+        raise ServingError(f"model directory {model_dir}: no such directory; run the export step or `fluxo serve`")
+    bentoml = Path(sys.executable).with_name("bentoml")
+    program = [str(bentoml)] if bentoml.exists() else [sys.executable, "-m", "bentoml"]
+    return [
+        *program,
+        "serve",
+        SERVICE_IMPORT,
+        "--working-dir",
+        str(PROJECT_ROOT),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+
+
+def serve_env(model_dir: Path | str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for the server: ours, plus the absolute model dir and any FLUXO_* overrides."""
+    env = dict(os.environ)
+    env[MODEL_DIR_ENV] = str(Path(model_dir).resolve())
+    # BentoML's usage analytics phone home; a local model server has no reason to.
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    env.update(extra or {})
+    return env
+
+
+def check_model_dir(model_dir: Path | str) -> dict[str, Any]:
+    """Load the model once on CPU here, before spawning anything, and return its metadata.
+
+    A broken directory otherwise surfaces only as a worker traceback in the
+    server log while ``/readyz`` never turns ready; here it raises ServingError
+    naming the file and the fix. onnxruntime is imported only now, not on import.
+    """
+    from serving.runtime import CPU, OnnxModel
+
+    return OnnxModel(model_dir, providers=[CPU]).metadata
+
+
+def start_server(
+    model_dir: Path | str,
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    env: Mapping[str, str] | None = None,
+    log_file: IO[bytes] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Spawn ``bentoml serve`` for ``model_dir``; returns at once, see :func:`wait_ready`.
+
+    The directory is checked first (:func:`check_model_dir`), so a broken one
+    raises ServingError here instead of hanging the server. ``env`` adds
+    variables such as FLUXO_MAX_BATCH_SIZE. Output goes to ``log_file`` when
+    given, else to this process's stdout/stderr. The server gets its own
+    session, so a Ctrl+C reaches only the caller, which then calls
+    :func:`stop_server` in a ``finally``.
+    """
+    check_model_dir(model_dir)
+    command = serve_command(model_dir, port, host)
+    logger.info("starting %s", " ".join(command))
+    return subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        env=serve_env(model_dir, env),
+        stdout=log_file,
+        stderr=subprocess.STDOUT if log_file is not None else None,
+        start_new_session=True,
+    )
+
+
+def wait_ready(url: str, timeout: float = 60.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``{url}/readyz`` until it answers 200; raise ServingError on timeout or server exit."""
+    deadline = time.monotonic() + timeout
+    probe = url.rstrip("/") + "/readyz"
+    last = "no answer yet"
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise ServingError(
+                    f"the server exited with code {process.returncode} before {probe} answered; "
+                    "its log names the cause (often a bad FLUXO_MODEL_DIR)"
+                )
+            try:
+                response = client.get(probe)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.TransportError as error:
+                last = type(error).__name__
+            time.sleep(0.2)
+    raise ServingError(f"{probe} not ready after {timeout:.0f} s (last: {last}); check the server log")
+
+
+def stop_server(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Stop the server and every worker it spawned; SIGKILL whatever outlives ``timeout``.
+
+    BentoML's workers run in sessions of their own, so signalling the process
+    group misses them; they are collected as descendants before the arbiter goes.
+    """
+    try:
+        workers = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    if process.poll() is None:
+        process.terminate()  # the arbiter stops its workers gracefully on SIGTERM
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("server %d ignored SIGTERM for %.0f s; killing it", process.pid, timeout)
+            process.kill()
+            process.wait(timeout)
+    _, alive = psutil.wait_procs(workers, timeout=timeout / 3)
+    for worker in alive:
+        logger.warning("server worker %d outlived the server; killing it", worker.pid)
+        worker.kill()
+    psutil.wait_procs(alive, timeout=timeout / 3)
+

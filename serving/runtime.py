@@ -1,0 +1,234 @@
+"""Load a model directory into an ONNX Runtime session and run it.
+
+The model directory (see ``serving/README.md``) is the whole contract between
+export and serving: ``model.onnx`` plus ``metadata.json``. Everything is checked
+at load time so a bad directory fails the server start with a message naming the
+file, instead of failing every request later.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from serving import ServingError
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_FIX = "re-run the export step (or `fluxo serve`) to rewrite the model directory"
+
+
+def load_metadata(model_dir: Path | str) -> dict[str, Any]:
+    """Read and check ``metadata.json``; the service relies on input_shape and labels."""
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        raise ServingError(f"{path}: no such file; a model directory needs {MODEL_FILE} and {METADATA_FILE}; {_FIX}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ServingError(f"{path}: not valid JSON ({error}); {_FIX}") from error
+    if not isinstance(meta, dict):
+        raise ServingError(f"{path}: expected a JSON object, got {type(meta).__name__}; {_FIX}")
+    shape = meta.get("input_shape")
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise ServingError(f"{path}: input_shape must be a non-empty list of positive integers, got {shape!r}; {_FIX}")
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ServingError(f"{path}: labels must be a non-empty list of strings, got {labels!r}; {_FIX}")
+    dtype = meta.get("input_dtype", "float32")
+    if dtype != "float32":
+        raise ServingError(f"{path}: input_dtype {dtype!r} is not supported, the service feeds float32; {_FIX}")
+    meta.setdefault("input_name", "input")
+    meta.setdefault("output_name", "logits")
+    return meta
+
+
+def cuda_device_present() -> bool:
+    """True when the CUDA driver reports at least one device.
+
+    onnxruntime-gpu lists CUDAExecutionProvider whenever its libraries load, GPU
+    or not, and logs an ERROR when asked for CUDA without a device; asking the
+    driver directly avoids that false alarm on CPU machines.
+    """
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            driver = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return False
+    try:
+        if driver.cuInit(0) != 0:
+            return False
+        count = ctypes.c_int(0)
+        return driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except (AttributeError, OSError):
+        return False
+
+
+def choose_providers(available: Sequence[str] | None = None, has_cuda_device: bool | None = None) -> list[str]:
+    """CUDA then CPU when both the CUDA provider and a device exist, else CPU alone.
+
+    TensorRT is never picked: its engine build takes minutes at first load.
+    The arguments exist so tests can pose as other machines.
+    """
+    available = ort.get_available_providers() if available is None else available
+    if CUDA in available and (cuda_device_present() if has_cuda_device is None else has_cuda_device):
+        return [CUDA, CPU]
+    return [CPU]
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """Options for a small shared box: few threads, no spinning, full graph optimisation.
+
+    Adaptive batching already turns concurrency into larger batches, so more
+    intra-op threads mostly compete with the HTTP workers for the same cores.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads burn a core while idle; on 2 cores that steals from the server.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax: subtracting the max keeps exp() from overflowing."""
+    shifted = logits - np.max(logits, axis=axis, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / np.sum(exp, axis=axis, keepdims=True)
+
+
+class OnnxModel:
+    """A model directory loaded into an ONNX Runtime session, checked against its metadata."""
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        threads: int = 1,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise ServingError(f"model directory {self.model_dir}: no such directory; {_FIX}")
+        self.metadata: dict[str, Any] = load_metadata(self.model_dir)
+        self.input_shape: tuple[int, ...] = tuple(self.metadata["input_shape"])
+        self.labels: list[str] = list(self.metadata["labels"])
+        self.input_name: str = self.metadata["input_name"]
+        self.output_name: str = self.metadata["output_name"]
+        self.session = self._open_session(threads, list(providers) if providers else choose_providers())
+        self.provider: str = self.session.get_providers()[0]
+        self._check_graph()
+        # One throwaway run pays lazy allocations (and CUDA set-up) before the first request,
+        # and a graph that cannot run at all fails here, at start, not on every request.
+        try:
+            self.predict_logits(np.zeros((1, *self.input_shape), dtype=np.float32))
+        except Exception as error:
+            raise ServingError(
+                f"{self.model_dir / MODEL_FILE}: fails on a zero batch of shape {(1, *self.input_shape)} "
+                f"({error}); {_FIX}"
+            ) from error
+        logger.debug("loaded %s on %s", self.model_dir, self.provider)
+
+    def describe(self) -> str:
+        """One line for logs: which model, from where, on which provider."""
+        return (
+            f"{self.metadata.get('model_name', 'model')} version {self.metadata.get('model_version')} "
+            f"from {self.model_dir} on {self.provider} (ONNX Runtime {ort.__version__}, "
+            f"{self.session.get_session_options().intra_op_num_threads} intra-op threads)"
+        )
+
+    def _open_session(self, threads: int, providers: list[str]) -> ort.InferenceSession:
+        path = self.model_dir / MODEL_FILE
+        if not path.is_file():
+            raise ServingError(
+                f"{path}: no such file; a model directory needs {MODEL_FILE} and {METADATA_FILE}; {_FIX}"
+            )
+        try:
+            return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+        except Exception as error:  # onnxruntime raises several pybind types for bad files
+            raise ServingError(f"{path}: ONNX Runtime cannot load it ({error}); {_FIX}") from error
+
+    def _check_graph(self) -> None:
+        """The graph's input/output names and fixed dims must agree with metadata.json."""
+        where = f"{self.model_dir / MODEL_FILE} vs {METADATA_FILE}"
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if self.input_name not in inputs:
+            raise ServingError(
+                f"{where}: graph inputs are {sorted(inputs)}, metadata names {self.input_name!r}; {_FIX}"
+            )
+        if self.output_name not in outputs:
+            raise ServingError(
+                f"{where}: graph outputs are {sorted(outputs)}, metadata names {self.output_name!r}; {_FIX}"
+            )
+        graph_shape = list(inputs[self.input_name].shape)
+        dims = graph_shape[1:]
+        if len(dims) != len(self.input_shape) or any(
+            isinstance(g, int) and g != m for g, m in zip(dims, self.input_shape)
+        ):
+            raise ServingError(
+                f"{where}: graph input {self.input_name!r} has shape {graph_shape} (batch first), "
+                f"metadata input_shape is {list(self.input_shape)}; {_FIX}"
+            )
+        out_shape = list(outputs[self.output_name].shape)
+        if out_shape and isinstance(out_shape[-1], int) and out_shape[-1] != len(self.labels):
+            raise ServingError(
+                f"{where}: graph output {self.output_name!r} has {out_shape[-1]} classes, "
+                f"metadata lists {len(self.labels)} labels; {_FIX}"
+            )
+
+    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of shape (batch, n_labels) for a float32 batch of shape (batch, *input_shape)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.shape[1:] != self.input_shape:
+            raise ValueError(f"batch has shape {batch.shape}, expected (n, {', '.join(map(str, self.input_shape))})")
+        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+        return np.asarray(logits, dtype=np.float32)
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities: the softmax of :meth:`predict_logits`."""
+        return softmax(self.predict_logits(batch))
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /metadata`` reports: identity, data version, contract, metrics, provider."""
+        return public_metadata(self.metadata, self.provider)
+
+
+def public_metadata(meta: Mapping[str, Any], provider: str) -> dict[str, Any]:
+    """The metadata fields a client may rely on, plus the provider actually running."""
+    metrics = meta.get("test_metrics") or {}
+    return {
+        "model_name": meta.get("model_name"),
+        "model_version": None if meta.get("model_version") is None else str(meta["model_version"]),
+        "architecture": meta.get("architecture"),
+        "run_id": meta.get("run_id"),
+        "dataset": meta.get("dataset"),
+        "data_version": meta.get("data_version"),
+        "input_shape": list(meta["input_shape"]),
+        "input_dtype": meta.get("input_dtype", "float32"),
+        "labels": list(meta["labels"]),
+        "test_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        "onnx_opset": meta.get("onnx_opset"),
+        "provider": provider,
+    }

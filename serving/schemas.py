@@ -1,0 +1,179 @@
+"""Request and response shapes of the REST API, and the checks behind them.
+
+The instance shape is known only at run time (it comes from metadata.json), so
+pydantic checks the envelope and :func:`validate_instances` checks the numbers,
+with messages that point at the offending instance and element.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from serving import ServingError
+
+_NUMBER_TYPES = frozenset({int, float})
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class InvalidInstances(ServingError, ValueError):
+    """A request whose instances do not fit the model; the service answers 400 with this message."""
+
+
+class PredictRequest(BaseModel):
+    """Body of ``POST /predict``."""
+
+    instances: list[Any] = Field(
+        description="One nested list of numbers per instance, each shaped exactly like the model's input_shape "
+        "(see GET /metadata), raw values as stored in the dataset.",
+        examples=[[[[0.0, 1.0], [2.0, 3.0]]]],
+    )
+
+
+class Prediction(BaseModel):
+    """The model's answer for one instance."""
+
+    label: str = Field(description="The most probable label.")
+    probabilities: list[float] = Field(description="One probability per label, in the order of GET /metadata labels.")
+
+
+class PredictResponse(BaseModel):
+    """Body of a successful ``POST /predict``: one prediction per instance, in request order."""
+
+    predictions: list[Prediction]
+    model_version: str | None = Field(description="Registry version of the served model; null for a plain export.")
+
+
+class MetadataResponse(BaseModel):
+    """Body of ``GET /metadata``."""
+
+    model_name: str | None
+    model_version: str | None
+    architecture: str | None = None
+    run_id: str | None = None
+    dataset: str | None = None
+    data_version: str | None
+    input_shape: list[int]
+    input_dtype: str = "float32"
+    labels: list[str]
+    test_metrics: dict[str, float]
+    onnx_opset: int | None = None
+    provider: str = Field(description="ONNX Runtime execution provider in use, e.g. CPUExecutionProvider.")
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return str(tuple(shape))
+
+
+def _nominal_shape(value: Any) -> tuple[int, ...]:
+    """Shape read along the first element at each level; a ragged list shows up later."""
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return tuple(shape)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        return f"a string ({value[:20]!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (int, float)):
+        return f"a number ({repr(value)[:20]})"
+    return f"a {type(value).__name__}"
+
+
+def _leaf_problem(value: Any) -> str | None:
+    if type(value) not in _NUMBER_TYPES:
+        return f"is {_describe(value)}, expected a number"
+    try:
+        number = float(value)
+    except OverflowError:
+        return "is too large for float32"
+    if math.isnan(number):
+        return "is NaN; values must be finite numbers"
+    if math.isinf(number):
+        return f"is {'-' if number < 0 else ''}Infinity; values must be finite numbers"
+    if abs(number) > _FLOAT32_MAX:
+        return f"is {number:g}, outside the float32 range"
+    return None
+
+
+def _find_problem(value: Any, shape: Sequence[int], path: str) -> str | None:
+    """Walk one instance and describe its first problem, or None when it is well formed."""
+    if not shape:
+        problem = _leaf_problem(value)
+        return f"{path} {problem}" if problem else None
+    if not isinstance(value, list):
+        return f"{path} is {_describe(value)}, expected a list of {shape[0]}"
+    if len(value) != shape[0]:
+        return f"{path} has {len(value)} items, expected {shape[0]} (nested lists must not be ragged)"
+    for i, item in enumerate(value):
+        problem = _find_problem(item, shape[1:], f"{path}[{i}]")
+        if problem:
+            return problem
+    return None
+
+
+def _diagnose(instances: list[Any], shape: tuple[int, ...]) -> str:
+    """Explain why the fast path rejected the request, naming the first bad instance."""
+    for index, instance in enumerate(instances):
+        path = f"instances[{index}]"
+        nominal = _nominal_shape(instance)
+        if nominal != shape:
+            if not isinstance(instance, list):
+                return f"{path} is {_describe(instance)}, expected a nested list of shape {_shape_str(shape)}"
+            return f"{path} has shape {_shape_str(nominal)}, expected {_shape_str(shape)}"
+        problem = _find_problem(instance, shape, path)
+        if problem:
+            return problem
+    return f"instances do not fit shape {_shape_str(shape)}"  # not reached: the fast path had a reason
+
+
+def validate_instances(instances: Any, input_shape: Sequence[int], max_instances: int) -> np.ndarray:
+    """Turn ``instances`` into a float32 array of shape (n, *input_shape), or raise InvalidInstances.
+
+    Exactly the declared shape is accepted: 64 flat numbers for (1, 8, 8) hold
+    the right count but would be reshaped silently into something the client
+    never meant. Booleans and numeric strings are refused for the same reason.
+    """
+    shape = tuple(input_shape)
+    if not isinstance(instances, list):
+        raise InvalidInstances(f"instances must be a list of instances, got {_describe(instances)}")
+    if not instances:
+        raise InvalidInstances(f"instances is empty; send at least one instance of shape {_shape_str(shape)}")
+    if len(instances) > max_instances:
+        raise InvalidInstances(
+            f"instances has {len(instances)} items, more than the limit of {max_instances} per request "
+            "(FLUXO_MAX_INSTANCES); split the request"
+        )
+    # Fast path: one C-level pass builds an object array; any irregularity leaves it the wrong shape.
+    try:
+        grid = np.array(instances, dtype=object)
+    except ValueError:
+        grid = None
+    if grid is None or grid.shape != (len(instances), *shape):
+        raise InvalidInstances(_diagnose(instances, shape))
+    flat = grid.ravel()
+    if not set(map(type, flat)) <= _NUMBER_TYPES:
+        raise InvalidInstances(_diagnose(instances, shape))
+    try:
+        values = flat.astype(np.float64)
+    except OverflowError:
+        raise InvalidInstances(_diagnose(instances, shape)) from None
+    if not np.isfinite(values).all() or (np.abs(values) > _FLOAT32_MAX).any():
+        raise InvalidInstances(_diagnose(instances, shape))
+    return values.astype(np.float32).reshape(len(instances), *shape)

@@ -1,0 +1,294 @@
+"""serving/ without a server: request validation, model loading and its errors, provider choice."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from serving import ServingConfig, ServingError
+from serving.client import example_request, zero_instance
+from serving.launch import PROJECT_ROOT, check_model_dir, serve_command, serve_env
+from serving.runtime import CPU, CUDA, OnnxModel, choose_providers, cuda_device_present, load_metadata, softmax
+from serving.schemas import InvalidInstances, validate_instances
+from tests.serving_fixtures import build_model_dir, sample_instances, tiny_classifier
+
+SHAPE = (1, 8, 8)
+
+
+def grid(value: Any = 1.0) -> list:
+    """One (1, 8, 8) instance filled with ``value``."""
+    return [[[value] * 8 for _ in range(8)]]
+
+
+def with_element(value: Any) -> list:
+    """A valid (1, 8, 8) instance whose element [0][3][5] is ``value``."""
+    instance = grid(0.0)
+    instance[0][3][5] = value
+    return instance
+
+
+# --- request validation ------------------------------------------------------------------
+
+
+def test_valid_instances_become_a_float32_batch() -> None:
+    instances = [grid(1), grid(2.5), with_element(-3)]
+    batch = validate_instances(instances, SHAPE, max_instances=10)
+    assert batch.dtype == np.float32 and batch.shape == (3, 1, 8, 8)
+    assert batch[1, 0, 7, 7] == 2.5 and batch[2, 0, 3, 5] == -3.0
+
+
+@pytest.mark.parametrize(
+    ("instances", "message"),
+    [
+        ([list(range(64))], "instances[0] has shape (64,), expected (1, 8, 8)"),
+        ([grid(), [[[0.0] * 8] * 8] * 1 + [[[0.0] * 8] * 8]], "instances[1] has shape (2, 8, 8), expected (1, 8, 8)"),
+        ([[[0.0] * 8] * 8], "instances[0] has shape (8, 8), expected (1, 8, 8)"),
+        ([grid(), grid(), grid(), [[[[0.0]] * 8] * 8]], "instances[3] has shape (1, 8, 8, 1), expected (1, 8, 8)"),
+        ([5.0], "instances[0] is a number (5.0), expected a nested list of shape (1, 8, 8)"),
+        ([[]], "instances[0] has shape (0,), expected (1, 8, 8)"),
+        ([with_element("7")], "instances[0][0][3][5] is a string ('7'), expected a number"),
+        ([with_element(True)], "instances[0][0][3][5] is a boolean (true), expected a number"),
+        ([with_element(None)], "instances[0][0][3][5] is null, expected a number"),
+        ([with_element({"x": 1})], "instances[0][0][3][5] is an object, expected a number"),
+        ([with_element([1.0])], "instances[0][0][3][5] is a list, expected a number"),
+        ([with_element(float("nan"))], "instances[0][0][3][5] is NaN"),
+        ([with_element(float("inf"))], "instances[0][0][3][5] is Infinity"),
+        ([with_element(float("-inf"))], "instances[0][0][3][5] is -Infinity"),
+        ([with_element(1e39)], "outside the float32 range"),
+        ([with_element(10**400)], "too large for float32"),
+        ([[[[0.0] * 8] * 7 + [[0.0] * 7]]], "instances[0][0][7] has 7 items, expected 8"),
+        ([], "instances is empty"),
+        ({"a": 1}, "instances must be a list"),
+        ([grid()] * 11, "more than the limit of 10"),
+    ],
+    ids=[
+        "flat-same-count", "extra-row", "missing-axis", "extra-axis", "scalar", "empty-instance",
+        "string", "bool", "null", "object", "list-leaf", "nan", "inf", "-inf", "float32-overflow",
+        "huge-int", "ragged", "no-instances", "not-a-list", "too-many",
+    ],
+)
+def test_bad_instances_are_named_with_index_and_problem(instances: Any, message: str) -> None:
+    with pytest.raises(InvalidInstances) as caught:
+        validate_instances(instances, SHAPE, max_instances=10)
+    assert message in str(caught.value)
+
+
+def test_first_bad_instance_is_reported() -> None:
+    instances = [grid(), grid(), grid(), list(range(64)), with_element("x")]
+    with pytest.raises(InvalidInstances, match=r"instances\[3\] has shape \(64,\)"):
+        validate_instances(instances, SHAPE, max_instances=10)
+
+
+def test_non_square_shapes_are_enforced_per_axis() -> None:
+    assert validate_instances([[1, 2, 3]], (3,), 5).shape == (1, 3)
+    with pytest.raises(InvalidInstances, match=r"has shape \(3, 2\), expected \(2, 3\)"):
+        validate_instances([[[1, 2], [3, 4], [5, 6]]], (2, 3), 5)
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def test_config_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = ServingConfig.from_env()
+    assert (defaults.model_dir, defaults.ort_threads, defaults.max_instances) == (None, 1, 1024)
+    assert (defaults.max_batch_size, defaults.max_latency_ms) == (64, 100)
+    monkeypatch.setenv("FLUXO_MODEL_DIR", "/models/x")
+    monkeypatch.setenv("FLUXO_MAX_BATCH_SIZE", "8")
+    config = ServingConfig.from_env()
+    assert config.model_dir == Path("/models/x") and config.max_batch_size == 8
+
+
+@pytest.mark.parametrize(("value", "message"), [("lots", "expected an integer"), ("0", "must be at least 1")])
+def test_config_rejects_bad_numbers(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    monkeypatch.setenv("FLUXO_ORT_THREADS", value)
+    with pytest.raises(ServingError, match=f"FLUXO_ORT_THREADS.*{message}"):
+        ServingConfig.from_env()
+
+
+def test_missing_model_dir_says_how_to_set_it() -> None:
+    with pytest.raises(ServingError, match="FLUXO_MODEL_DIR is not set"):
+        ServingConfig.from_env().require_model_dir()
+
+
+# --- runtime -----------------------------------------------------------------------------
+
+
+def test_model_matches_onnxruntime_and_softmax(tmp_path: Path) -> None:
+    model_dir = build_model_dir(tmp_path / "m")
+    model = OnnxModel(model_dir)
+    batch = sample_instances(5)
+    reference = ort.InferenceSession(str(model_dir / "model.onnx"), providers=[CPU]).run(None, {"input": batch})[0]
+    np.testing.assert_allclose(model.predict_logits(batch), reference, rtol=1e-5, atol=1e-5)
+    proba = model.predict_proba(batch)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    assert (proba.argmax(1) == reference.argmax(1)).all()
+    assert model.info()["provider"] == model.provider and model.info()["labels"] == model.labels
+
+
+def test_softmax_is_stable_for_large_logits() -> None:
+    out = softmax(np.array([[1000.0, 1000.0, -1000.0]]))
+    assert np.isfinite(out).all() and math.isclose(out[0, 0], 0.5)
+
+
+def test_predict_logits_refuses_wrong_batch_shape(tmp_path: Path) -> None:
+    model = OnnxModel(build_model_dir(tmp_path / "m"))
+    with pytest.raises(ValueError, match="expected"):
+        model.predict_logits(np.zeros((2, 64), dtype=np.float32))
+
+
+def _break(model_dir: Path, what: str) -> None:
+    meta_path = model_dir / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    if what == "no-model":
+        (model_dir / "model.onnx").unlink()
+    elif what == "no-metadata":
+        meta_path.unlink()
+    elif what == "corrupt-model":
+        (model_dir / "model.onnx").write_bytes(b"not a protobuf")
+    elif what == "corrupt-metadata":
+        meta_path.write_text("{ not json")
+    elif what == "metadata-list":
+        meta_path.write_text("[]")
+    elif what == "bad-shape":
+        meta_path.write_text(json.dumps({**meta, "input_shape": [1, "8", 8]}))
+    elif what == "no-labels":
+        meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "labels"}))
+    elif what == "shape-mismatch":
+        meta_path.write_text(json.dumps({**meta, "input_shape": [1, 28, 28]}))
+    elif what == "label-count":
+        meta_path.write_text(json.dumps({**meta, "labels": ["a", "b"]}))
+    elif what == "input-name":
+        meta_path.write_text(json.dumps({**meta, "input_name": "pixels"}))
+    elif what == "dtype":
+        meta_path.write_text(json.dumps({**meta, "input_dtype": "float16"}))
+
+
+@pytest.mark.parametrize(
+    ("what", "names"),
+    [
+        ("no-model", "model.onnx: no such file"),
+        ("no-metadata", "metadata.json: no such file"),
+        ("corrupt-model", "model.onnx: ONNX Runtime cannot load it"),
+        ("corrupt-metadata", "metadata.json: not valid JSON"),
+        ("metadata-list", "metadata.json: expected a JSON object"),
+        ("bad-shape", "input_shape must be a non-empty list of positive integers"),
+        ("no-labels", "labels must be a non-empty list of strings"),
+        ("shape-mismatch", "metadata input_shape is [1, 28, 28]"),
+        ("label-count", "has 10 classes, metadata lists 2 labels"),
+        ("input-name", "metadata names 'pixels'"),
+        ("dtype", "input_dtype 'float16' is not supported"),
+    ],
+)
+def test_broken_model_dirs_name_the_file_and_the_fix(tmp_path: Path, what: str, names: str) -> None:
+    model_dir = build_model_dir(tmp_path / "m")
+    _break(model_dir, what)
+    with pytest.raises(ServingError) as caught:
+        OnnxModel(model_dir)
+    assert names in str(caught.value)
+    assert "re-run the export step" in str(caught.value)
+    with pytest.raises(ServingError):  # the launcher refuses it before spawning a server
+        check_model_dir(model_dir)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(ServingError, match="no such directory"):
+        OnnxModel(tmp_path / "nope")
+    with pytest.raises(ServingError, match="no such directory"):
+        serve_command(tmp_path / "nope", 3000)
+
+
+def test_metadata_defaults_the_tensor_names(tmp_path: Path) -> None:
+    model_dir = build_model_dir(tmp_path / "m")
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    del meta["input_name"], meta["output_name"]
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    assert (load_metadata(model_dir)["input_name"], load_metadata(model_dir)["output_name"]) == ("input", "logits")
+
+
+# --- provider choice ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("available", "device", "expected"),
+    [
+        ([CUDA, CPU], True, [CUDA, CPU]),
+        ([CUDA, CPU], False, [CPU]),
+        (["TensorrtExecutionProvider", CUDA, CPU], True, [CUDA, CPU]),
+        ([CPU], True, [CPU]),
+    ],
+)
+def test_cuda_only_with_provider_and_device(available: list[str], device: bool, expected: list[str]) -> None:
+    assert choose_providers(available, has_cuda_device=device) == expected
+
+
+def test_this_machine_gets_the_provider_it_can_run(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    gpu = cuda_device_present() and CUDA in ort.get_available_providers()
+    model = OnnxModel(build_model_dir(tmp_path / "m"))
+    assert model.provider == (CUDA if gpu else CPU)
+    if not gpu:  # asking for CUDA without a device makes onnxruntime-gpu print an error; we must not
+        assert "CUDA" not in capfd.readouterr().err
+
+
+# --- client and launcher helpers ---------------------------------------------------------------
+
+
+def test_example_request_is_a_valid_request(tmp_path: Path) -> None:
+    meta = load_metadata(build_model_dir(tmp_path / "m"))
+    example = example_request(meta, "http://127.0.0.1:3000/")
+    assert example["url"] == "http://127.0.0.1:3000/predict"
+    assert validate_instances(example["body"]["instances"], SHAPE, 1).shape == (1, 1, 8, 8)
+    assert "-H 'Content-Type: application/json'" in example["curl"]
+    assert json.loads(example["curl"].split("-d '", 1)[1].rstrip("'")) == example["body"]
+    custom = example_request(meta, instances=[grid(3.0)])
+    assert custom["body"] == {"instances": [grid(3.0)]}
+    assert zero_instance([2, 1]) == [[0], [0]]
+
+
+def test_serve_command_and_env(tmp_path: Path) -> None:
+    model_dir = build_model_dir(tmp_path / "m")
+    command = serve_command(model_dir, 3123, host="0.0.0.0")
+    assert command[-8:] == ["serve", "serving.service:Fluxo", "--working-dir", str(PROJECT_ROOT),
+                            "--host", "0.0.0.0", "--port", "3123"]
+    env = serve_env(model_dir, {"FLUXO_MAX_BATCH_SIZE": "8"})
+    assert env["FLUXO_MODEL_DIR"] == str(model_dir.resolve()) and env["FLUXO_MAX_BATCH_SIZE"] == "8"
+
+
+def test_serving_never_imports_torch_or_pipelines() -> None:
+    code = (
+        "import sys, serving.service, serving.client, serving.launch\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.split('.')[0] == 'pipelines')\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_fixture_graph_is_valid() -> None:
+    assert tiny_classifier((3,), 2).graph.input[0].name == "input"
+
+
+def test_service_logic_in_process(tmp_path: Path) -> None:
+    """The service classes without `bentoml serve` (BentoML builds the dependency locally)."""
+    model_dir = build_model_dir(tmp_path / "m")
+    code = (
+        "import asyncio\n"
+        "from serving.service import Fluxo\n"
+        "svc = Fluxo()\n"
+        "good = asyncio.run(svc.predict(instances=[[[[0.0] * 8] * 8]]))\n"
+        "assert len(good.predictions) == 1 and good.model_version == '3', good\n"
+        "bad = asyncio.run(svc.predict(instances=[[0.0] * 64]))\n"
+        "assert bad.status_code == 400 and b'has shape (64,)' in bad.body, bad.body\n"
+        "assert asyncio.run(svc.metadata_view())['input_shape'] == [1, 8, 8]\n"
+    )
+    env = {**serve_env(model_dir), "FLUXO_MAX_BATCH_SIZE": "4"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
