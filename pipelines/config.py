@@ -51,7 +51,12 @@ class TrainSettings(_Section):
     batch_size: int = Field(64, ge=1, description="Mini-batch size.")
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
-    patience: int = Field(5, ge=1, description="Epochs without validation-loss improvement before stopping.")
+    patience: int = Field(5, ge=1, description="Epochs without improvement of `monitor` before stopping.")
+    monitor: Literal["val_loss", "val_accuracy"] = Field(
+        "val_loss",
+        description="What early stopping and the best checkpoint follow. val_accuracy suits models whose "
+        "validation loss rises from over-confidence while accuracy still improves.",
+    )
     seed: int = Field(0, description="Seed for weights and batch order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     checkpoint_dir: Path = Field(Path(".fluxo/checkpoints"), description="Where best/last checkpoints are written.")

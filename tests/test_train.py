@@ -104,3 +104,16 @@ def test_train_and_evaluate_without_mlflow(project: Path, settings_for) -> None:
     assert all(0 <= v <= 1 for v in metrics.values())
     assert checkpoint.is_file() and spec["architecture"] == "cnn2d"
     assert np.isfinite(result.best_val_loss)
+
+
+def test_monitoring_validation_accuracy_keeps_the_most_accurate_epoch() -> None:
+    seed_everything(0)
+    train, val = _digits_tensors()
+    config = FitConfig(epochs=5, batch_size=64, learning_rate=5e-3, weight_decay=0, patience=5, seed=0,
+                       monitor="val_accuracy")
+    model = _model()
+    result = fit(model, train, val, config)
+    accuracies = [h["val_accuracy"] for h in result.history]
+    assert result.best_epoch == 1 + accuracies.index(max(accuracies))
+    _, accuracy, _ = evaluate(model, *val, ClassificationStep())
+    assert accuracy == pytest.approx(max(accuracies))

@@ -50,12 +50,13 @@ class FitConfig:
     weight_decay: float
     patience: int
     seed: int
+    monitor: str = "val_loss"  # or "val_accuracy": which validation number early stopping follows
 
 
 @dataclass
 class FitResult:
     best_epoch: int
-    best_val_loss: float
+    best_val_loss: float  # validation loss at the best epoch
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
@@ -84,7 +85,7 @@ def fit(
     on_best: Callable[[nn.Module, int], None] | None = None,
     step: ClassificationStep | None = None,
 ) -> FitResult:
-    """Train with Adam until validation loss stops improving for ``patience`` epochs.
+    """Train with Adam until the monitored validation number stops improving for ``patience`` epochs.
 
     The model is left holding the best epoch's weights. ``on_best`` is called
     each time validation loss improves (the caller writes the checkpoint).
@@ -97,7 +98,9 @@ def fit(
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
+    # Both monitors are turned into "lower is better" so one comparison serves them.
+    sign = -1.0 if config.monitor == "val_accuracy" else 1.0
+    best_score, best_loss, best_epoch, best_state, stale = float("inf"), float("inf"), 0, None, 0
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     seen = 0
@@ -128,15 +131,16 @@ def fit(
         history.append(record)
         tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
         progress.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_accuracy:.3f}")
-        if val_loss < best_loss:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
+        score = sign * record[config.monitor]
+        if score < best_score:
+            best_score, best_loss, best_epoch, stale = score, val_loss, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
             if on_best is not None:
                 on_best(model, epoch)
         else:
             stale += 1
             if stale >= config.patience:
-                log.info("early stop at epoch %d: no val-loss improvement for %d epochs", epoch, stale)
+                log.info("early stop at epoch %d: no %s improvement for %d epochs", epoch, config.monitor, stale)
                 break
     progress.close()
     seconds = time.perf_counter() - started

@@ -123,6 +123,7 @@ def train_and_evaluate(
             weight_decay=settings.train.weight_decay,
             patience=settings.train.patience,
             seed=settings.train.seed,
+            monitor=settings.train.monitor,
         ),
         tracker=tracker,
         on_best=save_best,
