@@ -40,11 +40,18 @@ def configure_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # MLflow draws a progress bar for every artifact download, even a single small file.
+    # MLflow draws a progress bar for every artifact download, even a single small file, and
+    # configures its own logger on import, so its level is set through its variable.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The embedded Prefect server and BentoML report usage home; offline, that only logs errors.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        # The ONNX exporter warns that torchvision's detection ops are unavailable; no model here uses them.
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 @app.callback()
