@@ -1,0 +1,196 @@
+"""Image augmentation of a whole (B, C, H, W) batch on its own device, with plain torch ops.
+
+Every random parameter is drawn per sample as a tensor on the batch's device,
+so a batch costs a fixed handful of kernels (one ``affine_grid`` +
+``grid_sample`` for all geometry, a few elementwise ops for the rest) and the
+host never waits for the device. Additive magnitudes (brightness, noise) are
+fractions of the batch's value range (max − min), so one setting suits the
+0–16 pixels of ``digits``, [0, 1] images and standardised inputs alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# RandomErasing's aspect-ratio range (torchvision's default): holes from tall to wide.
+_ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
+
+
+def symmetric_range(value: object) -> object:
+    """Let a range setting be written as one number ``d`` meaning ``(-d, d)``, or as ``[lo, hi]``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (-abs(float(value)), abs(float(value)))
+    return value
+
+
+def check_range(pair: tuple[float, float], name: str) -> tuple[float, float]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name}: lower bound {pair[0]} exceeds upper bound {pair[1]}; write [lo, hi]")
+    return pair
+
+
+class ImageAugment(BaseModel):
+    """Per-op settings for (B, C, H, W) batches; every op is off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rotation: tuple[float, float] = Field(
+        (0.0, 0.0),
+        description="Rotation in degrees, counter-clockwise as displayed; a number d means uniform in [-d, d].",
+    )
+    translate: float = Field(
+        0.0, ge=0, le=1, description="Largest shift along each axis, as a fraction of the image width/height."
+    )
+    scale: tuple[float, float] = Field((1.0, 1.0), description="Zoom factor range [lo, hi]; 1 keeps the size.")
+    shear: tuple[float, float] = Field(
+        (0.0, 0.0), description="Horizontal shear angle in degrees; a number d means uniform in [-d, d]."
+    )
+    affine_prob: float = Field(
+        1.0, ge=0, le=1, description="Probability that a sample gets the rotation/translation/scale/shear at all."
+    )
+    padding: Literal["zeros", "border", "reflection"] = Field(
+        "zeros", description="What fills pixels moved in from outside the image (grid_sample padding_mode)."
+    )
+    hflip: float = Field(
+        0.0, ge=0, le=1, description="Probability of a left-right flip. Keep 0 for digits and text: a flip changes the class."
+    )
+    vflip: float = Field(0.0, ge=0, le=1, description="Probability of an up-down flip. Keep 0 for digits and text.")
+    brightness: float = Field(
+        0.0, ge=0, description="Largest brightness offset, as a fraction of the batch's value range (uniform ±)."
+    )
+    contrast: float = Field(
+        0.0, ge=0, le=1, description="Largest relative contrast change around each sample's mean (factor in 1 ± c)."
+    )
+    noise_std: float = Field(
+        0.0, ge=0, description="Std of additive gaussian noise, as a fraction of the batch's value range."
+    )
+    erase_prob: float = Field(0.0, ge=0, le=1, description="Probability that a sample gets random erasing.")
+    erase_area: tuple[float, float] = Field(
+        (0.02, 0.2), description="Area of each erased rectangle as a fraction of the image, uniform in [lo, hi]."
+    )
+    erase_holes: int = Field(
+        1, ge=1, le=64, description="Rectangles erased per selected sample (more than 1 gives coarse dropout)."
+    )
+    erase_value: float = Field(0.0, description="Value written into erased rectangles.")
+
+    _symmetric = field_validator("rotation", "shear", mode="before")(symmetric_range)
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> "ImageAugment":
+        check_range(self.rotation, "rotation")
+        check_range(self.shear, "shear")
+        check_range(self.scale, "scale")
+        check_range(self.erase_area, "erase_area")
+        if self.scale[0] <= 0:
+            raise ValueError("scale: factors must be > 0, for example [0.9, 1.1]")
+        if not 0 < self.erase_area[0] <= self.erase_area[1] <= 1:
+            raise ValueError("erase_area: fractions must satisfy 0 < lo <= hi <= 1, for example [0.02, 0.2]")
+        if max(abs(a) for a in self.shear) >= 90:
+            raise ValueError("shear: angles must lie strictly between -90 and 90 degrees")
+        return self
+
+    def geometric(self) -> bool:
+        """Whether any op needs the resampling pass (flips ride along in the same matrix)."""
+        moves = self.rotation != (0.0, 0.0) or self.translate > 0 or self.scale != (1.0, 1.0) or self.shear != (0.0, 0.0)
+        return (moves and self.affine_prob > 0) or self.hflip > 0 or self.vflip > 0
+
+    def enabled(self) -> bool:
+        return self.geometric() or self.brightness > 0 or self.contrast > 0 or self.noise_std > 0 or self.erase_prob > 0
+
+
+def _uniform(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    return bounds[0] + (bounds[1] - bounds[0]) * u
+
+
+def affine_theta(settings: ImageAugment, batch: int, height: int, width: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Per-sample (B, 2, 3) matrices for ``affine_grid``: output → input coordinates, normalised.
+
+    The forward map is built in pixel units around the image centre (so
+    rotation stays a rotation on non-square images) and inverted in closed
+    form, which avoids ``linalg.inv`` and the device sync of its error check.
+    """
+    u = torch.rand(batch, 7, generator=generator, device=device)
+    moved = u[:, 6] < settings.affine_prob
+    angle = torch.deg2rad(_uniform(u[:, 0], settings.rotation)) * moved
+    shear = torch.tan(torch.deg2rad(_uniform(u[:, 1], settings.shear))) * moved
+    scale = torch.where(moved, _uniform(u[:, 2], settings.scale), torch.ones_like(angle))
+    shift_x = settings.translate * (2 * u[:, 3] - 1) * moved
+    shift_y = settings.translate * (2 * u[:, 4] - 1) * moved
+    flip_x = torch.where(torch.rand(batch, generator=generator, device=device) < settings.hflip, -1.0, 1.0)
+    flip_y = torch.where(torch.rand(batch, generator=generator, device=device) < settings.vflip, -1.0, 1.0)
+
+    # Forward A = R(angle) · Shear_x · scale · Flip in y-down pixel coordinates;
+    # R = [[cos, sin], [-sin, cos]] turns counter-clockwise as the image is displayed.
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    a = scale * cos * flip_x
+    b = scale * (cos * shear + sin) * flip_y
+    c = -scale * sin * flip_x
+    d = scale * (cos - sin * shear) * flip_y
+    det = a * d - b * c
+    # Inverse in pixel units, then into affine_grid's [-1, 1] units: D⁻¹ A⁻¹ D with D = diag(W/2, H/2).
+    aspect = height / width
+    inv = torch.stack(
+        [torch.stack([d / det, -b / det * aspect], -1), torch.stack([-c / det / aspect, a / det], -1)], -2
+    )
+    # The forward shift is a fraction of the side; in normalised units a full side spans 2.
+    shift = torch.stack([2 * shift_x, 2 * shift_y], -1).unsqueeze(-1)
+    return torch.cat([inv, -inv @ shift], -1)
+
+
+def _affine(x: torch.Tensor, settings: ImageAugment, generator: torch.Generator) -> torch.Tensor:
+    batch, _, height, width = x.shape
+    theta = affine_theta(settings, batch, height, width, generator, x.device).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=settings.padding, align_corners=False)
+
+
+def _brightness_contrast(x: torch.Tensor, settings: ImageAugment, generator: torch.Generator, span: torch.Tensor) -> torch.Tensor:
+    u = torch.rand(x.shape[0], 2, 1, 1, 1, generator=generator, device=x.device, dtype=x.dtype)
+    factor = 1 + settings.contrast * (2 * u[:, 0] - 1)
+    offset = settings.brightness * (2 * u[:, 1] - 1) * span
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * factor + mean + offset
+
+
+def erase_mask(settings: ImageAugment, batch: int, height: int, width: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(B, 1, H, W) bool mask of the rectangles to erase, drawn for all samples and holes at once."""
+    holes = settings.erase_holes
+    u = torch.rand(batch, holes, 4, generator=generator, device=device)
+    selected = torch.rand(batch, 1, generator=generator, device=device) < settings.erase_prob
+    area = _uniform(u[..., 0], settings.erase_area) * (height * width)
+    ratio = torch.exp(_uniform(u[..., 1], _ERASE_LOG_RATIO))
+    h = torch.sqrt(area * ratio).round().clamp(1, height)
+    w = torch.sqrt(area / ratio).round().clamp(1, width)
+    top = torch.floor(u[..., 2] * (height - h + 1))
+    left = torch.floor(u[..., 3] * (width - w + 1))
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    in_rows = (rows >= top[..., None]) & (rows < (top + h)[..., None])  # (B, K, H)
+    in_cols = (cols >= left[..., None]) & (cols < (left + w)[..., None])  # (B, K, W)
+    holes_mask = (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)  # (B, H, W)
+    return (holes_mask & selected[..., None]).unsqueeze(1)
+
+
+def augment_images(x: torch.Tensor, settings: ImageAugment, generator: torch.Generator) -> torch.Tensor:
+    """Geometry → brightness/contrast → noise → erasing, for the whole batch; ``generator`` lives on x's device."""
+    low, high = torch.aminmax(x)
+    span = high - low  # a 0-dim tensor: stays on the device, no sync
+    if settings.geometric():
+        x = _affine(x, settings, generator)
+    if settings.brightness > 0 or settings.contrast > 0:
+        x = _brightness_contrast(x, settings, generator, span)
+    if settings.noise_std > 0:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + noise * (settings.noise_std * span)
+    if settings.erase_prob > 0:
+        mask = erase_mask(settings, x.shape[0], x.shape[2], x.shape[3], generator, x.device)
+        x = x.masked_fill(mask, settings.erase_value)
+    return x
+
+
+__all__ = ["ImageAugment", "affine_theta", "augment_images", "erase_mask"]

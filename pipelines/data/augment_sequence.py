@@ -1,0 +1,115 @@
+"""Sequence augmentation of a whole (B, C, L) batch on its own device, with plain torch ops.
+
+Per-sample parameters are drawn as tensors and applied through ``gather`` and
+elementwise ops, so there is no loop over samples and no host sync. Jitter is
+a fraction of the batch's value range (max − min), like image noise.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.data.augment_image import check_range
+
+
+class SequenceAugment(BaseModel):
+    """Per-op settings for (B, C, L) batches; every op is off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shift: int = Field(0, ge=0, description="Largest time shift in steps; each sample moves uniformly in [-shift, shift].")
+    shift_mode: Literal["roll", "pad"] = Field(
+        "roll", description="roll: steps pushed off one end come back at the other; pad: they are dropped and zeros fill in."
+    )
+    amplitude: tuple[float, float] = Field((1.0, 1.0), description="Amplitude scaling factor range [lo, hi]; 1 keeps it.")
+    jitter_std: float = Field(
+        0.0, ge=0, description="Std of additive gaussian jitter, as a fraction of the batch's value range."
+    )
+    warp: float = Field(
+        0.0, ge=0, lt=1, description="Time-warp strength: smooth random playback speeds drawn in 1 ± warp, "
+        "rescaled so the sequence keeps its length and both ends."
+    )
+    warp_knots: int = Field(4, ge=2, le=64, description="Random speed knots per sequence; fewer gives smoother warps.")
+    mask_prob: float = Field(0.0, ge=0, le=1, description="Probability that a sample gets one span masked.")
+    mask_span: tuple[float, float] = Field(
+        (0.05, 0.2), description="Masked span length as a fraction of the sequence, uniform in [lo, hi]."
+    )
+    mask_value: Literal["zero", "mean"] = Field(
+        "zero", description="What a masked span holds: 0, or each sample's per-channel mean."
+    )
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> "SequenceAugment":
+        check_range(self.amplitude, "amplitude")
+        check_range(self.mask_span, "mask_span")
+        if not 0 < self.mask_span[0] <= self.mask_span[1] <= 1:
+            raise ValueError("mask_span: fractions must satisfy 0 < lo <= hi <= 1, for example [0.05, 0.2]")
+        return self
+
+    def enabled(self) -> bool:
+        return (
+            self.shift > 0 or self.amplitude != (1.0, 1.0) or self.jitter_std > 0 or self.warp > 0 or self.mask_prob > 0
+        )
+
+
+def _time_warp(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator) -> torch.Tensor:
+    """Resample each sequence along a smooth monotone path that keeps both ends in place."""
+    batch, channels, length = x.shape
+    knots = torch.rand(batch, 1, settings.warp_knots, generator=generator, device=x.device, dtype=x.dtype)
+    speed = F.interpolate(1 + settings.warp * (2 * knots - 1), size=length - 1, mode="linear", align_corners=True)
+    path = torch.cat([torch.zeros_like(speed[..., :1]), torch.cumsum(speed, -1)], -1)
+    path = path / path[..., -1:] * (length - 1)  # (B, 1, L) from 0 to L-1, increasing
+    left = path.floor().clamp(0, length - 2)
+    frac = path - left
+    index = left.long().expand(batch, channels, length)
+    return torch.lerp(x.gather(2, index), x.gather(2, index + 1), frac)
+
+
+def _shift(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator) -> torch.Tensor:
+    """Move each sample by its own number of steps (positive: later in time)."""
+    batch, channels, length = x.shape
+    steps = torch.randint(-settings.shift, settings.shift + 1, (batch, 1, 1), generator=generator, device=x.device)
+    source = torch.arange(length, device=x.device) - steps  # output t reads input t - steps
+    if settings.shift_mode == "roll":
+        return x.gather(2, (source % length).expand(batch, channels, length))
+    inside = (source >= 0) & (source < length)
+    moved = x.gather(2, source.clamp(0, length - 1).expand(batch, channels, length))
+    return torch.where(inside, moved, torch.zeros_like(moved))
+
+
+def _mask(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator) -> torch.Tensor:
+    batch, _, length = x.shape
+    u = torch.rand(batch, 3, 1, 1, generator=generator, device=x.device)
+    span = (settings.mask_span[0] + (settings.mask_span[1] - settings.mask_span[0]) * u[:, 0]) * length
+    span = span.round().clamp(1, length)
+    start = torch.floor(u[:, 1] * (length - span + 1))
+    steps = torch.arange(length, device=x.device)
+    masked = (steps >= start) & (steps < start + span) & (u[:, 2] < settings.mask_prob)  # (B, 1, L)
+    fill = x.mean(dim=2, keepdim=True) if settings.mask_value == "mean" else torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(masked, fill, x)
+
+
+def augment_sequences(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator) -> torch.Tensor:
+    """Warp → shift → amplitude → jitter → mask, for the whole batch; ``generator`` lives on x's device."""
+    low, high = torch.aminmax(x)
+    span = high - low  # a 0-dim tensor: stays on the device, no sync
+    if settings.warp > 0 and x.shape[2] > 1:
+        x = _time_warp(x, settings, generator)
+    if settings.shift > 0:
+        x = _shift(x, settings, generator)
+    if settings.amplitude != (1.0, 1.0):
+        u = torch.rand(x.shape[0], 1, 1, generator=generator, device=x.device, dtype=x.dtype)
+        x = x * (settings.amplitude[0] + (settings.amplitude[1] - settings.amplitude[0]) * u)
+    if settings.jitter_std > 0:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + noise * (settings.jitter_std * span)
+    if settings.mask_prob > 0:
+        x = _mask(x, settings, generator)
+    return x
+
+
+__all__ = ["SequenceAugment", "augment_sequences"]
