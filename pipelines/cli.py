@@ -90,30 +90,49 @@ def run(
 
 @data_app.command("ingest")
 def data_ingest(
-    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Built-in dataset name: digits, mnist1d.")] = None,
+    dataset: Annotated[
+        Optional[str],
+        typer.Option("--dataset", help="Built-in name (digits, mnist, mnist1d), an image folder or a sequence file."),
+    ] = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     root: RootOption = Path("."),
 ) -> None:
-    """Write the dataset under data/, version it with DVC and push it to the remote."""
+    """Validate, split and write the dataset under data/, version it with DVC and push it.
+
+    Prints what it found: counts per class, shapes, and every problem with its policy.
+    """
     from pipelines.data.ingest import ingest, version
     from pipelines.data.store import read_dataset
 
     try:
         extra = [f"data.dataset={dataset}"] if dataset else []
         settings = _settings(config, (overrides or []) + extra)
-        data_dir = ingest(root, settings.data)
+        report = ingest(root, settings.data)
         data_version = version(root, settings.data)
-        manifest = read_dataset(data_dir).manifest
+        manifest = read_dataset(root / settings.data.data_dir).manifest
     except FluxoError as error:
         _fail(error)
-    typer.echo(
-        json.dumps(
-            {"dataset": manifest["name"], "kind": manifest["kind"], "input_shape": manifest["input_shape"],
-             "splits": manifest["split"]["sizes"], "data_version": data_version.md5, "pushed": data_version.pushed},
-            indent=2,
-        )
-    )
+    problems = {
+        name: {"policy": check["policy"], "count": check["count"], "examples": check["examples"]}
+        for name, check in report["checks"].items()
+        if check["count"]
+    }
+    summary = {
+        "dataset": manifest["name"],
+        "kind": manifest["kind"],
+        "task": manifest["task"],
+        "input_shape": manifest["input_shape"],
+        "dtype": manifest["dtype"],
+        "samples": {"found": report["samples_found"], "kept": report["samples_kept"]},
+        "classes": report.get("classes"),
+        "imbalance_ratio": report.get("imbalance_ratio"),
+        "problems": problems or "none",
+        "splits": manifest["split"]["sizes"],
+        "data_version": data_version.md5,
+        "pushed": data_version.pushed,
+    }
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()

@@ -21,10 +21,55 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ImageSettings(_Section):
+    """How an image folder becomes fixed-size tensors; recorded with the data version."""
+
+    size: tuple[int, int] = Field((28, 28), description="(height, width) every image is brought to.")
+    channels: Literal["auto", 1, 3] = Field("auto", description="auto: 1 if every image is grayscale, else 3 (RGB).")
+    resize: Literal["resize", "pad", "crop"] = Field(
+        "resize",
+        description="resize: stretch to size; pad: keep aspect, pad with black; crop: keep aspect, centre crop.",
+    )
+
+
+class SequenceSettings(_Section):
+    """How a CSV, NPZ or Parquet file becomes sequences and targets."""
+
+    label_column: str = Field("label", description="Column (CSV/Parquet) or array (NPZ) holding the targets.")
+    target: Literal["auto", "classification", "regression"] = Field(
+        "auto", description="auto: integer or string targets are classes, other numbers regression."
+    )
+
+
+class ValidationSettings(_Section):
+    """What ingest does about each kind of problem: fail (name the files and the fix) or skip and report."""
+
+    corrupt: Literal["fail", "skip"] = Field("skip", description="Unreadable files and files that are not images.")
+    empty_class: Literal["fail", "skip"] = Field("fail", description="A class folder with no usable image.")
+    non_finite: Literal["fail", "skip"] = Field("fail", description="Samples containing NaN or Inf.")
+    duplicates: Literal["fail", "skip", "keep"] = Field(
+        "skip", description="Identical samples (by content hash): skip keeps the first copy."
+    )
+    leakage: Literal["fail", "report"] = Field(
+        "fail", description="The same sample in two splits (possible only with duplicates=keep)."
+    )
+    max_imbalance: float | None = Field(
+        None, gt=1, description="Fail when the largest class outnumbers the smallest by more than this."
+    )
+
+
 class DataSettings(_Section):
     """Where the dataset comes from, where it lives and how it is split."""
 
-    dataset: str = Field("digits", description="Built-in dataset name (digits, mnist1d).")
+    dataset: str = Field(
+        "digits", description="Built-in name (digits, mnist, mnist1d), an image folder, or a .csv/.npz/.parquet file."
+    )
+    image: ImageSettings = Field(default_factory=ImageSettings)
+    sequence: SequenceSettings = Field(default_factory=SequenceSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    folds: int | None = Field(None, ge=2, description="k for k-fold: val is fold `fold` of train+val; test stays.")
+    fold: int = Field(0, ge=0, description="Which of the k folds is the validation split.")
+    shard_size: int = Field(65_536, ge=1, description="Samples per .npy shard; shards are memory-mapped.")
     data_dir: Path = Field(Path("data"), description="DVC-tracked dataset directory, relative to the project root.")
     dvc_remote: str = Field(
         str(Path.home() / ".cache" / "fluxo" / "dvc-remote"),
@@ -60,6 +105,14 @@ class TrainSettings(_Section):
     seed: int = Field(0, description="Seed for weights and batch order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     checkpoint_dir: Path = Field(Path(".fluxo/checkpoints"), description="Where best/last checkpoints are written.")
+    balance: Literal["none", "weighted", "oversample"] = Field(
+        "none",
+        description="Class imbalance: weighted draws batches with per-class weights; oversample repeats "
+        "minority samples up to the majority count each epoch (pair it with augmentation).",
+    )
+    resident_limit_mb: int = Field(
+        1024, ge=0, description="Datasets up to this size live on the training device; larger ones stream from disk."
+    )
 
 
 class TrackingSettings(_Section):
@@ -109,11 +162,19 @@ class FluxoSettings(BaseSettings):
     def _splits_leave_training_data(cls, data: DataSettings) -> DataSettings:
         if data.val_fraction + data.test_fraction >= 0.9:
             raise ValueError("data.val_fraction + data.test_fraction must leave at least 10% for training")
+        if data.folds is not None and data.fold >= data.folds:
+            raise ValueError(f"data.fold={data.fold} must be below data.folds={data.folds}")
         return data
 
+    def registered_name_for(self, dataset_name: str) -> str:
+        return self.tracking.registered_model or f"fluxo-{dataset_name}"
+
     def registered_model_name(self) -> str:
-        """The registry entry this run's model joins: one per dataset unless set explicitly."""
-        return self.tracking.registered_model or f"fluxo-{self.data.dataset}"
+        """The registry entry this run's model joins: one per dataset unless set explicitly.
+
+        A dataset given as a path is named after its folder or file stem.
+        """
+        return self.registered_name_for(dataset_display_name(self.data.dataset))
 
     def resolved_tracking_uri(self, root: Path) -> str:
         """MLFLOW_TRACKING_URI, then the setting, then the local SQLite store under ``mlflow/``."""
@@ -121,6 +182,13 @@ class FluxoSettings(BaseSettings):
         if uri:
             return uri
         return f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def dataset_display_name(dataset: str) -> str:
+    """``digits`` stays ``digits``; ``/data/flowers/`` becomes ``flowers``, ``ecg.csv`` becomes ``ecg``."""
+    if "/" not in dataset and "." not in dataset:
+        return dataset
+    return Path(dataset.rstrip("/")).stem or dataset
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -50,7 +50,7 @@ def test_stages_one_by_one(project: Path) -> None:
 def test_bad_inputs_exit_2_with_the_reason(project: Path) -> None:
     cases = [
         (["train", "--set", "train.epoch=3"], "train.epoch"),
-        (["data", "ingest", "--dataset", "imagenet"], "digits, mnist1d"),
+        (["data", "ingest", "--dataset", "imagenet"], "digits, mnist, mnist1d"),
         (["schedule", "--cron", "every night"], "not a cron expression"),
         (["run", "--config", "configs/missing.yaml"], "no such file"),
         (["serve", "--model", "ftp://x", *_stores(project)], "expected an export directory"),

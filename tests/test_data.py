@@ -12,7 +12,9 @@ from pipelines.data import store
 from pipelines.data.ingest import ingest, version
 from pipelines.data.sources import RawDataset, load_builtin
 from pipelines.data.split import stratified_split
-from pipelines.data.store import read_dataset, validate_raw, write_dataset
+from pipelines.data.store import read_dataset, write_dataset
+from pipelines.config import ValidationSettings
+from pipelines.data.validate import validate
 from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError
 
@@ -39,11 +41,12 @@ def test_ingest_writes_a_complete_split_dataset(project: Path, settings_for) -> 
 
 def test_split_indices_partition_the_dataset() -> None:
     raw = load_builtin("digits")
-    indices = stratified_split(raw, 0.2, 0.2, seed=0)
+    everything = np.arange(len(raw.y))
+    indices = stratified_split(raw.y, everything, 0.2, 0.2, seed=0)
     train, val, test = (set(indices[s].tolist()) for s in ("train", "val", "test"))
     assert not (train & val) and not (train & test) and not (val & test)
     assert train | val | test == set(range(len(raw.y)))
-    again = stratified_split(raw, 0.2, 0.2, seed=0)
+    again = stratified_split(raw.y, everything, 0.2, 0.2, seed=0)
     assert all(np.array_equal(indices[s], again[s]) for s in indices)
 
 
@@ -75,13 +78,13 @@ def test_a_different_split_seed_is_a_different_version(project: Path, settings_f
 def test_mnist1d_keeps_its_own_test_set() -> None:
     raw = load_builtin("mnist1d")
     assert raw.x.shape == (5000, 1, 40)
-    indices = stratified_split(raw, 0.2, 0.2, seed=0)
+    indices = stratified_split(raw.y, np.arange(5000), 0.2, 0.2, seed=0, fixed_test=raw.fixed_test)
     assert len(indices["test"]) == 1000 and raw.fixed_test[indices["test"]].all()
     assert len(indices["train"]) + len(indices["val"]) == 4000
 
 
 def test_unknown_dataset_lists_builtins() -> None:
-    with pytest.raises(FluxoError, match="digits, mnist1d"):
+    with pytest.raises(FluxoError, match="digits, mnist, mnist1d"):
         load_builtin("cifar")
 
 
@@ -89,15 +92,16 @@ def _tiny(x: np.ndarray, y: np.ndarray) -> RawDataset:
     return RawDataset("tiny", "sequence", x.astype(np.float32), y.astype(np.int64), ["a", "b"])
 
 
-def test_validation_rejects_nan_single_class_and_bad_labels() -> None:
-    x = np.zeros((6, 1, 4))
+def test_validation_rejects_nan_and_single_class() -> None:
+    x = np.random.default_rng(0).normal(size=(6, 1, 4))
     x[3, 0, 2] = np.nan
-    with pytest.raises(FluxoError, match="NaN or Inf.*index 3"):
-        validate_raw(_tiny(x, np.array([0, 1] * 3)))
+    with pytest.raises(FluxoError, match="NaN or Inf: sample 3"):
+        validate(_tiny(x, np.array([0, 1] * 3)), ValidationSettings())
+    one_class = _tiny(np.random.default_rng(0).normal(size=(6, 1, 4)), np.zeros(6))
+    with pytest.raises(FluxoError, match="have no usable sample: b;.*empty_class=skip"):
+        validate(one_class, ValidationSettings())
     with pytest.raises(FluxoError, match="only one class"):
-        validate_raw(_tiny(np.zeros((6, 1, 4)), np.zeros(6)))
-    with pytest.raises(FluxoError, match="labels must be 0..1"):
-        validate_raw(_tiny(np.zeros((6, 1, 4)), np.array([0, 1, 2] * 2)))
+        validate(one_class, ValidationSettings(empty_class="skip"))
 
 
 def test_failed_ingest_leaves_previous_data_untouched(project: Path, settings_for, monkeypatch) -> None:
@@ -130,8 +134,8 @@ def test_read_dataset_explains_missing_and_corrupt_data(tmp_path: Path) -> None:
     with pytest.raises(FluxoError, match="fluxo data ingest"):
         read_dataset(tmp_path / "data")
     raw = _tiny(np.random.default_rng(0).normal(size=(20, 1, 4)), np.array([0, 1] * 10))
-    write_dataset(raw, stratified_split(raw, 0.2, 0.2, 0), tmp_path / "data", {"seed": 0})
-    (tmp_path / "data" / "val" / "x.npy").write_bytes(b"\x93NUMPY garbage")
+    write_dataset(raw, stratified_split(raw.y, np.arange(20), 0.2, 0.2, 0), tmp_path / "data", {"seed": 0})
+    (tmp_path / "data" / "val" / "x-00000.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(FluxoError, match=r"val.*unreadable"):
         read_dataset(tmp_path / "data")
     (tmp_path / "data" / "dataset.json").write_text("{")

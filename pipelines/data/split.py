@@ -1,30 +1,64 @@
-"""Stratified train/val/test split with a fixed seed."""
+"""Stratified train/val/test split with a fixed seed, or k folds of train+val."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
-from pipelines.data.sources import RawDataset
+from pipelines.errors import FluxoError
 
 SPLITS = ("train", "val", "test")
 
 
-def stratified_split(
-    raw: RawDataset, val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, np.ndarray]:
-    """Index arrays per split, each stratified by class.
+def _stratify(y: np.ndarray, task: str) -> np.ndarray | None:
+    return y if task == "classification" else None
 
-    The fractions are of the whole dataset. A source's own test set, when it has
-    one, is kept as the test split, so results stay comparable with the literature.
+
+def stratified_split(
+    y: np.ndarray,
+    candidates: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    *,
+    task: str = "classification",
+    fixed_test: np.ndarray | None = None,
+    folds: int | None = None,
+    fold: int = 0,
+) -> dict[str, np.ndarray]:
+    """Index arrays per split over ``candidates`` (the samples that passed validation).
+
+    The fractions are of the whole dataset. A source's own test set (``fixed_test``)
+    is kept as the test split, so results stay comparable with the literature.
+    With ``folds``, val is fold ``fold`` of the non-test samples.
     """
-    indices = np.arange(len(raw.y))
-    if raw.fixed_test is not None:
-        test = indices[raw.fixed_test]
-        rest = indices[~raw.fixed_test]
-        val_share = val_fraction / (1 - test_fraction)
-    else:
-        rest, test = train_test_split(indices, test_size=test_fraction, stratify=raw.y, random_state=seed)
-        val_share = val_fraction / (1 - test_fraction)
-    train, val = train_test_split(rest, test_size=val_share, stratify=raw.y[rest], random_state=seed)
+    candidates = np.asarray(candidates)
+    try:
+        if fixed_test is not None:
+            test = candidates[fixed_test[candidates]]
+            rest = candidates[~fixed_test[candidates]]
+        else:
+            rest, test = train_test_split(
+                candidates, test_size=test_fraction, stratify=_stratify(y[candidates], task), random_state=seed
+            )
+        if folds is not None:
+            splitter = StratifiedKFold if task == "classification" else KFold
+            parts = list(splitter(n_splits=folds, shuffle=True, random_state=seed).split(rest, y[rest]))
+            train_pos, val_pos = parts[fold]
+            train, val = rest[train_pos], rest[val_pos]
+        else:
+            train, val = train_test_split(
+                rest,
+                test_size=val_fraction / (1 - test_fraction),
+                stratify=_stratify(y[rest], task),
+                random_state=seed,
+            )
+    except ValueError as error:
+        counts = np.bincount(y[candidates]) if task == "classification" else []
+        smallest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max))) if len(counts) else None
+        hint = f" (class index {smallest} has {counts[smallest]} samples)" if smallest is not None else ""
+        raise FluxoError(
+            f"cannot split {len(candidates)} samples into train/val/test{hint}: {error}; add samples to small "
+            "classes or lower data.val_fraction/data.test_fraction"
+        ) from error
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}

@@ -1,10 +1,15 @@
 """The on-disk dataset layout under ``data/``, written atomically and read back validated.
 
-Layout (plain ``.npy`` files because ``np.savez`` stamps zip entries with the
-current time, which would change the DVC md5 of identical data)::
+Layout (plain ``.npy`` files: ``np.savez`` stamps zip entries with the current
+time, which would change the DVC md5 of identical data; ``.npy`` also memory-maps)::
 
-    data/dataset.json          name, kind, input shape, labels, split sizes and seed
-    data/{train,val,test}/x.npy, y.npy
+    data/dataset.json                  name, kind, task, shapes, dtype, labels, split, shards
+    data/validation.json               what ingest checked and what it found
+    data/{train,val,test}/x-00000.npy  samples in shards of at most ``shard_size``
+    data/{train,val,test}/y.npy        targets (int64 classes or float32 regression values)
+    data/{train,val,test}/lengths.npy  valid length per sequence, for variable-length data
+
+Shards are read through memory maps, so a dataset larger than RAM streams from disk.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,12 +32,32 @@ from pipelines.errors import FluxoError
 log = logging.getLogger(__name__)
 
 MANIFEST = "dataset.json"
+VALIDATION = "validation.json"
+DEFAULT_SHARD_SIZE = 65_536
+_COPY_CHUNK = 16_384  # samples gathered per step when copying from a memory-mapped source
 
 
 @dataclass
 class Split:
-    x: np.ndarray
+    """One split: shards of x (memory-mapped), y and optional lengths in memory."""
+
+    shards: list[np.ndarray]
     y: np.ndarray
+    lengths: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def x(self) -> np.ndarray:
+        """All samples as one array in memory; for small data (streaming uses ``shards``)."""
+        if len(self.shards) == 1:
+            return np.asarray(self.shards[0])
+        return np.concatenate(self.shards) if self.shards else np.zeros((0,), dtype=np.float32)
 
 
 @dataclass
@@ -54,51 +79,51 @@ class Dataset:
     def kind(self) -> str:
         return str(self.manifest["kind"])
 
-
-def validate_raw(raw: RawDataset) -> None:
-    """Refuse data that would train silently wrong: NaN/Inf, shape mismatch, fewer than two classes."""
-    if raw.x.ndim < 2 or len(raw.x) != len(raw.y):
-        raise FluxoError(f"dataset {raw.name}: {len(raw.x)} samples but {len(raw.y)} labels")
-    bad = ~np.isfinite(raw.x.reshape(len(raw.x), -1)).all(axis=1)
-    if bad.any():
-        raise FluxoError(
-            f"dataset {raw.name}: {int(bad.sum())} samples contain NaN or Inf "
-            f"(first at index {int(np.flatnonzero(bad)[0])}); clean or drop them before ingest"
-        )
-    classes = np.unique(raw.y)
-    if len(classes) < 2:
-        raise FluxoError(f"dataset {raw.name}: only one class ({classes.tolist()}); classification needs two or more")
-    if raw.y.min() < 0 or raw.y.max() >= len(raw.labels):
-        raise FluxoError(f"dataset {raw.name}: labels must be 0..{len(raw.labels) - 1}, found {classes.tolist()}")
+    @property
+    def task(self) -> str:
+        return str(self.manifest.get("task", "classification"))
 
 
 def write_dataset(
-    raw: RawDataset, split_indices: dict[str, np.ndarray], data_dir: Path, split_info: dict[str, Any]
+    raw: RawDataset,
+    split_indices: dict[str, np.ndarray],
+    data_dir: Path,
+    split_info: dict[str, Any],
+    validation: dict[str, Any] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    after_swap: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write into a temporary sibling directory and swap it in only when complete.
 
-    An interrupted or failed write leaves the previous ``data_dir`` exactly as it was.
+    ``after_swap`` runs with the new data in place (e.g. ``dvc add``); if it fails,
+    the previous ``data_dir`` is put back. Either way, a failed or interrupted
+    ingest leaves the previous dataset exactly as it was.
     """
-    validate_raw(raw)
     data_dir = Path(data_dir)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.ingest-", dir=data_dir.parent))
     try:
+        shard_counts = {}
         for split in SPLITS:
-            idx = split_indices[split]
-            (staging / split).mkdir()
-            np.save(staging / split / "x.npy", np.ascontiguousarray(raw.x[idx], dtype=np.float32))
-            np.save(staging / split / "y.npy", np.ascontiguousarray(raw.y[idx], dtype=np.int64))
+            idx = np.asarray(split_indices[split], dtype=np.int64)
+            shard_counts[split] = _write_split(raw, idx, staging / split, shard_size)
         manifest = {
             "name": raw.name,
             "kind": raw.kind,
+            "task": raw.task,
             "description": raw.description,
             "input_shape": list(raw.x.shape[1:]),
+            "dtype": str(raw.x.dtype),
             "labels": raw.labels,
+            "variable_length": raw.lengths is not None,
+            "preprocessing": raw.preprocessing,
             "split": {**split_info, "sizes": {s: int(len(split_indices[s])) for s in SPLITS}},
+            "shards": shard_counts,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _swap_in(staging, data_dir)
+        if validation is not None:
+            (staging / VALIDATION).write_text(json.dumps(validation, indent=2, sort_keys=True) + "\n")
+        _swap_in(staging, data_dir, after_swap)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -106,24 +131,48 @@ def write_dataset(
     return data_dir
 
 
-def _swap_in(staging: Path, data_dir: Path) -> None:
-    """Replace ``data_dir`` by ``staging`` with renames, so readers never see a half-written dataset."""
-    if not data_dir.exists():
-        os.replace(staging, data_dir)
-        return
+def _write_split(raw: RawDataset, idx: np.ndarray, directory: Path, shard_size: int) -> int:
+    """Gather ``raw[idx]`` into shards chunk by chunk, so a memory-mapped source is never loaded whole."""
+    directory.mkdir()
+    shards = max(1, -(-len(idx) // shard_size))
+    for number in range(shards):
+        part = idx[number * shard_size : (number + 1) * shard_size]
+        out = np.lib.format.open_memmap(
+            directory / f"x-{number:05d}.npy", mode="w+", dtype=raw.x.dtype, shape=(len(part), *raw.x.shape[1:])
+        )
+        for start in range(0, len(part), _COPY_CHUNK):
+            chunk = part[start : start + _COPY_CHUNK]
+            out[start : start + len(chunk)] = raw.x[chunk]
+        out.flush()
+        del out
+    np.save(directory / "y.npy", np.ascontiguousarray(raw.y[idx]))
+    if raw.lengths is not None:
+        np.save(directory / "lengths.npy", np.ascontiguousarray(raw.lengths[idx], dtype=np.int64))
+    return shards
+
+
+def _swap_in(staging: Path, data_dir: Path, after_swap: Callable[[Path], None] | None) -> None:
+    """Replace ``data_dir`` by ``staging`` with renames; restore the old one if ``after_swap`` fails."""
     retired = data_dir.with_name(f".{data_dir.name}.retired-{os.getpid()}")
     shutil.rmtree(retired, ignore_errors=True)
-    os.replace(data_dir, retired)
+    had_previous = data_dir.exists()
+    if had_previous:
+        os.replace(data_dir, retired)
     try:
         os.replace(staging, data_dir)
+        if after_swap is not None:
+            after_swap(data_dir)
     except BaseException:
-        os.replace(retired, data_dir)
+        if data_dir.exists():
+            os.replace(data_dir, staging)  # the caller's cleanup removes it
+        if had_previous:
+            os.replace(retired, data_dir)
         raise
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def read_dataset(data_dir: Path) -> Dataset:
-    """Load a dataset written by :func:`write_dataset`, checking that it is complete."""
+def read_dataset(data_dir: Path, mmap: bool = True) -> Dataset:
+    """Open a dataset written by :func:`write_dataset`, checking that it is complete."""
     data_dir = Path(data_dir)
     manifest_path = data_dir / MANIFEST
     if not manifest_path.is_file():
@@ -134,15 +183,23 @@ def read_dataset(data_dir: Path) -> Dataset:
         raise FluxoError(f"{manifest_path}: not valid JSON ({error}); re-run `fluxo data ingest`") from error
     splits = {}
     for split in SPLITS:
+        directory = data_dir / split
         try:
-            x = np.load(data_dir / split / "x.npy")
-            y = np.load(data_dir / split / "y.npy")
-        except (OSError, ValueError) as error:
-            raise FluxoError(f"{data_dir / split}: unreadable ({error}); re-run `fluxo data ingest`") from error
-        if x.shape[1:] != tuple(manifest["input_shape"]) or len(x) != len(y):
+            count = int(manifest.get("shards", {}).get(split, 1))
+            shards = [np.load(directory / f"x-{n:05d}.npy", mmap_mode="r" if mmap else None) for n in range(count)]
+            y = np.load(directory / "y.npy")
+            lengths = np.load(directory / "lengths.npy") if (directory / "lengths.npy").exists() else None
+        except (OSError, ValueError, KeyError) as error:
+            raise FluxoError(f"{directory}: unreadable ({error}); re-run `fluxo data ingest`") from error
+        if any(s.shape[1:] != tuple(manifest["input_shape"]) for s in shards) or sum(len(s) for s in shards) != len(y):
             raise FluxoError(
-                f"{data_dir / split}: x{x.shape} / y{y.shape} do not match input_shape "
-                f"{manifest['input_shape']} in {manifest_path}; re-run `fluxo data ingest`"
+                f"{directory}: shards do not match input_shape {manifest['input_shape']} and {len(y)} targets "
+                f"in {manifest_path}; re-run `fluxo data ingest`"
             )
-        splits[split] = Split(x, y)
+        splits[split] = Split(shards, y, lengths)
     return Dataset(manifest, splits)
+
+
+def read_validation(data_dir: Path) -> dict[str, Any] | None:
+    path = Path(data_dir) / VALIDATION
+    return json.loads(path.read_text()) if path.is_file() else None

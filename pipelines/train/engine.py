@@ -1,8 +1,8 @@
 """The training engine: fit with early stopping on validation loss, keep the best weights.
 
-Data sits on the training device as whole tensors (the built-in datasets are a
-few MB), so each step is a slice rather than a DataLoader round trip, and the
-loop only synchronises with the device once per epoch.
+Batches come from ``pipelines.train.batches``: resident tensors on the device when
+the data fits (each step is a slice, not a DataLoader round trip), streamed shards
+when it does not. The loop synchronises with the device once per epoch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipelines.train.batches import Batch, ResidentBatches, StreamingBatches
 from pipelines.train.tracker import NullTracker, Tracker
+
+Batches = ResidentBatches | StreamingBatches
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ClassificationStep:
-    """Loss and metrics of one batch for multi-class classification, in one place."""
+    """Loss and metrics of one batch for multi-class classification, in one place.
+
+    Targets are class indices, or class probabilities when mixup/cutmix blended samples.
+    """
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)
 
     def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return (logits.argmax(dim=1) == targets).sum()
+        hard = targets.argmax(dim=1) if targets.ndim == 2 else targets
+        return (logits.argmax(dim=1) == hard).sum()
+
+
+Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -64,38 +74,43 @@ class FitResult:
     stopped_early: bool = False
 
 
+def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Variable-length sequences pass their lengths; everything else only x."""
+    return model(batch.x) if batch.lengths is None else model(batch.x, lengths=batch.lengths)
+
+
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: ClassificationStep, batch_size: int = 1024
-) -> tuple[float, float, torch.Tensor]:
-    """Mean loss, accuracy and all logits over a split, in eval mode."""
+def evaluate(model: nn.Module, batches: Batches, step: ClassificationStep) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Mean loss, accuracy, all logits and all targets over a split, in eval mode."""
     model.eval()
-    logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    loss = F.cross_entropy(logits, y, reduction="mean") if len(y) else torch.tensor(0.0)
-    accuracy = step.correct(logits, y).float() / max(len(y), 1)
-    return float(loss), float(accuracy), logits
+    logits, targets = [], []
+    for batch in batches.chunks():
+        logits.append(forward(model, batch))
+        targets.append(batch.y)
+    all_logits, all_targets = torch.cat(logits), torch.cat(targets)
+    loss = step.loss(all_logits, all_targets) if len(all_targets) else torch.tensor(0.0)
+    accuracy = step.correct(all_logits, all_targets).float() / max(len(all_targets), 1)
+    return float(loss), float(accuracy), all_logits, all_targets
 
 
 def fit(
     model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: Batches,
+    val: Batches,
     config: FitConfig,
     tracker: Tracker | None = None,
     on_best: Callable[[nn.Module, int], None] | None = None,
     step: ClassificationStep | None = None,
+    augment: Augment | None = None,
 ) -> FitResult:
     """Train with Adam until the monitored validation number stops improving for ``patience`` epochs.
 
     The model is left holding the best epoch's weights. ``on_best`` is called
-    each time validation loss improves (the caller writes the checkpoint).
+    each time the monitored number improves (the caller writes the checkpoint).
+    ``augment`` transforms training batches only, on the device.
     """
     tracker = tracker or NullTracker()
     step = step or ClassificationStep()
-    x_train, y_train = train
-    x_val, y_val = val
-    device = x_train.device
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
     # Both monitors are turned into "lower is better" so one comparison serves them.
@@ -104,27 +119,30 @@ def fit(
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     seen = 0
+    device = next(model.parameters()).device
     progress = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", leave=False, disable=None)
     for epoch in progress:
         model.train()
-        order = torch.randperm(len(y_train), generator=generator).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start : start + config.batch_size]
-            logits = model(x_train[batch])
-            loss = step.loss(logits, y_train[batch])
+        count = 0
+        for batch in train.epoch():
+            if augment is not None:
+                batch = Batch(*augment(batch.x, batch.y), batch.lengths)
+            logits = forward(model, batch)
+            loss = step.loss(logits, batch.y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(batch)
-            correct += step.correct(logits.detach(), y_train[batch])
-        seen += len(order)
-        val_loss, val_accuracy, _ = evaluate(model, x_val, y_val, step)
+            loss_sum += loss.detach() * len(batch.y)
+            correct += step.correct(logits.detach(), batch.y)
+            count += len(batch.y)
+        seen += count
+        val_loss, val_accuracy, _, _ = evaluate(model, val, step)
         record = {
             "epoch": epoch,
-            "train_loss": float(loss_sum) / len(order),
-            "train_accuracy": float(correct) / len(order),
+            "train_loss": float(loss_sum) / max(count, 1),
+            "train_accuracy": float(correct) / max(count, 1),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
         }
@@ -157,11 +175,6 @@ def fit(
     )
 
 
-def to_device(x: Any, y: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """numpy split → tensors on the training device."""
-    return torch.as_tensor(x, dtype=torch.float32).to(device), torch.as_tensor(y, dtype=torch.long).to(device)
-
-
 def seed_everything(seed: int) -> None:
     """Same seed, same weights and batch order (on the CPU, bit for bit)."""
     import random
@@ -173,4 +186,4 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-__all__ = ["ClassificationStep", "FitConfig", "FitResult", "evaluate", "fit", "resolve_device", "seed_everything", "to_device"]
+__all__ = ["ClassificationStep", "FitConfig", "FitResult", "evaluate", "fit", "forward", "resolve_device", "seed_everything"]

@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from models import MODEL_REGISTRY, build_model
 from models.preprocess import Standardized
 from pipelines.config import FluxoSettings
-from pipelines.data.store import Dataset, read_dataset
+from pipelines.data.store import Dataset, Split, read_dataset, read_validation
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
 from pipelines.train.checkpoint import model_payload, save_checkpoint
-from pipelines.train.engine import ClassificationStep, FitConfig, evaluate, fit, resolve_device, seed_everything, to_device
+from pipelines.train.batches import batches_for
+from pipelines.train.engine import ClassificationStep, FitConfig, evaluate, fit, resolve_device, seed_everything
 from pipelines.train.metrics import classification_metrics, confusion_matrix_figure, learning_curves_figure
 from pipelines.train.tracker import MLflowTracker, Tracker
 
@@ -49,6 +51,19 @@ def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float, std: floa
     }
 
 
+def split_statistics(split: Split, chunk: int = 65_536) -> tuple[float, float]:
+    """Mean and standard deviation over every value of a split, chunk by chunk (it may not fit in RAM)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for shard in split.shards:
+        for start in range(0, len(shard), chunk):
+            values = np.asarray(shard[start : start + chunk], dtype=np.float64)
+            total += float(values.sum())
+            total_sq += float(np.square(values).sum())
+            count += values.size
+    mean = total / max(count, 1)
+    return mean, float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 0.0)))
+
+
 def _check_model_fits_data(name: str, dataset: Dataset) -> None:
     if name not in MODEL_REGISTRY:
         raise FluxoError(f"model.name={name!r} is not registered; choose one of {', '.join(sorted(MODEL_REGISTRY))}")
@@ -73,8 +88,12 @@ def train_and_evaluate(
     seed_everything(settings.train.seed)
     device = resolve_device(settings.train.device)
 
-    train_x = dataset.splits["train"].x
-    mean, std = float(train_x.mean()), float(train_x.std())
+    if dataset.task != "classification":
+        raise FluxoError(
+            f"dataset {dataset.manifest['name']!r} has {dataset.task} targets; this training engine trains "
+            "classifiers only so far"
+        )
+    mean, std = split_statistics(dataset.splits["train"])
     spec = model_spec(settings, dataset, mean, std)
     try:
         inner = build_model(settings.model.name, dataset.input_shape, len(dataset.labels), **settings.model.params)
@@ -105,6 +124,10 @@ def train_and_evaluate(
         }
     )
     tracker.log_dict(spec, "model_spec.json")
+    validation = read_validation(Path(root) / settings.data.data_dir)
+    if validation is not None:
+        tracker.log_dict(validation, "data/validation.json")
+        tracker.log_metrics({"data_samples_kept": validation["samples_kept"], "data_samples_found": validation["samples_found"]})
 
     checkpoint_dir = Path(root) / settings.train.checkpoint_dir
     best_path = checkpoint_dir / "best.pt"
@@ -112,10 +135,16 @@ def train_and_evaluate(
     def save_best(current: torch.nn.Module, epoch: int) -> None:
         save_checkpoint(best_path, {**model_payload(current, spec), "epoch": epoch})
 
+    def batches(split: str, balance: str = "none"):
+        return batches_for(
+            dataset.splits[split], settings.train.batch_size, device, settings.train.seed,
+            settings.train.resident_limit_mb, balance,
+        )
+
     result = fit(
         model,
-        to_device(train_x, dataset.splits["train"].y, device),
-        to_device(dataset.splits["val"].x, dataset.splits["val"].y, device),
+        batches("train", settings.train.balance),
+        batches("val"),
         FitConfig(
             epochs=settings.train.epochs,
             batch_size=settings.train.batch_size,
@@ -129,8 +158,7 @@ def train_and_evaluate(
         on_best=save_best,
     )
 
-    test_x, test_y = to_device(dataset.splits["test"].x, dataset.splits["test"].y, device)
-    _, _, logits = evaluate(model, test_x, test_y, ClassificationStep())
+    _, _, logits, test_y = evaluate(model, batches("test"), ClassificationStep())
     metrics = classification_metrics(test_y.cpu().numpy(), logits.argmax(1).cpu().numpy(), len(dataset.labels))
     test_metrics = {f"test_{k}": v for k, v in metrics.items() if k != "confusion_matrix"}
     tracker.log_metrics(
@@ -170,14 +198,15 @@ def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> Tra
     from pipelines.tracking import configure_mlflow
 
     configure_mlflow(root, settings)
-    dataset_name = settings.data.dataset
+    dataset = read_dataset(Path(root) / settings.data.data_dir)
+    dataset_name = dataset.manifest["name"]
+    train_split = dataset.splits["train"]
     with mlflow.start_run(run_name=f"{dataset_name}-{settings.model.name}") as run:
-        train_split = read_dataset(Path(root) / settings.data.data_dir).splits["train"]
         with warnings.catch_warnings():
             # A local path matches two equivalent MLflow source types; it picks one and warns.
             warnings.simplefilter("ignore", UserWarning)
             source = mlflow.data.from_numpy(
-                train_split.x[:1],
+                np.asarray(train_split.shards[0][:1]),
                 targets=train_split.y[:1],
                 source=str(data_version.dvc_file),
                 name=dataset_name,
