@@ -36,6 +36,12 @@ def register_model(name: str, input_kind: str) -> Callable[[Builder], Builder]:
     return decorate
 
 
+def expect_rank(name: str, input_shape: tuple[int, ...], rank: int, layout: str) -> None:
+    """Fail at build time, naming the layout, rather than with a shape error deep in forward."""
+    if len(input_shape) != rank:
+        raise ValueError(f"model {name!r} expects input shaped {layout}, got {input_shape}")
+
+
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, **config: Any
 ) -> nn.Module:

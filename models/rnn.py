@@ -1,37 +1,86 @@
-"""Recurrent many-to-one classifiers for (C, L) sequences."""
+"""Recurrent many-to-one classifiers (GRU, LSTM) for (C, L) sequences.
+
+``forward(x, lengths=None)``: without ``lengths`` every sequence is read to the
+end (the path ONNX export traces); with ``lengths`` each sequence is packed so
+the recurrence stops at its own last valid step and padding never reaches the
+head, in either direction.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
-from models.registry import register_model
+from models.registry import expect_rank, register_model
 
 
-class GRUClassifier(nn.Module):
-    """GRU over time steps; the last hidden state (both directions if bidirectional) feeds a linear head."""
+class RecurrentClassifier(nn.Module):
+    """An RNN over time steps; the last hidden state (both directions if bidirectional) feeds a linear head."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, hidden: int, layers: int, bidirectional: bool, dropout: float
+        self,
+        cell: type[nn.RNNBase],
+        in_channels: int,
+        num_classes: int,
+        hidden: int,
+        layers: int,
+        bidirectional: bool,
+        dropout: float,
     ) -> None:
         super().__init__()
-        self.rnn = nn.GRU(
+        self.rnn = cell(
             in_channels,
             hidden,
             num_layers=layers,
             batch_first=True,
             bidirectional=bidirectional,
+            # torch applies RNN dropout only between stacked layers and warns otherwise.
             dropout=dropout if layers > 1 else 0.0,
         )
         directions = 2 if bidirectional else 1
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(directions * hidden, num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         # (B, C, L) → (B, L, C): time runs along the sequence, channels are the features.
-        _, hidden = self.rnn(x.transpose(1, 2))
+        steps = x.transpose(1, 2)
+        if lengths is None:
+            _, state = self.rnn(steps)
+        else:
+            _check_lengths(lengths, batch=x.shape[0], max_length=x.shape[2])
+            # enforce_sorted=False: callers keep their batch order; torch un-sorts the final state.
+            packed = pack_padded_sequence(steps, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            _, state = self.rnn(packed)
+        hidden = state[0] if isinstance(state, tuple) else state  # an LSTM's state is (h, c)
         directions = 2 if self.rnn.bidirectional else 1
         last = hidden[-directions:].transpose(0, 1).reshape(x.shape[0], -1)
         return self.head(last)
+
+
+def _check_lengths(lengths: torch.Tensor, batch: int, max_length: int) -> None:
+    """Wrong lengths would silently read padding or crash inside packing; say which rule broke."""
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},), one per sequence; got {tuple(lengths.shape)}")
+    if int(lengths.min()) < 1 or int(lengths.max()) > max_length:
+        raise ValueError(f"lengths must lie in [1, {max_length}] (the padded length); got {lengths.tolist()}")
+
+
+class GRUClassifier(RecurrentClassifier):
+    """Many-to-one GRU."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, hidden: int, layers: int, bidirectional: bool, dropout: float
+    ) -> None:
+        super().__init__(nn.GRU, in_channels, num_classes, hidden, layers, bidirectional, dropout)
+
+
+class LSTMClassifier(RecurrentClassifier):
+    """Many-to-one LSTM: the hidden state h (not the cell state c) of the last step feeds the head."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, hidden: int, layers: int, bidirectional: bool, dropout: float
+    ) -> None:
+        super().__init__(nn.LSTM, in_channels, num_classes, hidden, layers, bidirectional, dropout)
 
 
 @register_model("gru", input_kind="sequence")
@@ -44,6 +93,19 @@ def build_gru(
     dropout: float = 0.0,
 ) -> nn.Module:
     """Many-to-one GRU for (C, L) sequences."""
-    if len(input_shape) != 2:
-        raise ValueError(f"model 'gru' expects input shaped (C, L), got {input_shape}")
+    expect_rank("gru", input_shape, 2, "(C, L)")
     return GRUClassifier(input_shape[0], num_classes, hidden, layers, bidirectional, dropout)
+
+
+@register_model("lstm", input_kind="sequence")
+def build_lstm(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    hidden: int = 64,
+    layers: int = 1,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Many-to-one LSTM for (C, L) sequences."""
+    expect_rank("lstm", input_shape, 2, "(C, L)")
+    return LSTMClassifier(input_shape[0], num_classes, hidden, layers, bidirectional, dropout)
