@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.data.augment import AugmentSettings
 from pipelines.errors import FluxoError
 
 
@@ -153,6 +154,7 @@ class FluxoSettings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)

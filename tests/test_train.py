@@ -121,3 +121,33 @@ def test_monitoring_validation_accuracy_keeps_the_most_accurate_epoch() -> None:
     assert result.best_epoch == 1 + accuracies.index(max(accuracies))
     _, accuracy, _, _ = evaluate(model, val, ClassificationStep())
     assert accuracy == pytest.approx(max(accuracies))
+
+
+class RecordingTracker(NullTracker):
+    """Keeps what the engine reports, to check it without a tracking server."""
+
+    def __init__(self) -> None:
+        self.figures: list[str] = []
+        self.params: dict = {}
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.figures.append(artifact_file)
+
+    def log_params(self, params: dict) -> None:
+        self.params.update(params)
+
+
+def test_augmentation_reaches_training_and_its_grid_is_logged(project: Path, settings_for) -> None:
+    plain = settings_for("train.epochs=2")
+    ingest(project, plain.data)
+    version = DataVersion("x", 0, 0, project / "data.dvc", 0)
+    _, plain_metrics, plain_ckpt, _ = train_and_evaluate(project, plain, version, NullTracker())
+    plain_weights = load_checkpoint(plain_ckpt)["state_dict"]
+
+    tracker = RecordingTracker()
+    augmented = settings_for("train.epochs=2", "augment.image.rotation=15", "augment.mix.mixup_alpha=0.2")
+    train_and_evaluate(project, augmented, version, tracker)
+    assert "plots/augmentation.png" in tracker.figures
+    assert tracker.params["augment"]["image"]["rotation"] == [-15.0, 15.0]
+    augmented_weights = load_checkpoint(plain_ckpt)["state_dict"]
+    assert any(not torch.equal(plain_weights[k], augmented_weights[k]) for k in plain_weights)

@@ -16,6 +16,7 @@ import torch
 from models import MODEL_REGISTRY, build_model
 from models.preprocess import Standardized
 from pipelines.config import FluxoSettings
+from pipelines.data.augment import augmentation_grid, build_augmenter
 from pipelines.data.store import Dataset, Split, read_dataset, read_validation
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
@@ -135,6 +136,22 @@ def train_and_evaluate(
     def save_best(current: torch.nn.Module, epoch: int) -> None:
         save_checkpoint(best_path, {**model_payload(current, spec), "epoch": epoch})
 
+    augmenter = build_augmenter(settings.augment, dataset.kind, len(dataset.labels))
+    augment = None
+    if augmenter is not None:
+        tracker.log_params({"augment": settings.augment.model_dump(mode="json")})
+        augment_generator = torch.Generator().manual_seed(settings.train.seed + 1)
+
+        def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return augmenter(x, y, augment_generator)
+
+        sample = dataset.splits["train"]
+        preview_x = torch.as_tensor(np.array(sample.shards[0][:32]), dtype=torch.float32)
+        preview_y = torch.as_tensor(sample.y[:32])
+        figure = augmentation_grid(augmenter, preview_x, preview_y, n=32, generator=torch.Generator().manual_seed(0))
+        tracker.log_figure(figure, "plots/augmentation.png")
+        plt.close(figure)
+
     def batches(split: str, balance: str = "none"):
         return batches_for(
             dataset.splits[split], settings.train.batch_size, device, settings.train.seed,
@@ -156,6 +173,7 @@ def train_and_evaluate(
         ),
         tracker=tracker,
         on_best=save_best,
+        augment=augment,
     )
 
     _, _, logits, test_y = evaluate(model, batches("test"), ClassificationStep())
