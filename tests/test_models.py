@@ -24,10 +24,13 @@ VARIANTS = [
     ("lstm", {"bidirectional": True, "layers": 2}),
 ]
 CASES = [(name, {}) for name in sorted(MODEL_REGISTRY)] + VARIANTS
-CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in config.items()) for name, config in CASES]
 
 
-@pytest.mark.parametrize(("name", "config"), CASES, ids=CASE_IDS)
+def _ids(cases: list[tuple[str, dict]]) -> list[str]:
+    return [name + "".join(f"-{k}={v}" for k, v in config.items()) for name, config in cases]
+
+
+@pytest.mark.parametrize(("name", "config"), CASES, ids=_ids(CASES))
 def test_forward_backward(name: str, config: dict) -> None:
     torch.manual_seed(0)
     shape = SHAPES[MODEL_REGISTRY[name].input_kind]
@@ -46,7 +49,7 @@ def test_forward_backward(name: str, config: dict) -> None:
 ONNX_CASES = [(name, {}) for name in sorted(MODEL_REGISTRY)] + [("lenet", {"batch_norm": True})]
 
 
-@pytest.mark.parametrize(("name", "config"), ONNX_CASES, ids=[n + "".join(f"-{k}={v}" for k, v in c.items()) for n, c in ONNX_CASES])
+@pytest.mark.parametrize(("name", "config"), ONNX_CASES, ids=_ids(ONNX_CASES))
 def test_onnx_export_matches_torch(name: str, config: dict, tmp_path) -> None:
     from pipelines.export.onnx_export import export_onnx
     from pipelines.export.parity import check_parity
@@ -77,7 +80,9 @@ def test_bad_config_key_names_the_model() -> None:
 
 # --- config options -------------------------------------------------------------------------
 
-BN_MODELS = {"mlp": (1, 40), "cnn1d": (1, 40), "cnn2d": (1, 8, 8), "lenet": (1, 8, 8), "resnet_small": (1, 8, 8), "resnet1d": (1, 40)}
+BN_MODELS = {
+    "mlp": (1, 40), "cnn1d": (1, 40), "cnn2d": (1, 8, 8), "lenet": (1, 8, 8), "resnet_small": (1, 8, 8), "resnet1d": (1, 40)
+}
 DROPOUT_MODELS = {**BN_MODELS, "gru": (1, 40), "lstm": (1, 40)}
 
 
