@@ -19,5 +19,7 @@ class Standardized(nn.Module):
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std) if std > 0 else 1.0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner((x - self.mean) / self.std)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        scaled = (x - self.mean) / self.std
+        # Only recurrent models take lengths; the ONNX export traces the lengths=None path.
+        return self.inner(scaled) if lengths is None else self.inner(scaled, lengths=lengths)

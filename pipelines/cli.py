@@ -136,15 +136,26 @@ def data_ingest(
 
 
 @app.command()
-def train(config: ConfigOption = None, overrides: SetOption = None, root: RootOption = Path(".")) -> None:
-    """Train and evaluate on the current data/ as a new MLflow run."""
+def train(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted run in its MLflow run.")] = False,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="With --resume: the run to continue.")] = None,
+) -> None:
+    """Train and evaluate on the current data/ as a new MLflow run (or --resume an interrupted one)."""
     from pipelines.data.ingest import version
+    from pipelines.train.run import resume_training
     from pipelines.train.run import train as train_step
 
     try:
         settings = _settings(config, overrides)
         # `dvc add` is idempotent: it records the version of whatever data/ holds right now.
-        result = train_step(root, settings, version(root, settings.data))
+        data_version = version(root, settings.data)
+        if resume:
+            result = resume_training(root, settings, data_version, run_id)
+        else:
+            result = train_step(root, settings, data_version)
     except FluxoError as error:
         _fail(error)
     typer.echo(json.dumps({"run_id": result.run_id, **result.test_metrics}, indent=2))

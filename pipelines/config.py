@@ -95,8 +95,22 @@ class TrainSettings(_Section):
 
     epochs: int = Field(30, ge=1, description="Upper bound on epochs; early stopping usually ends sooner.")
     batch_size: int = Field(64, ge=1, description="Mini-batch size.")
-    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    optimizer: Literal["sgd", "adagrad", "adadelta", "rmsprop", "adam", "adamw"] = Field(
+        "adam", description="Optimiser by name; adam's weight decay is L2 in the gradient, adamw's is decoupled."
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="Learning rate (the peak for onecycle).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="Momentum for sgd and rmsprop.")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd with momentum only).")
+    scheduler: Literal["none", "step", "cosine", "onecycle"] = Field("none", description="Learning-rate schedule.")
+    scheduler_options: dict[str, Any] = Field(
+        default_factory=dict, description="Schedule options, e.g. {step_size: 10, gamma: 0.1} or {pct_start: 0.3}."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay (not applied to biases and norm layers).")
+    l1: float = Field(0.0, ge=0, description="L1 penalty weight added to the loss (sparser weights).")
+    clip_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this; None: off.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Also save the resumable state every N optimiser steps (0: at epoch ends only)."
+    )
     patience: int = Field(5, ge=1, description="Epochs without improvement of `monitor` before stopping.")
     monitor: Literal["val_loss", "val_accuracy"] = Field(
         "val_loss",

@@ -74,6 +74,13 @@ class ResidentBatches:
     def __len__(self) -> int:
         return len(self.y)
 
+    def rng_state(self) -> torch.Tensor:
+        """The state the next epoch's order is drawn from; saved so a resumed epoch replays it."""
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
     def _batch(self, index: torch.Tensor | slice) -> Batch:
         lengths = None if self.lengths is None else self.lengths[index]
         return Batch(self.x[index].float(), self.y[index], lengths)
@@ -112,6 +119,12 @@ class StreamingBatches:
 
     def __len__(self) -> int:
         return len(self.split)
+
+    def rng_state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
 
     def _blocks(self, shuffle: bool) -> list[tuple[int, int, int]]:
         blocks = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipelines.train.batches import Batch, ResidentBatches, StreamingBatches
+from pipelines.train.checkpoint import restore_rng_states, rng_states, save_state
+from pipelines.train.optim import build_optimizer, build_scheduler, clip_gradients, l1_penalty, parameter_groups
 from pipelines.train.tracker import NullTracker, Tracker
 
 Batches = ResidentBatches | StreamingBatches
@@ -49,7 +52,7 @@ class ClassificationStep:
         return (logits.argmax(dim=1) == hard).sum()
 
 
-Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -61,6 +64,15 @@ class FitConfig:
     patience: int
     seed: int
     monitor: str = "val_loss"  # or "val_accuracy": which validation number early stopping follows
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    nesterov: bool = False
+    scheduler: str = "none"
+    scheduler_options: dict = field(default_factory=dict)
+    l1: float = 0.0
+    clip_norm: float | None = None
+    checkpoint_dir: Path | None = None  # resumable state is written here when set
+    checkpoint_every: int = 0  # also save every N optimiser steps (0: at epoch ends only)
 
 
 @dataclass
@@ -102,71 +114,159 @@ def fit(
     on_best: Callable[[nn.Module, int], None] | None = None,
     step: ClassificationStep | None = None,
     augment: Augment | None = None,
+    resume: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    extra_state: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Train with Adam until the monitored validation number stops improving for ``patience`` epochs.
+    """Train until the monitored validation number stops improving for ``patience`` epochs.
 
-    The model is left holding the best epoch's weights. ``on_best`` is called
-    each time the monitored number improves (the caller writes the checkpoint).
+    The model is left holding the best epoch's weights. ``on_best`` is called each
+    time the monitored number improves (the caller writes the export checkpoint);
+    ``on_epoch`` after each epoch's validation (it may raise to stop, e.g. pruning).
     ``augment`` transforms training batches only, on the device.
+
+    With ``config.checkpoint_dir`` the full training state (weights, optimiser,
+    scheduler, every RNG, data order, early-stopping counters) is saved atomically at
+    each epoch end and every ``checkpoint_every`` steps; passing such a state as
+    ``resume`` continues exactly where it stopped, bit for bit on the CPU.
+    ``extra_state`` is stored alongside (e.g. the MLflow run id).
     """
     tracker = tracker or NullTracker()
     step = step or ClassificationStep()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    params = parameter_groups(model, config.weight_decay)
+    optimizer = build_optimizer(
+        config.optimizer, params, config.learning_rate, config.weight_decay, config.momentum, config.nesterov
+    )
+    steps_per_epoch = max(1, -(-len(train) // config.batch_size))
+    schedule = build_scheduler(
+        config.scheduler, optimizer, epochs=config.epochs, steps_per_epoch=steps_per_epoch, **config.scheduler_options
+    )
+    augment_generator = torch.Generator().manual_seed(config.seed + 1)
 
     # Both monitors are turned into "lower is better" so one comparison serves them.
     sign = -1.0 if config.monitor == "val_accuracy" else 1.0
-    best_score, best_loss, best_epoch, best_state, stale = float("inf"), float("inf"), 0, None, 0
+    progress_state = {"best_score": float("inf"), "best_loss": float("inf"), "best_epoch": 0, "stale": 0}
+    best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
+    start_epoch, skip_steps, global_step = 1, 0, 0
+    partial = {"loss_sum": 0.0, "correct": 0, "count": 0}
+    epoch_order_state = train.rng_state()
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if schedule.scheduler is not None and resume.get("scheduler"):
+            schedule.scheduler.load_state_dict(resume["scheduler"])
+        augment_generator.set_state(resume["augment_rng"])
+        train.set_rng_state(resume["order_rng"])
+        epoch_order_state = resume["order_rng"]
+        restore_rng_states(resume["rng"])
+        progress_state = dict(resume["progress"])
+        best_state = resume["best_state"]
+        history = list(resume["history"])
+        start_epoch, skip_steps, global_step = resume["epoch"], resume["step_in_epoch"], resume["global_step"]
+        partial = dict(resume["partial"])
+        log.info("resuming at epoch %d, step %d (global step %d)", start_epoch, skip_steps, global_step)
+
+    def snapshot(epoch: int, step_in_epoch: int) -> None:
+        if config.checkpoint_dir is None:
+            return
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.scheduler.state_dict() if schedule.scheduler is not None else None,
+            "scaler": None,  # no AMP scaler on this path; the key keeps the format stable
+            "augment_rng": augment_generator.get_state(),
+            "order_rng": epoch_order_state,
+            "rng": rng_states(),
+            "progress": progress_state,
+            "best_state": best_state,
+            "history": history,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "partial": dict(partial),
+            **(extra_state or {}),
+        }
+        save_state(config.checkpoint_dir, global_step, state)
+
     started = time.perf_counter()
     seen = 0
     device = next(model.parameters()).device
-    progress = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", leave=False, disable=None)
+    progress = tqdm(range(start_epoch, config.epochs + 1), desc="train", unit="epoch", leave=False, disable=None)
     for epoch in progress:
+        if skip_steps == 0:
+            epoch_order_state = train.rng_state()
+            partial = {"loss_sum": 0.0, "correct": 0, "count": 0}
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        count = 0
-        for batch in train.epoch():
+        for index, batch in enumerate(train.epoch()):
+            if index < skip_steps:
+                continue  # replaying a resumed epoch's order up to where it stopped
             if augment is not None:
-                batch = Batch(*augment(batch.x, batch.y), batch.lengths)
+                batch = Batch(*augment(batch.x, batch.y, augment_generator), batch.lengths)
             logits = forward(model, batch)
             loss = step.loss(logits, batch.y)
+            if config.l1:
+                loss = loss + l1_penalty(model, config.l1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            clip_gradients(model, config.clip_norm)
             optimizer.step()
+            schedule.after_batch()
+            global_step += 1
             loss_sum += loss.detach() * len(batch.y)
             correct += step.correct(logits.detach(), batch.y)
-            count += len(batch.y)
+            partial["count"] += len(batch.y)
+            if config.checkpoint_every and global_step % config.checkpoint_every == 0:
+                partial["loss_sum"] += float(loss_sum)
+                partial["correct"] += int(correct)
+                loss_sum.zero_()
+                correct.zero_()
+                snapshot(epoch, index + 1)
+        skip_steps = 0
+        count = partial["count"]
         seen += count
+        record_lr = optimizer.param_groups[0]["lr"]
+        schedule.after_epoch()
         val_loss, val_accuracy, _, _ = evaluate(model, val, step)
         record = {
             "epoch": epoch,
-            "train_loss": float(loss_sum) / max(count, 1),
-            "train_accuracy": float(correct) / max(count, 1),
+            "train_loss": (partial["loss_sum"] + float(loss_sum)) / max(count, 1),
+            "train_accuracy": (partial["correct"] + int(correct)) / max(count, 1),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
+            "learning_rate": record_lr,
         }
         history.append(record)
         tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
         progress.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_accuracy:.3f}")
         score = sign * record[config.monitor]
-        if score < best_score:
-            best_score, best_loss, best_epoch, stale = score, val_loss, epoch, 0
+        stop = False
+        if score < progress_state["best_score"]:
+            progress_state.update(best_score=score, best_loss=val_loss, best_epoch=epoch, stale=0)
             best_state = copy.deepcopy(model.state_dict())
             if on_best is not None:
                 on_best(model, epoch)
         else:
-            stale += 1
-            if stale >= config.patience:
-                log.info("early stop at epoch %d: no %s improvement for %d epochs", epoch, config.monitor, stale)
-                break
+            progress_state["stale"] += 1
+            if progress_state["stale"] >= config.patience:
+                log.info("early stop at epoch %d: no %s improvement for %d epochs", epoch, config.monitor, progress_state["stale"])
+                stop = True
+        partial = {"loss_sum": 0.0, "correct": 0, "count": 0}
+        epoch_order_state = train.rng_state()
+        snapshot(epoch + 1, 0)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+        if stop:
+            break
     progress.close()
     seconds = time.perf_counter() - started
     if best_state is not None:
         model.load_state_dict(best_state)
     return FitResult(
-        best_epoch=best_epoch,
-        best_val_loss=best_loss,
+        best_epoch=progress_state["best_epoch"],
+        best_val_loss=progress_state["best_loss"],
         epochs_run=len(history),
         history=history,
         seconds=seconds,

@@ -20,7 +20,7 @@ from pipelines.data.augment import augmentation_grid, build_augmenter
 from pipelines.data.store import Dataset, Split, read_dataset, read_validation
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
-from pipelines.train.checkpoint import model_payload, save_checkpoint
+from pipelines.train.checkpoint import load_latest_state, model_payload, save_checkpoint
 from pipelines.train.batches import batches_for
 from pipelines.train.engine import ClassificationStep, FitConfig, evaluate, fit, resolve_device, seed_everything
 from pipelines.train.metrics import classification_metrics, confusion_matrix_figure, learning_curves_figure
@@ -77,7 +77,12 @@ def _check_model_fits_data(name: str, dataset: Dataset) -> None:
 
 
 def train_and_evaluate(
-    root: Path, settings: FluxoSettings, data_version: DataVersion, tracker: Tracker | None = None
+    root: Path,
+    settings: FluxoSettings,
+    data_version: DataVersion,
+    tracker: Tracker | None = None,
+    run_key: str = "local",
+    resume: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float], Path, Any]:
     """Train on the dataset under ``root``, evaluate on its test split; usable without MLflow.
 
@@ -130,21 +135,17 @@ def train_and_evaluate(
         tracker.log_dict(validation, "data/validation.json")
         tracker.log_metrics({"data_samples_kept": validation["samples_kept"], "data_samples_found": validation["samples_found"]})
 
-    checkpoint_dir = Path(root) / settings.train.checkpoint_dir
+    checkpoint_dir = Path(root) / settings.train.checkpoint_dir / run_key
+    state_dir = checkpoint_dir / "state"
+    extra_state = {"run_key": run_key, "settings": settings.model_dump(mode="json"), "data_version": data_version.md5}
     best_path = checkpoint_dir / "best.pt"
 
     def save_best(current: torch.nn.Module, epoch: int) -> None:
         save_checkpoint(best_path, {**model_payload(current, spec), "epoch": epoch})
 
     augmenter = build_augmenter(settings.augment, dataset.kind, len(dataset.labels))
-    augment = None
     if augmenter is not None:
         tracker.log_params({"augment": settings.augment.model_dump(mode="json")})
-        augment_generator = torch.Generator().manual_seed(settings.train.seed + 1)
-
-        def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return augmenter(x, y, augment_generator)
-
         sample = dataset.splits["train"]
         preview_x = torch.as_tensor(np.array(sample.shards[0][:32]), dtype=torch.float32)
         preview_y = torch.as_tensor(sample.y[:32])
@@ -170,10 +171,21 @@ def train_and_evaluate(
             patience=settings.train.patience,
             seed=settings.train.seed,
             monitor=settings.train.monitor,
+            optimizer=settings.train.optimizer,
+            momentum=settings.train.momentum,
+            nesterov=settings.train.nesterov,
+            scheduler=settings.train.scheduler,
+            scheduler_options=settings.train.scheduler_options,
+            l1=settings.train.l1,
+            clip_norm=settings.train.clip_norm,
+            checkpoint_dir=state_dir,
+            checkpoint_every=settings.train.checkpoint_every,
         ),
         tracker=tracker,
         on_best=save_best,
-        augment=augment,
+        augment=augmenter,
+        resume=resume,
+        extra_state=extra_state,
     )
 
     _, _, logits, test_y = evaluate(model, batches("test"), ClassificationStep())
@@ -231,5 +243,42 @@ def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> Tra
                 digest=data_version.md5,
             )
         mlflow.log_input(source, context="training")
-        spec, test_metrics, checkpoint, result = train_and_evaluate(root, settings, data_version, MLflowTracker())
+        _, test_metrics, checkpoint, result = train_and_evaluate(
+            root, settings, data_version, MLflowTracker(), run_key=run.info.run_id
+        )
+    return TrainResult(run.info.run_id, checkpoint, test_metrics, result.best_epoch, result.seconds)
+
+
+def resume_training(root: Path, settings: FluxoSettings, data_version: DataVersion, run_id: str | None = None) -> TrainResult:
+    """Continue an interrupted run from its newest good state, inside the same MLflow run.
+
+    The run's own settings (saved in the state) are used, so the continuation is the
+    same training; the data must still be the version it started on.
+    """
+    import mlflow
+
+    from pipelines.tracking import configure_mlflow
+
+    runs_dir = Path(root) / settings.train.checkpoint_dir
+    candidates = [runs_dir / run_id] if run_id else sorted(
+        (d for d in runs_dir.glob("*") if (d / "state").is_dir()), key=lambda d: (d / "state").stat().st_mtime
+    )
+    if not candidates or not (candidates[-1] / "state").is_dir():
+        raise FluxoError(f"{runs_dir / (run_id or '*')}/state: no resumable training state; start with `fluxo train`")
+    loaded = load_latest_state(candidates[-1] / "state")
+    if loaded is None:
+        raise FluxoError(f"{candidates[-1] / 'state'}: every saved state is unreadable; start again with `fluxo train`")
+    state, path = loaded
+    if state["data_version"] != data_version.md5:
+        raise FluxoError(
+            f"{path} was trained on data version {state['data_version']} but data/ holds {data_version.md5}; "
+            "check out the matching data.dvc and run `dvc checkout`"
+        )
+    saved = FluxoSettings.model_validate(state["settings"])
+    log.info("resuming run %s from %s", state["run_key"], path)
+    configure_mlflow(root, saved)
+    with mlflow.start_run(run_id=state["run_key"]) as run:
+        _, test_metrics, checkpoint, result = train_and_evaluate(
+            root, saved, data_version, MLflowTracker(), run_key=state["run_key"], resume=state
+        )
     return TrainResult(run.info.run_id, checkpoint, test_metrics, result.best_epoch, result.seconds)
