@@ -7,7 +7,7 @@ import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -83,6 +83,7 @@ def train_and_evaluate(
     tracker: Tracker | None = None,
     run_key: str = "local",
     resume: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float], Path, Any]:
     """Train on the dataset under ``root``, evaluate on its test split; usable without MLflow.
 
@@ -186,6 +187,7 @@ def train_and_evaluate(
         augment=augmenter,
         resume=resume,
         extra_state=extra_state,
+        on_epoch=on_epoch,
     )
 
     _, _, logits, test_y = evaluate(model, batches("test"), ClassificationStep())
