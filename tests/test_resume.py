@@ -1,0 +1,92 @@
+"""Crash safety: a run killed with SIGKILL mid-epoch and resumed ends bit-identical to one never killed,
+even when its newest checkpoint was truncated by the crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.data.ingest import ingest, version
+from pipelines.train.checkpoint import load_checkpoint, load_latest_state
+from tests.conftest import SMOKE
+
+pytestmark = pytest.mark.e2e
+
+
+def _fluxo(project: Path, tmp_path: Path, *args: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "FLUXO_DATA__DVC_REMOTE": str(tmp_path / "dvc-remote"),
+        # One thread, so both runs sum in the same order and the weights can be compared bit for bit.
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+    }
+    recipe = ["--config", str(SMOKE), "--set", "train.epochs=6", "--set", "train.checkpoint_every=4",
+              "--set", "train.batch_size=64", "--set", "train.patience=10", "--set", "model.params.dropout=0.3",
+              "--set", "augment.image.rotation=10"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "train", "--root", str(project), *recipe, *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _run_dirs(project: Path) -> set[Path]:
+    return {d for d in (project / ".fluxo" / "checkpoints").glob("*") if d.is_dir()}
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(project: Path, settings_for, tmp_path: Path) -> None:
+    settings = settings_for()
+    ingest(project, settings.data)
+    version(project, settings.data)
+
+    reference = _fluxo(project, tmp_path)
+    output, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, output
+    (reference_dir,) = _run_dirs(project)
+
+    crashing = _fluxo(project, tmp_path)
+    deadline = time.monotonic() + 240
+    state_dir = None
+    while time.monotonic() < deadline:
+        new = _run_dirs(project) - {reference_dir}
+        if new and len(list((state_dir := next(iter(new)) / "state").glob("state-*.pt"))) >= 2:
+            # The second save at step 8 is in the middle of epoch 1 (17 steps per epoch).
+            break
+        time.sleep(0.05)
+    crashing.send_signal(signal.SIGKILL)
+    crashing.wait(timeout=30)
+    assert crashing.returncode == -signal.SIGKILL
+    assert state_dir is not None
+    run_id = state_dir.parent.name
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).info.status == "RUNNING"
+
+    newest = sorted(state_dir.glob("state-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])  # the crash tore the last write
+    state, path = load_latest_state(state_dir)
+    assert path != newest and state["step_in_epoch"] >= 0
+
+    resumed = _fluxo(project, tmp_path, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "resuming" in output
+
+    expected = load_checkpoint(reference_dir / "best.pt")["state_dict"]
+    actual = load_checkpoint(state_dir.parent / "best.pt")["state_dict"]
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), "resumed weights differ"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(run_id, "val_loss")}) == [1, 2, 3, 4, 5, 6]
+    reference_run = client.get_run(reference_dir.name)
+    assert run.data.metrics["test_accuracy"] == reference_run.data.metrics["test_accuracy"]
