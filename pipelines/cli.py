@@ -142,8 +142,11 @@ def train(
     root: RootOption = Path("."),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted run in its MLflow run.")] = False,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="With --resume: the run to continue.")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes (torchrun, DDP).")] = 1,
 ) -> None:
     """Train and evaluate on the current data/ as a new MLflow run (or --resume an interrupted one)."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(code=_relaunch_with_torchrun(nproc))
     from pipelines.data.ingest import version
     from pipelines.train.run import resume_training
     from pipelines.train.run import train as train_step
@@ -158,7 +161,27 @@ def train(
             result = train_step(root, settings, data_version)
     except FluxoError as error:
         _fail(error)
-    typer.echo(json.dumps({"run_id": result.run_id, **result.test_metrics}, indent=2))
+    if result.run_id:  # rank 0 only under torchrun
+        typer.echo(json.dumps({"run_id": result.run_id, **result.test_metrics}, indent=2))
+
+
+def _relaunch_with_torchrun(nproc: int) -> int:
+    """Run this same `fluxo train` under torchrun, N processes on this machine, minus --nproc."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "pipelines.cli", *args]
+    log.info("launching %s", " ".join(command))
+    return subprocess.call(command)
 
 
 @app.command()

@@ -62,8 +62,15 @@ class ResidentBatches:
     """The whole split on the training device."""
 
     def __init__(
-        self, split: Split, batch_size: int, device: torch.device, seed: int = 0, balance: str = "none"
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        seed: int = 0,
+        balance: str = "none",
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        self.shard = shard
         self.x = torch.from_numpy(np.array(split.x)).to(device)  # a copy: memory maps are read-only
         self.y = _targets(split.y).to(device)
         self.lengths = None if split.lengths is None else torch.as_tensor(split.lengths).to(device)
@@ -87,8 +94,14 @@ class ResidentBatches:
 
     def epoch(self) -> Iterator[Batch]:
         order = epoch_order(self.y, self.generator, self.balance).to(self.x.device)
+        rank, world = self.shard
         for start in range(0, len(order), self.batch_size):
-            yield self._batch(order[start : start + self.batch_size])
+            batch = order[start : start + self.batch_size]
+            if world > 1:
+                if len(batch) < world:
+                    break  # every rank must take part in every step, or the gradient all-reduce hangs
+                batch = batch[rank::world]  # this rank's slice of the global batch
+            yield self._batch(batch)
 
     def chunks(self, size: int = 1024) -> Iterator[Batch]:
         for start in range(0, len(self.y), size):
@@ -107,7 +120,9 @@ class StreamingBatches:
         block: int = 4096,
         window: int = 8,
         prefetch: int = 4,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        self.shard = shard
         self.split = split
         self.batch_size = batch_size
         self.device = device
@@ -170,8 +185,11 @@ class StreamingBatches:
             x_device = torch.from_numpy(x).to(self.device, non_blocking=True)
             y_device = _targets(y).to(self.device)
             l_device = None if lengths is None else torch.as_tensor(lengths).to(self.device)
+            rank, world = self.shard if shuffle else (0, 1)  # evaluation reads everything on every rank
             for start in range(0, len(y), size):
-                window = slice(start, start + size)
+                if world > 1 and min(size, len(y) - start) < world:
+                    break
+                window = slice(start + rank, start + size, world) if world > 1 else slice(start, start + size)
                 yield Batch(x_device[window].float(), y_device[window], None if l_device is None else l_device[window])
         worker.join()
 
@@ -183,14 +201,23 @@ class StreamingBatches:
 
 
 def batches_for(
-    split: Split, batch_size: int, device: torch.device, seed: int, resident_limit_mb: int, balance: str = "none"
+    split: Split,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    resident_limit_mb: int,
+    balance: str = "none",
+    shard: tuple[int, int] = (0, 1),
 ) -> ResidentBatches | StreamingBatches:
-    """Resident when the split fits the limit, else streamed; class balancing needs resident data."""
+    """Resident when the split fits the limit, else streamed; class balancing needs resident data.
+
+    ``shard`` = (rank, world) gives each data-parallel rank its slice of every training batch.
+    """
     if split.nbytes <= resident_limit_mb * 2**20:
-        return ResidentBatches(split, batch_size, device, seed, balance)
+        return ResidentBatches(split, batch_size, device, seed, balance, shard)
     if balance != "none":
         raise FluxoError(
             f"train.balance={balance} needs the data resident, but the split is {split.nbytes / 2**20:.0f} MB "
             f"(train.resident_limit_mb={resident_limit_mb}); raise the limit or use train.balance=none"
         )
-    return StreamingBatches(split, batch_size, device, seed)
+    return StreamingBatches(split, batch_size, device, seed, shard=shard)

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipelines.train import distributed
 from pipelines.train.batches import Batch, ResidentBatches, StreamingBatches
 from pipelines.train.checkpoint import restore_rng_states, rng_states, save_state
 from pipelines.train.optim import build_optimizer, build_scheduler, clip_gradients, l1_penalty, parameter_groups
@@ -133,6 +134,10 @@ def fit(
     """
     tracker = tracker or NullTracker()
     step = step or ClassificationStep()
+    ranks = distributed.current()
+    # Training steps go through the DDP wrapper (it all-reduces gradients); everything else,
+    # evaluation and state dicts included, uses the plain module, identical on every rank.
+    trained = torch.nn.parallel.DistributedDataParallel(model) if ranks.active else model
     params = parameter_groups(model, config.weight_decay)
     optimizer = build_optimizer(
         config.optimizer, params, config.learning_rate, config.weight_decay, config.momentum, config.nesterov
@@ -168,7 +173,7 @@ def fit(
         log.info("resuming at epoch %d, step %d (global step %d)", start_epoch, skip_steps, global_step)
 
     def snapshot(epoch: int, step_in_epoch: int) -> None:
-        if config.checkpoint_dir is None:
+        if config.checkpoint_dir is None or not ranks.main:
             return
         state = {
             "model": model.state_dict(),
@@ -205,7 +210,7 @@ def fit(
                 continue  # replaying a resumed epoch's order up to where it stopped
             if augment is not None:
                 batch = Batch(*augment(batch.x, batch.y, augment_generator), batch.lengths)
-            logits = forward(model, batch)
+            logits = forward(trained, batch)
             loss = step.loss(logits, batch.y)
             if config.l1:
                 loss = loss + l1_penalty(model, config.l1)
@@ -225,15 +230,19 @@ def fit(
                 correct.zero_()
                 snapshot(epoch, index + 1)
         skip_steps = 0
-        count = partial["count"]
+        totals = distributed.sum_across_ranks(
+            torch.tensor([partial["loss_sum"] + float(loss_sum), partial["correct"] + int(correct), partial["count"]],
+                         dtype=torch.float64, device=device)
+        ).tolist()
+        count = int(totals[2])
         seen += count
         record_lr = optimizer.param_groups[0]["lr"]
         schedule.after_epoch()
         val_loss, val_accuracy, _, _ = evaluate(model, val, step)
         record = {
             "epoch": epoch,
-            "train_loss": (partial["loss_sum"] + float(loss_sum)) / max(count, 1),
-            "train_accuracy": (partial["correct"] + int(correct)) / max(count, 1),
+            "train_loss": totals[0] / max(count, 1),
+            "train_accuracy": totals[1] / max(count, 1),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
             "learning_rate": record_lr,
@@ -246,7 +255,7 @@ def fit(
         if score < progress_state["best_score"]:
             progress_state.update(best_score=score, best_loss=val_loss, best_epoch=epoch, stale=0)
             best_state = copy.deepcopy(model.state_dict())
-            if on_best is not None:
+            if on_best is not None and ranks.main:
                 on_best(model, epoch)
         else:
             progress_state["stale"] += 1

@@ -21,10 +21,11 @@ from pipelines.data.store import Dataset, Split, read_dataset, read_validation
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
 from pipelines.train.checkpoint import load_latest_state, model_payload, save_checkpoint
+from pipelines.train import distributed
 from pipelines.train.batches import batches_for
 from pipelines.train.engine import ClassificationStep, FitConfig, evaluate, fit, resolve_device, seed_everything
 from pipelines.train.metrics import classification_metrics, confusion_matrix_figure, learning_curves_figure
-from pipelines.train.tracker import MLflowTracker, Tracker
+from pipelines.train.tracker import MLflowTracker, NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,12 @@ def train_and_evaluate(
         tracker.log_figure(figure, "plots/augmentation.png")
         plt.close(figure)
 
+    ranks = distributed.current()
+
     def batches(split: str, balance: str = "none"):
         return batches_for(
             dataset.splits[split], settings.train.batch_size, device, settings.train.seed,
-            settings.train.resident_limit_mb, balance,
+            settings.train.resident_limit_mb, balance, shard=(ranks.rank, ranks.world),
         )
 
     result = fit(
@@ -224,31 +227,44 @@ def train_and_evaluate(
 
 
 def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> TrainResult:
-    """Train and evaluate inside a new MLflow run that records the data version as its input."""
+    """Train and evaluate inside a new MLflow run that records the data version as its input.
+
+    Under ``torchrun`` every rank trains; only rank 0 opens the MLflow run and writes checkpoints.
+    """
     import mlflow
 
     from pipelines.tracking import configure_mlflow
 
-    configure_mlflow(root, settings)
-    dataset = read_dataset(Path(root) / settings.data.data_dir)
-    dataset_name = dataset.manifest["name"]
-    train_split = dataset.splits["train"]
-    with mlflow.start_run(run_name=f"{dataset_name}-{settings.model.name}") as run:
-        with warnings.catch_warnings():
-            # A local path matches two equivalent MLflow source types; it picks one and warns.
-            warnings.simplefilter("ignore", UserWarning)
-            source = mlflow.data.from_numpy(
-                np.asarray(train_split.shards[0][:1]),
-                targets=train_split.y[:1],
-                source=str(data_version.dvc_file),
-                name=dataset_name,
-                digest=data_version.md5,
+    ranks = distributed.init_distributed()
+    try:
+        if not ranks.main:
+            _, test_metrics, checkpoint, result = train_and_evaluate(
+                root, settings, data_version, NullTracker(), run_key=f"rank{ranks.rank}"
             )
-        mlflow.log_input(source, context="training")
-        _, test_metrics, checkpoint, result = train_and_evaluate(
-            root, settings, data_version, MLflowTracker(), run_key=run.info.run_id
-        )
-    return TrainResult(run.info.run_id, checkpoint, test_metrics, result.best_epoch, result.seconds)
+            return TrainResult("", checkpoint, test_metrics, result.best_epoch, result.seconds)
+        configure_mlflow(root, settings)
+        dataset = read_dataset(Path(root) / settings.data.data_dir)
+        dataset_name = dataset.manifest["name"]
+        train_split = dataset.splits["train"]
+        with mlflow.start_run(run_name=f"{dataset_name}-{settings.model.name}") as run:
+            with warnings.catch_warnings():
+                # A local path matches two equivalent MLflow source types; it picks one and warns.
+                warnings.simplefilter("ignore", UserWarning)
+                source = mlflow.data.from_numpy(
+                    np.asarray(train_split.shards[0][:1]),
+                    targets=train_split.y[:1],
+                    source=str(data_version.dvc_file),
+                    name=dataset_name,
+                    digest=data_version.md5,
+                )
+            mlflow.log_input(source, context="training")
+            mlflow.set_tag("world_size", str(ranks.world))
+            _, test_metrics, checkpoint, result = train_and_evaluate(
+                root, settings, data_version, MLflowTracker(), run_key=run.info.run_id
+            )
+        return TrainResult(run.info.run_id, checkpoint, test_metrics, result.best_epoch, result.seconds)
+    finally:
+        distributed.shutdown()
 
 
 def resume_training(root: Path, settings: FluxoSettings, data_version: DataVersion, run_id: str | None = None) -> TrainResult:
