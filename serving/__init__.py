@@ -1,8 +1,8 @@
 """fluxo's REST service: BentoML on ONNX Runtime, fed from a model directory.
 
 This package never imports ``pipelines`` or torch, so a serving image needs only
-onnxruntime, numpy and bentoml. Importing it reads configuration and nothing
-else; onnxruntime and bentoml load only in the modules that need them.
+onnxruntime, numpy, pillow and bentoml. Importing it reads configuration and
+nothing else; onnxruntime and bentoml load only in the modules that need them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODEL_DIR_ENV = "FLUXO_MODEL_DIR"
+API_KEY_ENV = "FLUXO_API_KEY"
 
 
 class ServingError(Exception):
@@ -22,17 +23,35 @@ class ServingError(Exception):
     """
 
 
-def _env_int(name: str, default: int, minimum: int) -> int:
+def _env_number(name: str, default: float, minimum: float, kind: type) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ServingError(f"environment variable {name}={raw!r}: expected an integer, for example {default}") from None
+        raise ServingError(
+            f"environment variable {name}={raw!r}: expected {'an integer' if kind is int else 'a number'}, "
+            f"for example {default}"
+        ) from None
     if value < minimum:
         raise ServingError(f"environment variable {name}={value}: must be at least {minimum}")
     return value
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    return int(_env_number(name, default, minimum, int))
+
+
+def _env_float(name: str, default: float, minimum: float) -> float:
+    return float(_env_number(name, default, minimum, float))
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ServingError(f"environment variable {name}={raw!r}: expected one of {', '.join(choices)}")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -41,40 +60,65 @@ class ServingConfig:
 
     The service runs in processes that BentoML spawns, so the environment is the
     one channel that reaches all of them; this class is the single home of the
-    names and defaults.
+    names and defaults. The defaults were chosen by measurement on a 2-core box
+    (serving/README.md, "Choosing the settings").
     """
 
     model_dir: Path | None
-    """``FLUXO_MODEL_DIR``: directory holding ``model.onnx`` and ``metadata.json``."""
+    """``FLUXO_MODEL_DIR``: a model directory (model.onnx + metadata.json), or a model root whose
+    ``current.json`` names the active one; only the latter is watched for hot reload."""
+    workers: int = 1
+    """``FLUXO_WORKERS``: server processes, each with its own session and batcher."""
     ort_threads: int = 1
-    """``FLUXO_ORT_THREADS``: ONNX Runtime intra-op threads; 1 suits small CPU boxes."""
+    """``FLUXO_ORT_THREADS``: ONNX Runtime intra-op threads per worker."""
+    provider: str = "auto"
+    """``FLUXO_PROVIDER``: ``auto`` (CUDA when a GPU and the CUDA provider exist, else CPU), ``cpu`` or
+    ``cuda`` (refuse to start without it)."""
+    max_batch_size: int = 32
+    """``FLUXO_MAX_BATCH_SIZE``: most instances merged into one model run; 1 turns batching off."""
+    batch_wait_ms: float = 0.0
+    """``FLUXO_BATCH_WAIT_MS``: longest the first request of a batch waits for company while the model
+    is idle. Requests that arrive while the model runs are merged anyway, so 0 adds no latency."""
     max_instances: int = 1024
-    """``FLUXO_MAX_INSTANCES``: most instances accepted in one request."""
-    max_batch_size: int = 64
-    """``FLUXO_MAX_BATCH_SIZE``: most instances per model run; larger requests are split; 1 turns batching off."""
-    max_latency_ms: int = 100
-    """``FLUXO_MAX_LATENCY_MS``: adaptive batching latency budget in milliseconds.
-
-    In BentoML 1.4 this is not the batching window (that adapts on its own) but
-    the most a request may wait in the model's queue before it is refused with
-    503. On a 2-core box with 32 concurrent clients, 20 ms refused about a fifth
-    of requests and 100 ms none, with no change to single-request latency.
-    """
+    """``FLUXO_MAX_INSTANCES``: most instances (or image files) accepted in one request."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """``FLUXO_MAX_BODY_BYTES``: largest request body; larger ones answer 413 unread."""
+    max_concurrency: int = 256
+    """``FLUXO_MAX_CONCURRENCY``: requests in progress per worker before new ones answer 429."""
+    timeout_s: float = 10.0
+    """``FLUXO_TIMEOUT_S``: a request not answered within this many seconds answers 504."""
+    api_key: str | None = None
+    """``FLUXO_API_KEY``: when set, prediction routes need ``Authorization: Bearer <key>`` or
+    ``X-API-Key: <key>``; health, readiness, metadata and metrics stay open."""
+    reload_interval_s: float = 2.0
+    """``FLUXO_RELOAD_INTERVAL_S``: how often a model root's ``current.json`` is checked; 0 turns it off."""
+    trace_requests: bool = False
+    """``FLUXO_TRACE_REQUESTS``: give prediction routes OpenTelemetry spans. Off by default: with no
+    exporter configured the spans are dropped anyway, and creating them costs CPU on every request."""
 
     @classmethod
     def from_env(cls) -> ServingConfig:
         """Read the settings; a malformed value raises :class:`ServingError` naming the variable."""
         raw_dir = os.environ.get(MODEL_DIR_ENV, "").strip()
+        api_key = os.environ.get(API_KEY_ENV, "")
         return cls(
             model_dir=Path(raw_dir) if raw_dir else None,
+            workers=_env_int("FLUXO_WORKERS", cls.workers, 1),
             ort_threads=_env_int("FLUXO_ORT_THREADS", cls.ort_threads, 1),
-            max_instances=_env_int("FLUXO_MAX_INSTANCES", cls.max_instances, 1),
+            provider=_env_choice("FLUXO_PROVIDER", cls.provider, ("auto", "cpu", "cuda")),
             max_batch_size=_env_int("FLUXO_MAX_BATCH_SIZE", cls.max_batch_size, 1),
-            max_latency_ms=_env_int("FLUXO_MAX_LATENCY_MS", cls.max_latency_ms, 1),
+            batch_wait_ms=_env_float("FLUXO_BATCH_WAIT_MS", cls.batch_wait_ms, 0.0),
+            max_instances=_env_int("FLUXO_MAX_INSTANCES", cls.max_instances, 1),
+            max_body_bytes=_env_int("FLUXO_MAX_BODY_BYTES", cls.max_body_bytes, 1024),
+            max_concurrency=_env_int("FLUXO_MAX_CONCURRENCY", cls.max_concurrency, 1),
+            timeout_s=_env_float("FLUXO_TIMEOUT_S", cls.timeout_s, 0.01),
+            api_key=api_key or None,
+            reload_interval_s=_env_float("FLUXO_RELOAD_INTERVAL_S", cls.reload_interval_s, 0.0),
+            trace_requests=_env_choice("FLUXO_TRACE_REQUESTS", "0", ("0", "1", "false", "true")) in ("1", "true"),
         )
 
     def require_model_dir(self) -> Path:
-        """The model directory, or a :class:`ServingError` saying how to set it."""
+        """The model directory (or root), or a :class:`ServingError` saying how to set it."""
         if self.model_dir is None:
             raise ServingError(
                 f"{MODEL_DIR_ENV} is not set: point it at a directory with model.onnx and "
@@ -83,4 +127,4 @@ class ServingConfig:
         return self.model_dir
 
 
-__all__ = ["MODEL_DIR_ENV", "ServingConfig", "ServingError"]
+__all__ = ["API_KEY_ENV", "MODEL_DIR_ENV", "ServingConfig", "ServingError"]

@@ -1,15 +1,18 @@
 """Example client for the fluxo REST API, and the curl line shown after a pipeline run.
 
     python -m serving.client --url http://127.0.0.1:3000 --file instances.json
+    python -m serving.client --url http://127.0.0.1:3000 --image digit.png
     python -m serving.client --url http://127.0.0.1:3000   # one all-zero instance
 
-``instances.json`` holds either ``{"instances": [...]}`` or the bare list.
+``instances.json`` holds either ``{"instances": [...]}`` or the bare list. The
+API key, when the server wants one, comes from ``--api-key`` or ``FLUXO_API_KEY``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from serving import ServingError
+from serving import API_KEY_ENV, ServingError
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 
@@ -56,16 +59,40 @@ def _raise_for_error(response: httpx.Response) -> None:
     raise ServingError(f"{response.request.method} {response.request.url}: HTTP {response.status_code}: {detail}")
 
 
+def _auth(api_key: str | None) -> dict[str, str]:
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def fetch_metadata(url: str = DEFAULT_URL, timeout: float = 10.0) -> dict[str, Any]:
-    """``GET /metadata``: labels, input shape, versions and the provider in use."""
+    """``GET /metadata``: labels, input shape, versions, image recipe and the provider in use."""
     response = httpx.get(url.rstrip("/") + "/metadata", timeout=timeout)
     _raise_for_error(response)
     return response.json()
 
 
-def predict(instances: list[Any], url: str = DEFAULT_URL, timeout: float = 30.0) -> dict[str, Any]:
+def predict(
+    instances: list[Any], url: str = DEFAULT_URL, timeout: float = 30.0, api_key: str | None = None
+) -> dict[str, Any]:
     """``POST /predict``; a rejected request raises ServingError carrying the server's message."""
-    response = httpx.post(url.rstrip("/") + "/predict", json={"instances": instances}, timeout=timeout)
+    response = httpx.post(
+        url.rstrip("/") + "/predict", json={"instances": instances}, headers=_auth(api_key), timeout=timeout
+    )
+    _raise_for_error(response)
+    return response.json()
+
+
+def predict_images(
+    paths: Sequence[Path], url: str = DEFAULT_URL, timeout: float = 30.0, api_key: str | None = None
+) -> dict[str, Any]:
+    """``POST /predict/image`` with PNG/JPEG files, one prediction per file, in order."""
+    files = []
+    for path in paths:
+        try:
+            files.append(("file", (Path(path).name, Path(path).read_bytes())))
+        except OSError as error:
+            raise ServingError(f"{path}: cannot read it ({error.strerror})") from None
+    response = httpx.post(url.rstrip("/") + "/predict/image", files=files, headers=_auth(api_key), timeout=timeout)
     _raise_for_error(response)
     return response.json()
 
@@ -89,13 +116,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n")[0])
     parser.add_argument("--url", default=DEFAULT_URL, help=f"service base URL (default {DEFAULT_URL})")
     parser.add_argument("--file", type=Path, help="JSON file with instances; default: one zero instance")
+    parser.add_argument("--image", type=Path, nargs="+", help="PNG/JPEG files to classify instead")
+    parser.add_argument("--api-key", default=None, help=f"API key (default: ${API_KEY_ENV})")
     args = parser.parse_args(argv)
     try:
-        if args.file is not None:
-            instances = load_instances(args.file)
+        if args.image:
+            answer = predict_images(args.image, args.url, api_key=args.api_key)
         else:
-            instances = example_request(fetch_metadata(args.url), args.url)["body"]["instances"]
-        answer = predict(instances, args.url)
+            if args.file is not None:
+                instances = load_instances(args.file)
+            else:
+                instances = example_request(fetch_metadata(args.url), args.url)["body"]["instances"]
+            answer = predict(instances, args.url, api_key=args.api_key)
     except (ServingError, httpx.HTTPError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 1

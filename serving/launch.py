@@ -65,13 +65,16 @@ def serve_env(model_dir: Path | str, extra: Mapping[str, str] | None = None) -> 
 def check_model_dir(model_dir: Path | str) -> dict[str, Any]:
     """Load the model once on CPU here, before spawning anything, and return its metadata.
 
+    ``model_dir`` may also be a model root (serving/reload.py); its live directory is checked.
+
     A broken directory otherwise surfaces only as a worker traceback in the
     server log while ``/readyz`` never turns ready; here it raises ServingError
     naming the file and the fix. onnxruntime is imported only now, not on import.
     """
+    from serving.reload import resolve_model_dir
     from serving.runtime import CPU, OnnxModel
 
-    return OnnxModel(model_dir, providers=[CPU]).metadata
+    return OnnxModel(resolve_model_dir(model_dir), providers=[CPU]).metadata
 
 
 def start_server(
@@ -129,6 +132,9 @@ def wait_ready(url: str, timeout: float = 60.0, process: subprocess.Popen[bytes]
 
 def stop_server(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """Stop the server and every worker it spawned; SIGKILL whatever outlives ``timeout``.
+
+    SIGTERM lets each worker finish the requests in flight first (drain), so
+    ``timeout`` should exceed the slowest request.
 
     BentoML's workers run in sessions of their own, so signalling the process
     group misses them; they are collected as descendants before the arbiter goes.

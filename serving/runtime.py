@@ -95,6 +95,26 @@ def choose_providers(available: Sequence[str] | None = None, has_cuda_device: bo
     return [CPU]
 
 
+def providers_for(preference: str = "auto") -> list[str]:
+    """Providers for ``FLUXO_PROVIDER``: ``auto`` as :func:`choose_providers`, ``cpu``, or ``cuda``.
+
+    ``cuda`` refuses to start on a machine that cannot run it, rather than
+    serving on the CPU while the operator believes a GPU is in use.
+    """
+    if preference == "cpu":
+        return [CPU]
+    if preference == "cuda":
+        if CUDA not in ort.get_available_providers():
+            raise ServingError(
+                f"FLUXO_PROVIDER=cuda but this onnxruntime ({ort.__version__}) has no {CUDA}; "
+                "install onnxruntime-gpu or set FLUXO_PROVIDER=auto"
+            )
+        if not cuda_device_present():
+            raise ServingError("FLUXO_PROVIDER=cuda but the CUDA driver reports no GPU; set FLUXO_PROVIDER=auto")
+        return [CUDA, CPU]
+    return choose_providers()
+
+
 def session_options(threads: int = 1) -> ort.SessionOptions:
     """Options for a small shared box: few threads, no spinning, full graph optimisation.
 
@@ -127,6 +147,7 @@ class OnnxModel:
         *,
         threads: int = 1,
         providers: Sequence[str] | None = None,
+        strict: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
@@ -136,8 +157,20 @@ class OnnxModel:
         self.labels: list[str] = list(self.metadata["labels"])
         self.input_name: str = self.metadata["input_name"]
         self.output_name: str = self.metadata["output_name"]
-        self.session = self._open_session(threads, list(providers) if providers else choose_providers())
+        requested = list(providers) if providers else choose_providers()
+        self.session = self._open_session(threads, requested)
         self.provider: str = self.session.get_providers()[0]
+        if self.provider != requested[0]:
+            # onnxruntime falls back silently when a provider fails to initialise; say so loudly.
+            if strict:
+                raise ServingError(
+                    f"{self.model_dir / MODEL_FILE}: asked ONNX Runtime for {requested[0]} but it runs on "
+                    f"{self.provider}; check the CUDA/cuDNN libraries or set FLUXO_PROVIDER=auto"
+                )
+            logger.warning(
+                "asked ONNX Runtime for %s but it fell back to %s for %s; /metadata reports %s",
+                requested[0], self.provider, self.model_dir, self.provider,
+            )
         self._check_graph()
         # One throwaway run pays lazy allocations (and CUDA set-up) before the first request,
         # and a graph that cannot run at all fails here, at start, not on every request.

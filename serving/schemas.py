@@ -24,13 +24,22 @@ class InvalidInstances(ServingError, ValueError):
     """A request whose instances do not fit the model; the service answers 400 with this message."""
 
 
+class TooManyInstances(InvalidInstances):
+    """More instances than ``FLUXO_MAX_INSTANCES`` in one request; the service answers 413."""
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer: one sentence naming the field or limit and the fix."""
+
+    error: str = Field(description="What was wrong with the request, naming the field, instance or limit.")
+
+
 class PredictRequest(BaseModel):
     """Body of ``POST /predict``."""
 
     instances: list[Any] = Field(
         description="One nested list of numbers per instance, each shaped exactly like the model's input_shape "
         "(see GET /metadata), raw values as stored in the dataset.",
-        examples=[[[[0.0, 1.0], [2.0, 3.0]]]],
     )
 
 
@@ -63,6 +72,9 @@ class MetadataResponse(BaseModel):
     test_metrics: dict[str, float]
     onnx_opset: int | None = None
     provider: str = Field(description="ONNX Runtime execution provider in use, e.g. CPUExecutionProvider.")
+    image: dict[str, Any] | None = Field(
+        None, description="How POST /predict/image turns a PNG/JPEG into an instance; null when the model takes no images."
+    )
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -156,7 +168,7 @@ def validate_instances(instances: Any, input_shape: Sequence[int], max_instances
     if not instances:
         raise InvalidInstances(f"instances is empty; send at least one instance of shape {_shape_str(shape)}")
     if len(instances) > max_instances:
-        raise InvalidInstances(
+        raise TooManyInstances(
             f"instances has {len(instances)} items, more than the limit of {max_instances} per request "
             "(FLUXO_MAX_INSTANCES); split the request"
         )
@@ -177,3 +189,75 @@ def validate_instances(instances: Any, input_shape: Sequence[int], max_instances
     if not np.isfinite(values).all() or (np.abs(values) > _FLOAT32_MAX).any():
         raise InvalidInstances(_diagnose(instances, shape))
     return values.astype(np.float32).reshape(len(instances), *shape)
+
+
+def check_values(flat: np.ndarray, where: str) -> np.ndarray:
+    """Object array of leaves → float64 values; InvalidInstances names ``where[i]`` of the first bad leaf."""
+    if set(map(type, flat)) <= _NUMBER_TYPES:
+        try:
+            values = flat.astype(np.float64)
+        except OverflowError:
+            values = None
+        if values is not None and np.isfinite(values).all() and not (np.abs(values) > _FLOAT32_MAX).any():
+            return values
+    for i, value in enumerate(flat):
+        problem = _leaf_problem(value)
+        if problem:
+            raise InvalidInstances(f"{where}[{i}] {problem}")
+    raise InvalidInstances(f"{where} holds values that are not finite float32 numbers")  # not reached
+
+
+def validate_tensor(
+    tensor: Any, where: str, input_name: str, input_shape: Sequence[int], max_instances: int
+) -> np.ndarray:
+    """One Open Inference Protocol input tensor → float32 array (n, *input_shape), or InvalidInstances.
+
+    ``data`` may be flat in row-major order (the protocol's usual form) or nested
+    exactly as ``shape``; either way it must hold exactly prod(shape) numbers.
+    """
+    shape_expected = ["n", *input_shape]
+    if not isinstance(tensor, dict):
+        raise InvalidInstances(f"{where} is {_describe(tensor)}, expected an object with name, shape, datatype and data")
+    name = tensor.get("name")
+    if name != input_name:
+        raise InvalidInstances(f"{where}.name is {_describe(name) if not isinstance(name, str) else repr(name)}; "
+                               f"this model's input is named {input_name!r}")
+    datatype = tensor.get("datatype")
+    if datatype != "FP32":
+        raise InvalidInstances(f"{where}.datatype is {datatype!r}; this model's input is FP32")
+    shape = tensor.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        or len(shape) != len(input_shape) + 1
+        or tuple(shape[1:]) != tuple(input_shape)
+    ):
+        expected = "[" + ", ".join(map(str, shape_expected)) + "]"
+        raise InvalidInstances(f"{where}.shape is {shape!r}, expected {expected} with n instances")
+    count = shape[0]
+    if count < 1:
+        raise InvalidInstances(f"{where}.shape {shape} has no instances; send at least one")
+    if count > max_instances:
+        raise TooManyInstances(
+            f"{where}.shape {shape} holds {count} instances, more than the limit of {max_instances} per request "
+            "(FLUXO_MAX_INSTANCES); split the request"
+        )
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise InvalidInstances(f"{where}.data is {_describe(data)}, expected a list of numbers")
+    size = int(np.prod(shape))
+    try:
+        grid = np.array(data, dtype=object)
+    except ValueError:
+        grid = None
+    if grid is None or (grid.shape != (size,) and grid.shape != tuple(shape)):
+        found = f"{len(data)} items" if grid is None or grid.ndim != 1 else f"{grid.size} values"
+        if grid is None or (grid.ndim == 1 and any(isinstance(v, list) for v in grid)):
+            found = "ragged nested lists"
+        elif grid.ndim > 1:
+            found = f"nested values of shape {list(grid.shape)}"
+        raise InvalidInstances(
+            f"{where}.data has {found}; shape {shape} needs {size} numbers, flat in row-major order or nested as the shape"
+        )
+    values = check_values(grid.ravel(), f"{where}.data")
+    return values.astype(np.float32).reshape(shape)

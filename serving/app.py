@@ -1,0 +1,597 @@
+"""The HTTP API (a FastAPI app) and the per-process state behind it.
+
+Three ways in, one model run and one answer:
+
+- ``POST /predict``: JSON ``{"instances": [...]}``, each instance shaped like the input;
+- ``POST /predict/image``: PNG/JPEG files (multipart/form-data, or one raw ``image/png``
+  / ``image/jpeg`` body), preprocessed by the recipe in metadata.json;
+- ``POST /v2/models/{model_name}/infer``: the Open Inference Protocol, plus its
+  ``/v2``, ``/v2/health/*`` and ``/v2/models/{model_name}[/ready]`` routes.
+
+Every body is read against a size limit, parsed and validated before anything is
+queued for the model; every client mistake answers 4xx with ``{"error": ...}``.
+BentoML (serving/service.py) mounts this app and adds what it already does
+well: the concurrency limit (429), the timeout (504), ``/healthz``, ``/readyz``
+and ``/metrics``. The app works without BentoML too (tests drive it in-process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from serving import ServingConfig, ServingError
+from serving import v2 as oip
+from serving.batching import Batcher
+from serving.images import ImageSpec, InvalidImage, UnsupportedImage, decode_image, image_spec
+from serving.metrics import get_metrics
+from serving.reload import PointerWatcher, is_model_root, resolve_model_dir
+from serving.runtime import OnnxModel, providers_for, public_metadata
+from serving.schemas import (
+    ErrorResponse,
+    InvalidInstances,
+    MetadataResponse,
+    PredictRequest,
+    PredictResponse,
+    TooManyInstances,
+    validate_instances,
+)
+
+logger = logging.getLogger(__name__)
+
+JSON_TYPES = ("application/json", "text/json")
+IMAGE_TYPES = ("image/png", "image/jpeg")
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, the sentence for ``{"error": ...}`` and extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+@dataclass
+class LiveModel:
+    """One loaded model directory and the batcher in front of its session."""
+
+    model: OnnxModel
+    batcher: Batcher
+    image: ImageSpec | None
+    info: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.model.metadata.get("model_name") or "model")
+
+    @property
+    def version(self) -> str | None:
+        return self.info["model_version"]
+
+
+class ModelServer:
+    """What one server process holds: the live model, its batcher, the reload watcher and the limits."""
+
+    def __init__(self, config: ServingConfig) -> None:
+        self.config = config
+        source = config.require_model_dir()
+        self.source = source
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxo-model")
+        self.metrics = get_metrics(config.max_batch_size)
+        self.live = self._load(resolve_model_dir(source))
+        self.watcher = (
+            PointerWatcher(source, self.live.model.model_dir) if is_model_root(source) else None
+        )
+        self.metrics.model_loaded(self.live.info, None)
+        logger.info("serving %s", self.live.model.describe())
+        logger.info(
+            "batching: up to %d instances per run, %.1f ms wait; limits: %d instances, %d body bytes; "
+            "hot reload: %s",
+            config.max_batch_size, config.batch_wait_ms, config.max_instances, config.max_body_bytes,
+            f"watching {source}/current.json every {config.reload_interval_s:g} s" if self.watcher else "off",
+        )
+
+    def _load(self, model_dir: Path) -> LiveModel:
+        model = OnnxModel(
+            model_dir,
+            threads=self.config.ort_threads,
+            providers=providers_for(self.config.provider),
+            strict=self.config.provider == "cuda",
+        )
+        spec = image_spec(model.metadata)
+        batcher = Batcher(
+            model.predict_proba,
+            self._executor,
+            max_batch_size=self.config.max_batch_size,
+            max_wait_ms=self.config.batch_wait_ms,
+            observe=self.metrics.batch,
+        )
+        info = public_metadata(model.metadata, model.provider)
+        info["image"] = spec.as_dict() if spec else None
+        return LiveModel(model, batcher, spec, info)
+
+    async def reload_if_published(self) -> bool:
+        """Load a newly published model beside the live one and switch; False when nothing changed.
+
+        Requests already queued finish on the model they were validated against;
+        a directory that fails to load is logged and the live model stays.
+        """
+        if self.watcher is None:
+            return False
+        try:
+            target = self.watcher.poll()
+        except ServingError as error:
+            logger.error("hot reload: %s; still serving %s", error, self.live.model.model_dir)
+            self.metrics.reload("failed")
+            return False
+        if target is None:
+            return False
+        logger.info("hot reload: loading %s", target)
+        try:
+            fresh = await asyncio.to_thread(self._load, target)
+        except ServingError as error:
+            logger.error("hot reload: %s; still serving %s", error, self.live.model.model_dir)
+            self.metrics.reload("failed")
+            return False
+        previous, self.live = self.live, fresh
+        self.watcher.accept(target)
+        self.metrics.model_loaded(fresh.info, previous.info)
+        self.metrics.reload("ok")
+        logger.info("hot reload: now serving %s (was version %s)", fresh.model.describe(), previous.version)
+        return True
+
+    async def watch(self) -> None:
+        """Poll the pointer until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.reload_interval_s)
+            try:
+                await self.reload_if_published()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad publish
+                logger.exception("hot reload: unexpected error; still serving %s", self.live.model.model_dir)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait for queued and running model work (shutdown)."""
+        if not await self.live.batcher.wait_idle(timeout):
+            logger.warning("shutdown: model work still queued after %.0f s", timeout)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+# --- request helpers ---------------------------------------------------------------------
+
+
+def _server(request: Request) -> ModelServer:
+    server = getattr(request.app.state, "server", None)
+    if server is None:
+        raise ApiError(503, "the model is not loaded yet; retry shortly")
+    return server
+
+
+def _media_type(request: Request) -> str | None:
+    raw = request.headers.get("content-type")
+    return raw.split(";", 1)[0].strip().lower() if raw else None
+
+
+def _require_json(request: Request) -> None:
+    media = _media_type(request)
+    if media is None or media in JSON_TYPES or media.endswith("+json"):
+        return
+    hint = " (images go to POST /predict/image)" if media.startswith(("image/", "multipart/")) else ""
+    raise ApiError(415, f"Content-Type {media!r} is not accepted here; send JSON with "
+                        f"'Content-Type: application/json'{hint}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed ``limit`` (before reading it when declared)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, f"Content-Length {declared!r} is not a number") from None
+        if size > limit:
+            raise ApiError(413, f"request body is {size} bytes, more than the limit of {limit} bytes "
+                                "(FLUXO_MAX_BODY_BYTES); send fewer instances per request")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is more than the limit of {limit} bytes (FLUXO_MAX_BODY_BYTES); "
+                                "send fewer instances per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    """orjson for speed; on failure the standard parser, which reads NaN/Infinity so the validator can name them."""
+    if not body.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as error:
+        raise ApiError(400, f"the request body is not valid JSON ({error})") from None
+
+
+def _invalid(error: InvalidInstances) -> ApiError:
+    return ApiError(413 if isinstance(error, TooManyInstances) else 400, str(error))
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json")
+
+
+def _predictions(live: LiveModel, probabilities: np.ndarray) -> Response:
+    labels = live.model.labels
+    best = probabilities.argmax(axis=1).tolist()
+    predictions = [{"label": labels[i], "probabilities": row} for i, row in zip(best, probabilities)]
+    return _json({"predictions": predictions, "model_version": live.version})
+
+
+# --- API key -----------------------------------------------------------------------------
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The key in FLUXO_API_KEY.")
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <FLUXO_API_KEY>.")
+
+
+async def require_api_key(
+    request: Request,
+    api_key: str | None = Security(_api_key_header),
+    bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
+) -> None:
+    """Prediction routes need the key when FLUXO_API_KEY is set; compared in constant time."""
+    expected = _server(request).config.api_key
+    if expected is None:
+        return
+    given = api_key if api_key is not None else (bearer.credentials if bearer is not None else None)
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if given is None:
+        raise ApiError(401, "this route needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                       challenge)
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(401, "the API key is not valid", challenge)
+
+
+# --- metrics middleware ------------------------------------------------------------------
+
+
+class RouteMetrics:
+    """Count and time each request by route template (never by raw path, which clients control)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        except asyncio.CancelledError:
+            status = 499  # the client or the timeout gave up; nginx's name for it
+            raise
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            get_metrics().request(route, scope["method"], status, time.perf_counter() - started)
+
+
+# --- the app -------------------------------------------------------------------------------
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Malformed request: the message names the field, instance or element.",
+        401: "Missing or wrong API key (only when FLUXO_API_KEY is set).",
+        413: "Body larger than FLUXO_MAX_BODY_BYTES, or more instances than FLUXO_MAX_INSTANCES.",
+        415: "Wrong Content-Type, or an image that is not PNG/JPEG.",
+        429: "The server is at FLUXO_MAX_CONCURRENCY requests; retry later.",
+        504: "Not answered within FLUXO_TIMEOUT_S.",
+    }.items()
+}
+
+_REQUEST_BODIES: dict[str, dict[str, Any]] = {
+    "/predict": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+    "/predict/image": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                "required": ["file"],
+            }
+        },
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    },
+    "/v2/models/{model_name}/infer": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}},
+    "/v2/models/{model_name}/versions/{model_version}/infer": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}
+    },
+}
+
+
+def _live_named(server: ModelServer, model_name: str, model_version: str | None = None) -> LiveModel:
+    live = server.live
+    if model_name != live.name:
+        raise ApiError(404, f"unknown model {model_name!r}; this server serves {live.name!r} (GET /v2/models/{live.name})")
+    if model_version is not None and model_version != live.version:
+        raise ApiError(404, f"model {live.name!r} has no version {model_version!r}; the live version is {live.version!r}")
+    return live
+
+
+def create_app() -> FastAPI:
+    """The API; ``app.state.server`` must hold a :class:`ModelServer` before requests arrive."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server: ModelServer | None = getattr(app.state, "server", None)
+        watcher = None
+        # Everything alive now (BentoML, FastAPI, onnxruntime, the model) lives as long as the
+        # process: freezing it keeps the collector from re-scanning it in every full collection,
+        # which stalled all requests for 100-200 ms about once a second under load (README).
+        gc.collect()
+        gc.freeze()
+        if server is not None and server.watcher is not None and server.config.reload_interval_s > 0:
+            watcher = asyncio.create_task(server.watch(), name="fluxo-hot-reload")
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if server is not None:
+                await server.drain()
+
+    app = FastAPI(
+        title="fluxo",
+        summary="Predictions from the champion model, on ONNX Runtime.",
+        version="1",
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RouteMetrics)
+    secured = [Security(require_api_key)]
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, error: ApiError) -> Response:
+        return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, error: HTTPException) -> Response:
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, error: RequestValidationError) -> Response:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400)
+
+    @app.post("/predict", dependencies=secured, response_model=None, tags=["predict"],
+              responses={200: {"model": PredictResponse}, **_ERRORS})
+    async def predict(request: Request) -> Response:
+        """Classify instances: each a nested list shaped like GET /metadata's input_shape, raw values."""
+        server = _server(request)
+        _require_json(request)
+        body = parse_json(await read_body(request, server.config.max_body_bytes))
+        if not isinstance(body, dict):
+            raise ApiError(400, 'the body must be a JSON object like {"instances": [x1, x2, ...]}')
+        if "instances" not in body:
+            hint = " (Open Inference Protocol requests go to POST /v2/models/{name}/infer)" if "inputs" in body else ""
+            raise ApiError(400, 'the body has no "instances": send {"instances": [x1, x2, ...]}' + hint)
+        live = server.live
+        try:
+            batch = validate_instances(body["instances"], live.model.input_shape, server.config.max_instances)
+        except InvalidInstances as error:
+            raise _invalid(error) from None
+        return _predictions(live, await live.batcher.submit(batch))
+
+    @app.post("/predict/image", dependencies=secured, response_model=None, tags=["predict"],
+              responses={200: {"model": PredictResponse}, **_ERRORS})
+    async def predict_image(request: Request) -> Response:
+        """Classify PNG/JPEG files: multipart/form-data (one or more files), or one raw image/png|jpeg body."""
+        server = _server(request)
+        live = server.live
+        if live.image is None:
+            raise ApiError(400, f"model {live.name!r} takes no images (input shape {list(live.model.input_shape)}); "
+                                "send numbers to POST /predict")
+        media = _media_type(request)
+        if media != "multipart/form-data" and media not in IMAGE_TYPES:
+            raise ApiError(415, f"Content-Type {media!r} is not accepted here; upload files as multipart/form-data "
+                                "or send one image with Content-Type image/png or image/jpeg")
+        body = await read_body(request, server.config.max_body_bytes)
+        limit = server.config.max_instances
+        if media in IMAGE_TYPES:
+            files = [("the request body", body)]
+        else:
+            files = await _uploaded_files(request, body, limit)
+        if not files:
+            raise ApiError(400, "no file in the upload; send the image(s) as multipart/form-data file fields")
+        if len(files) > limit:
+            raise ApiError(413, f"{len(files)} files, more than the limit of {limit} per request (FLUXO_MAX_INSTANCES)")
+        spec = live.image
+
+        def decode_all() -> np.ndarray:
+            return np.stack([decode_image(data, spec, name) for name, data in files])
+
+        try:
+            batch = await asyncio.to_thread(decode_all)
+        except UnsupportedImage as error:
+            raise ApiError(415, str(error)) from None
+        except InvalidImage as error:
+            raise ApiError(400, str(error)) from None
+        return _predictions(live, await live.batcher.submit(batch))
+
+    @app.get("/metadata", response_model=MetadataResponse, tags=["model"])
+    async def metadata(request: Request) -> Response:
+        """Model identity, data version, input contract, image recipe, test metrics and the provider in use."""
+        return _json(_server(request).live.info)
+
+    # --- Open Inference Protocol ---------------------------------------------------------
+
+    @app.get("/v2", response_model=oip.ServerMetadata, tags=["v2"])
+    async def v2_server() -> Response:
+        return _json({"name": "fluxo", "version": "1", "extensions": []})
+
+    @app.get("/v2/health/live", tags=["v2"])
+    async def v2_live() -> Response:
+        return _json({"live": True})
+
+    @app.get("/v2/health/ready", tags=["v2"], responses={503: {"model": ErrorResponse}})
+    async def v2_ready(request: Request) -> Response:
+        _server(request)
+        return _json({"ready": True})
+
+    async def _model_metadata(request: Request, model_name: str, model_version: str | None) -> Response:
+        live = _live_named(_server(request), model_name, model_version)
+        return _json(oip.model_metadata(live.name, live.version, live.model.input_name, live.model.input_shape,
+                                        len(live.model.labels)))
+
+    async def _model_ready(request: Request, model_name: str, model_version: str | None) -> Response:
+        live = _live_named(_server(request), model_name, model_version)
+        return _json({"name": live.name, "ready": True})
+
+    async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
+        server = _server(request)
+        live = _live_named(server, model_name, model_version)
+        if _media_type(request) == "application/octet-stream" or "inference-header-content-length" in request.headers:
+            raise ApiError(415, "the binary tensor extension is not supported; send the tensors as JSON")
+        _require_json(request)
+        body = parse_json(await read_body(request, server.config.max_body_bytes))
+        try:
+            tensor, request_id, outputs = oip.parse_request(body)
+            batch = oip_tensor(tensor, live, server.config.max_instances)
+        except InvalidInstances as error:
+            raise _invalid(error) from None
+        probabilities = await live.batcher.submit(batch)
+        return _json(oip.infer_response(live.name, live.version, request_id, outputs, probabilities, live.model.labels))
+
+    missing = {404: {"model": ErrorResponse, "description": "No such model or version."}}
+
+    @app.get("/v2/models/{model_name}", response_model=oip.ModelMetadata, tags=["v2"], responses=missing)
+    async def v2_model(request: Request, model_name: str) -> Response:
+        return await _model_metadata(request, model_name, None)
+
+    @app.get("/v2/models/{model_name}/versions/{model_version}", response_model=oip.ModelMetadata, tags=["v2"],
+             responses=missing)
+    async def v2_model_version(request: Request, model_name: str, model_version: str) -> Response:
+        return await _model_metadata(request, model_name, model_version)
+
+    @app.get("/v2/models/{model_name}/ready", tags=["v2"], responses=missing)
+    async def v2_model_ready(request: Request, model_name: str) -> Response:
+        return await _model_ready(request, model_name, None)
+
+    @app.get("/v2/models/{model_name}/versions/{model_version}/ready", tags=["v2"], responses=missing)
+    async def v2_model_version_ready(request: Request, model_name: str, model_version: str) -> Response:
+        return await _model_ready(request, model_name, model_version)
+
+    @app.post("/v2/models/{model_name}/infer", dependencies=secured, response_model=None, tags=["v2"],
+              responses={200: {"model": oip.InferResponse}, **missing, **_ERRORS})
+    async def v2_infer(request: Request, model_name: str) -> Response:
+        """Open Inference Protocol inference: one FP32 input tensor, outputs probabilities and label."""
+        return await _infer(request, model_name, None)
+
+    @app.post("/v2/models/{model_name}/versions/{model_version}/infer", dependencies=secured, response_model=None,
+              tags=["v2"], responses={200: {"model": oip.InferResponse}, **missing, **_ERRORS})
+    async def v2_infer_version(request: Request, model_name: str, model_version: str) -> Response:
+        return await _infer(request, model_name, model_version)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the request bodies the handlers parse themselves (for clients and schemathesis)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (PredictRequest, oip.InferRequest):
+                document = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(document.pop("$defs", {}))
+                components[model.__name__] = document
+            for path, content in _REQUEST_BODIES.items():
+                schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": content}
+            server: ModelServer | None = getattr(app.state, "server", None)
+            if server is not None:  # the one model name (and version) this server answers to
+                live = server.live
+                for operations in schema["paths"].values():
+                    for operation in operations.values():
+                        for parameter in operation.get("parameters", []):
+                            if parameter["name"] == "model_name":
+                                parameter["schema"] = {"type": "string", "enum": [live.name]}
+                            elif parameter["name"] == "model_version" and live.version is not None:
+                                parameter["schema"] = {"type": "string", "enum": [live.version]}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def oip_tensor(tensor: Any, live: LiveModel, max_instances: int) -> np.ndarray:
+    from serving.schemas import validate_tensor
+
+    return validate_tensor(tensor, "inputs[0]", live.model.input_name, live.model.input_shape, max_instances)
+
+
+async def _uploaded_files(request: Request, body: bytes, limit: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every file part, in order; the body was already read against the size limit."""
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import Request as StarletteRequest
+
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replayed = StarletteRequest({k: v for k, v in request.scope.items() if k != "app"}, replay)
+    try:
+        form = await replayed.form(max_files=limit + 1, max_fields=limit + 1)
+    except MultiPartException as error:
+        status = 413 if "Too many" in str(error) else 400
+        raise ApiError(status, f"malformed multipart upload: {error}") from None
+    except HTTPException as error:
+        raise ApiError(400, f"malformed multipart upload: {error.detail}") from None
+    files = []
+    try:
+        for field, value in form.multi_items():
+            if hasattr(value, "read"):
+                files.append((f"file {value.filename or field!r}", await value.read()))
+    finally:
+        await form.close()
+    return files

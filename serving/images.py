@@ -1,0 +1,165 @@
+"""Uploaded PNG/JPEG files → model input, the way the training data was made.
+
+The recipe lives in ``metadata.json`` under ``preprocessing.image`` so that the
+pipeline that builds training images and the service that reads uploads follow
+one description::
+
+    "image": {"mode": "L", "height": 8, "width": 8, "resample": "box",
+              "invert": true, "range": [0.0, 16.0]}
+
+Pixels are read as 0..255 (transparent areas composited onto white), resized in
+floating point, divided by 255, inverted when the dataset stores ink as high
+values, and mapped linearly onto ``range``; the channels come first, as in the
+ONNX input. :func:`image_to_array` is a pure function, importable by the data
+pipeline to build training images with exactly the same steps.
+
+scikit-learn's digits were made by counting ink pixels in 4x4 blocks of 32x32
+black-on-white bitmaps, 0..16 per block: :data:`DIGITS_IMAGE` (a box filter over
+inverted pixels, scaled to 16) reproduces that exactly for such a bitmap, and is
+used for digits models whose metadata predates the ``image`` field.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serving import ServingError
+
+FORMATS = frozenset({"PNG", "JPEG"})
+MAX_PIXELS = 4096 * 4096
+_RESAMPLE = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
+
+
+class InvalidImage(ServingError, ValueError):
+    """An upload that is not a readable PNG/JPEG within the limits; the service answers 400."""
+
+
+class UnsupportedImage(InvalidImage):
+    """A readable image in a format the service does not take (GIF, BMP...); answered with 415."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How one image becomes one model input of shape (channels, height, width)."""
+
+    mode: str
+    height: int
+    width: int
+    resample: str = "bilinear"
+    invert: bool = False
+    low: float = 0.0
+    high: float = 1.0
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "height": self.height,
+            "width": self.width,
+            "resample": self.resample,
+            "invert": self.invert,
+            "range": [self.low, self.high],
+        }
+
+
+DIGITS_IMAGE = ImageSpec(mode="L", height=8, width=8, resample="box", invert=True, low=0.0, high=16.0)
+
+
+def image_spec(metadata: Mapping[str, Any]) -> ImageSpec | None:
+    """The image recipe of a model, or None when it takes no images.
+
+    Raises ServingError when metadata.json carries a recipe that cannot work:
+    a broken recipe must fail the server start, not every upload.
+    """
+    shape = tuple(metadata.get("input_shape") or ())
+    raw = (metadata.get("preprocessing") or {}).get("image")
+    if raw is None:
+        if metadata.get("dataset") == "digits" and shape == DIGITS_IMAGE.shape:
+            return DIGITS_IMAGE
+        return None
+    where = "metadata.json preprocessing.image"
+    try:
+        low, high = (float(v) for v in raw.get("range", (0.0, 1.0)))
+        spec = ImageSpec(
+            mode=str(raw["mode"]),
+            height=int(raw["height"]),
+            width=int(raw["width"]),
+            resample=str(raw.get("resample", "bilinear")),
+            invert=bool(raw.get("invert", False)),
+            low=low,
+            high=high,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ServingError(f"{where}: {raw!r} is not a valid recipe ({error}); re-run the export step") from error
+    if spec.mode not in ("L", "RGB"):
+        raise ServingError(f"{where}: mode {spec.mode!r} must be 'L' or 'RGB'")
+    if spec.resample not in _RESAMPLE:
+        raise ServingError(f"{where}: resample {spec.resample!r} must be one of {', '.join(_RESAMPLE)}")
+    if spec.shape != shape:
+        raise ServingError(f"{where}: makes inputs of shape {spec.shape}, the model takes {shape}")
+    return spec
+
+
+def _open(data: bytes, name: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidImage(f"{name}: not a PNG or JPEG image (the file could not be identified)") from None
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for hostile input
+        raise InvalidImage(f"{name}: not a readable PNG or JPEG image ({error})") from None
+    if image.format not in FORMATS:
+        raise UnsupportedImage(f"{name}: {image.format} images are not accepted; send PNG or JPEG")
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise InvalidImage(f"{name}: {width}x{height} pixels is more than the limit of {MAX_PIXELS} pixels")
+    try:
+        image.load()  # decoding happens here: truncated or corrupt data fails now
+    except Exception as error:  # noqa: BLE001
+        raise InvalidImage(f"{name}: corrupt {image.format} data ({error})") from None
+    return image
+
+
+def image_to_array(image: Any, spec: ImageSpec) -> np.ndarray:
+    """A decoded PIL image → float32 array of ``spec.shape``, values mapped onto ``spec.range``."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    image = image.convert(spec.mode)
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    resample = getattr(Image.Resampling, spec.resample.upper())
+    channels = []
+    for c in range(pixels.shape[2]):
+        plane = Image.fromarray(np.ascontiguousarray(pixels[:, :, c]))  # float32 → mode "F"
+        if plane.size != (spec.width, spec.height):
+            plane = plane.resize((spec.width, spec.height), resample)
+        channels.append(np.asarray(plane, dtype=np.float32))
+    values = np.stack(channels) / np.float32(255.0)
+    if spec.invert:
+        values = np.float32(1.0) - values
+    return (np.float32(spec.low) + values * np.float32(spec.high - spec.low)).astype(np.float32)
+
+
+def decode_image(data: bytes, spec: ImageSpec, name: str = "image") -> np.ndarray:
+    """Bytes of one uploaded file → one model input; InvalidImage names the file and the problem."""
+    if not data:
+        raise InvalidImage(f"{name}: the file is empty")
+    return image_to_array(_open(data, name), spec)
