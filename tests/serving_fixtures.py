@@ -91,3 +91,100 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def slow_classifier(input_shape: Sequence[int], n_labels: int, width: int = 1024, depth: int = 24,
+                    seed: int = 0) -> onnx.ModelProto:
+    """A deep MLP (one shared hidden weight, so the file stays small) whose cost grows with the batch.
+
+    For the timeout, concurrency-limit and drain tests, which need requests that
+    take a while; the tests measure it first and size their requests to match.
+    """
+    rng = np.random.default_rng(seed)
+    n_in = int(np.prod(input_shape))
+    inits = [numpy_helper.from_array(rng.normal(0, 0.05, (n_in, width)).astype(np.float32), "w_in"),
+             numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "w_in"], ["h0"])]
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    inits.append(numpy_helper.from_array(rng.normal(0, 1.0, (width, n_labels)).astype(np.float32), "w_out"))
+    nodes.append(helper.make_node("MatMul", [f"h{depth}", "w_out"], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "fluxo_slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *input_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_labels])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="fluxo-tests")
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_slow_model_dir(path: Path, width: int = 1024, depth: int = 24, **metadata_overrides: Any) -> Path:
+    """A model directory holding :func:`slow_classifier` for (1, 8, 8) digit-like inputs."""
+    path.mkdir(parents=True, exist_ok=True)
+    onnx.save(slow_classifier((1, 8, 8), len(DIGIT_LABELS), width, depth), str(path / "model.onnx"))
+    meta = metadata_for((1, 8, 8), DIGIT_LABELS, **metadata_overrides)
+    (path / "metadata.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return path
+
+
+def digit_png(counts: np.ndarray, fmt: str = "PNG") -> bytes:
+    """A 32x32 black-on-white bitmap whose 4x4 blocks hold ``counts`` (0..16) ink pixels each.
+
+    That is how scikit-learn's digits were made, so the service's digits recipe
+    must turn this file back into exactly ``counts``.
+    """
+    import io
+
+    from PIL import Image
+
+    counts = np.asarray(counts).reshape(8, 8).astype(int)
+    bitmap = np.full((32, 32), 255, dtype=np.uint8)
+    for i in range(8):
+        for j in range(8):
+            block = np.full(16, 255, dtype=np.uint8)
+            block[: counts[i, j]] = 0
+            bitmap[4 * i : 4 * i + 4, 4 * j : 4 * j + 4] = block.reshape(4, 4)
+    buffer = io.BytesIO()
+    Image.fromarray(bitmap).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+class RunningServer:
+    """`bentoml serve` on a free loopback port for a model dir or root; a context manager."""
+
+    def __init__(self, model_dir: Path, env: dict[str, str], log_path: Path, timeout: float = 90.0) -> None:
+        self.model_dir = model_dir
+        self.env = env
+        self.log_path = log_path
+        self.timeout = timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: Any = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> RunningServer:
+        from serving import ServingError
+        from serving.launch import start_server, wait_ready
+
+        self._log_file = self.log_path.open("wb")
+        self.process = start_server(self.model_dir, self.port, env=self.env, log_file=self._log_file)
+        try:
+            wait_ready(self.url, timeout=self.timeout, process=self.process)
+        except ServingError as error:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"{error}\n--- server log ---\n{self.log()[-4000:]}") from error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from serving.launch import stop_server
+
+        if self.process is not None:
+            stop_server(self.process)
+        self._log_file.close()

@@ -16,7 +16,16 @@ import pytest
 from serving import ServingConfig, ServingError
 from serving.client import example_request, zero_instance
 from serving.launch import PROJECT_ROOT, check_model_dir, serve_command, serve_env
-from serving.runtime import CPU, CUDA, OnnxModel, choose_providers, cuda_device_present, load_metadata, softmax
+from serving.runtime import (
+    CPU,
+    CUDA,
+    OnnxModel,
+    choose_providers,
+    cuda_device_present,
+    load_metadata,
+    providers_for,
+    softmax,
+)
 from serving.schemas import InvalidInstances, validate_instances
 from tests.serving_fixtures import build_model_dir, sample_instances, tiny_classifier
 
@@ -99,17 +108,32 @@ def test_non_square_shapes_are_enforced_per_axis() -> None:
 def test_config_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = ServingConfig.from_env()
     assert (defaults.model_dir, defaults.ort_threads, defaults.max_instances) == (None, 1, 1024)
-    assert (defaults.max_batch_size, defaults.max_latency_ms) == (64, 100)
+    assert (defaults.workers, defaults.provider, defaults.api_key, defaults.trace_requests) == (1, "auto", None, False)
+    assert defaults.max_batch_size == ServingConfig.max_batch_size and defaults.batch_wait_ms == 0.0
     monkeypatch.setenv("FLUXO_MODEL_DIR", "/models/x")
     monkeypatch.setenv("FLUXO_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("FLUXO_BATCH_WAIT_MS", "2.5")
+    monkeypatch.setenv("FLUXO_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("FLUXO_API_KEY", "s3cret")
+    monkeypatch.setenv("FLUXO_PROVIDER", "CPU")
     config = ServingConfig.from_env()
     assert config.model_dir == Path("/models/x") and config.max_batch_size == 8
+    assert (config.batch_wait_ms, config.timeout_s, config.api_key, config.provider) == (2.5, 0.5, "s3cret", "cpu")
 
 
-@pytest.mark.parametrize(("value", "message"), [("lots", "expected an integer"), ("0", "must be at least 1")])
-def test_config_rejects_bad_numbers(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
-    monkeypatch.setenv("FLUXO_ORT_THREADS", value)
-    with pytest.raises(ServingError, match=f"FLUXO_ORT_THREADS.*{message}"):
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("FLUXO_ORT_THREADS", "lots", "expected an integer"),
+        ("FLUXO_ORT_THREADS", "0", "must be at least 1"),
+        ("FLUXO_BATCH_WAIT_MS", "soon", "expected a number"),
+        ("FLUXO_MAX_BODY_BYTES", "10", "must be at least 1024"),
+        ("FLUXO_PROVIDER", "tpu", "expected one of auto, cpu, cuda"),
+    ],
+)
+def test_config_rejects_bad_values(monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ServingError, match=f"{name}.*{message}"):
         ServingConfig.from_env()
 
 
@@ -263,7 +287,7 @@ def test_serve_command_and_env(tmp_path: Path) -> None:
 
 def test_serving_never_imports_torch_or_pipelines() -> None:
     code = (
-        "import sys, serving.service, serving.client, serving.launch\n"
+        "import sys, serving.service, serving.client, serving.launch, serving.app, serving.reload\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.split('.')[0] == 'pipelines')\n"
         "assert not bad, bad\n"
     )
@@ -276,19 +300,36 @@ def test_fixture_graph_is_valid() -> None:
 
 
 def test_service_logic_in_process(tmp_path: Path) -> None:
-    """The service classes without `bentoml serve` (BentoML builds the dependency locally)."""
+    """The BentoML service class builds the app's state without `bentoml serve`."""
     model_dir = build_model_dir(tmp_path / "m")
     code = (
-        "import asyncio\n"
-        "from serving.service import Fluxo\n"
+        "from serving.service import Fluxo, app\n"
         "svc = Fluxo()\n"
-        "good = asyncio.run(svc.predict(instances=[[[[0.0] * 8] * 8]]))\n"
-        "assert len(good.predictions) == 1 and good.model_version == '3', good\n"
-        "bad = asyncio.run(svc.predict(instances=[[0.0] * 64]))\n"
-        "assert bad.status_code == 400 and b'has shape (64,)' in bad.body, bad.body\n"
-        "assert asyncio.run(svc.metadata_view())['input_shape'] == [1, 8, 8]\n"
+        "assert app.state.server is svc.server and svc.server.live.version == '3'\n"
+        "assert svc.server.live.batcher.max_batch_size == 4\n"
     )
     env = {**serve_env(model_dir), "FLUXO_MAX_BATCH_SIZE": "4"}
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_provider_preference(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert providers_for("cpu") == [CPU]
+    if not cuda_device_present():
+        with pytest.raises(ServingError, match="FLUXO_PROVIDER=cuda"):
+            providers_for("cuda")
+        assert providers_for("auto") == [CPU]
+
+
+def test_a_silent_provider_fallback_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Asked for CUDA without a GPU, onnxruntime-gpu quietly runs on the CPU: we log it, or refuse when strict."""
+    if CUDA not in ort.get_available_providers() or cuda_device_present():
+        pytest.skip("needs onnxruntime-gpu on a machine without a GPU")
+    model_dir = build_model_dir(tmp_path / "m")
+    with caplog.at_level("WARNING", logger="serving.runtime"):
+        model = OnnxModel(model_dir, providers=[CUDA, CPU])
+    assert model.provider == CPU and model.info()["provider"] == CPU
+    assert "asked ONNX Runtime for CUDAExecutionProvider but it fell back to CPUExecutionProvider" in caplog.text
+    with pytest.raises(ServingError, match="asked ONNX Runtime for CUDAExecutionProvider but it runs on"):
+        OnnxModel(model_dir, providers=[CUDA, CPU], strict=True)
