@@ -95,6 +95,16 @@ class TrainSettings(_Section):
 
     epochs: int = Field(30, ge=1, description="Upper bound on epochs; early stopping usually ends sooner.")
     batch_size: int = Field(64, ge=1, description="Mini-batch size.")
+    task: Literal["auto", "multiclass", "binary", "multilabel", "regression"] = Field(
+        "auto",
+        description="auto: regression for numeric targets, else multiclass (softmax + cross-entropy); binary and "
+        "multilabel use sigmoid + BCE.",
+    )
+    task_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task options: label_smoothing (multiclass), pos_weight/threshold (binary, multilabel), "
+        "criterion mse|mae|huber and huber_delta (regression).",
+    )
     optimizer: Literal["sgd", "adagrad", "adadelta", "rmsprop", "adam", "adamw"] = Field(
         "adam", description="Optimiser by name; adam's weight decay is L2 in the gradient, adamw's is decoupled."
     )

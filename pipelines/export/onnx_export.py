@@ -22,6 +22,33 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
+class TwoClassLogits(nn.Module):
+    """A binary model's single logit z as [0, z]: softmax then gives [1 − σ(z), σ(z)],
+    so the service treats it like any classifier over two labels."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.inner(x).reshape(-1, 1)
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
+def servable(model: nn.Module, task: str) -> nn.Module:
+    """The module whose logits the service can softmax over the labels."""
+    from pipelines.errors import FluxoError
+
+    if task == "binary":
+        return TwoClassLogits(model).eval()
+    if task in ("multiclass", None):
+        return model
+    raise FluxoError(
+        f"a {task} model trains and is tracked in MLflow, but export for serving supports multiclass and binary "
+        "classifiers only so far; keep the run's checkpoint artifact"
+    )
+
+
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int) -> onnx.ModelProto:
     """Export ``model`` (eval mode, on the CPU) to a single self-contained ``.onnx`` file."""
     path = Path(path)

@@ -15,7 +15,7 @@ from pipelines.config import FluxoSettings
 from pipelines.data.store import read_dataset
 from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError
-from pipelines.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from pipelines.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, servable
 from pipelines.export.parity import ParityReport, check_parity
 from pipelines.export.registry import PromotionDecision, promote_if_better
 from pipelines.tracking import configure_mlflow
@@ -61,6 +61,7 @@ def build_metadata(
         "model_name": name,
         "model_version": None,
         "architecture": spec["architecture"],
+        "task": spec.get("task", "multiclass"),
         "run_id": run.info.run_id,
         "dataset": spec["dataset"],
         "data_version": run.data.tags.get("data_version"),
@@ -98,6 +99,7 @@ def export_run(root: Path, settings: FluxoSettings, run_id: str | None = None) -
     with tempfile.TemporaryDirectory() as scratch:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=scratch)
         model, spec = rebuild_model(load_checkpoint(Path(local)))
+    model = servable(model, spec.get("task"))
 
     export_dir = root / settings.export.export_dir
     onnx_path = export_dir / MODEL_FILE

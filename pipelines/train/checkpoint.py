@@ -50,7 +50,8 @@ def model_payload(model: Standardized, spec: dict[str, Any]) -> dict[str, Any]:
 def rebuild_model(payload: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a :class:`Standardized` model from :func:`model_payload` output, in eval mode."""
     spec = payload["spec"]
-    inner = build_model(spec["architecture"], tuple(spec["input_shape"]), len(spec["labels"]), **spec["params"])
+    outputs = spec.get("num_outputs", len(spec["labels"]))
+    inner = build_model(spec["architecture"], tuple(spec["input_shape"]), outputs, **spec["params"])
     model = Standardized(inner, spec["mean"], spec["std"])
     model.load_state_dict(payload["state_dict"])
     return model.eval(), spec

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from pipelines.train import distributed
 from pipelines.train.batches import Batch, ResidentBatches, StreamingBatches
 from pipelines.train.checkpoint import restore_rng_states, rng_states, save_state
+from pipelines.train.losses import Task, build_task
 from pipelines.train.optim import build_optimizer, build_scheduler, clip_gradients, l1_penalty, parameter_groups
 from pipelines.train.tracker import NullTracker, Tracker
 
@@ -39,18 +40,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class ClassificationStep:
-    """Loss and metrics of one batch for multi-class classification, in one place.
+class TaskStep:
+    """Loss and the correct-prediction count of one batch for a task, in one place.
 
-    Targets are class indices, or class probabilities when mixup/cutmix blended samples.
+    Multiclass targets are class indices, or class probabilities when mixup/CutMix
+    blended samples; regression has no accuracy, so it counts nothing correct.
     """
 
+    def __init__(self, task: Task | None = None) -> None:
+        self.task = task or build_task("multiclass")
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets)
+        return self.task.loss(logits, targets)
 
     def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        hard = targets.argmax(dim=1) if targets.ndim == 2 else targets
-        return (logits.argmax(dim=1) == hard).sum()
+        if self.task.name == "regression":
+            return torch.zeros((), dtype=torch.long, device=logits.device)
+        predicted = self.task.predict(logits)
+        if self.task.name == "multiclass":
+            hard = targets.argmax(dim=1) if targets.ndim == 2 else targets
+            return (predicted == hard).sum()
+        if self.task.name == "multilabel":
+            return (predicted == targets.long()).all(dim=1).sum()
+        return (predicted == targets.reshape(-1).long()).sum()
+
+
+class ClassificationStep(TaskStep):
+    """Softmax + cross-entropy: the default task."""
 
 
 Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -295,4 +311,4 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-__all__ = ["ClassificationStep", "FitConfig", "FitResult", "evaluate", "fit", "forward", "resolve_device", "seed_everything"]
+__all__ = ["ClassificationStep", "TaskStep", "FitConfig", "FitResult", "evaluate", "fit", "forward", "resolve_device", "seed_everything"]

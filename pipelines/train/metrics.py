@@ -27,6 +27,20 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     }
 
 
+def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """Precision, recall, F1 and support per class: where a macro average hides a weak class."""
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(labels))), average=None, zero_division=0
+    )
+    return {
+        "columns": ["label", "precision", "recall", "f1", "support"],
+        "rows": [
+            [label, round(float(p), 4), round(float(r), 4), round(float(f), 4), int(n)]
+            for label, p, r, f, n in zip(labels, precision, recall, f1, support)
+        ],
+    }
+
+
 def confusion_matrix_figure(matrix: np.ndarray, labels: list[str], title: str) -> plt.Figure:
     """Counts in each cell, darker for more; the diagonal is what the model got right."""
     size = max(4.0, 0.45 * len(labels) + 2)

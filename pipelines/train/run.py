@@ -23,8 +23,14 @@ from pipelines.errors import FluxoError
 from pipelines.train.checkpoint import load_latest_state, model_payload, save_checkpoint
 from pipelines.train import distributed
 from pipelines.train.batches import batches_for
-from pipelines.train.engine import ClassificationStep, FitConfig, evaluate, fit, resolve_device, seed_everything
-from pipelines.train.metrics import classification_metrics, confusion_matrix_figure, learning_curves_figure
+from pipelines.train.engine import FitConfig, TaskStep, evaluate, fit, resolve_device, seed_everything
+from pipelines.train.losses import Task, build_task
+from pipelines.train.metrics import (
+    classification_metrics,
+    confusion_matrix_figure,
+    learning_curves_figure,
+    per_class_table,
+)
 from pipelines.train.tracker import MLflowTracker, NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -39,9 +45,33 @@ class TrainResult:
     seconds: float
 
 
-def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float, std: float) -> dict[str, Any]:
+def resolve_task(settings: FluxoSettings, dataset: Dataset) -> Task:
+    """The task by setting, or by the dataset's targets when ``auto``; refuses contradictions."""
+    name = settings.train.task
+    if name == "auto":
+        name = "regression" if dataset.task == "regression" else "multiclass"
+    if (name == "regression") != (dataset.task == "regression"):
+        raise FluxoError(
+            f"train.task={name} but dataset {dataset.manifest['name']!r} has {dataset.task} targets; "
+            "use train.task=auto or re-ingest with data.sequence.target set"
+        )
+    if name == "binary" and len(dataset.labels) != 2:
+        raise FluxoError(f"train.task=binary needs two classes; {dataset.manifest['name']!r} has {len(dataset.labels)}")
+    if name == "multilabel":
+        raise FluxoError("train.task=multilabel needs multi-hot targets, which ingest does not produce yet")
+    if name == "regression" and settings.train.monitor == "val_accuracy":
+        raise FluxoError("train.monitor=val_accuracy means nothing for regression; use train.monitor=val_loss")
+    options = dict(settings.train.task_options)
+    if name == "multiclass":
+        options.setdefault("num_classes", len(dataset.labels))
+    return build_task(name, **options)
+
+
+def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float, std: float, task: Task) -> dict[str, Any]:
     """Everything needed to rebuild the network; saved in checkpoints, MLflow and export metadata."""
     return {
+        "task": task.name,
+        "num_outputs": task.num_outputs(len(dataset.labels)),
         "architecture": settings.model.name,
         "params": dict(settings.model.params),
         "input_shape": list(dataset.input_shape),
@@ -51,6 +81,22 @@ def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float, std: floa
         "dataset": dataset.manifest["name"],
         "kind": dataset.kind,
     }
+
+
+def git_commit(root: Path) -> str:
+    """The code version a run was trained with (``-dirty`` when uncommitted changes exist), or "unknown"."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def split_statistics(split: Split, chunk: int = 65_536) -> tuple[float, float]:
@@ -96,15 +142,11 @@ def train_and_evaluate(
     seed_everything(settings.train.seed)
     device = resolve_device(settings.train.device)
 
-    if dataset.task != "classification":
-        raise FluxoError(
-            f"dataset {dataset.manifest['name']!r} has {dataset.task} targets; this training engine trains "
-            "classifiers only so far"
-        )
+    task = resolve_task(settings, dataset)
     mean, std = split_statistics(dataset.splits["train"])
-    spec = model_spec(settings, dataset, mean, std)
+    spec = model_spec(settings, dataset, mean, std, task)
     try:
-        inner = build_model(settings.model.name, dataset.input_shape, len(dataset.labels), **settings.model.params)
+        inner = build_model(settings.model.name, dataset.input_shape, spec["num_outputs"], **settings.model.params)
     except (TypeError, ValueError) as error:
         raise FluxoError(f"model.params for {settings.model.name!r}: {error}") from error
     model = Standardized(inner, mean, std).to(device)
@@ -112,6 +154,8 @@ def train_and_evaluate(
 
     tracker.set_tags(
         {
+            "git_commit": git_commit(Path(root)),
+            "task": task.name,
             "data_version": data_version.md5,
             "dataset": dataset.manifest["name"],
             "model": settings.model.name,
@@ -187,38 +231,43 @@ def train_and_evaluate(
         ),
         tracker=tracker,
         on_best=save_best,
+        step=TaskStep(task),
         augment=augmenter,
         resume=resume,
         extra_state=extra_state,
         on_epoch=on_epoch,
     )
 
-    _, _, logits, test_y = evaluate(model, batches("test"), ClassificationStep())
-    metrics = classification_metrics(test_y.cpu().numpy(), logits.argmax(1).cpu().numpy(), len(dataset.labels))
-    test_metrics = {f"test_{k}": v for k, v in metrics.items() if k != "confusion_matrix"}
-    tracker.log_metrics(
-        {
-            **test_metrics,
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "train_seconds": result.seconds,
-            "train_samples_per_second": result.samples_per_second,
-        }
-    )
-    tracker.log_dict({"labels": dataset.labels, "matrix": metrics["confusion_matrix"].tolist()}, "confusion_matrix.json")
-    for name, figure in (
-        ("confusion_matrix.png", confusion_matrix_figure(metrics["confusion_matrix"], dataset.labels, "test set")),
-        ("learning_curves.png", learning_curves_figure(result.history)),
-    ):
+    _, _, logits, test_y = evaluate(model, batches("test"), TaskStep(task))
+    truth, scores = test_y.cpu().numpy(), task.scores(logits).detach().cpu().numpy()
+    test_metrics = {f"test_{k}": v for k, v in task.metrics(truth, scores).items()}
+    run_metrics = {
+        **test_metrics,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "train_seconds": result.seconds,
+        "train_samples_per_second": result.samples_per_second,
+    }
+    if device.type == "cuda":
+        run_metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    tracker.log_metrics(run_metrics)
+    figures = [("learning_curves.png", learning_curves_figure(result.history))]
+    if task.name in ("multiclass", "binary"):
+        predicted = task.predict(logits).cpu().numpy()
+        matrix = classification_metrics(truth, predicted, len(dataset.labels))["confusion_matrix"]
+        tracker.log_dict({"labels": dataset.labels, "matrix": matrix.tolist()}, "confusion_matrix.json")
+        tracker.log_dict(per_class_table(truth, predicted, dataset.labels), "metrics/per_class.json")
+        figures.append(("confusion_matrix.png", confusion_matrix_figure(matrix, dataset.labels, "test set")))
+    for name, figure in figures:
         tracker.log_figure(figure, f"plots/{name}")
         plt.close(figure)
     tracker.log_artifact(best_path, "checkpoints")
     log.info(
-        "trained %s on %s: test accuracy %.4f, macro F1 %.4f (best epoch %d of %d, %.1f s)",
+        "trained %s on %s (%s): %s (best epoch %d of %d, %.1f s)",
         settings.model.name,
         dataset.manifest["name"],
-        test_metrics["test_accuracy"],
-        test_metrics["test_f1_macro"],
+        task.name,
+        ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()),
         result.best_epoch,
         result.epochs_run,
         result.seconds,
