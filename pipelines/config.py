@@ -130,6 +130,11 @@ class TrainSettings(_Section):
     seed: int = Field(0, description="Seed for weights and batch order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     checkpoint_dir: Path = Field(Path(".fluxo/checkpoints"), description="Where best/last checkpoints are written.")
+    retrain_on_train_val: bool = Field(
+        False,
+        description="After early stopping, retrain from scratch on train+val for the best epoch count "
+        "(Goodfellow et al., algorithm 7.2): more data, same length of training.",
+    )
     balance: Literal["none", "weighted", "oversample"] = Field(
         "none",
         description="Class imbalance: weighted draws batches with per-class weights; oversample repeats "

@@ -151,3 +151,21 @@ def test_augmentation_reaches_training_and_its_grid_is_logged(project: Path, set
     assert tracker.params["augment"]["image"]["rotation"] == [-15.0, 15.0]
     augmented_weights = load_checkpoint(plain_ckpt)["state_dict"]
     assert any(not torch.equal(plain_weights[k], augmented_weights[k]) for k in plain_weights)
+
+
+def test_retrain_on_train_val_runs_the_best_epoch_count_on_more_data(project: Path, settings_for) -> None:
+    settings = settings_for("train.epochs=4", "train.retrain_on_train_val=true")
+    ingest(project, settings.data)
+    metrics_seen: dict = {}
+
+    class Recorder(NullTracker):
+        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+            metrics_seen.update(metrics)
+
+    _, metrics, checkpoint, result = train_and_evaluate(
+        project, settings, DataVersion("x", 0, 0, project / "data.dvc", 0), Recorder()
+    )
+    assert metrics_seen["retrain_epochs"] == result.best_epoch
+    assert "retrain_train_loss" in metrics_seen
+    assert metrics["test_accuracy"] > 0.3
+    assert load_checkpoint(checkpoint)["epoch"] == result.best_epoch

@@ -90,6 +90,7 @@ class FitConfig:
     clip_norm: float | None = None
     checkpoint_dir: Path | None = None  # resumable state is written here when set
     checkpoint_every: int = 0  # also save every N optimiser steps (0: at epoch ends only)
+    keep_last: bool = False  # end with the last epoch's weights instead of the best validation epoch's
 
 
 @dataclass
@@ -287,7 +288,7 @@ def fit(
             break
     progress.close()
     seconds = time.perf_counter() - started
-    if best_state is not None:
+    if best_state is not None and not config.keep_last:
         model.load_state_dict(best_state)
     return FitResult(
         best_epoch=progress_state["best_epoch"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import warnings
@@ -31,7 +32,7 @@ from pipelines.train.metrics import (
     learning_curves_figure,
     per_class_table,
 )
-from pipelines.train.tracker import MLflowTracker, NullTracker, Tracker
+from pipelines.train.tracker import MLflowTracker, NullTracker, PrefixedTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,33 @@ def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float, std: floa
         "dataset": dataset.manifest["name"],
         "kind": dataset.kind,
     }
+
+
+def _retrain_on_train_val(settings, dataset, spec, config, result, batches, task, augmenter, tracker, device):
+    """Goodfellow et al., algorithm 7.2: retrain from scratch on train+val for the best epoch count.
+
+    Early stopping found how long to train; the validation samples then become training
+    data too. With no held-out data left, the final weights are kept, not "the best".
+    """
+    seed_everything(settings.train.seed)
+    inner = build_model(settings.model.name, dataset.input_shape, spec["num_outputs"], **settings.model.params)
+    model = Standardized(inner, spec["mean"], spec["std"]).to(device)
+    train, val = dataset.splits["train"], dataset.splits["val"]
+    lengths = None if train.lengths is None else np.concatenate([train.lengths, val.lengths])
+    combined = Split(train.shards + val.shards, np.concatenate([train.y, val.y]), lengths)
+    epochs = max(result.best_epoch, 1)
+    log.info("retraining on train+val for %d epochs (algorithm 7.2)", epochs)
+    fit(
+        model,
+        batches(combined, settings.train.balance),
+        batches("val"),
+        dataclasses.replace(config, epochs=epochs, patience=epochs + 1, checkpoint_dir=None, keep_last=True),
+        tracker=PrefixedTracker(tracker, "retrain_"),
+        step=TaskStep(task),
+        augment=augmenter,
+    )
+    tracker.log_metrics({"retrain_epochs": epochs})
+    return model
 
 
 def git_commit(root: Path) -> str:
@@ -201,34 +229,35 @@ def train_and_evaluate(
 
     ranks = distributed.current()
 
-    def batches(split: str, balance: str = "none"):
+    def batches(split: str | Split, balance: str = "none"):
         return batches_for(
-            dataset.splits[split], settings.train.batch_size, device, settings.train.seed,
-            settings.train.resident_limit_mb, balance, shard=(ranks.rank, ranks.world),
+            dataset.splits[split] if isinstance(split, str) else split, settings.train.batch_size, device,
+            settings.train.seed, settings.train.resident_limit_mb, balance, shard=(ranks.rank, ranks.world),
         )
 
+    config = FitConfig(
+        epochs=settings.train.epochs,
+        batch_size=settings.train.batch_size,
+        learning_rate=settings.train.learning_rate,
+        weight_decay=settings.train.weight_decay,
+        patience=settings.train.patience,
+        seed=settings.train.seed,
+        monitor=settings.train.monitor,
+        optimizer=settings.train.optimizer,
+        momentum=settings.train.momentum,
+        nesterov=settings.train.nesterov,
+        scheduler=settings.train.scheduler,
+        scheduler_options=settings.train.scheduler_options,
+        l1=settings.train.l1,
+        clip_norm=settings.train.clip_norm,
+        checkpoint_dir=state_dir,
+        checkpoint_every=settings.train.checkpoint_every,
+    )
     result = fit(
         model,
         batches("train", settings.train.balance),
         batches("val"),
-        FitConfig(
-            epochs=settings.train.epochs,
-            batch_size=settings.train.batch_size,
-            learning_rate=settings.train.learning_rate,
-            weight_decay=settings.train.weight_decay,
-            patience=settings.train.patience,
-            seed=settings.train.seed,
-            monitor=settings.train.monitor,
-            optimizer=settings.train.optimizer,
-            momentum=settings.train.momentum,
-            nesterov=settings.train.nesterov,
-            scheduler=settings.train.scheduler,
-            scheduler_options=settings.train.scheduler_options,
-            l1=settings.train.l1,
-            clip_norm=settings.train.clip_norm,
-            checkpoint_dir=state_dir,
-            checkpoint_every=settings.train.checkpoint_every,
-        ),
+        config,
         tracker=tracker,
         on_best=save_best,
         step=TaskStep(task),
@@ -237,6 +266,9 @@ def train_and_evaluate(
         extra_state=extra_state,
         on_epoch=on_epoch,
     )
+    if settings.train.retrain_on_train_val:
+        model = _retrain_on_train_val(settings, dataset, spec, config, result, batches, task, augmenter, tracker, device)
+        save_checkpoint(best_path, {**model_payload(model, spec), "epoch": result.best_epoch})
 
     _, _, logits, test_y = evaluate(model, batches("test"), TaskStep(task))
     truth, scores = test_y.cpu().numpy(), task.scores(logits).detach().cpu().numpy()

@@ -70,3 +70,14 @@ class MLflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._mlflow.set_tags(tags)
+
+
+class PrefixedTracker(NullTracker):
+    """Forwards metrics under a prefix (e.g. a retraining pass beside the main curves); drops the rest."""
+
+    def __init__(self, inner: Tracker, prefix: str) -> None:
+        self.inner = inner
+        self.prefix = prefix
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.inner.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=step)
