@@ -130,6 +130,10 @@ class TrainSettings(_Section):
     seed: int = Field(0, description="Seed for weights and batch order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     checkpoint_dir: Path = Field(Path(".fluxo/checkpoints"), description="Where best/last checkpoints are written.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast the forward pass to bfloat16 (fast on GPUs with tensor cores)."
+    )
+    compile: bool = Field(False, description="torch.compile the training step's model (pays off on long GPU runs).")
     retrain_on_train_val: bool = Field(
         False,
         description="After early stopping, retrain from scratch on train+val for the best epoch count "

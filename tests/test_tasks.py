@@ -75,6 +75,7 @@ def test_regression_task_reports_r2_and_is_not_exported_for_serving(project: Pat
         ["train.scheduler=onecycle", "train.learning_rate=0.01"],
         ["train.l1=0.0001", "train.clip_norm=1.0"],
         ["train.task_options={label_smoothing: 0.1}", "model.params={channels: 8, dropout: 0.3}"],
+        ["train.precision=bf16"],
     ],
     ids=lambda m: " ".join(m),
 )

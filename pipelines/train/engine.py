@@ -91,6 +91,8 @@ class FitConfig:
     checkpoint_dir: Path | None = None  # resumable state is written here when set
     checkpoint_every: int = 0  # also save every N optimiser steps (0: at epoch ends only)
     keep_last: bool = False  # end with the last epoch's weights instead of the best validation epoch's
+    precision: str = "fp32"  # or "bf16": autocast matmuls/convolutions to bfloat16 (GPU tensor cores)
+    compile: bool = False  # torch.compile the training forward pass
 
 
 @dataclass
@@ -155,6 +157,8 @@ def fit(
     # Training steps go through the DDP wrapper (it all-reduces gradients); everything else,
     # evaluation and state dicts included, uses the plain module, identical on every rank.
     trained = torch.nn.parallel.DistributedDataParallel(model) if ranks.active else model
+    if config.compile:
+        trained = torch.compile(trained)
     params = parameter_groups(model, config.weight_decay)
     optimizer = build_optimizer(
         config.optimizer, params, config.learning_rate, config.weight_decay, config.momentum, config.nesterov
@@ -227,7 +231,9 @@ def fit(
                 continue  # replaying a resumed epoch's order up to where it stopped
             if augment is not None:
                 batch = Batch(*augment(batch.x, batch.y, augment_generator), batch.lengths)
-            logits = forward(trained, batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                logits = forward(trained, batch)
+            logits = logits.float()
             loss = step.loss(logits, batch.y)
             if config.l1:
                 loss = loss + l1_penalty(model, config.l1)

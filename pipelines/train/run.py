@@ -252,6 +252,8 @@ def train_and_evaluate(
         clip_norm=settings.train.clip_norm,
         checkpoint_dir=state_dir,
         checkpoint_every=settings.train.checkpoint_every,
+        precision=settings.train.precision,
+        compile=settings.train.compile,
     )
     result = fit(
         model,
