@@ -572,19 +572,49 @@ def best_overrides(result: TuneResult) -> list[str]:
     return [f"{key}={format_value(value)}" for key, value in result.best_params.items()]
 
 
-def preset_dict(settings: FluxoSettings) -> dict[str, Any]:
-    """What a preset must say to reproduce ``settings``: the non-default values, minus store locations."""
+def preset_dict(settings: FluxoSettings, keep: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a preset must say to reproduce ``settings``: the non-default values, minus store locations.
+
+    The dataset, the model name and each dotted key in ``keep`` (the tuned ones) are
+    written even where they equal today's default, so the preset keeps its meaning if a
+    default changes.
+    """
     from pipelines.config import FluxoSettings
 
-    exclude: dict[str, Any] = {"tune": True, **{section: set(keys) for section, keys in _LOCATION_KEYS.items()}}
-    if "tune" not in FluxoSettings.model_fields:
-        exclude.pop("tune")
-    preset = settings.model_dump(mode="json", exclude_defaults=True, exclude=exclude)
+    exclude: dict[str, Any] = {section: set(keys) for section, keys in _LOCATION_KEYS.items()}
+    if "tune" in FluxoSettings.model_fields:
+        exclude["tune"] = True
+    changed = settings.model_dump(mode="json", exclude_defaults=True, exclude=exclude)
     full = settings.model_dump(mode="json")
-    for section, key in _ALWAYS_WRITTEN:
-        preset.setdefault(section, {})[key] = full[section][key]
-    order = list(FluxoSettings.model_fields)
-    return {section: preset[section] for section in sorted(preset, key=order.index) if preset[section]}
+    preset: dict[str, Any] = {}
+    for path in [".".join(p) for p in _ALWAYS_WRITTEN] + list(keep):
+        value = _get_path(full, path)
+        if value is not None:
+            _set_path(preset, path, value)
+    preset = _ordered_like(_merge_into(preset, changed), full)
+    return {section: values for section, values in preset.items() if values}
+
+
+def _ordered_like(tree: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """``tree``'s keys in the order ``reference`` (a full dump) has them: sections read as in config.py."""
+    order = {key: index for index, key in enumerate(reference)}
+    ordered = sorted(tree, key=lambda key: order.get(key, len(order)))
+    return {
+        key: _ordered_like(tree[key], reference[key])
+        if isinstance(tree[key], dict) and isinstance(reference.get(key), dict)
+        else tree[key]
+        for key in ordered
+    }
+
+
+def _merge_into(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_into(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def write_best_preset(result: TuneResult, path: Path) -> Path:
@@ -597,7 +627,7 @@ def write_best_preset(result: TuneResult, path: Path) -> Path:
         f"# Tuned: {', '.join(best_overrides(result))}\n"
         f"# Train, export and register it: fluxo run --config {path}\n"
     )
-    body = yaml.safe_dump(preset_dict(result.best_settings), sort_keys=False, default_flow_style=None)
+    body = yaml.safe_dump(preset_dict(result.best_settings, list(result.best_params)), sort_keys=False)
     scratch = path.with_name(f".{path.name}.tmp")
     scratch.write_text(header + body)
     scratch.replace(path)
