@@ -293,6 +293,56 @@ def schedule(
 
 
 @app.command()
+def tune(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+    trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Trials to run; default tune.trials.")] = None,
+    export_best: Annotated[
+        bool, typer.Option("--export", help="Train the best configuration as a normal run, export it and decide the champion.")
+    ] = False,
+    preset: Annotated[
+        Optional[Path], typer.Option("--preset", help="Where to write the best configuration; default .fluxo/tune/<study run id>.yaml.")
+    ] = None,
+) -> None:
+    """Search the preset's tune.space with Optuna: each trial a nested MLflow run, pruned on the validation metric."""
+    from pipelines.data.ingest import version
+    from pipelines.export.step import export_run
+    from pipelines.train.run import train as train_step
+    from pipelines.train.tune import best_overrides, write_best_preset
+    from pipelines.train.tune import tune as tune_step
+
+    try:
+        settings = _settings(config, (overrides or []) + ([f"tune.trials={trials}"] if trials else []))
+        data_version = version(root, settings.data)
+        result = tune_step(root, settings, settings.tune, data_version)
+        written = write_best_preset(result, preset or root / ".fluxo" / "tune" / f"{result.parent_run_id}.yaml")
+        summary = {
+            "study_run_id": result.parent_run_id,
+            f"best_{result.metric}": result.best_value,
+            "best_trial": result.best_trial,
+            "best_run_id": result.best_run_id,
+            "trials": result.counts,
+            "best_params": result.best_params,
+            "set": best_overrides(result),
+            "preset": str(written),
+        }
+        if export_best:
+            trained = train_step(root, result.best_settings, data_version)
+            exported = export_run(root, result.best_settings, trained.run_id)
+            summary["export"] = {
+                "run_id": trained.run_id,
+                **trained.test_metrics,
+                "model": exported.registered_model,
+                "version": exported.model_version,
+                "promotion": exported.promotion.reason,
+            }
+    except FluxoError as error:
+        _fail(error)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
 def ui(
     port: Annotated[int, typer.Option("--port", help="HTTP port of the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option("--host", help="Interface to bind.")] = "127.0.0.1",

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.data.augment import AugmentSettings
+from pipelines.train.tune import TuneSettings
 from pipelines.errors import FluxoError
 
 
@@ -191,6 +192,7 @@ class FluxoSettings(BaseSettings):
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
 
     @field_validator("data")
     @classmethod

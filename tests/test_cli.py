@@ -60,3 +60,17 @@ def test_bad_inputs_exit_2_with_the_reason(project: Path) -> None:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
+
+
+def test_tune_writes_a_best_preset_and_exports_it(project: Path) -> None:
+    common = ["--root", str(project), *_stores(project)]
+    assert runner.invoke(app, ["data", "ingest", "--config", str(SMOKE), *common]).exit_code == 0
+    preset = project / "best.yaml"
+    result = runner.invoke(app, ["tune", "--config", str(SMOKE.parent / "digits-cnn-tune.yaml"), "--trials", "2",
+                                 "--set", "train.epochs=1", "--preset", str(preset), "--export", *common])
+    assert result.exit_code == 0, result.output
+    summary = _json_tail(result.stdout)
+    assert summary["trials"]["complete"] + summary["trials"].get("pruned", 0) == 2
+    assert preset.is_file() and summary["export"]["version"] == "1"
+    exported = runner.invoke(app, ["export", *common])  # newest *training* run, not a trial
+    assert _json_tail(exported.stdout)["run_id"] == summary["export"]["run_id"]

@@ -38,16 +38,18 @@ class ExportResult:
 
 
 def latest_run_id(experiment: str) -> str:
-    """The newest finished run of the experiment that has a checkpoint."""
+    """The newest finished training run of the experiment (tuning trials excluded)."""
     import mlflow
 
     runs = mlflow.search_runs(
         experiment_names=[experiment],
         filter_string="attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=200,
         output_format="list",
     )
+    # Tuning studies and their trials are not what a user means by "the newest run".
+    runs = [run for run in runs if "fluxo.tune.role" not in run.data.tags]
     if not runs:
         raise FluxoError(f"experiment {experiment!r} has no finished run to export; run `fluxo train` first")
     return runs[0].info.run_id
