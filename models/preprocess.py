@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -18,8 +20,12 @@ class Standardized(nn.Module):
         self.inner = inner
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std) if std > 0 else 1.0))
+        # Recurrent models use sequence lengths; convolutional ones see the zero padding as signal.
+        self.takes_lengths = "lengths" in inspect.signature(inner.forward).parameters
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         scaled = (x - self.mean) / self.std
         # Only recurrent models take lengths; the ONNX export traces the lengths=None path.
-        return self.inner(scaled) if lengths is None else self.inner(scaled, lengths=lengths)
+        if lengths is None or not self.takes_lengths:
+            return self.inner(scaled)
+        return self.inner(scaled, lengths=lengths)

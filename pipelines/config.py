@@ -259,15 +259,19 @@ def load_settings(config: Path | None = None, overrides: list[str] | None = None
         if not isinstance(loaded, dict):
             raise FluxoError(f"config {config}: expected a mapping of sections (data, model, train, ...)")
         layer = loaded
+    merged = _merge(FluxoSettings().model_dump(), layer)
     for text in overrides or []:
+        # An override replaces what is at its path: `--set model.params={}` clears the preset's
+        # params, `--set model.params.hidden=16` changes one of them.
         path, value = parse_override(text)
-        nested: dict[str, Any] = {path[-1]: value}
-        for key in reversed(path[:-1]):
-            nested = {key: nested}
-        layer = _merge(layer, nested)
-    env_defaults = FluxoSettings().model_dump()
+        node = merged
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[path[-1]] = value
     try:
-        return FluxoSettings.model_validate(_merge(env_defaults, layer))
+        return FluxoSettings.model_validate(merged)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()

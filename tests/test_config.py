@@ -66,3 +66,8 @@ def test_splits_must_leave_training_data() -> None:
 
 def test_tracking_uri_defaults_to_sqlite_under_mlflow(tmp_path: Path) -> None:
     assert load_settings().resolved_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
+
+
+def test_a_mapping_override_replaces_the_preset_mapping() -> None:
+    settings = load_settings(REPO / "configs" / "mnist1d-gru.yaml", ["model.name=cnn1d", "model.params={channels: 8}"])
+    assert settings.model.params == {"channels": 8}

@@ -233,3 +233,19 @@ def test_failed_or_interrupted_ingest_leaves_data_and_dvc_file_untouched(
     assert _snapshot(project) == before
     leftovers = [p.name for p in project.iterdir() if p.name.startswith(".data.")]
     assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("model", ["gru", "cnn1d"])
+def test_variable_length_sequences_train(project: Path, settings_for, tmp_path: Path, model: str) -> None:
+    from pipelines.data.versioning import DataVersion
+    from pipelines.train.run import train_and_evaluate
+    from pipelines.train.tracker import NullTracker
+
+    path = _sequences_csv(tmp_path / "walk.csv")
+    frame = pd.read_csv(path)
+    frame.loc[::2, ["t10", "t11"]] = np.nan
+    frame.to_csv(path, index=False)
+    settings = settings_for(f"data.dataset={path}", f"model.name={model}", "model.params={}", "train.epochs=2")
+    ingest(project, settings.data)
+    _, metrics, _, _ = train_and_evaluate(project, settings, DataVersion("x", 0, 0, project / "data.dvc", 0), NullTracker())
+    assert 0 <= metrics["test_accuracy"] <= 1
