@@ -85,11 +85,15 @@ def test_a_published_model_is_picked_up_without_dropping_requests(
     for row, _, body in answers:
         served = np.array(body["predictions"][0]["probabilities"])
         np.testing.assert_allclose(served, expected[body["model_version"]][row], atol=1e-6)
-    assert httpx.get(f"{reloading.url}/metadata", timeout=10).json()["model_version"] == "2"
+    # Every worker watches the pointer on its own: soon all of them answer with the new version.
+    deadline = time.monotonic() + 30
+    while {httpx.get(f"{reloading.url}/metadata", timeout=10).json()["model_version"] for _ in range(10)} != {"2"}:
+        assert time.monotonic() < deadline, "some worker kept the old model"
+        time.sleep(0.1)
     metrics = httpx.get(f"{reloading.url}/metrics", timeout=10).text
     assert re.search(r'^fluxo_model_info\{model_name="fluxo",model_version="2",provider="\w+"\} 1.0', metrics, re.M)
     assert re.search(r'^fluxo_model_info\{model_name="fluxo",model_version="1",provider="\w+"\} 0.0', metrics, re.M)
-    assert re.search(r'^fluxo_model_reloads_total\{outcome="ok"\} 1.0', metrics, re.M)
+    assert re.search(r'^fluxo_model_reloads_total\{outcome="ok"\} [1-9]', metrics, re.M)
 
 
 def test_a_broken_publish_keeps_the_live_model(reloading: RunningServer, models: dict[str, Path]) -> None:
@@ -101,7 +105,8 @@ def test_a_broken_publish_keeps_the_live_model(reloading: RunningServer, models:
     while "cannot load it" not in reloading.log():
         assert time.monotonic() < deadline, reloading.log()[-3000:]
         time.sleep(0.1)
-    assert httpx.get(f"{reloading.url}/metadata", timeout=10).json()["model_version"] == live_before
+    time.sleep(0.5)  # every worker has had its turn at the broken pointer
+    assert {httpx.get(f"{reloading.url}/metadata", timeout=10).json()["model_version"] for _ in range(6)} == {live_before}
     response = httpx.post(f"{reloading.url}/predict", json={"instances": [[[[0.0] * 8] * 8]]}, timeout=30)
     assert response.status_code == 200 and response.json()["model_version"] == live_before
 
@@ -127,6 +132,9 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServ
         timings.append((time.perf_counter() - started) / len(batch))
     per_instance = float(np.median(timings))
     env = {
+        # One worker: requests are sized against one session's speed, and the abandoned run
+        # behind the 504 must hold up the requests that follow, not hide in another worker.
+        "FLUXO_WORKERS": "1",
         "FLUXO_TIMEOUT_S": str(TIMEOUT_S),
         "FLUXO_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
         "FLUXO_MAX_INSTANCES": "1000000",

@@ -108,7 +108,7 @@ def test_non_square_shapes_are_enforced_per_axis() -> None:
 def test_config_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = ServingConfig.from_env()
     assert (defaults.model_dir, defaults.ort_threads, defaults.max_instances) == (None, 1, 1024)
-    assert (defaults.workers, defaults.provider, defaults.api_key, defaults.trace_requests) == (1, "auto", None, False)
+    assert (defaults.workers, defaults.provider, defaults.api_key, defaults.trace_requests) == (2, "auto", None, False)
     assert defaults.max_batch_size == ServingConfig.max_batch_size and defaults.batch_wait_ms == 0.0
     monkeypatch.setenv("FLUXO_MODEL_DIR", "/models/x")
     monkeypatch.setenv("FLUXO_MAX_BATCH_SIZE", "8")
