@@ -1,0 +1,515 @@
+"""Serving under load: fluxo with and without batching vs `mlflow models serve`, in one run.
+
+    .venv/bin/python bench/serve.py                      # 15 s per cell at 1, 8, 32, 64 clients
+    .venv/bin/python bench/serve.py --long 60            # plus the 60 s run at 32 clients (batched)
+    .venv/bin/python bench/serve.py --sweep              # batching/worker/thread settings at 32 clients
+    .venv/bin/python bench/serve.py --inprocess-only     # ONNX Runtime vs PyTorch latency only
+
+The model is the registry champion of the preset (or --model), served three ways
+from the same ONNX file on free loopback ports, one server at a time:
+(a) fluxo as configured (adaptive batching), (b) fluxo with FLUXO_MAX_BATCH_SIZE=1,
+(c) `mlflow models serve -m models:/NAME/VERSION --env-manager local`, the peer a
+user would run instead, in this environment (uvicorn with httptools and uvloop,
+which fluxo's dependencies bring) and (d) the same with uvicorn's pure-Python
+h11 parser and asyncio loop, as `pip install mlflow` alone installs it. Each request carries one held-out test instance. The
+load client is a closed loop of N keep-alive connections (one asyncio process
+writing each request in one packet) on the same machine, so it shares the cores
+with the server, as the issue's reference measurement did. Every response's
+status is counted; one in eight is parsed and its label checked against
+ONNX Runtime run in-process, so a mixed-up batch counts as an error.
+
+Also timed: one model run in-process, ONNX Runtime (the serving session options)
+vs the PyTorch module it was exported from, at batch 1 and 32.
+
+Prints tables and writes bench/results/serve.json (serve_sweep.json for --sweep).
+Bounded: every cell has a fixed duration, every server a start timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.launch import start_server, stop_server, wait_ready  # noqa: E402
+from serving.runtime import CPU, CUDA, choose_providers, session_options, softmax  # noqa: E402
+
+CHECK_EVERY = 8  # parse and check one response in this many
+
+
+# --- load client --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_request(port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
+             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Load:
+    """Closed-loop load: ``concurrency`` connections, each sending the next request when answered."""
+
+    def __init__(self, port: int, requests: Sequence[bytes], expected: Sequence[str], label_of: Any) -> None:
+        self.port = port
+        self.requests = requests
+        self.expected = expected
+        self.label_of = label_of  # response body (bytes) -> predicted label
+
+    async def _client(self, index: int, deadline: float, out: dict[str, Any]) -> None:
+        reader = writer = None
+        i = index
+        while time.perf_counter() < deadline:
+            k = i % len(self.requests)
+            i += 1
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                started = time.perf_counter()
+                writer.write(self.requests[k])
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                status = int(head[9:12])
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = await asyncio.wait_for(reader.readexactly(length), 30) if length else b""
+                out["latencies"].append(time.perf_counter() - started)
+                out["status"][status] = out["status"].get(status, 0) + 1
+                if status == 200 and i % CHECK_EVERY == 0:
+                    out["checked"] += 1
+                    if self.label_of(body) != self.expected[k]:
+                        out["wrong"] += 1
+                if b"connection: close" in head.lower():
+                    writer.close()
+                    writer = None
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as error:
+                name = type(error).__name__
+                out["transport"][name] = out["transport"].get(name, 0) + 1
+                if writer is not None:
+                    writer.close()
+                writer = None
+                await asyncio.sleep(0.01)
+        if writer is not None:
+            writer.close()
+
+    def run(self, concurrency: int, seconds: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"latencies": [], "status": {}, "transport": {}, "checked": 0, "wrong": 0}
+
+        async def main() -> float:
+            started = time.perf_counter()
+            deadline = started + seconds
+            await asyncio.gather(*(self._client(k, deadline, out) for k in range(concurrency)))
+            return time.perf_counter() - started
+
+        elapsed = asyncio.run(main())
+        latencies = sorted(out["latencies"])
+        ok = out["status"].get(200, 0)
+
+        def pct(q: float) -> float | None:
+            return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 2) if latencies else None
+
+        server_5xx = sum(n for code, n in out["status"].items() if code >= 500)
+        return {
+            "concurrency": concurrency,
+            "seconds": round(elapsed, 1),
+            "requests_per_s": round(ok / elapsed, 1),
+            "p50_ms": pct(0.50),
+            "p90_ms": pct(0.90),
+            "p99_ms": pct(0.99),
+            "ok": ok,
+            "errors": sum(out["status"].values()) - ok + sum(out["transport"].values()) + out["wrong"],
+            "5xx": server_5xx,
+            "status": {str(k): v for k, v in sorted(out["status"].items())},
+            "transport_errors": out["transport"],
+            "answers_checked": out["checked"],
+            "wrong_answers": out["wrong"],
+        }
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+class Server:
+    """One server under test: how to start it, what to send, how to read an answer."""
+
+    def __init__(self, name: str, port: int, process: subprocess.Popen[bytes], path: str, body_key: str) -> None:
+        self.name, self.port, self.process, self.path, self.body_key = name, port, process, path, body_key
+
+
+def start_fluxo(name: str, model_dir: Path, env: dict[str, str], log: Path) -> Server:
+    port = free_port()
+    process = start_server(model_dir, port, env=env, log_file=log.open("wb"))
+    wait_ready(f"http://127.0.0.1:{port}", timeout=180, process=process)
+    return Server(name, port, process, "/predict", "instances")
+
+
+def start_mlflow(model_uri: str, tracking_uri: str, log: Path, plain: bool = False) -> Server:
+    """`mlflow models serve` in this environment; ``plain`` forces uvicorn's pure-Python HTTP parser and
+    asyncio loop, which is what `pip install mlflow` alone gives (no httptools, no uvloop)."""
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    # mlflow runs `uvicorn` from PATH: put this environment's scripts first, as an activated venv would.
+    path = os.pathsep.join([str(mlflow.parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri,
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    if plain:
+        env.update({"UVICORN_HTTP": "h11", "UVICORN_LOOP": "asyncio"})
+    command = [str(mlflow), "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                               start_new_session=True, cwd=tempfile.gettempdir())
+    deadline = time.monotonic() + 180
+    with httpx.Client(timeout=2) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited with {process.returncode}; see {log}")
+            try:
+                if client.get(f"http://127.0.0.1:{port}/ping").status_code == 200:
+                    name = "mlflow models serve" + (" (h11, asyncio)" if plain else "")
+                    return Server(name, port, process, "/invocations", "inputs")
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+    stop_server(process)
+    raise RuntimeError(f"mlflow models serve not ready after 180 s; see {log}")
+
+
+def fluxo_label(body: bytes) -> str:
+    return json.loads(body)["predictions"][0]["label"]
+
+
+def mlflow_label_reader(labels: list[str]) -> Any:
+    def label(body: bytes) -> str:
+        predictions = json.loads(body)["predictions"]
+        if isinstance(predictions, dict):  # one entry per ONNX output: {"logits": [[...]]}
+            predictions = next(iter(predictions.values()))
+        logits = np.asarray(predictions, dtype=np.float32)
+        if logits.ndim == 1:
+            logits = logits[None]
+        return labels[int(logits[0].argmax())]
+
+    return label
+
+
+class Target:
+    """A started server with its pre-built requests, measured cell by cell."""
+
+    def __init__(self, server: Server, instances: np.ndarray, expected: list[str], labels: list[str]) -> None:
+        self.server = server
+        bodies = [json.dumps({server.body_key: [x.tolist()]}, separators=(",", ":")).encode() for x in instances]
+        requests = [http_request(server.port, server.path, b) for b in bodies]
+        label_of = fluxo_label if server.body_key == "instances" else mlflow_label_reader(labels)
+        self.load = Load(server.port, requests, expected, label_of)
+
+    def cell(self, concurrency: int, seconds: float, warmup: float = 1.0) -> dict[str, Any]:
+        if warmup:
+            self.load.run(min(concurrency, 8), warmup)
+        pid = self.server.process.pid
+        cpu_before, client_before = tree_cpu_seconds(pid), time.process_time()
+        row = self.load.run(concurrency, seconds)
+        served = max(row["ok"], 1)
+        row["server_cpu_ms_per_request"] = round((tree_cpu_seconds(pid) - cpu_before) / served * 1000, 3)
+        row["client_cpu_ms_per_request"] = round((time.process_time() - client_before) / served * 1000, 3)
+        row["load_average_1m"] = round(os.getloadavg()[0], 2)
+        print(f"  {self.server.name:44s} c={concurrency:<3d} {row['requests_per_s']:8.1f} req/s  p50 {row['p50_ms']} ms  "
+              f"p99 {row['p99_ms']} ms  errors {row['errors']} (5xx {row['5xx']})  load {row['load_average_1m']}",
+              flush=True)
+        return row
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median repeat by throughput (the upper one of an even count: of two, the less disturbed),
+    with every repeat kept for the record."""
+    ordered = sorted(rows, key=lambda r: r["requests_per_s"])
+    middle = dict(ordered[len(ordered) // 2])
+    middle["repeats"] = [{k: r[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "errors", "load_average_1m")}
+                         for r in rows]
+    middle["errors_all_repeats"] = sum(r["errors"] for r in rows)
+    middle["5xx_all_repeats"] = sum(r["5xx"] for r in rows)
+    return middle
+
+
+# --- in-process model latency ------------------------------------------------------------------
+
+
+def time_calls(fn: Any, repeat: int) -> dict[str, float]:
+    for _ in range(20):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1000)
+    samples.sort()
+    return {"p50_ms": round(statistics.median(samples), 4), "p99_ms": round(samples[int(0.99 * len(samples))], 4),
+            "mean_ms": round(statistics.fmean(samples), 4)}
+
+
+def inprocess(model_dir: Path, instances: np.ndarray, run_id: str | None, tracking_uri: str,
+              threads: int, repeat: int) -> dict[str, Any]:
+    """One model run: ONNX Runtime with the serving options vs PyTorch, same threads, batch 1 and 32."""
+    providers = choose_providers()
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), sess_options=session_options(threads),
+                                   providers=providers)
+    results: dict[str, Any] = {"threads": threads, "onnxruntime_provider": session.get_providers()[0]}
+    torch_model = None
+    if run_id:
+        import mlflow
+        import torch
+
+        from pipelines.train.checkpoint import load_checkpoint, rebuild_model
+
+        mlflow.set_tracking_uri(tracking_uri)
+        with tempfile.TemporaryDirectory() as scratch:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt",
+                                                        dst_path=scratch)
+            torch_model, _ = rebuild_model(load_checkpoint(Path(local)))
+        torch.set_num_threads(threads)
+        device = "cuda" if providers[0] == CUDA and torch.cuda.is_available() else "cpu"
+        torch_model = torch_model.eval().to(device)
+        results["pytorch_device"] = device
+    for n in (1, 32):
+        batch = np.ascontiguousarray(instances[:n], dtype=np.float32)
+        results[f"onnxruntime_batch{n}"] = time_calls(lambda: session.run(None, {"input": batch}), repeat)
+        if torch_model is not None:
+            import torch
+
+            tensor = torch.from_numpy(batch.copy()).to(results["pytorch_device"])
+
+            def forward() -> None:
+                with torch.inference_mode():
+                    torch_model(tensor)
+                if tensor.is_cuda:
+                    torch.cuda.synchronize()
+
+            results[f"pytorch_batch{n}"] = time_calls(forward, repeat)
+    return results
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model_name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import bentoml
+    import mlflow
+
+    return {
+        "cpu": model_name,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": CUDA in choose_providers(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "bentoml": bentoml.__version__,
+        "mlflow": mlflow.__version__,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+SWEEP = [
+    (f"workers={w}, max_batch_size={b}" + (f", wait {ms} ms" if ms else "") + (f", {t} ORT threads" if t > 1 else ""),
+     {"FLUXO_WORKERS": str(w), "FLUXO_MAX_BATCH_SIZE": str(b), "FLUXO_BATCH_WAIT_MS": str(ms), "FLUXO_ORT_THREADS": str(t)})
+    for w, b, ms, t in [
+        (1, 1, 0, 1), (1, 8, 0, 1), (1, 32, 0, 1), (1, 64, 0, 1), (1, 32, 0, 2),
+        (2, 1, 0, 1), (2, 8, 0, 1), (2, 32, 0, 1), (2, 64, 0, 1), (2, 32, 2, 1), (2, 32, 0, 2),
+        (3, 32, 0, 1),
+    ]
+]
+
+
+def held_out_instances(settings: Any, metadata: dict[str, Any], n: int = 256) -> np.ndarray:
+    """Test-split instances from data/; the built-in source's last ones when data/ is unreadable."""
+    from pipelines.data.sources import load_builtin
+    from pipelines.data.store import read_dataset
+
+    try:
+        x = read_dataset(ROOT / settings.data.data_dir).splits["test"].x[:n]
+    except Exception as error:  # noqa: BLE001 - a benchmark only needs realistic inputs
+        print(f"data/ unreadable ({error}); using the built-in {metadata['dataset']} source", flush=True)
+        x = load_builtin(metadata["dataset"]).x[-n:]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[1:] != tuple(metadata["input_shape"]):
+        raise SystemExit(f"instances of shape {x.shape[1:]} do not fit the model's {metadata['input_shape']}")
+    return x
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits-cnn.yaml")
+    parser.add_argument("--model", default=None, help="models:/ URI or export dir; default the champion")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per cell")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--servers", default="batched,unbatched,mlflow,mlflow-plain")
+    parser.add_argument("--long", type=float, default=0.0, help="also a run this long at 32 clients, batched")
+    parser.add_argument("--sweep", action="store_true", help="compare serving settings at --sweep-concurrency")
+    parser.add_argument("--sweep-concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every cell this often, keep the median")
+    parser.add_argument("--inprocess-only", action="store_true")
+    parser.add_argument("--repeat", type=int, default=2000, help="in-process timing repetitions")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+    from pipelines.config import load_settings
+    from pipelines.serve import materialize_model
+
+    settings = load_settings(args.config)
+    tracking_uri = settings.resolved_tracking_uri(ROOT)
+    model_dir = materialize_model(ROOT, settings, args.model)
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    labels = list(metadata["labels"])
+    instances = held_out_instances(settings, metadata)
+    reference = ort.InferenceSession(str(model_dir / "model.onnx"), providers=[CPU])
+    expected = [labels[i] for i in softmax(reference.run(None, {"input": instances})[0]).argmax(1)]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    logs = Path(tempfile.mkdtemp(prefix="fluxo-bench-"))
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "model": {k: metadata.get(k) for k in ("model_name", "model_version", "architecture", "input_shape")},
+        "request": "one test instance per request, JSON",
+        "duration_s_per_cell": args.duration,
+    }
+    print(f"machine: {result['machine']}\nmodel: {result['model']}\nserver logs: {logs}", flush=True)
+
+    result["inprocess"] = inprocess(model_dir, instances, metadata.get("run_id"), tracking_uri, 1, args.repeat)
+    print(f"in-process, 1 thread: {json.dumps(result['inprocess'])}", flush=True)
+    if args.inprocess_only:
+        write(result, args.out or ROOT / "bench" / "results" / "serve_inprocess.json")
+        return
+
+    if args.sweep:
+        targets = []
+        try:
+            for i, (name, env) in enumerate(SWEEP):
+                server = start_fluxo(name, model_dir, env, logs / f"sweep-{i}.log")
+                targets.append((name, env, Target(server, instances, expected, labels)))
+            cells: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+            for round_ in range(args.rounds):
+                print(f"round {round_ + 1} of {args.rounds}", flush=True)
+                for name, _, target in targets:
+                    cells[name].append(target.cell(args.sweep_concurrency, args.duration))
+        finally:
+            for _, _, target in targets:
+                stop_server(target.server.process)
+        result["sweep"] = [{"setting": name, "env": env, **median_row(cells[name])} for name, env, _ in targets]
+        result["method"] = (f"all servers started first, then {args.rounds} rounds; each round measures every setting "
+                            f"once for {args.duration:g} s at {args.sweep_concurrency} clients; the median round is kept "
+                            "(the upper median for an even count)")
+        write(result, args.out or ROOT / "bench" / "results" / "serve_sweep.json")
+        return
+
+    model_uri = f"models:/{metadata['model_name']}/{metadata['model_version']}"
+    plan = {
+        "batched": lambda: start_fluxo("fluxo, adaptive batching", model_dir, {}, logs / "batched.log"),
+        "unbatched": lambda: start_fluxo("fluxo, no batching", model_dir, {"FLUXO_MAX_BATCH_SIZE": "1"},
+                                         logs / "unbatched.log"),
+        "mlflow": lambda: start_mlflow(model_uri, tracking_uri, logs / "mlflow.log"),
+        "mlflow-plain": lambda: start_mlflow(model_uri, tracking_uri, logs / "mlflow-plain.log", plain=True),
+    }
+    targets: dict[str, Target] = {}
+    try:
+        for key in args.servers.split(","):
+            targets[key] = Target(plan[key](), instances, expected, labels)
+        cells: dict[str, list[list[dict[str, Any]]]] = {key: [[] for _ in concurrencies] for key in targets}
+        for round_ in range(args.rounds):
+            for i, concurrency in enumerate(concurrencies):
+                for key, target in targets.items():
+                    cells[key][i].append(target.cell(concurrency, args.duration))
+        if args.long and "batched" in targets:
+            print(f"long run: {args.long:g} s at 32 clients", flush=True)
+            result["long_run"] = targets["batched"].cell(32, args.long)
+    finally:
+        for target in targets.values():
+            stop_server(target.server.process)
+    result["servers"] = {key: {"name": targets[key].server.name, "rows": [median_row(c) for c in cells[key]]}
+                         for key in targets}
+    result["method"] = (f"all servers started first, then {args.rounds} round(s): each concurrency in turn, every server "
+                        f"{args.duration:g} s after a 1 s warm-up; per server and concurrency the median round is kept "
+                        "(the upper median for an even count: of two rounds, the less disturbed one)")
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["ratios_at_32"] = ratios(result["servers"])
+    write(result, args.out or ROOT / "bench" / "results" / "serve.json")
+    print_table(result)
+
+
+def ratios(servers: dict[str, Any]) -> dict[str, float]:
+    """Batched throughput at 32 clients over each other server's, measured in this run."""
+    at = {key: next((r for r in s["rows"] if r["concurrency"] == 32), None) for key, s in servers.items()}
+    if not at.get("batched"):
+        return {}
+    return {f"batched_over_{key}": round(at["batched"]["requests_per_s"] / row["requests_per_s"], 2)
+            for key, row in at.items() if key != "batched" and row and row["requests_per_s"]}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n| server | clients | req/s | p50 ms | p99 ms | errors (5xx) | server CPU ms/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for server in result["servers"].values():
+        for row in server["rows"]:
+            print(f"| {server['name']} | {row['concurrency']} | {row['requests_per_s']:.0f} | {row['p50_ms']} | "
+                  f"{row['p99_ms']} | {row['errors']} ({row['5xx']}) | {row['server_cpu_ms_per_request']} |")
+    if "long_run" in result:
+        row = result["long_run"]
+        print(f"\nlong run, 32 clients, {row['seconds']} s: {row['requests_per_s']} req/s, p50 {row['p50_ms']} ms, "
+              f"p99 {row['p99_ms']} ms, errors {row['errors']}, 5xx {row['5xx']}")
+    print(f"\nratios at 32 clients: {result['ratios_at_32']}")
+
+
+def write(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
