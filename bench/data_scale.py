@@ -38,6 +38,7 @@ class MemoryPeaks:
 
     def __init__(self) -> None:
         self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        self.start: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -53,6 +54,8 @@ class MemoryPeaks:
             time.sleep(0.05)
 
     def __enter__(self) -> "MemoryPeaks":
+        self._sample()
+        self.start = dict(self.peak)
         self._thread.start()
         return self
 
@@ -62,7 +65,9 @@ class MemoryPeaks:
         self._sample()
 
     def mb(self) -> dict[str, float]:
-        return {k: round(v / 2**20, 1) for k, v in self.peak.items()}
+        peaks = {k: round(v / 2**20, 1) for k, v in self.peak.items()}
+        peaks["RssAnon_at_start"] = round(self.start.get("RssAnon", 0) / 2**20, 1)
+        return peaks
 
 
 def _write_chunk(args: tuple[str, int, int, int]) -> None:
@@ -180,11 +185,13 @@ def main() -> None:
                          "baseline_pil_per_sample_images_per_second": round(baseline_rate),
                          "ratio": round(stream_rate / baseline_rate, 1)},
     }
-    print(f"{'phase':34s} {'seconds':>8s} {'images/s':>10s} {'RssAnon MB':>11s} {'RssFile MB':>11s}")
-    print(f"{'ingest (decode+validate+DVC)':34s} {ingest_seconds:8.1f} {args.images / ingest_seconds:10.0f} "
-          f"{ingest_memory.mb()['RssAnon']:11.1f} {ingest_memory.mb()['RssFile']:11.1f}")
-    print(f"{'train 1 epoch, streamed':34s} {result.seconds:8.1f} {epoch_rate:10.0f} "
-          f"{epoch_memory.mb()['RssAnon']:11.1f} {epoch_memory.mb()['RssFile']:11.1f}")
+    print(f"{'phase':34s} {'seconds':>8s} {'images/s':>10s} {'RssAnon MB (start→peak)':>24s} {'RssFile MB':>11s}")
+    for name, seconds, rate, memory in (
+        ("ingest (decode+validate+DVC)", ingest_seconds, args.images / ingest_seconds, ingest_memory.mb()),
+        ("train 1 epoch, streamed", result.seconds, epoch_rate, epoch_memory.mb()),
+    ):
+        anon = f"{memory['RssAnon_at_start']:.0f} → {memory['RssAnon']:.0f}"
+        print(f"{name:34s} {seconds:8.1f} {rate:10.0f} {anon:>24s} {memory['RssFile']:11.1f}")
     print(f"{'load only: fluxo shards':34s} {'':8s} {stream_rate:10.0f}")
     print(f"{'load only: PIL per sample (base)':34s} {'':8s} {baseline_rate:10.0f}")
     print(f"decoded dataset would be {decoded_mb} MB; data version {data_version.md5}")
