@@ -222,14 +222,22 @@ def _example_instance(root: Path, settings: FluxoSettings, metadata: dict) -> li
 
 
 def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, port: int) -> None:
-    from pipelines.serve import materialize_model
+    from pipelines.serve import materialize_model, model_root
     from serving import ServingError
     from serving.client import example_request
     from serving.launch import start_server, stop_server, wait_ready
+    from serving.reload import publish
 
     try:
         model_dir = materialize_model(root, settings, model)
-        process = start_server(model_dir, port=port, host=host)
+        if model is None:
+            # Serve the champion through its model root: each later promotion republishes
+            # the root and this server switches to the new version without a restart.
+            served = model_root(root, settings)
+            publish(served, model_dir)
+        else:
+            served = model_dir  # an explicit model stays fixed for the server's lifetime
+        process = start_server(served, port=port, host=host)
     except (FluxoError, ServingError) as error:
         _fail(error)
     try:
@@ -240,6 +248,8 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
         example = example_request(metadata, url, instances=[instance] if instance is not None else None)
         typer.echo(f"\nfluxo is serving {metadata['model_name']} v{metadata['model_version']} at {url}")
         typer.echo(f"  metadata: curl -s {url}/metadata\n  predict:  {example['curl']}\n")
+        if model is None:
+            typer.echo("  a newly promoted champion is served within seconds, without a restart\n")
         process.wait()
     except ServingError as error:
         _fail(error)

@@ -75,3 +75,22 @@ def materialize_model(root: Path, settings: FluxoSettings, model: str | None = N
         staging.rename(target)
     log.info("serving %s v%s from %s", name, version.version, target)
     return target
+
+
+def model_root(root: Path, settings: FluxoSettings) -> Path:
+    """The directory whose ``current.json`` names the live champion (serving/reload.py).
+
+    ``fluxo serve`` starts the service on this root, and every promotion
+    republishes it, so a running server switches to a new champion by itself.
+    """
+    return Path(root) / settings.serve.model_cache / settings.registered_model_name()
+
+
+def publish_champion(root: Path, settings: FluxoSettings) -> Path:
+    """Materialise the current champion and point the model root at it; returns its directory."""
+    from serving.reload import publish
+
+    model_dir = materialize_model(root, settings)
+    publish(model_root(root, settings), model_dir)
+    log.info("published %s as the live champion under %s", model_dir.name, model_root(root, settings))
+    return model_dir

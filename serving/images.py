@@ -7,6 +7,12 @@ one description::
     "image": {"mode": "L", "height": 8, "width": 8, "resample": "box",
               "invert": true, "range": [0.0, 16.0]}
 
+A recipe with ``"fit"`` ("resize", "pad" or "crop") describes a user's image
+folder: there the pixels are brought to size as 8-bit values by
+:func:`fit_pixels`, the very function the ingest step stores training images
+with, and only then mapped onto ``range``, so an upload of a training file gives
+the training tensor bit for bit.
+
 Pixels are read as 0..255 (transparent areas composited onto white), resized in
 floating point, divided by 255, inverted when the dataset stores ink as high
 values, and mapped linearly onto ``range``; the channels come first, as in the
@@ -33,6 +39,7 @@ from serving import ServingError
 FORMATS = frozenset({"PNG", "JPEG"})
 MAX_PIXELS = 4096 * 4096
 _RESAMPLE = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
+FIT_POLICIES = ("resize", "pad", "crop")
 
 
 class InvalidImage(ServingError, ValueError):
@@ -54,6 +61,7 @@ class ImageSpec:
     invert: bool = False
     low: float = 0.0
     high: float = 1.0
+    fit: str | None = None  # image folders: "resize", "pad" or "crop" on 8-bit pixels (fit_pixels)
 
     @property
     def channels(self) -> int:
@@ -71,6 +79,7 @@ class ImageSpec:
             "resample": self.resample,
             "invert": self.invert,
             "range": [self.low, self.high],
+            **({"fit": self.fit} if self.fit else {}),
         }
 
 
@@ -100,6 +109,7 @@ def image_spec(metadata: Mapping[str, Any]) -> ImageSpec | None:
             invert=bool(raw.get("invert", False)),
             low=low,
             high=high,
+            fit=None if raw.get("fit") is None else str(raw["fit"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ServingError(f"{where}: {raw!r} is not a valid recipe ({error}); re-run the export step") from error
@@ -107,6 +117,8 @@ def image_spec(metadata: Mapping[str, Any]) -> ImageSpec | None:
         raise ServingError(f"{where}: mode {spec.mode!r} must be 'L' or 'RGB'")
     if spec.resample not in _RESAMPLE:
         raise ServingError(f"{where}: resample {spec.resample!r} must be one of {', '.join(_RESAMPLE)}")
+    if spec.fit is not None and spec.fit not in FIT_POLICIES:
+        raise ServingError(f"{where}: fit {spec.fit!r} must be one of {', '.join(FIT_POLICIES)}")
     if spec.shape != shape:
         raise ServingError(f"{where}: makes inputs of shape {spec.shape}, the model takes {shape}")
     return spec
@@ -133,15 +145,58 @@ def _open(data: bytes, name: str) -> Any:
     return image
 
 
-def image_to_array(image: Any, spec: ImageSpec) -> np.ndarray:
-    """A decoded PIL image → float32 array of ``spec.shape``, values mapped onto ``spec.range``."""
+def _upright_opaque(image: Any, mode: str) -> Any:
+    """Apply the EXIF orientation, composite transparency onto white, convert to ``mode``."""
     from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    image = image.convert(spec.mode)
+    return image.convert(mode)
+
+
+def fit_pixels(image: Any, mode: str, size: tuple[int, int], policy: str) -> np.ndarray:
+    """A PIL image → uint8 array (channels, height, width) of ``size`` = (height, width).
+
+    ``policy`` is "resize" (stretch), "pad" (keep the aspect ratio, pad with
+    black) or "crop" (keep the aspect ratio, centre crop), all bilinear on 8-bit
+    pixels. The ingest step stores image folders with this function and the
+    service decodes uploads for such models with it, so the two cannot drift.
+    """
+    from PIL import Image, ImageOps
+
+    if policy not in FIT_POLICIES:
+        raise ValueError(f"fit policy {policy!r} must be one of {', '.join(FIT_POLICIES)}")
+    image = _upright_opaque(image, mode)
+    height, width = size
+    if policy == "resize":
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    elif policy == "crop":
+        image = ImageOps.fit(image, (width, height), Image.Resampling.BILINEAR)
+    else:
+        image = ImageOps.pad(image, (width, height), Image.Resampling.BILINEAR, color=0)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _to_range(values: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """0..1 values → ``spec.range``, inverted first when the dataset stores ink as high values."""
+    if spec.invert:
+        values = np.float32(1.0) - values
+    return (np.float32(spec.low) + values * np.float32(spec.high - spec.low)).astype(np.float32)
+
+
+def image_to_array(image: Any, spec: ImageSpec) -> np.ndarray:
+    """A decoded PIL image → float32 array of ``spec.shape``, values mapped onto ``spec.range``."""
+    from PIL import Image
+
+    if spec.fit is not None:
+        pixels = fit_pixels(image, spec.mode, (spec.height, spec.width), spec.fit)
+        if not spec.invert and (spec.low, spec.high) == (0.0, 255.0):
+            return pixels.astype(np.float32)  # exactly the stored training values
+        return _to_range(pixels.astype(np.float32) / np.float32(255.0), spec)
+    image = _upright_opaque(image, spec.mode)
     pixels = np.asarray(image, dtype=np.float32)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
@@ -152,10 +207,7 @@ def image_to_array(image: Any, spec: ImageSpec) -> np.ndarray:
         if plane.size != (spec.width, spec.height):
             plane = plane.resize((spec.width, spec.height), resample)
         channels.append(np.asarray(plane, dtype=np.float32))
-    values = np.stack(channels) / np.float32(255.0)
-    if spec.invert:
-        values = np.float32(1.0) - values
-    return (np.float32(spec.low) + values * np.float32(spec.high - spec.low)).astype(np.float32)
+    return _to_range(np.stack(channels) / np.float32(255.0), spec)
 
 
 def decode_image(data: bytes, spec: ImageSpec, name: str = "image") -> np.ndarray:

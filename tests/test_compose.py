@@ -376,6 +376,17 @@ def test_named_volumes_are_declared():
         assert volume in declared
 
 
+def test_serving_shares_the_workers_model_state_for_hot_reload():
+    """Promotions in the worker republish .fluxo/serve/<model>/current.json; serving must see that file."""
+    services = _load()["services"]
+
+    def mounts(name: str) -> set[str]:
+        return {str(v) if not isinstance(v, dict) else f"{v['source']}:{v['target']}" for v in services[name].get("volumes") or []}
+
+    shared = mounts("worker") & mounts("serving")
+    assert "fluxo-state:/app/.fluxo" in shared, f"worker and serving share no .fluxo volume: {shared}"
+
+
 def test_minio_init_makes_the_buckets():
     script = " ".join(_command(_load()["services"]["minio-init"]))
     for bucket in ("mlflow", "dvc"):

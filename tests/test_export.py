@@ -16,7 +16,9 @@ from pipelines.data.ingest import ingest, version
 from pipelines.data.store import read_dataset
 from pipelines.errors import FluxoError
 from pipelines.export.step import export_run
-from pipelines.serve import materialize_model
+from pipelines.export.image_recipe import DIGITS
+from pipelines.serve import materialize_model, model_root
+from serving.reload import read_pointer
 from pipelines.train.run import train
 
 
@@ -61,6 +63,11 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
 
     metadata = json.loads((exported.export_dir / "metadata.json").read_text())
     assert metadata["data_version"] == data_version.md5 and metadata["input_shape"] == [1, 8, 8]
+    # /predict/image preprocesses uploads the way scikit-learn made the digits.
+    assert metadata["preprocessing"]["image"] == DIGITS
+    # The promotion published v1 as the live champion for running servers.
+    live = read_pointer(model_root(project, settings))
+    assert live.name == "fluxo-digits-v1" and json.loads((live / "metadata.json").read_text())["model_version"] == "1"
 
     # A worse model is registered but does not take the alias; the decision is recorded.
     worse_settings = settings_for("train.epochs=1", "train.learning_rate=1e-6")
@@ -69,6 +76,7 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
     assert second.model_version == "2" and not second.promotion.promoted
     assert str(client.get_model_version_by_alias("fluxo-digits", "champion").version) == "1"
     assert "kept champion v1" in client.get_model_version("fluxo-digits", "2").tags["fluxo.promotion"]
+    assert read_pointer(model_root(project, settings)) == live  # not promoted, not published
 
     # The champion materialises as model.onnx + metadata.json for the service, with its version.
     served = materialize_model(project, settings)

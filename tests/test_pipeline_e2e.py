@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.data.store import read_dataset
 from pipelines.data.versioning import read_data_version
-from pipelines.serve import materialize_model
+from pipelines.export.step import export_run
+from pipelines.serve import materialize_model, model_root
+from serving.reload import read_pointer
 from tests.conftest import SMOKE, make_settings
 
 pytestmark = pytest.mark.e2e
@@ -50,10 +53,13 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
 
     settings = make_settings(project, "train.epochs=3")
     model_dir = materialize_model(project, settings)
+    # The promotion published the champion: `fluxo serve` starts on this root and follows it.
+    champion_root = model_root(project, settings)
+    assert read_pointer(champion_root) == model_dir.resolve()
     port = _free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log_file:
-        server = start_server(model_dir, port, log_file=log_file)
+        server = start_server(champion_root, port, log_file=log_file)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, timeout=120, process=server)
@@ -79,6 +85,20 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
 
             bad = httpx.post(f"{url}/predict", json={"instances": [[0.0] * 64]}, timeout=10)
             assert bad.status_code == 400 and "(1, 8, 8)" in bad.text
+
+            # Exporting again registers v2 with an equal test metric, which takes the alias;
+            # the running server switches to it by itself and keeps answering meanwhile.
+            assert export_run(project, settings, summary["run_id"]).promotion.promoted
+            deadline, versions = time.monotonic() + 60, set()
+            while time.monotonic() < deadline:
+                answer = httpx.post(f"{url}/predict", json={"instances": held_out[:2].tolist()}, timeout=30)
+                assert answer.status_code == 200, answer.text
+                versions.add(answer.json()["model_version"])
+                if answer.json()["model_version"] == "2":
+                    break
+                time.sleep(0.2)
+            assert "2" in versions, f"the server never picked up the new champion (saw {versions})"
+            assert httpx.get(f"{url}/metadata", timeout=10).json()["model_version"] == "2"
         except Exception:
             print(log_path.read_text()[-4000:])
             raise

@@ -1,5 +1,10 @@
 """A user's image folder (one subfolder per class, PNG or JPEG) → fixed-size uint8 tensors.
 
+Pixels are brought to size by ``serving.images.fit_pixels``, the function the
+service applies to uploads, so a served image is preprocessed exactly as in
+training (the one place ``pipelines`` reads from ``serving``: a pure PIL/numpy
+function, no BentoML or onnxruntime).
+
 Images are decoded in parallel straight into a memory-mapped array in a scratch
 directory, so a folder far larger than RAM ingests with a small, flat footprint.
 """
@@ -49,21 +54,11 @@ def scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Problem]]:
     return classes, files, problems
 
 
-def _fit(image, size: tuple[int, int], policy: str):
-    """Bring a PIL image to ``size`` (height, width) by the recorded policy."""
-    from PIL import Image, ImageOps
-
-    height, width = size
-    if policy == "resize":
-        return image.resize((width, height), Image.BILINEAR)
-    if policy == "crop":
-        return ImageOps.fit(image, (width, height), Image.BILINEAR)
-    return ImageOps.pad(image, (width, height), Image.BILINEAR, color=0)
-
-
 def _decode_chunk(args: tuple[list[str], str, int, int, tuple[int, int], str, int]) -> list[str]:
     """Decode files into rows ``offset..`` of the shared memory map; return the paths that failed."""
     from PIL import Image, UnidentifiedImageError
+
+    from serving.images import fit_pixels  # the service decodes uploads with the same function
 
     paths, array_path, offset, total, size, policy, channels = args
     out = np.lib.format.open_memmap(array_path, mode="r+")
@@ -73,11 +68,9 @@ def _decode_chunk(args: tuple[list[str], str, int, int, tuple[int, int], str, in
         try:
             with Image.open(path) as image:
                 image.load()
-                pixels = np.asarray(_fit(image.convert(mode), size, policy), dtype=np.uint8)
+                out[row] = fit_pixels(image, mode, size, policy)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             failed.append(path)
-            continue
-        out[row] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
     out.flush()
     return failed
 

@@ -36,7 +36,8 @@ def check_parity(
     model = model.to("cpu").eval()
     worst, agree = 0.0, 0
     for start in range(0, len(x), batch_size):
-        batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+        # A copy: x is usually a read-only memory map, which torch.from_numpy warns about.
+        batch = np.array(x[start : start + batch_size], dtype=np.float32, order="C")
         onnx_logits = session.run(None, {INPUT_NAME: batch})[0]
         with torch.no_grad():
             torch_logits = model(torch.from_numpy(batch)).numpy()

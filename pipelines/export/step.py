@@ -15,6 +15,7 @@ from pipelines.config import FluxoSettings
 from pipelines.data.store import read_dataset
 from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError
+from pipelines.export.image_recipe import image_recipe
 from pipelines.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, servable
 from pipelines.export.parity import ParityReport, check_parity
 from pipelines.export.registry import PromotionDecision, promote_if_better
@@ -56,9 +57,17 @@ def latest_run_id(experiment: str) -> str:
 
 
 def build_metadata(
-    spec: dict[str, Any], run: Any, name: str, test_metrics: dict[str, float], opset: int
+    spec: dict[str, Any],
+    run: Any,
+    name: str,
+    test_metrics: dict[str, float],
+    opset: int,
+    image: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the service needs beside the ONNX file (see serving/README.md)."""
+    preprocessing: dict[str, Any] = {"normalize": {"mean": spec["mean"], "std": spec["std"]}, "in_graph": True}
+    if image is not None:
+        preprocessing["image"] = image
     return {
         "model_name": name,
         "model_version": None,
@@ -72,7 +81,7 @@ def build_metadata(
         "input_shape": list(spec["input_shape"]),
         "input_dtype": "float32",
         "labels": list(spec["labels"]),
-        "preprocessing": {"normalize": {"mean": spec["mean"], "std": spec["std"]}, "in_graph": True},
+        "preprocessing": preprocessing,
         "test_metrics": test_metrics,
         "onnx_opset": opset,
     }
@@ -107,11 +116,14 @@ def export_run(root: Path, settings: FluxoSettings, run_id: str | None = None) -
     onnx_path = export_dir / MODEL_FILE
     proto = export_onnx(model, tuple(spec["input_shape"]), onnx_path, settings.export.opset)
 
-    test = read_dataset(root / settings.data.data_dir).splits["test"]
+    dataset = read_dataset(root / settings.data.data_dir)
+    test = dataset.splits["test"]
     parity = check_parity(model, onnx_path, test.x, settings.export.parity_atol)
     name = settings.registered_model_name()
     test_metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
-    metadata = build_metadata(spec, run, name, test_metrics, settings.export.opset)
+    metadata = build_metadata(
+        spec, run, name, test_metrics, settings.export.opset, image=image_recipe(dataset.manifest)
+    )
 
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({"parity_max_abs_diff": parity.max_abs_diff, "parity_argmax_agreement": parity.argmax_agreement})
@@ -142,4 +154,8 @@ def export_run(root: Path, settings: FluxoSettings, run_id: str | None = None) -
         client, name, version, run_id, settings.tracking.champion_metric, settings.tracking.champion_alias
     )
     log.info("parity: max |Δlogit| %.2e, argmax agreement %.4f", parity.max_abs_diff, parity.argmax_agreement)
+    if promotion.promoted:
+        from pipelines.serve import publish_champion  # imports this module: import late
+
+        publish_champion(root, settings)  # servers started by `fluxo serve` reload it within seconds
     return ExportResult(run_id, export_dir, parity, name, version, promotion)
