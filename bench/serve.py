@@ -373,8 +373,10 @@ def held_out_instances(settings: Any, metadata: dict[str, Any], n: int = 256) ->
 
     try:
         x = read_dataset(ROOT / settings.data.data_dir).splits["test"].x[:n]
+        if x.shape[1:] != tuple(metadata["input_shape"]):
+            raise ValueError(f"it holds another dataset, of shape {x.shape[1:]}")
     except Exception as error:  # noqa: BLE001 - a benchmark only needs realistic inputs
-        print(f"data/ unreadable ({error}); using the built-in {metadata['dataset']} source", flush=True)
+        print(f"data/ unusable ({error}); using the built-in {metadata['dataset']} source", flush=True)
         x = load_builtin(metadata["dataset"]).x[-n:]
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[1:] != tuple(metadata["input_shape"]):
