@@ -19,9 +19,11 @@ and the comparison should be the same work. Test accuracy is that of the final w
 - **lightning**: a ``LightningModule`` under ``Trainer(max_steps=...)``, no logger,
   no checkpointing, no progress bar, no sanity check.
 
-On CUDA all three run fp32 by default: the engine has no bf16 autocast yet, so
-``--bf16-baselines`` (autocast for plain, ``precision="bf16-mixed"`` for Lightning)
-is reported as an unequal comparison. ``--threads 1`` pins torch's intra-op threads
+On CUDA all three run fp32 by default; ``--bf16`` autocasts all three (fluxo's
+``train.precision=bf16``, autocast for plain, ``precision="bf16-mixed"`` for Lightning).
+``--fluxo-compile reduce-overhead`` runs fluxo with ``train.compile`` (forward/backward
+and the optimiser step compiled, the learning rate a tensor, CUDA graphs on a GPU);
+the compile time is part of its wall time. ``--threads 1`` pins torch's intra-op threads
 (on a CPU shared with other jobs, two spinning threads for a model this small can be
 several times slower than one, and far noisier). ``--repeats`` interleaves the three per repeat
 and reports the median, since the CPU may be shared. Prints a table and writes
@@ -104,7 +106,7 @@ def accuracy(model, x, y) -> float:
     return float(correct) / len(y)
 
 
-def run_fluxo(model, data: dict, steps: int, device, seed: int) -> dict:
+def run_fluxo(model, data: dict, steps: int, device, seed: int, compile_mode: str = "off", bf16: bool = False) -> dict:
     from pipelines.data.store import Split
     from pipelines.train.batches import ResidentBatches
     from pipelines.train.engine import FitConfig, fit
@@ -116,6 +118,8 @@ def run_fluxo(model, data: dict, steps: int, device, seed: int) -> dict:
     config = FitConfig(
         epochs=epochs, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, weight_decay=0.0,
         patience=epochs + 1, seed=seed, optimizer="adam",
+        compile=compile_mode != "off", compile_mode="default" if compile_mode == "off" else compile_mode,
+        precision="bf16" if bf16 else "fp32",
     )
     sync(device)
     started = time.perf_counter()
@@ -252,10 +256,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--bf16-baselines", action="store_true", help="on CUDA: bf16 autocast for plain and Lightning only")
+    parser.add_argument("--bf16", "--bf16-baselines", dest="bf16_baselines", action="store_true",
+                        help="on CUDA: bf16 autocast for all three")
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared CPU",
+    )
+    parser.add_argument(
+        "--fluxo-compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
+        help="train.compile for fluxo's run (reduce-overhead: CUDA graphs on a GPU); compile time is included",
     )
     parser.add_argument("--only", nargs="+", choices=["fluxo", "plain", "lightning"], default=["fluxo", "plain", "lightning"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_speed.json")
@@ -294,7 +303,7 @@ def main() -> None:
         return model.to(device)
 
     runners = {
-        "fluxo": lambda: run_fluxo(fresh(), data, steps, device, args.seed),
+        "fluxo": lambda: run_fluxo(fresh(), data, steps, device, args.seed, args.fluxo_compile, bf16),
         "plain": lambda: run_plain(fresh(), data, steps, device, args.seed, bf16),
         "lightning": lambda: run_lightning(fresh(), data, steps, device, args.seed, bf16),
     }
@@ -355,14 +364,15 @@ def main() -> None:
             "optimizer": "adam", "learning_rate": LEARNING_RATE, "batch_size": BATCH_SIZE,
             "steps": steps, "steps_requested": args.steps, "epochs": steps // steps_per_epoch,
             "evaluation": "test split once per epoch in all three; accuracy of the final weights",
-            "precision": "bf16 autocast for plain and lightning, fp32 for fluxo" if bf16 else "fp32 for all",
+            "precision": "bf16 autocast for all" if bf16 else "fp32 for all",
+            "fluxo_compile": args.fluxo_compile,
         },
         "machine": machine(device),
         "repeats": args.repeats,
         "results": results,
         "ratios": ratios,
         "notes": [
-            "fluxo's engine has no bf16 autocast yet, so on CUDA the default run is fp32 for all three.",
+"--bf16 autocasts all three on CUDA; --fluxo-compile compiles fluxo's step (its compile time counts).",
             "fluxo's fit() validates and deep-copies the best state every epoch, and counts epochs, not steps.",
             "On a shared CPU compare only ratios measured in the same run; cpu_seconds (process CPU time) is "
             "less disturbed by other jobs than wall seconds when one torch thread is used.",

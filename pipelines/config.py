@@ -134,7 +134,16 @@ class TrainSettings(_Section):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: autocast the forward pass to bfloat16 (fast on GPUs with tensor cores)."
     )
-    compile: bool = Field(False, description="torch.compile the training step's model (pays off on long GPU runs).")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model's forward/backward and the optimiser step; the learning rate then "
+        "lives in a tensor, so schedules change it without recompiling (pays off on long GPU runs).",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default",
+        description="torch.compile mode for the model: reduce-overhead replays CUDA graphs on the GPU, "
+        "removing the per-step launch cost that dominates small models.",
+    )
     retrain_on_train_val: bool = Field(
         False,
         description="After early stopping, retrain from scratch on train+val for the best epoch count "

@@ -46,6 +46,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     momentum: float = 0.0,
     nesterov: bool = False,
+    lr_tensor: bool = False,
     **extra: Any,
 ) -> torch.optim.Optimizer:
     """The optimiser ``name`` over ``parameters`` (tensors or param groups).
@@ -57,6 +58,8 @@ def build_optimizer(
     ``rho`` for adadelta); keys it does not know are reported with the name.
     Note ``adam``'s weight decay is L2 added to the gradient, ``adamw``'s is
     decoupled (Loshchilov & Hutter), which is why both are offered.
+    ``lr_tensor`` holds the learning rate in a 0-d tensor that schedulers fill in
+    place, for a torch.compile'd step (a float lr would recompile at every change).
     """
     key = name.lower()
     if key not in _OPTIMIZERS:
@@ -76,7 +79,9 @@ def build_optimizer(
         raise OptimSettingError(f"nesterov applies to sgd only, not {key}")
     if nesterov and momentum == 0:
         raise OptimSettingError("nesterov=True needs momentum > 0 (Nesterov is a look-ahead on the momentum)")
-    options: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay, **extra}
+    options: dict[str, Any] = {"lr": torch.tensor(lr) if lr_tensor else lr, "weight_decay": weight_decay, **extra}
+    if lr_tensor:
+        options.setdefault("foreach", False)  # torch refuses a tensor lr with foreach unless capturable
     if key in _TAKES_MOMENTUM:
         options["momentum"] = momentum
     if key == "sgd":
@@ -109,7 +114,13 @@ class Schedule:
 
 
 def build_scheduler(
-    name: str, optimizer: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int, **options: Any
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    compiled: bool = False,
+    **options: Any,
 ) -> Schedule:
     """The learning-rate schedule ``name`` over a run of ``epochs × steps_per_epoch`` batches.
 
@@ -119,7 +130,10 @@ def build_scheduler(
     - ``onecycle``: per batch, warm up to ``max_lr`` (the optimiser's lr) over
       ``pct_start`` (0.3) of the run, then anneal far below the start. Momentum
       (or Adam's beta1) is cycled only when the optimiser already uses it, so a
-      plain-SGD run does not quietly gain momentum.
+      plain-SGD run does not quietly gain momentum. With ``compiled`` (a
+      torch.compile'd optimiser step) it is not cycled unless asked for: betas
+      and momentum are floats in the graph, and changing them every batch
+      would recompile the step each time.
     """
     key = name.lower()
     if key not in SCHEDULERS:
@@ -127,7 +141,7 @@ def build_scheduler(
     if epochs < 1 or steps_per_epoch < 1:
         raise OptimSettingError(f"scheduler {key}: epochs and steps_per_epoch must be >= 1, got {epochs}, {steps_per_epoch}")
     total = epochs * steps_per_epoch
-    base_lr = optimizer.param_groups[0]["lr"]
+    base_lr = float(optimizer.param_groups[0]["lr"])
     if key == "none":
         _take(key, options, {})
         return Schedule(None, per_batch=False)
@@ -150,7 +164,7 @@ def build_scheduler(
             "div_factor": 25.0,
             "final_div_factor": 1e4,
             "anneal_strategy": "cos",
-            "cycle_momentum": _uses_momentum(optimizer),
+            "cycle_momentum": _uses_momentum(optimizer) and not compiled,
         },
     )
     try:

@@ -254,6 +254,7 @@ def train_and_evaluate(
         checkpoint_every=settings.train.checkpoint_every,
         precision=settings.train.precision,
         compile=settings.train.compile,
+        compile_mode=settings.train.compile_mode,
     )
     result = fit(
         model,
