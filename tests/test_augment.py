@@ -304,6 +304,76 @@ def test_time_warp_is_smooth_monotone_and_keeps_the_ends():
     assert float((steps.amax(2) / steps.amin(2)).max()) <= 3.0 + 1e-4
 
 
+# --- variable-length sequences: ops stay inside each sample's valid steps -------------
+
+
+def padded_ramps(batch: int = 32, length: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Increasing ramps 1..2 over each sample's own length, zero padding after it."""
+    lengths = torch.randint(3, length + 1, (batch,), generator=seeded(seed))
+    lengths[0], lengths[1] = length, 1  # the extremes
+    steps = torch.arange(length)
+    ramp = 1 + steps / (lengths[:, None] - 1).clamp(min=1)
+    x = torch.where(steps < lengths[:, None], ramp, torch.zeros(())).unsqueeze(1).repeat(1, 2, 1)
+    return x, lengths
+
+
+def valid(lengths: torch.Tensor, length: int = 40) -> torch.Tensor:
+    return (torch.arange(length) < lengths[:, None]).unsqueeze(1).expand(-1, 2, -1)
+
+
+@pytest.mark.parametrize("ops", [
+    {"shift": 6}, {"shift": 6, "shift_mode": "pad"}, {"warp": 0.5}, {"jitter_std": 0.05},
+    {"mask_prob": 1.0, "mask_value": "mean"}, EVERYTHING_SEQUENCE,
+])
+def test_padding_stays_padding_and_no_padding_enters_the_signal(ops: dict):
+    x, lengths = padded_ramps()
+    out, _ = augmenter("sequence", sequence=ops)(x, labels(32), seeded(), lengths)
+    inside = valid(lengths)
+    assert float(out[~inside].abs().max()) == 0.0, "padding was changed"
+    if "shift_mode" not in ops and "mask_prob" not in ops and ops is not EVERYTHING_SEQUENCE:
+        # Ramps start at 1: a zero inside the valid steps could only be padding pulled in.
+        assert float(out[inside].abs().min()) > 0.5, "padding was moved into the signal"
+
+
+def test_rolling_a_variable_length_sequence_rotates_its_own_steps():
+    x, lengths = padded_ramps()
+    out, _ = augmenter("sequence", sequence={"shift": 6})(x, labels(32), seeded(), lengths)
+    for b in range(32):
+        n = int(lengths[b])
+        rotated = [torch.roll(x[b, 0, :n], k) for k in range(-6, 7)]
+        assert any(torch.equal(out[b, 0, :n], r) for r in rotated), f"sample {b} (length {n})"
+
+
+def test_time_warp_keeps_each_samples_own_ends():
+    x, lengths = padded_ramps()
+    out, _ = augmenter("sequence", sequence={"warp": 0.5})(x, labels(32), seeded(), lengths)
+    last = (lengths - 1).view(-1, 1, 1).expand(-1, 2, 1)
+    torch.testing.assert_close(out[..., :1], x[..., :1])
+    torch.testing.assert_close(out.gather(2, last), x.gather(2, last))
+    long_enough = lengths >= 3
+    assert float((out - x)[long_enough].abs().max()) > 0.01
+
+
+def test_masks_fall_inside_the_valid_steps_and_fill_with_their_mean():
+    x, lengths = padded_ramps()
+    out, _ = augmenter("sequence", sequence={"mask_prob": 1.0, "mask_span": [0.5, 0.5], "mask_value": "mean"})(
+        x, labels(32), seeded(), lengths
+    )
+    changed = out != x
+    assert not bool((changed & ~valid(lengths)).any())
+    means = x.sum(2, keepdim=True) / lengths.view(-1, 1, 1)
+    torch.testing.assert_close(out[changed], means.expand_as(x)[changed])
+
+
+def test_full_lengths_give_the_fixed_length_result_up_to_rounding():
+    x = torch.randn(32, 2, 40, generator=seeded())
+    full = torch.full((32,), 40)
+    ops = augmenter("sequence", sequence=EVERYTHING_SEQUENCE, mix={})
+    without, _ = ops(x, labels(32), seeded(3))
+    with_lengths, _ = ops(x, labels(32), seeded(3), full)
+    torch.testing.assert_close(with_lengths, without, rtol=1e-4, atol=5e-5)
+
+
 # --- every op together ----------------------------------------------------------
 
 

@@ -76,7 +76,11 @@ class Augmenter:
     num_classes: int
 
     def __call__(
-        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(x augmented, targets)`` on x's device.
 
@@ -85,6 +89,8 @@ class Augmenter:
         num_classes), rows summing to 1. ``F.cross_entropy`` accepts both; take
         :func:`hard_targets` for accuracy. ``generator`` must be a CPU
         generator (None: torch's default one, so ``torch.manual_seed`` rules).
+        ``lengths`` (variable-length sequences) keeps sequence ops within each
+        sample's valid steps.
         """
         self._check(x, y)
         if generator is not None and generator.device.type != "cpu":
@@ -95,7 +101,7 @@ class Augmenter:
             if self.kind == "image" and self.settings.image.enabled():
                 x = augment_images(x, self.settings.image, device_generator)
             elif self.kind == "sequence" and self.settings.sequence.enabled():
-                x = augment_sequences(x, self.settings.sequence, device_generator)
+                x = augment_sequences(x, self.settings.sequence, device_generator, lengths)
             if self.settings.mix.enabled():
                 x, y = mix_batch(x, y, self.settings.mix, self.num_classes, random.Random(seed), device_generator)
         return x, y

@@ -69,7 +69,8 @@ class ClassificationStep(TaskStep):
     """Softmax + cross-entropy: the default task."""
 
 
-Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+# (x, y, generator, lengths or None) → (x augmented, targets)
+Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -247,7 +248,7 @@ def fit(
             if index < skip_steps:
                 continue  # replaying a resumed epoch's order up to where it stopped
             if augment is not None:
-                batch = Batch(*augment(batch.x, batch.y, augment_generator), batch.lengths)
+                batch = Batch(*augment(batch.x, batch.y, augment_generator, batch.lengths), batch.lengths)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
                 logits = forward(trained, batch)
             logits = logits.float()
