@@ -56,27 +56,15 @@ class SequenceAugment(BaseModel):
         )
 
 
-def _time_warp(
-    x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator, n: torch.Tensor | None
-) -> torch.Tensor:
-    """Resample each sequence along a smooth monotone path that keeps both ends in place.
-
-    With ``n`` (valid steps per sample, (B, 1, 1)) the path runs over each sample's own
-    steps, so the padding stays where it was and no padding is pulled into the signal.
-    """
+def _time_warp(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator, n: torch.Tensor) -> torch.Tensor:
+    """Resample each sequence along a smooth monotone path that keeps both ends of its valid steps in place."""
     batch, channels, length = x.shape
     knots = torch.rand(batch, 1, settings.warp_knots, generator=generator, device=x.device, dtype=x.dtype)
     speed = F.interpolate(1 + settings.warp * (2 * knots - 1), size=length - 1, mode="linear", align_corners=True)
     path = torch.cat([torch.zeros_like(speed[..., :1]), torch.cumsum(speed, -1)], -1)
-    if n is None:
-        path = path / path[..., -1:] * (length - 1)  # (B, 1, L) from 0 to L-1, increasing
-        left = path.floor().clamp(0, length - 2)
-        frac = path - left
-        index = left.long().expand(batch, channels, length)
-        return torch.lerp(x.gather(2, index), x.gather(2, index + 1), frac)
-    last = (n - 1).clamp(min=0)
+    last = n - 1
     end = path.gather(2, last).clamp_min(torch.finfo(x.dtype).tiny)
-    path = path * (last.to(x.dtype) / end)  # from 0 to n-1 over each sample's valid steps (0 when n = 1)
+    path = path * (last.to(x.dtype) / end)  # (B, 1, L), 0 → n-1 over each sample's valid steps (0 when n = 1)
     left = torch.minimum(path.floor(), (last - 1).clamp(min=0).to(x.dtype)).clamp(min=0)
     frac = (path - left).clamp(0, 1)
     index = left.long().clamp(0, length - 1)
@@ -84,45 +72,42 @@ def _time_warp(
     warped = torch.lerp(
         x.gather(2, index.expand(batch, channels, length)), x.gather(2, following.expand(batch, channels, length)), frac
     )
-    return torch.where(_inside(n, length, x.device), warped, x)
+    return torch.where(_inside(n, length), warped, x)
 
 
-def _shift(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator, n: torch.Tensor | None) -> torch.Tensor:
+def _shift(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator, n: torch.Tensor) -> torch.Tensor:
     """Move each sample by its own number of steps (positive: later in time), within its valid steps."""
     batch, channels, length = x.shape
     steps = torch.randint(-settings.shift, settings.shift + 1, (batch, 1, 1), generator=generator, device=x.device)
     source = torch.arange(length, device=x.device) - steps  # output t reads input t - steps
-    span = length if n is None else n.clamp(min=1)
     if settings.shift_mode == "roll":
-        moved = x.gather(2, (source % span).clamp(0, length - 1).expand(batch, channels, length))
+        moved = x.gather(2, (source % n).expand(batch, channels, length))
     else:
-        kept = (source >= 0) & (source < span)
+        kept = (source >= 0) & (source < n)
         moved = x.gather(2, source.clamp(0, length - 1).expand(batch, channels, length))
         moved = torch.where(kept, moved, torch.zeros_like(moved))
-    return moved if n is None else torch.where(_inside(n, length, x.device), moved, x)
+    return torch.where(_inside(n, length), moved, x)
 
 
-def _mask(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator, n: torch.Tensor | None) -> torch.Tensor:
+def _mask(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator, n: torch.Tensor) -> torch.Tensor:
     batch, _, length = x.shape
-    valid = length if n is None else n.to(x.dtype)
+    valid = n.to(x.dtype)
     u = torch.rand(batch, 3, 1, 1, generator=generator, device=x.device)
     span = (settings.mask_span[0] + (settings.mask_span[1] - settings.mask_span[0]) * u[:, 0]) * valid
     span = span.round().clamp(1, length)
-    start = torch.floor(u[:, 1] * (valid - span + 1).clamp(min=1))
+    start = torch.floor(u[:, 1] * (valid - span + 1))
     steps = torch.arange(length, device=x.device)
-    masked = (steps >= start) & (steps < start + span) & (u[:, 2] < settings.mask_prob)  # (B, 1, L)
-    if n is not None:
-        masked = masked & _inside(n, length, x.device)
+    masked = (steps >= start) & (steps < start + span) & (u[:, 2] < settings.mask_prob) & _inside(n, length)
     if settings.mask_value == "mean":
-        fill = x.mean(dim=2, keepdim=True) if n is None else x.sum(dim=2, keepdim=True) / valid.clamp(min=1)
+        fill = x.sum(dim=2, keepdim=True) / valid  # padding is zero, so this is the mean of the valid steps
     else:
         fill = torch.zeros((), dtype=x.dtype, device=x.device)
     return torch.where(masked, fill, x)
 
 
-def _inside(n: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+def _inside(n: torch.Tensor, length: int) -> torch.Tensor:
     """(B, 1, L) mask of each sample's valid steps."""
-    return torch.arange(length, device=device) < n
+    return torch.arange(length, device=n.device) < n
 
 
 def augment_sequences(
@@ -130,25 +115,27 @@ def augment_sequences(
 ) -> torch.Tensor:
     """Warp → shift → amplitude → jitter → mask, for the whole batch; ``generator`` lives on x's device.
 
-    ``lengths`` (valid steps per sample) keeps every op inside each sample's own
-    steps: padding is never shifted, warped or masked into the signal, nor given
-    jitter, so what a variable-length RNN reads is still a real (augmented) sequence.
+    ``lengths`` (valid steps per sample; None: all of them) keeps every op inside
+    each sample's own steps: padding is never shifted, warped or masked into the
+    signal, nor given jitter, so a variable-length RNN still reads a real sequence.
     """
-    n = None if lengths is None else lengths.to(device=x.device, dtype=torch.long).view(-1, 1, 1)
+    batch, _, length = x.shape
+    if lengths is None:
+        n = torch.full((batch, 1, 1), length, device=x.device, dtype=torch.long)
+    else:
+        n = lengths.to(device=x.device, dtype=torch.long).clamp(1, length).view(-1, 1, 1)
     low, high = torch.aminmax(x)
     span = high - low  # a 0-dim tensor: stays on the device, no sync
-    if settings.warp > 0 and x.shape[2] > 1:
+    if settings.warp > 0 and length > 1:
         x = _time_warp(x, settings, generator, n)
     if settings.shift > 0:
         x = _shift(x, settings, generator, n)
     if settings.amplitude != (1.0, 1.0):
-        u = torch.rand(x.shape[0], 1, 1, generator=generator, device=x.device, dtype=x.dtype)
+        u = torch.rand(batch, 1, 1, generator=generator, device=x.device, dtype=x.dtype)
         x = x * (settings.amplitude[0] + (settings.amplitude[1] - settings.amplitude[0]) * u)
     if settings.jitter_std > 0:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if n is not None:
-            noise = noise * _inside(n, x.shape[2], x.device)
-        x = x + noise * (settings.jitter_std * span)
+        x = x + noise * _inside(n, length) * (settings.jitter_std * span)
     if settings.mask_prob > 0:
         x = _mask(x, settings, generator, n)
     return x
