@@ -65,6 +65,7 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
     assert metadata["data_version"] == data_version.md5 and metadata["input_shape"] == [1, 8, 8]
     # /predict/image preprocesses uploads the way scikit-learn made the digits.
     assert metadata["preprocessing"]["image"] == DIGITS
+    assert "served_test_accuracy" not in metadata  # fixed-size inputs: served exactly as tested
     # The promotion published v1 as the live champion for running servers.
     live = read_pointer(model_root(project, settings))
     assert live.name == "fluxo-digits-v1" and json.loads((live / "metadata.json").read_text())["model_version"] == "1"
@@ -104,3 +105,28 @@ def test_serving_an_unknown_model_is_explained(project: Path, trained) -> None:
         materialize_model(project, settings, "models:/nope@champion")
     with pytest.raises(FluxoError, match="expected an export directory"):
         materialize_model(project, settings, "s3://bucket/model")
+
+
+def test_variable_length_export_records_accuracy_as_served(project: Path, settings_for, tmp_path: Path) -> None:
+    """An RNN trained on packed sequences reads the padding once served: the gap is measured, not hidden."""
+    import pandas as pd
+
+    from tests.test_ingest_sources import _sequences_csv
+
+    path = _sequences_csv(tmp_path / "walk.csv", rows=90)
+    frame = pd.read_csv(path)
+    frame.loc[::2, ["t8", "t9", "t10", "t11"]] = np.nan  # every other sequence is 8 steps long
+    frame.to_csv(path, index=False)
+    settings = settings_for(f"data.dataset={path}", "model.name=gru", "model.params={hidden: 8}", "train.epochs=2")
+    ingest(project, settings.data)
+    result = train(project, settings, version(project, settings.data))
+    exported = export_run(project, settings, result.run_id)
+
+    test = read_dataset(project / "data").splits["test"]
+    session = ort.InferenceSession(str(exported.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    as_served = float((session.run(None, {"input": np.asarray(test.x, dtype=np.float32)})[0].argmax(1) == test.y).mean())
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.metrics["served_test_accuracy"] == pytest.approx(as_served)
+    metadata = json.loads((exported.export_dir / "metadata.json").read_text())
+    assert metadata["variable_length"] is True and metadata["served_test_accuracy"] == pytest.approx(as_served)
+    assert "image" not in metadata["preprocessing"]  # sequences take no uploads

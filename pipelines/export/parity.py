@@ -44,3 +44,18 @@ def check_parity(
         worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
         agree += int((onnx_logits.argmax(1) == torch_logits.argmax(1)).sum())
     return ParityReport(len(x), worst, agree / max(len(x), 1), atol)
+
+
+def served_accuracy(onnx_path: Path, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
+    """Accuracy of the ONNX graph on padded inputs, as the service runs it (no per-sequence lengths).
+
+    For variable-length data an RNN trained on packed sequences reads the zero
+    padding once served, so this can fall below the run's test accuracy; the export
+    step records both so the gap is visible instead of silent.
+    """
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        batch = np.array(x[start : start + batch_size], dtype=np.float32, order="C")
+        correct += int((session.run(None, {INPUT_NAME: batch})[0].argmax(1) == y[start : start + batch_size]).sum())
+    return correct / max(len(x), 1)

@@ -17,7 +17,7 @@ from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError
 from pipelines.export.image_recipe import image_recipe
 from pipelines.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, servable
-from pipelines.export.parity import ParityReport, check_parity
+from pipelines.export.parity import ParityReport, check_parity, served_accuracy
 from pipelines.export.registry import PromotionDecision, promote_if_better
 from pipelines.tracking import configure_mlflow
 from pipelines.train.checkpoint import load_checkpoint, rebuild_model
@@ -87,6 +87,25 @@ def build_metadata(
     }
 
 
+def _served_accuracy_if_padded(
+    dataset: Any, spec: dict[str, Any], onnx_path: Path, test_metrics: dict[str, float]
+) -> float | None:
+    """For variable-length classification data: test accuracy as served (padded, no lengths), else None."""
+    if not dataset.manifest.get("variable_length") or spec.get("task", "multiclass") not in ("multiclass", "binary"):
+        return None
+    test = dataset.splits["test"]
+    served = served_accuracy(onnx_path, test.x, np.asarray(test.y))
+    trained = test_metrics.get("test_accuracy")
+    if trained is not None and served < trained - 0.01:
+        log.warning(
+            "the served %s reads each sequence's zero padding (the ONNX graph takes no lengths): test accuracy "
+            "%.4f as trained, %.4f as served; for variable-length data that is served, prefer cnn1d or resnet1d, "
+            "or train on sequences padded the way clients will send them",
+            spec["architecture"], trained, served,
+        )
+    return served
+
+
 def export_run(root: Path, settings: FluxoSettings, run_id: str | None = None) -> ExportResult:
     """Export a run's best model, check it against PyTorch, register it and decide promotion."""
     import mlflow
@@ -124,10 +143,16 @@ def export_run(root: Path, settings: FluxoSettings, run_id: str | None = None) -
     metadata = build_metadata(
         spec, run, name, test_metrics, settings.export.opset, image=image_recipe(dataset.manifest)
     )
+    served = _served_accuracy_if_padded(dataset, spec, onnx_path, test_metrics)
+    if served is not None:
+        metadata["variable_length"] = True
+        metadata["served_test_accuracy"] = served
 
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({"parity_max_abs_diff": parity.max_abs_diff, "parity_argmax_agreement": parity.argmax_agreement})
         mlflow.log_dict(parity.as_dict(), "export/parity.json")
+        if served is not None:
+            mlflow.log_metric("served_test_accuracy", served)
         if not parity.passed:
             raise FluxoError(
                 f"ONNX parity failed for run {run_id}: max |Δlogit| {parity.max_abs_diff:.2e} "
