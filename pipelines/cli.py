@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,9 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
         process = start_server(served, port=port, host=host)
     except (FluxoError, ServingError) as error:
         _fail(error)
+    # `kill`, systemd and container runtimes stop us with SIGTERM: turn it into an exit that runs the
+    # `finally` below, so the server drains its requests and no worker is left holding the port.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         wait_ready(url, timeout=120, process=process)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
+import psutil
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from serving.launch import wait_ready
 from tests.conftest import SMOKE
 
 runner = CliRunner()
@@ -45,6 +52,41 @@ def test_stages_one_by_one(project: Path) -> None:
     result = _json_tail(exported.stdout)
     assert result["parity"]["passed"] and result["model"] == "fluxo-digits" and result["version"] == "1"
     assert (project / ".fluxo" / "export" / "model.onnx").is_file()
+
+    # `fluxo serve` as a user runs it, stopped the way kill, systemd or a container runtime stop it.
+    port = _free_port()
+    fluxo = Path(sys.executable).with_name("fluxo")
+    server = subprocess.Popen([str(fluxo), "serve", "--port", str(port), *common], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    descendants: list[psutil.Process] = []
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout=120, process=server)
+        answer = httpx.post(f"http://127.0.0.1:{port}/predict", json={"instances": [[[[0.0] * 8] * 8]]}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+        descendants = psutil.Process(server.pid).children(recursive=True)
+        assert descendants, "fluxo serve started no server"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        assert not alive, f"left running after SIGTERM: {[p.pid for p in alive]}"
+    finally:
+        # Anything left would also hold the output pipe open: kill it before reading.
+        if server.poll() is None:
+            server.kill()
+        for process in descendants:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        server.wait(30)
+        output = server.stdout.read().decode(errors="replace") if server.stdout else ""
+    assert "fluxo is serving fluxo-digits v1" in output, output[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_bad_inputs_exit_2_with_the_reason(project: Path) -> None:
