@@ -181,10 +181,15 @@ def fit_pixels(image: Any, mode: str, size: tuple[int, int], policy: str) -> np.
 
 
 def _to_range(values: np.ndarray, spec: ImageSpec) -> np.ndarray:
-    """0..1 values → ``spec.range``, inverted first when the dataset stores ink as high values."""
+    """0..255 values → ``spec.range``, inverted first when the dataset stores ink as high values.
+
+    One multiply by (high − low) / 255: for a (0, 255) range that factor is exactly
+    1, so 8-bit pixels come through unchanged, as the training data stored them.
+    """
     if spec.invert:
-        values = np.float32(1.0) - values
-    return (np.float32(spec.low) + values * np.float32(spec.high - spec.low)).astype(np.float32)
+        values = np.float32(255.0) - values
+    scale = np.float32((spec.high - spec.low) / 255.0)
+    return (np.float32(spec.low) + values * scale).astype(np.float32)
 
 
 def image_to_array(image: Any, spec: ImageSpec) -> np.ndarray:
@@ -193,9 +198,7 @@ def image_to_array(image: Any, spec: ImageSpec) -> np.ndarray:
 
     if spec.fit is not None:
         pixels = fit_pixels(image, spec.mode, (spec.height, spec.width), spec.fit)
-        if not spec.invert and (spec.low, spec.high) == (0.0, 255.0):
-            return pixels.astype(np.float32)  # exactly the stored training values
-        return _to_range(pixels.astype(np.float32) / np.float32(255.0), spec)
+        return _to_range(pixels.astype(np.float32), spec)
     image = _upright_opaque(image, spec.mode)
     pixels = np.asarray(image, dtype=np.float32)
     if pixels.ndim == 2:
@@ -207,7 +210,7 @@ def image_to_array(image: Any, spec: ImageSpec) -> np.ndarray:
         if plane.size != (spec.width, spec.height):
             plane = plane.resize((spec.width, spec.height), resample)
         channels.append(np.asarray(plane, dtype=np.float32))
-    return _to_range(np.stack(channels) / np.float32(255.0), spec)
+    return _to_range(np.stack(channels), spec)
 
 
 def decode_image(data: bytes, spec: ImageSpec, name: str = "image") -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,17 +29,23 @@ class ParityReport:
         return {**asdict(self), "passed": self.passed}
 
 
+def _onnx_batches(onnx_path: Path, x: np.ndarray, batch_size: int) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """(rows, float32 batch, ONNX logits) over ``x``, on the CPU provider, in batches."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for start in range(0, len(x), batch_size):
+        rows = slice(start, start + batch_size)
+        # A copy: x is usually a read-only memory map, which torch.from_numpy warns about.
+        batch = np.array(x[rows], dtype=np.float32, order="C")
+        yield rows, batch, session.run(None, {INPUT_NAME: batch})[0]
+
+
 def check_parity(
     model: nn.Module, onnx_path: Path, x: np.ndarray, atol: float, batch_size: int = 512
 ) -> ParityReport:
     """Max abs logit difference and argmax agreement between PyTorch and ONNX Runtime (CPU)."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     model = model.to("cpu").eval()
     worst, agree = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        # A copy: x is usually a read-only memory map, which torch.from_numpy warns about.
-        batch = np.array(x[start : start + batch_size], dtype=np.float32, order="C")
-        onnx_logits = session.run(None, {INPUT_NAME: batch})[0]
+    for _, batch, onnx_logits in _onnx_batches(onnx_path, x, batch_size):
         with torch.no_grad():
             torch_logits = model(torch.from_numpy(batch)).numpy()
         worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
@@ -53,9 +60,5 @@ def served_accuracy(onnx_path: Path, x: np.ndarray, y: np.ndarray, batch_size: i
     padding once served, so this can fall below the run's test accuracy; the export
     step records both so the gap is visible instead of silent.
     """
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        batch = np.array(x[start : start + batch_size], dtype=np.float32, order="C")
-        correct += int((session.run(None, {INPUT_NAME: batch})[0].argmax(1) == y[start : start + batch_size]).sum())
+    correct = sum(int((logits.argmax(1) == y[rows]).sum()) for rows, _, logits in _onnx_batches(onnx_path, x, batch_size))
     return correct / max(len(x), 1)
