@@ -96,7 +96,7 @@ def main() -> None:
 
     import torch
 
-    from pipelines.config import load_settings
+    from pipelines.settings import load_settings
     from pipelines.data.ingest import ingest, version
     from pipelines.train.run import train_and_evaluate
     from pipelines.train.tracker import NullTracker

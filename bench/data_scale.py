@@ -125,7 +125,7 @@ def main() -> None:
 
     from models import build_model
     from models.preprocess import Standardized
-    from pipelines.config import load_settings
+    from pipelines.settings import load_settings
     from pipelines.data.ingest import ingest, version
     from pipelines.data.store import read_dataset
     from pipelines.train.batches import batches_for

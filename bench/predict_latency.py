@@ -27,7 +27,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.config import load_settings  # noqa: E402
+from pipelines.settings import load_settings  # noqa: E402
 from pipelines.data.store import read_dataset  # noqa: E402
 from pipelines.serve import materialize_model  # noqa: E402
 from serving.launch import start_server, stop_server, wait_ready  # noqa: E402

@@ -402,7 +402,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-    from pipelines.config import load_settings
+    from pipelines.settings import load_settings
     from pipelines.serve import materialize_model
 
     settings = load_settings(args.config)

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.config import FluxoSettings, load_settings
+from pipelines.settings import FluxoSettings, load_settings
 from pipelines.errors import FluxoError
 
 app = typer.Typer(help="fluxo: versioned data → tracked training → ONNX → REST.", no_args_is_help=True)

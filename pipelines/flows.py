@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.config import FluxoSettings, load_settings
+from pipelines.settings import FluxoSettings, load_settings
 from pipelines.data.ingest import ingest, version
 from pipelines.data.versioning import DataVersion
 from pipelines.export.step import ExportResult, export_run

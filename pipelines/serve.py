@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.config import FluxoSettings
+from pipelines.settings import FluxoSettings
 from pipelines.errors import FluxoError
 from pipelines.export.step import METADATA_FILE, MODEL_FILE
 from pipelines.tracking import configure_mlflow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipelines.config import FluxoSettings
+from pipelines.settings import FluxoSettings
 
 log = logging.getLogger(__name__)
 

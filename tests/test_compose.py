@@ -348,9 +348,9 @@ def test_service_urls_point_at_services_and_their_ports():
 def test_fluxo_settings_in_the_environment_exist():
     """Every FLUXO_SECTION__FIELD given to a container is a real setting (env_nested_delimiter='__')."""
     try:
-        from pipelines.config import FluxoSettings
+        from pipelines.settings import FluxoSettings
     except ImportError as error:  # pragma: no cover - only before pipelines/config.py exists
-        pytest.skip(f"pipelines.config not importable yet: {error}")
+        pytest.skip(f"pipelines.settings not importable yet: {error}")
     services = _load()["services"]
     for name in APP_SERVICES:
         for key in _environment(services[name]):

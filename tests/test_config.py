@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import load_settings
+from pipelines.settings import load_settings
 from pipelines.errors import FluxoError
 
 REPO = Path(__file__).resolve().parents[1]

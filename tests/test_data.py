@@ -13,7 +13,7 @@ from pipelines.data.ingest import ingest, version
 from pipelines.data.sources import RawDataset, load_builtin
 from pipelines.data.split import stratified_split
 from pipelines.data.store import read_dataset, write_dataset
-from pipelines.config import ValidationSettings
+from pipelines.settings import ValidationSettings
 from pipelines.data.validate import validate
 from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError

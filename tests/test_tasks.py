@@ -92,7 +92,7 @@ def test_each_method_by_name_learns_digits(project: Path, settings_for, method: 
 
 
 def test_unknown_optimizer_is_named() -> None:
-    from pipelines.config import load_settings
+    from pipelines.settings import load_settings
 
     with pytest.raises(FluxoError, match="train.optimizer"):
         load_settings(None, ["train.optimizer=lbfgs"])

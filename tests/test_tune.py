@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import load_settings, parse_override
+from pipelines.settings import load_settings, parse_override
 from pipelines.data.ingest import ingest, version
 from pipelines.errors import FluxoError
 from pipelines.train.tune import (

@@ -20,51 +20,15 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-
 from pipelines.data.augment_image import ImageAugment, augment_images
 from pipelines.data.augment_sequence import SequenceAugment, augment_sequences
 from pipelines.errors import FluxoError
+from pipelines.settings.augment import AugmentSettings, MixAugment  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 KINDS = ("image", "sequence")
-
-
-class MixAugment(BaseModel):
-    """Mixup and CutMix: blend pairs of samples and their labels into soft targets."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mixup_alpha: float = Field(
-        0.0, ge=0, description="Beta(α, α) concentration of the mixup weight; 0 turns mixup off, 0.2–0.4 is usual."
-    )
-    cutmix_alpha: float = Field(
-        0.0, ge=0, description="Beta(α, α) concentration of the CutMix area; 0 turns CutMix off, 1.0 is usual."
-    )
-    prob: float = Field(
-        1.0, ge=0, le=1, description="Probability that a batch is mixed; with both on, each mixed batch picks one at random."
-    )
-
-    def enabled(self) -> bool:
-        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
-
-
-class AugmentSettings(BaseModel):
-    """Training-batch augmentation; everything is off by default, so runs change only when asked.
-
-    ``image`` applies to image datasets, ``sequence`` to sequence datasets;
-    ``mix`` to both.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: ImageAugment = Field(default_factory=ImageAugment, description="Ops for (B, C, H, W) image batches.")
-    sequence: SequenceAugment = Field(
-        default_factory=SequenceAugment, description="Ops for (B, C, L) sequence batches."
-    )
-    mix: MixAugment = Field(default_factory=MixAugment, description="Mixup/CutMix, for either kind.")
 
 
 @dataclass(frozen=True)

@@ -7,53 +7,10 @@ a fraction of the batch's value range (max − min), like image noise.
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from pipelines.data.augment_image import check_range
-
-
-class SequenceAugment(BaseModel):
-    """Per-op settings for (B, C, L) batches; every op is off by default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    shift: int = Field(0, ge=0, description="Largest time shift in steps; each sample moves uniformly in [-shift, shift].")
-    shift_mode: Literal["roll", "pad"] = Field(
-        "roll", description="roll: steps pushed off one end come back at the other; pad: they are dropped and zeros fill in."
-    )
-    amplitude: tuple[float, float] = Field((1.0, 1.0), description="Amplitude scaling factor range [lo, hi]; 1 keeps it.")
-    jitter_std: float = Field(
-        0.0, ge=0, description="Std of additive gaussian jitter, as a fraction of the batch's value range."
-    )
-    warp: float = Field(
-        0.0, ge=0, lt=1, description="Time-warp strength: smooth random playback speeds drawn in 1 ± warp, "
-        "rescaled so the sequence keeps its length and both ends."
-    )
-    warp_knots: int = Field(4, ge=2, le=64, description="Random speed knots per sequence; fewer gives smoother warps.")
-    mask_prob: float = Field(0.0, ge=0, le=1, description="Probability that a sample gets one span masked.")
-    mask_span: tuple[float, float] = Field(
-        (0.05, 0.2), description="Masked span length as a fraction of the sequence, uniform in [lo, hi]."
-    )
-    mask_value: Literal["zero", "mean"] = Field(
-        "zero", description="What a masked span holds: 0, or each sample's per-channel mean."
-    )
-
-    @model_validator(mode="after")
-    def _ranges_ordered(self) -> "SequenceAugment":
-        check_range(self.amplitude, "amplitude")
-        check_range(self.mask_span, "mask_span")
-        if not 0 < self.mask_span[0] <= self.mask_span[1] <= 1:
-            raise ValueError("mask_span: fractions must satisfy 0 < lo <= hi <= 1, for example [0.05, 0.2]")
-        return self
-
-    def enabled(self) -> bool:
-        return (
-            self.shift > 0 or self.amplitude != (1.0, 1.0) or self.jitter_std > 0 or self.warp > 0 or self.mask_prob > 0
-        )
+from pipelines.settings.augment import SequenceAugment  # noqa: F401 - re-exported
 
 
 def _time_warp(x: torch.Tensor, settings: SequenceAugment, generator: torch.Generator, n: torch.Tensor) -> torch.Tensor:

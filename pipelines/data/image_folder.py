@@ -23,7 +23,7 @@ from pipelines.data.sources import Problem, RawDataset
 from pipelines.errors import FluxoError
 
 if TYPE_CHECKING:
-    from pipelines.config import ImageSettings
+    from pipelines.settings import ImageSettings
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _detect_channels(files: list[tuple[Path, int]]) -> int:
 
 def load_image_folder(root: Path, settings: "ImageSettings", scratch: Path) -> RawDataset:
     """Decode every image of ``root`` into a uint8 memory map under ``scratch``; report unreadable files."""
-    from pipelines.config import dataset_display_name
+    from pipelines.settings import dataset_display_name
 
     classes, files, problems = scan(root)
     channels = _detect_channels(files) if settings.channels == "auto" else int(settings.channels)

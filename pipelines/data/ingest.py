@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import DataSettings
+from pipelines.settings import DataSettings
 from pipelines.data.sources import load_source
 from pipelines.data.split import stratified_split
 from pipelines.data.store import write_dataset

@@ -18,7 +18,7 @@ from pipelines.data.sources import RawDataset
 from pipelines.errors import FluxoError
 
 if TYPE_CHECKING:
-    from pipelines.config import SequenceSettings
+    from pipelines.settings import SequenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _npz(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.ndarr
 
 def load_sequence_file(path: Path, settings: "SequenceSettings") -> RawDataset:
     """Read sequences and targets; shape and NaN problems are left to validation."""
-    from pipelines.config import dataset_display_name
+    from pipelines.settings import dataset_display_name
 
     x, lengths, targets = _npz(path, settings) if path.suffix.lower() == ".npz" else _table(path, settings)
     if len(targets) != len(x):

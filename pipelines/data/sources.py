@@ -13,7 +13,7 @@ import numpy as np
 from pipelines.errors import FluxoError
 
 if TYPE_CHECKING:
-    from pipelines.config import DataSettings
+    from pipelines.settings import DataSettings
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pipelines.data.sources import RawDataset
 from pipelines.errors import FluxoError
 
 if TYPE_CHECKING:
-    from pipelines.config import ValidationSettings
+    from pipelines.settings import ValidationSettings
 
 log = logging.getLogger(__name__)
 

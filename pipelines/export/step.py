@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import FluxoSettings
+from pipelines.settings import FluxoSettings
 from pipelines.data.store import read_dataset
 from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError

@@ -16,7 +16,7 @@ import torch
 
 from models import MODEL_REGISTRY, build_model
 from models.preprocess import Standardized
-from pipelines.config import FluxoSettings
+from pipelines.settings import FluxoSettings
 from pipelines.data.augment import augmentation_grid, build_augmenter
 from pipelines.data.store import Dataset, Split, read_dataset, read_validation
 from pipelines.data.versioning import DataVersion

@@ -1,4 +1,4 @@
-"""Typed settings: one home per setting.
+"""Typed settings: one home per setting, importing only pydantic and PyYAML (never torch or a step).
 
 Precedence, lowest first: the defaults below → ``FLUXO_*`` environment variables
 (``FLUXO_TRAIN__EPOCHS=3``) → a YAML preset → ``--set key=value`` overrides.
@@ -14,9 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.data.augment import AugmentSettings
-from pipelines.train.tune import TuneSettings
 from pipelines.errors import FluxoError
+from pipelines.settings.augment import AugmentSettings
+from pipelines.settings.tune import TuneSettings
 
 
 class _Section(BaseModel):
