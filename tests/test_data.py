@@ -10,11 +10,11 @@ import pytest
 
 from pipelines.data import store
 from pipelines.data.ingest import ingest, version
-from pipelines.data.sources import RawDataset, load_builtin
+from pipelines.data.sources import Problem, RawDataset, load_builtin
 from pipelines.data.split import stratified_split
 from pipelines.data.store import read_dataset, write_dataset
 from pipelines.settings import ValidationSettings
-from pipelines.data.validate import validate
+from pipelines.data.validate import check_leakage, validate
 from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError
 
@@ -88,7 +88,7 @@ def test_builtin_mnist_ingests_from_the_installed_package(project: Path, setting
     raw = load_builtin("mnist")
     assert raw.x.shape == (5000, 1, 28, 28) and raw.x.dtype == np.uint8 and raw.x.max() == 255
     assert np.bincount(raw.y).tolist() == [500] * 10
-    report = ingest(project, settings_for("data.dataset=mnist").data)
+    report = ingest(project, settings_for("data.dataset=mnist").data).report
     dataset = read_dataset(project / "data")
     assert {s: len(dataset.splits[s].y) for s in ("train", "val", "test")} == {"train": 3000, "val": 1000, "test": 1000}
     assert dataset.manifest["dtype"] == "uint8" and report["samples_kept"] == 5000
@@ -113,6 +113,67 @@ def test_validation_rejects_nan_and_single_class() -> None:
         validate(one_class, ValidationSettings())
     with pytest.raises(FluxoError, match="only one class"):
         validate(one_class, ValidationSettings(empty_class="skip"))
+
+
+def test_validation_runs_every_check_and_fails_once_naming_all() -> None:
+    x = np.random.default_rng(0).normal(size=(30, 1, 4))
+    x[:12, 0, 1] = np.nan  # more than the examples shown
+    x[20] = x[21]
+    raw = RawDataset("tiny", "sequence", x.astype(np.float32), (np.arange(30) % 2).astype(np.int64), ["a", "b", "c"],
+                     problems=[Problem("corrupt", "unreadable", ["broken.png"])])
+    with pytest.raises(FluxoError) as failure:
+        validate(raw, ValidationSettings())
+    lines = str(failure.value).splitlines()
+    assert lines[0] == "tiny: validation failed (non_finite, empty_class); every problem found:"
+    assert lines[1] == (
+        "  - skipped: 1 unreadable, corrupt or non-image files: broken.png (data.validation.corrupt=skip)"
+    )
+    assert lines[2].startswith("  - 12 samples contain NaN or Inf: sample 0, sample 1,")
+    assert lines[2].endswith("sample 9 and 2 more; fix the data, or set data.validation.non_finite=skip to skip them")
+    assert "skipped: 1 duplicate samples: sample 21 (same as sample 20)" in lines[3]
+    assert lines[4] == (
+        "  - 1 classes have no usable sample: c; fix the data, or set data.validation.empty_class=skip to skip them"
+    )
+    checks = failure.value.report["checks"]
+    assert {name: c["count"] for name, c in checks.items()} == {
+        "corrupt": 1, "non_finite": 12, "duplicates": 1, "empty_class": 1
+    }
+    assert checks["non_finite"]["examples"] == [f"sample {i}" for i in range(10)]
+
+
+def test_nothing_left_is_named_with_what_removed_it() -> None:
+    x = np.full((4, 1, 3), np.nan)
+    with pytest.raises(FluxoError) as failure:
+        validate(_tiny(x, np.array([0, 1, 0, 1])), ValidationSettings(non_finite="skip", empty_class="skip"))
+    message = str(failure.value)
+    assert "skipped: 4 samples contain NaN or Inf" in message
+    assert "skipped: 2 classes have no usable sample: a, b" in message
+    assert "no usable samples left after validation" in message
+
+
+def test_leakage_fails_in_the_same_style_listing_what_was_let_through() -> None:
+    x = np.random.default_rng(1).normal(size=(20, 1, 4))
+    x[15] = x[3]
+    raw = _tiny(x, np.arange(20) % 2)
+    raw.y[15] = raw.y[3]
+    checked = validate(raw, ValidationSettings(duplicates="keep"))
+    splits = {"train": np.arange(0, 10), "val": np.arange(10, 14), "test": np.arange(14, 20)}
+    with pytest.raises(FluxoError) as failure:
+        check_leakage(checked.hashes, splits, ValidationSettings(duplicates="keep"), [f"row {i}" for i in range(20)],
+                      "tiny", checked.report)
+    lines = str(failure.value).splitlines()
+    assert lines[0] == "tiny: validation failed (leakage); every problem found:"
+    assert lines[1] == (
+        "  - kept: 1 identical samples (content hash): sample 15 (same as sample 3) (data.validation.duplicates=keep)"
+    )
+    assert lines[2] == (
+        "  - 1 samples appear in two splits: row 15 (train and test); "
+        "set data.validation.duplicates=skip, or data.validation.leakage=report to accept it"
+    )
+    report = dict(checked.report)
+    check_leakage(checked.hashes, splits, ValidationSettings(leakage="report"), [f"row {i}" for i in range(20)],
+                  "tiny", report)
+    assert report["checks"]["leakage"]["count"] == 1
 
 
 def test_failed_ingest_leaves_previous_data_untouched(project: Path, settings_for, monkeypatch) -> None:

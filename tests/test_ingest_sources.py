@@ -16,6 +16,7 @@ from pipelines.data import store
 from pipelines.data.ingest import ingest
 from pipelines.data.store import read_dataset
 from pipelines.errors import FluxoError
+from tests.conftest import make_settings
 
 
 def _snapshot(project: Path) -> dict[str, bytes]:
@@ -44,7 +45,7 @@ def test_image_folder_ingests_with_a_validation_summary(project: Path, settings_
     folder = make_folder(tmp_path / "pets")
     (folder / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (folder / "fox" / "notes.txt").write_text("not an image")
-    report = ingest(project, settings_for(f"data.dataset={folder}", "data.image.size=[16,16]").data)
+    report = ingest(project, settings_for(f"data.dataset={folder}", "data.image.size=[16,16]").data).report
     dataset = read_dataset(project / "data")
     assert dataset.labels == ["cat", "dog", "fox"]
     assert dataset.input_shape == (3, 16, 16)  # RGB present → 3 channels
@@ -70,9 +71,33 @@ def test_empty_class_fails_by_default_and_can_be_skipped(project: Path, settings
     (folder / "owl").mkdir()
     with pytest.raises(FluxoError, match="have no usable sample: owl.*empty_class=skip"):
         ingest(project, settings_for(f"data.dataset={folder}").data)
-    report = ingest(project, settings_for(f"data.dataset={folder}", "data.validation.empty_class=skip").data)
+    report = ingest(project, settings_for(f"data.dataset={folder}", "data.validation.empty_class=skip").data).report
     assert report["checks"]["empty_class"]["examples"] == ["owl"]
     assert read_dataset(project / "data").labels == ["cat", "dog", "fox"]
+
+
+def test_a_failing_ingest_names_every_planted_problem(project: Path, settings_for, tmp_path: Path) -> None:
+    """One run lists everything to fix: the empty classes that fail and the files skipped on the way."""
+    ingest(project, settings_for().data)  # the previous dataset, which the failed ingest must leave alone
+    before = _snapshot(project)
+    folder = make_folder(tmp_path / "pets")
+    (folder / "owl").mkdir()  # no files at all
+    (folder / "yak").mkdir()  # only files that cannot be used
+    (folder / "yak" / "broken.png").write_bytes(np.random.default_rng(0).bytes(300))
+    (folder / "yak" / "notes.txt").write_text("not an image")
+    (folder / "cat" / "copy.png").write_bytes((folder / "cat" / "001.png").read_bytes())
+    with pytest.raises(FluxoError) as failure:
+        ingest(project, make_settings(project, f"data.dataset={folder}").data)
+    message = str(failure.value)
+    assert "validation failed (empty_class)" in message
+    assert "2 classes have no usable sample: owl, yak" in message and "data.validation.empty_class=skip" in message
+    assert "skipped: 2 unreadable, corrupt or non-image files" in message and "data.validation.corrupt=skip" in message
+    assert str(folder / "yak" / "broken.png") in message and str(folder / "yak" / "notes.txt") in message
+    assert "skipped: 1 duplicate samples: cat/copy.png (same as cat/001.png)" in message
+    assert len(message.splitlines()) == 4  # a header, then one line per problem
+    assert failure.value.report["checks"]["corrupt"]["count"] == 2  # every check ran and was recorded
+    assert _snapshot(project) == before
+    assert not [p.name for p in project.iterdir() if p.name.startswith(".data.")]
 
 
 def test_a_single_class_cannot_be_trained(project: Path, settings_for, tmp_path: Path) -> None:
@@ -100,7 +125,7 @@ def test_duplicates_are_skipped_failed_or_kept_and_leakage_caught(project: Path,
     folder = make_folder(tmp_path / "pets", per_class=20)
     for i in range(6):  # the same picture filed twice in the same class
         (folder / "cat" / f"copy-{i}.png").write_bytes((folder / "cat" / f"{2 * i + 1:03d}.png").read_bytes())
-    report = ingest(project, settings_for(f"data.dataset={folder}").data)
+    report = ingest(project, settings_for(f"data.dataset={folder}").data).report
     assert report["checks"]["duplicates"]["count"] == 6 and report["samples_kept"] == 60
     assert "same as cat/" in report["checks"]["duplicates"]["examples"][0]
     with pytest.raises(FluxoError, match="6 duplicate samples"):
@@ -108,7 +133,7 @@ def test_duplicates_are_skipped_failed_or_kept_and_leakage_caught(project: Path,
     with pytest.raises(FluxoError, match="appear in two splits"):
         ingest(project, settings_for(f"data.dataset={folder}", "data.validation.duplicates=keep").data)
     kept = ingest(project, settings_for(
-        f"data.dataset={folder}", "data.validation.duplicates=keep", "data.validation.leakage=report").data)
+        f"data.dataset={folder}", "data.validation.duplicates=keep", "data.validation.leakage=report").data).report
     assert kept["samples_kept"] == 66 and kept["checks"]["leakage"]["count"] > 0
 
 
@@ -116,7 +141,7 @@ def test_imbalance_is_reported_and_can_fail(project: Path, settings_for, tmp_pat
     folder = make_folder(tmp_path / "pets", per_class=12)
     for i in range(12, 40):
         _digit_image(900 + i, (24, 24)).save(folder / "dog" / f"extra-{i}.png")
-    report = ingest(project, settings_for(f"data.dataset={folder}").data)
+    report = ingest(project, settings_for(f"data.dataset={folder}").data).report
     assert report["imbalance_ratio"] == pytest.approx(40 / 12, abs=1e-3)
     with pytest.raises(FluxoError, match="imbalance 3.3 .*'dog' 40 vs 'cat' 12.*train.balance=weighted"):
         ingest(project, settings_for(f"data.dataset={folder}", "data.validation.max_imbalance=3").data)
@@ -160,17 +185,62 @@ def test_sequence_problems_name_the_rows_and_columns(project: Path, settings_for
     frame.to_csv(path, index=False)
     with pytest.raises(FluxoError, match="NaN or Inf: row 7"):
         ingest(project, settings_for(f"data.dataset={path}").data)
-    report = ingest(project, settings_for(f"data.dataset={path}", "data.validation.non_finite=skip").data)
+    report = ingest(project, settings_for(f"data.dataset={path}", "data.validation.non_finite=skip").data).report
     assert report["checks"]["non_finite"]["examples"] == ["row 7"] and report["samples_kept"] == 59
-    with pytest.raises(FluxoError, match="no label column 'target'; columns are t0, t1"):
+    with pytest.raises(FluxoError, match="no label column 'target'; columns are t0, t1.*sequence.label_column=label"):
         ingest(project, settings_for(f"data.dataset={path}", "data.sequence.label_column=target").data)
     frame.loc[4, "label"] = None
     frame.to_csv(path, index=False)
-    with pytest.raises(FluxoError, match="1 samples have no 'label' value \\(rows 4\\)"):
+    with pytest.raises(FluxoError, match="1 samples have no 'label' value: row 4; fill or remove"):
         ingest(project, settings_for(f"data.dataset={path}").data)
     (tmp_path / "bad.txt").write_text("x")
     with pytest.raises(FluxoError, match="unsupported file type '.txt'"):
         ingest(project, settings_for(f"data.dataset={tmp_path / 'bad.txt'}").data)
+
+
+def test_every_problem_of_a_sequence_file_is_named_in_one_failure(project: Path, settings_for, tmp_path: Path) -> None:
+    path = _sequences_csv(tmp_path / "walk.csv")
+    frame = pd.read_csv(path)
+    frame["label"] = np.where(np.arange(60) % 4, "up", "down")  # 45 up, 15 down
+    frame.loc[[1, 2], "t5"] = np.nan  # holes in two "up" rows
+    frame.loc[3, "label"] = None
+    frame.to_csv(path, index=False)
+    with pytest.raises(FluxoError) as failure:
+        ingest(project, settings_for(f"data.dataset={path}", "data.validation.max_imbalance=2").data)
+    message = str(failure.value)
+    assert "validation failed (missing_label, non_finite, max_imbalance)" in message
+    assert "2 samples contain NaN or Inf: row 1, row 2; fix the data, or set data.validation.non_finite=skip" in message
+    assert "1 samples have no 'label' value: row 3" in message
+    assert "class imbalance 2.8 ('up' 42 vs 'down' 15) exceeds data.validation.max_imbalance=2" in message
+    assert not (project / "data").exists()
+
+
+def test_npz_with_x_and_y_takes_the_targets_from_y(
+    project: Path, settings_for, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = np.random.default_rng(2).normal(size=(40, 16)).astype(np.float32)
+    np.savez(tmp_path / "xy.npz", x=x, y=np.arange(40) % 2)
+    with caplog.at_level("INFO", logger="pipelines.data.sequence_file"):
+        ingest(project, settings_for(f"data.dataset={tmp_path / 'xy.npz'}").data)
+    assert "taking the targets from 'y'" in caplog.text
+    dataset = read_dataset(project / "data")
+    assert dataset.labels == ["0", "1"] and dataset.input_shape == (1, 16)
+    assert sum(len(split.y) for split in dataset.splits.values()) == 40
+
+
+def test_npz_without_the_label_array_names_the_arrays_and_the_setting(
+    project: Path, settings_for, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(3).normal(size=(40, 16)).astype(np.float32)
+    np.savez(tmp_path / "target.npz", x=x, target=np.arange(40) % 2)
+    with pytest.raises(FluxoError, match=r"target.npz: no label array 'label'; arrays are x, target; "
+                       r"set data.sequence.label_column .*data.sequence.label_column=target"):
+        ingest(project, settings_for(f"data.dataset={tmp_path / 'target.npz'}").data)
+    np.savez(tmp_path / "both.npz", x=x, y=np.arange(40) % 2, target=np.arange(40) % 2)  # ambiguous: no guess
+    with pytest.raises(FluxoError, match="arrays are x, y, target; set data.sequence.label_column"):
+        ingest(project, settings_for(f"data.dataset={tmp_path / 'both.npz'}").data)
+    ingest(project, settings_for(f"data.dataset={tmp_path / 'target.npz'}", "data.sequence.label_column=target").data)
+    assert read_dataset(project / "data").labels == ["0", "1"]
 
 
 def test_npz_and_parquet_sequences(project: Path, settings_for, tmp_path: Path) -> None:

@@ -32,7 +32,11 @@ _CHUNK = 2_048  # images per worker task
 
 
 def scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Problem]]:
-    """Classes (sorted subfolder names), (file, class index) pairs in a stable order, and problems."""
+    """Classes (sorted subfolder names), (file, class index) pairs in a stable order, and problems.
+
+    Only a folder without class subfolders fails here (nothing else could be checked); empty
+    classes and non-image files are left to validation, which reports them all together.
+    """
     if not root.is_dir():
         raise FluxoError(f"{root}: not a folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -54,9 +58,17 @@ def scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Problem]]:
     return classes, files, problems
 
 
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file it cannot decode; caught per file so one bad image (a truncated
+    PNG, a decompression bomb) is reported with the rest by validation instead of ending the ingest."""
+    from PIL import Image, UnidentifiedImageError
+
+    return (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
+
+
 def _decode_chunk(args: tuple[list[str], str, int, int, tuple[int, int], str, int]) -> list[str]:
     """Decode files into rows ``offset..`` of the shared memory map; return the paths that failed."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from serving.images import fit_pixels  # the service decodes uploads with the same function
 
@@ -69,7 +81,7 @@ def _decode_chunk(args: tuple[list[str], str, int, int, tuple[int, int], str, in
             with Image.open(path) as image:
                 image.load()
                 out[row] = fit_pixels(image, mode, size, policy)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        except _unreadable():
             failed.append(path)
     out.flush()
     return failed
@@ -84,7 +96,7 @@ def _detect_channels(files: list[tuple[Path, int]]) -> int:
             with Image.open(path) as image:
                 if image.mode not in ("1", "L", "LA", "I", "I;16", "F"):
                     return 3
-        except OSError:
+        except _unreadable():
             continue
     return 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,21 @@ from pipelines.data.sources import load_source
 from pipelines.data.split import stratified_split
 from pipelines.data.store import write_dataset
 from pipelines.data.validate import check_leakage, validate
-from pipelines.data.versioning import DataVersion, version_data
+from pipelines.data.versioning import DataVersion, push_data, read_data_version, version_data
 
 log = logging.getLogger(__name__)
 
 
-def ingest(root: Path, settings: DataSettings) -> dict[str, Any]:
-    """Write the configured dataset, validated and split, under ``root / data_dir``; return the report."""
+@dataclass(frozen=True)
+class Ingested:
+    """What ingest hands on: the validation report and the data version it recorded (``dvc add`` done)."""
+
+    report: dict[str, Any]
+    version: DataVersion
+
+
+def ingest(root: Path, settings: DataSettings) -> Ingested:
+    """Write the configured dataset, validated and split, under ``root / data_dir``, and ``dvc add`` it once."""
     root = Path(root)
     data_dir = root / settings.data_dir
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +76,7 @@ def ingest(root: Path, settings: DataSettings) -> dict[str, Any]:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _log_summary(checked.report)
-    return checked.report
+    return Ingested(checked.report, read_data_version(dvc_file))
 
 
 def _restore(dvc_file: Path, previous: bytes | None) -> None:
@@ -88,8 +97,15 @@ def _log_summary(report: dict[str, Any]) -> None:
     )
 
 
+def push(root: Path, settings: DataSettings) -> int:
+    """Push the recorded data version to the configured remote (when ``data.push``); objects sent."""
+    if not settings.push:
+        return 0
+    return push_data(Path(root), settings.dvc_remote, settings.dvc_remote_endpoint_url)
+
+
 def version(root: Path, settings: DataSettings) -> DataVersion:
-    """Track ``data_dir`` with DVC and push it to the configured remote."""
+    """Track whatever ``data_dir`` holds now with DVC and push it (for steps run without ingest)."""
     return version_data(
         Path(root), settings.data_dir, settings.dvc_remote, settings.push, settings.dvc_remote_endpoint_url
     )

@@ -3,7 +3,8 @@
 Wide CSV/Parquet: one row per sample, the label column plus one column per time
 step; trailing empty cells are padding, so rows may have different lengths.
 Parquet may instead hold one list column per sample. NPZ holds ``x`` as (N, L)
-or (N, C, L), the targets under the label name, and optionally ``lengths``.
+or (N, C, L), the targets under the label name (or ``y`` when the file holds only
+``x`` and ``y``), and optionally ``lengths``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.data.sources import RawDataset
+from pipelines.data.sources import Problem, RawDataset
 from pipelines.errors import FluxoError
 
 if TYPE_CHECKING:
@@ -23,27 +24,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _targets(values: np.ndarray, path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, list[str], str]:
-    """Class indices and names, or float regression targets; missing targets are an error."""
+def _targets(
+    values: np.ndarray, path: Path, settings: "SequenceSettings"
+) -> tuple[np.ndarray, list[str], str, np.ndarray]:
+    """Class indices and names, or float regression targets, and a mask of samples with no target.
+
+    Missing targets are returned, not raised: validation reports them with the file's other
+    problems (NaN steps, an imbalance...) so one run names everything to fix.
+    """
     import pandas as pd
 
     series = pd.Series(values)
-    missing = np.flatnonzero(series.isna().to_numpy())
-    if len(missing):
-        rows = ", ".join(str(i) for i in missing[:10])
-        raise FluxoError(f"{path}: {len(missing)} samples have no {settings.label_column!r} value (rows {rows}); fill or drop them")
+    missing = series.isna().to_numpy()
+    present = series[~missing]
     numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
-    integral = numeric and np.all(np.mod(series.to_numpy(dtype=float), 1) == 0)
+    integral = numeric and np.all(np.mod(present.to_numpy(dtype=float), 1) == 0)
     task = settings.target
     if task == "auto":
         task = "regression" if numeric and not integral else "classification"
     if task == "regression":
         if not numeric:
             raise FluxoError(f"{path}: sequence.target=regression but {settings.label_column!r} is not numeric")
-        return series.to_numpy(dtype=np.float32), ["target"], "regression"
-    classes = sorted(series.unique().tolist(), key=lambda v: (str(type(v)), v))
+        return series.fillna(0).to_numpy(dtype=np.float32), ["target"], "regression", missing
+    classes = sorted(present.unique().tolist(), key=lambda v: (str(type(v)), v))
     index = {value: i for i, value in enumerate(classes)}
-    return np.array([index[v] for v in series.tolist()], dtype=np.int64), [str(c) for c in classes], "classification"
+    y = np.array([0 if gone else index[v] for v, gone in zip(series.tolist(), missing)], dtype=np.int64)
+    return y, [str(c) for c in classes], "classification", missing
 
 
 def _from_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -75,10 +81,7 @@ def _table(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.nda
     except Exception as error:  # pandas/pyarrow raise many types for a malformed file
         raise FluxoError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({error})") from error
     if settings.label_column not in frame.columns:
-        raise FluxoError(
-            f"{path}: no label column {settings.label_column!r}; columns are {', '.join(map(str, frame.columns[:12]))}"
-            " (set data.sequence.label_column)"
-        )
+        raise FluxoError(_no_label(path, "column", settings.label_column, [str(c) for c in frame.columns]))
     targets = frame.pop(settings.label_column).to_numpy()
     if frame.shape[1] == 1 and frame.iloc[:, 0].map(lambda v: isinstance(v, (list, np.ndarray))).all():
         x, lengths = _from_lists(frame.iloc[:, 0])
@@ -90,18 +93,44 @@ def _table(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.nda
     return x, lengths, targets
 
 
+_CONVENTIONAL_LABELS = ("label", "labels", "target", "y", "class")
+
+
+def _no_label(path: Path, kind: str, label: str, names: list[str]) -> str:
+    """The message for a missing label column/array: what the file holds and the setting that fixes it."""
+    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    likely = [n for n in names if n.lower() in _CONVENTIONAL_LABELS]
+    others = [n for n in names if n not in ("x", "lengths")] if kind == "array" else []
+    example = (likely or others or ["<name>"])[0]
+    return (
+        f"{path}: no label {kind} {label!r}; {kind}s are {shown}; set "
+        f"data.sequence.label_column to the {kind} holding the targets (e.g. data.sequence.label_column={example})"
+    )
+
+
+def _npz_label(path: Path, arrays: list[str], label: str) -> str:
+    """The configured label array, or ``y`` where the file holds just ``x`` and ``y`` (plus ``lengths``)."""
+    if label in arrays:
+        return label
+    if set(arrays) - {"x", "lengths"} == {"y"}:
+        log.info("%s: no %r array; taking the targets from 'y' (x/y convention)", path, label)
+        return "y"
+    raise FluxoError(_no_label(path, "array", label, arrays))
+
+
 def _npz(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise FluxoError(f"{path}: not a readable NPZ file ({error})") from error
     with archive:
-        if "x" not in archive or settings.label_column not in archive:
+        if "x" not in archive:
             raise FluxoError(
-                f"{path}: needs arrays 'x' and {settings.label_column!r}; found {', '.join(archive.files)}"
+                f"{path}: no array 'x'; arrays are {', '.join(archive.files)}; save the sequences as 'x'"
             )
+        label = _npz_label(path, list(archive.files), settings.label_column)
         x = archive["x"].astype(np.float32)
-        targets = archive[settings.label_column]
+        targets = archive[label]
         lengths = archive["lengths"].astype(np.int64) if "lengths" in archive else None
     if x.ndim == 2:
         x = x[:, None, :]
@@ -113,7 +142,8 @@ def _npz(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.ndarr
 
 
 def load_sequence_file(path: Path, settings: "SequenceSettings") -> RawDataset:
-    """Read sequences and targets; shape and NaN problems are left to validation."""
+    """Read sequences and targets; NaN steps and missing targets are left to validation, which
+    reports them together with every other problem the file has."""
     from pipelines.settings import dataset_display_name
 
     x, lengths, targets = _npz(path, settings) if path.suffix.lower() == ".npz" else _table(path, settings)
@@ -121,7 +151,12 @@ def load_sequence_file(path: Path, settings: "SequenceSettings") -> RawDataset:
         raise FluxoError(f"{path}: {len(x)} sequences but {len(targets)} targets")
     if len(x) == 0:
         raise FluxoError(f"{path}: no samples")
-    y, labels, task = _targets(targets, path, settings)
+    y, labels, task, missing = _targets(targets, path, settings)
+    ids = [f"row {i}" for i in range(len(x))]
+    problems = []
+    if missing.any():
+        no_target = [ids[i] for i in np.flatnonzero(missing)]
+        problems.append(Problem("missing_label", f"samples have no {settings.label_column!r} value", no_target))
     log.info("read %d sequences of up to %d steps from %s (%s)", len(x), x.shape[2], path, task)
     return RawDataset(
         name=dataset_display_name(str(path)),
@@ -131,7 +166,9 @@ def load_sequence_file(path: Path, settings: "SequenceSettings") -> RawDataset:
         labels=labels,
         task=task,
         lengths=lengths,
-        ids=[f"row {i}" for i in range(len(x))],
+        ids=ids,
         description=f"sequence file {path}",
         preprocessing={"variable_length": lengths is not None, "padding": "zeros after each sequence's length"},
+        problems=problems,
+        readable=~missing if missing.any() else None,
     )

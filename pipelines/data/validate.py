@@ -1,5 +1,7 @@
 """Checks at ingest, each with a policy: fail with a message that names the samples and the fix,
-or skip them and report. The report is saved beside the data (part of its version) and logged to MLflow."""
+or skip them and report. Every check runs before anything fails, and the one error lists all that
+was found (skipped problems too), so a user fixes a dataset in one round rather than one per run.
+The report is saved beside the data (part of its version) and logged to MLflow."""
 
 from __future__ import annotations
 
@@ -33,18 +35,75 @@ class Validation:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _fix(setting: str, choice: str) -> str:
-    return f"fix the data, or set data.validation.{setting}={choice} to {'skip' if choice == 'skip' else choice} them"
+class ValidationFailed(FluxoError):
+    """Ingest validation found problems its policies do not let through; ``report`` holds every check."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report if report is not None else {}
 
 
-def _record(report: dict, check: str, policy: str, items: list[str], detail: str) -> None:
-    report["checks"][check] = {"policy": policy, "count": len(items), "examples": items[:_EXAMPLES], "detail": detail}
+_LET_THROUGH = {"skip": "skipped", "keep": "kept", "report": "reported"}
 
 
-def _enforce(check: str, policy: str, items: list[str], detail: str, source: str, setting: str) -> None:
-    if items and policy == "fail":
-        shown = ", ".join(items[:_EXAMPLES]) + (f" and {len(items) - _EXAMPLES} more" if len(items) > _EXAMPLES else "")
-        raise FluxoError(f"{source}: {len(items)} {detail}: {shown}; {_fix(setting, 'skip')}")
+@dataclass
+class Finding:
+    """What one check found, under which policy, and what would let it through.
+
+    ``detail`` is the report's wording (saved in validation.json, so kept stable);
+    ``phrase`` the message's. ``total`` counts the items when ``items`` are only examples.
+    """
+
+    check: str
+    policy: str
+    items: list[str]
+    detail: str
+    phrase: str
+    fix: str = ""
+    summary: str = ""  # replaces "<count> <phrase>: <examples>" where one sentence says more
+    note: str = ""  # appended after the examples
+    total: int | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.items) if self.total is None else self.total
+
+    @property
+    def fails(self) -> bool:
+        return self.count > 0 and self.policy == "fail"
+
+    def line(self) -> str:
+        what = self.summary or f"{self.count} {self.phrase}: {_examples(self.items, self.count)}{self.note}"
+        if self.fails:
+            return f"{what}; {self.fix}"
+        return f"{_LET_THROUGH.get(self.policy, self.policy)}: {what} (data.validation.{self.check}={self.policy})"
+
+
+def _examples(items: list[str], total: int) -> str:
+    shown = items[:_EXAMPLES]
+    return ", ".join(shown) + (f" and {total - len(shown)} more" if total > len(shown) else "")
+
+
+def _fix(setting: str) -> str:
+    return f"fix the data, or set data.validation.{setting}=skip to skip them"
+
+
+def _record(report: dict, finding: Finding) -> None:
+    report["checks"][finding.check] = {
+        "policy": finding.policy,
+        "count": finding.count,
+        "examples": finding.items[:_EXAMPLES],
+        "detail": finding.detail,
+    }
+
+
+def _raise_if_failed(source: str, findings: list[Finding], report: dict) -> None:
+    """One error for the whole run, naming every problem, skipped ones too: the user fixes all in one go."""
+    failed = [f.check for f in findings if f.fails]
+    if not failed:
+        return
+    lines = "".join(f"\n  - {f.line()}" for f in findings if f.count)
+    raise ValidationFailed(f"{source}: validation failed ({', '.join(failed)}); every problem found:{lines}", report)
 
 
 def content_hashes(x: np.ndarray) -> np.ndarray:
@@ -78,84 +137,146 @@ def _non_finite(x: np.ndarray) -> np.ndarray:
     return bad
 
 
+
 def validate(raw: RawDataset, policy: "ValidationSettings") -> Validation:
-    """Run every check in order; raise on a ``fail`` policy, otherwise drop what is skipped and report it."""
+    """Run every check, then raise once, naming every problem, if a ``fail`` check found something.
+
+    A failing check drops what it found just as ``skip`` would, so the checks after it see the
+    data its suggested fix gives: one run lists everything to fix, not one problem per run.
+    """
     source = raw.description or raw.name
-    n = len(raw.y)
-    report: dict[str, Any] = {"source": source, "samples_found": n, "checks": {}}
-    keep = np.ones(n, dtype=bool) if raw.readable is None else raw.readable.copy()
+    report: dict[str, Any] = {"source": source, "samples_found": len(raw.y), "checks": {}}
+    keep = np.ones(len(raw.y), dtype=bool) if raw.readable is None else raw.readable.copy()
 
-    corrupt = sorted({item for p in raw.problems if p.check == "corrupt" for item in p.items})
-    _enforce("corrupt", policy.corrupt, corrupt, "unreadable, corrupt or non-image files", source, "corrupt")
-    _record(report, "corrupt", policy.corrupt, corrupt, "unreadable, corrupt or non-image files")
+    corrupt = _corrupt_check(raw, policy)
+    _record(report, corrupt)
+    found = _source_checks(raw)  # always fail: no setting skips them (a missing target, ...)
+    for finding in found:
+        _record(report, finding)
 
-    bad = _non_finite(raw.x) & keep
-    items = [raw.sample_id(i) for i in np.flatnonzero(bad)]
-    _enforce("non_finite", policy.non_finite, items, "samples contain NaN or Inf", source, "non_finite")
-    _record(report, "non_finite", policy.non_finite, items, "samples containing NaN or Inf")
+    non_finite, bad = _non_finite_check(raw, keep, policy)
+    _record(report, non_finite)
     keep &= ~bad
 
     hashes = content_hashes(raw.x)
+    duplicates, copies, conflicting = _duplicate_check(raw, keep, hashes, policy)
+    if policy.duplicates != "keep":
+        keep[copies] = False
+    _record(report, duplicates)
+    if conflicting:
+        report["checks"]["duplicates"]["conflicting_labels"] = conflicting[:_EXAMPLES]
+    findings = [corrupt, *found, non_finite, duplicates]
+
+    y, labels = raw.y, list(raw.labels)
+    if raw.task == "classification":
+        y, labels, keep, class_findings = _check_classes(raw, keep, policy, report)
+        findings += class_findings
+    report["samples_kept"] = int(keep.sum())
+    if report["samples_kept"] == 0:
+        detail = "no usable samples left after validation"
+        nothing = Finding("no_samples", "fail", [source], detail, "", "fix the problems listed so some remain", detail)
+        _record(report, nothing)
+        findings.append(nothing)
+    _raise_if_failed(source, findings, report)
+    return Validation(keep, y, labels, hashes, report)
+
+
+def _corrupt_check(raw: RawDataset, policy: "ValidationSettings") -> Finding:
+    items = sorted({item for p in raw.problems if p.check == "corrupt" for item in p.items})
+    detail = "unreadable, corrupt or non-image files"
+    return Finding("corrupt", policy.corrupt, items, detail, detail, _fix("corrupt"))
+
+
+def _source_checks(raw: RawDataset) -> list[Finding]:
+    """Problems the reader found in single samples (a missing target) that no setting lets through."""
+    grouped: dict[str, list[str]] = {}
+    phrases: dict[str, str] = {}
+    for problem in raw.problems:
+        if problem.check != "corrupt":
+            grouped.setdefault(problem.check, []).extend(problem.items)
+            phrases.setdefault(problem.check, problem.message)
+    fix = "fill or remove them in the file; no setting skips these"
+    return [Finding(check, "fail", items, phrases[check], phrases[check], fix) for check, items in grouped.items()]
+
+
+def _non_finite_check(raw: RawDataset, keep: np.ndarray, policy: "ValidationSettings") -> tuple[Finding, np.ndarray]:
+    bad = _non_finite(raw.x) & keep
+    items = [raw.sample_id(i) for i in np.flatnonzero(bad)]
+    finding = Finding("non_finite", policy.non_finite, items, "samples containing NaN or Inf",
+                      "samples contain NaN or Inf", _fix("non_finite"))
+    return finding, bad
+
+
+def _duplicate_check(
+    raw: RawDataset, keep: np.ndarray, hashes: np.ndarray, policy: "ValidationSettings"
+) -> tuple[Finding, np.ndarray, list[str]]:
+    """Later copies of a sample (the first one stays), and copies whose labels disagree."""
     candidates = np.flatnonzero(keep)
     originals = first_occurrences(hashes, candidates)
     repeated = originals != candidates
     copies, sources = candidates[repeated], originals[repeated]
-    duplicates = [f"{raw.sample_id(i)} (same as {raw.sample_id(o)})" for i, o in zip(copies, sources)]
-    conflicting = []
+    items = [f"{raw.sample_id(i)} (same as {raw.sample_id(o)})" for i, o in zip(copies, sources)]
+    conflicting: list[str] = []
     if raw.task == "classification":
         clash = raw.y[copies] != raw.y[sources]
         conflicting = [f"{raw.sample_id(i)} vs {raw.sample_id(o)}" for i, o in zip(copies[clash], sources[clash])]
-    if policy.duplicates == "skip":
-        keep[copies] = False
-    if duplicates and policy.duplicates == "fail":
-        _enforce("duplicates", "fail", duplicates, "duplicate samples", source, "duplicates")
-    _record(report, "duplicates", policy.duplicates, duplicates, "identical samples (content hash)")
+    note = ""
     if conflicting:
-        report["checks"]["duplicates"]["conflicting_labels"] = conflicting[:_EXAMPLES]
-
-    y, labels = raw.y, list(raw.labels)
-    if raw.task == "classification":
-        y, labels, keep = _check_classes(raw, keep, policy, report, source)
-    report["samples_kept"] = int(keep.sum())
-    if report["samples_kept"] == 0:
-        raise FluxoError(f"{source}: no usable samples left after validation; see the problems above")
-    return Validation(keep, y, labels, hashes, report)
+        note = f" ({len(conflicting)} with different labels: {_examples(conflicting, len(conflicting))})"
+    finding = Finding("duplicates", policy.duplicates, items, "identical samples (content hash)",
+                      "duplicate samples", _fix("duplicates"), note=note)
+    return finding, copies, conflicting
 
 
 def _check_classes(
-    raw: RawDataset, keep: np.ndarray, policy: "ValidationSettings", report: dict, source: str
-) -> tuple[np.ndarray, list[str], np.ndarray]:
+    raw: RawDataset, keep: np.ndarray, policy: "ValidationSettings", report: dict
+) -> tuple[np.ndarray, list[str], np.ndarray, list[Finding]]:
+    """Empty classes, too few classes and imbalance, on the samples the earlier checks kept."""
     counts = np.bincount(raw.y[keep], minlength=len(raw.labels))
-    empty = [raw.labels[c] for c in np.flatnonzero(counts == 0)]
-    _enforce("empty_class", policy.empty_class, empty, "classes have no usable sample", source, "empty_class")
-    _record(report, "empty_class", policy.empty_class, empty, "classes with no usable sample")
+    empty = Finding("empty_class", policy.empty_class, [raw.labels[c] for c in np.flatnonzero(counts == 0)],
+                    "classes with no usable sample", "classes have no usable sample", _fix("empty_class"))
+    _record(report, empty)
+    findings = [empty]
     present = np.flatnonzero(counts > 0)
-    if len(present) < 2:
-        names = ", ".join(raw.labels[c] for c in present) or "none"
-        raise FluxoError(f"{source}: only one class with samples ({names}); classification needs two or more")
+    if len(present) == 1:
+        findings.append(_too_few_classes(raw.labels[present[0]]))
+        _record(report, findings[-1])
     remap = np.full(len(raw.labels), -1, dtype=np.int64)
     remap[present] = np.arange(len(present))
     labels = [raw.labels[c] for c in present]
     y = remap[raw.y]
-    kept_counts = counts[present]
-    ratio = float(kept_counts.max() / kept_counts.min())
-    report["classes"] = {label: int(c) for label, c in zip(labels, kept_counts)}
-    report["imbalance_ratio"] = round(ratio, 3)
-    if policy.max_imbalance is not None and ratio > policy.max_imbalance:
-        largest, smallest = labels[int(kept_counts.argmax())], labels[int(kept_counts.argmin())]
-        raise FluxoError(
-            f"{source}: class imbalance {ratio:.1f} ({largest!r} {kept_counts.max()} vs {smallest!r} "
-            f"{kept_counts.min()}) exceeds data.validation.max_imbalance={policy.max_imbalance}; add data, raise "
-            "the limit, or set train.balance=weighted"
-        )
-    return y, labels, keep & (y >= 0)
+    if len(present):
+        kept_counts = counts[present]
+        ratio = float(kept_counts.max() / kept_counts.min())
+        report["classes"] = {label: int(c) for label, c in zip(labels, kept_counts)}
+        report["imbalance_ratio"] = round(ratio, 3)
+        if len(present) > 1 and policy.max_imbalance is not None and ratio > policy.max_imbalance:
+            findings.append(_imbalance(labels, kept_counts, ratio, policy.max_imbalance))
+            _record(report, findings[-1])
+    return y, labels, keep & (y >= 0), findings
+
+
+def _too_few_classes(label: str) -> Finding:
+    summary = f"only one class with samples ({label})"
+    return Finding("too_few_classes", "fail", [label], "only one class with samples", "", summary=summary,
+                   fix="classification needs two or more; add samples of another class")
+
+
+def _imbalance(labels: list[str], counts: np.ndarray, ratio: float, limit: float) -> Finding:
+    largest, smallest = labels[int(counts.argmax())], labels[int(counts.argmin())]
+    pair = f"{largest!r} {counts.max()} vs {smallest!r} {counts.min()}"
+    return Finding(
+        "max_imbalance", "fail", [pair], f"class imbalance above data.validation.max_imbalance={limit}", "",
+        summary=f"class imbalance {ratio:.1f} ({pair}) exceeds data.validation.max_imbalance={limit}",
+        fix="add data, raise the limit, or set train.balance=weighted",
+    )
 
 
 def check_leakage(
     hashes: np.ndarray, split_indices: dict[str, np.ndarray], policy: "ValidationSettings", ids: list[str],
     source: str, report: dict,
 ) -> None:
-    """The same sample in two splits makes test scores lie; fail or report it."""
+    """The same sample in two splits makes test scores lie; fail (listing what validation let through) or report it."""
     leaks = []
     names = list(split_indices)
     for a, first in enumerate(names):
@@ -164,9 +285,14 @@ def check_leakage(
             if len(shared):
                 members = split_indices[second][np.isin(hashes[split_indices[second]], shared)]
                 leaks.extend(f"{ids[i]} ({first} and {second})" for i in members)
-    if leaks and policy.leakage == "fail":
-        raise FluxoError(
-            f"{source}: {len(leaks)} samples appear in two splits: {', '.join(leaks[:_EXAMPLES])}; "
-            "set data.validation.duplicates=skip, or data.validation.leakage=report to accept it"
-        )
-    _record(report, "leakage", policy.leakage, leaks, "samples present in two splits")
+    leakage = Finding(
+        "leakage", policy.leakage, leaks, "samples present in two splits", "samples appear in two splits",
+        "set data.validation.duplicates=skip, or data.validation.leakage=report to accept it",
+    )
+    earlier = [
+        Finding(name, check["policy"], check["examples"], check["detail"], check["detail"], total=check["count"])
+        for name, check in report["checks"].items()
+        if name != "leakage"
+    ]
+    _record(report, leakage)
+    _raise_if_failed(source, [*earlier, leakage], report)

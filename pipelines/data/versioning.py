@@ -73,9 +73,7 @@ def version_data(
     target = (root / data_dir).resolve()
     if not target.is_dir():
         raise FluxoError(f"{target}: no dataset to version; run `fluxo data ingest` first")
-    if not remote.startswith(("s3://", "gs://", "azure://", "ssh://", "http://", "https://")):
-        Path(remote).expanduser().mkdir(parents=True, exist_ok=True)
-        remote = str(Path(remote).expanduser().resolve())
+    remote = _local_remote(remote)
     repo = _open_repo(root, remote, endpoint_url)
     try:
         with _quiet_dvc():
@@ -89,6 +87,37 @@ def version_data(
     version = DataVersion(version.md5, version.nfiles, version.size, version.dvc_file, int(pushed or 0))
     log.info("data version %s (%d files, pushed %d objects)", version.md5, version.nfiles, version.pushed)
     return version
+
+
+def _local_remote(remote: str) -> str:
+    if remote.startswith(("s3://", "gs://", "azure://", "ssh://", "http://", "https://")):
+        return remote
+    Path(remote).expanduser().mkdir(parents=True, exist_ok=True)
+    return str(Path(remote).expanduser().resolve())
+
+
+def push_data(root: Path, remote: str, endpoint_url: str | None = None) -> int:
+    """``dvc push`` what the .dvc files record; returns the objects sent (0 when the remote has them)."""
+    root = Path(root).resolve()
+    remote = _local_remote(remote)
+    repo = _open_repo(root, remote, endpoint_url)
+    try:
+        with _quiet_dvc():
+            pushed = int(repo.push() or 0)
+    except Exception as error:  # DVC raises many types; the user needs the remote and the cause.
+        if _is_transient(error):
+            raise
+        raise FluxoError(f"DVC failed to push to remote {remote}: {error}") from error
+    finally:
+        repo.close()
+    log.info("pushed %d objects to %s", pushed, remote)
+    return pushed
+
+
+def _is_transient(error: BaseException) -> bool:
+    from pipelines.retry import is_transient
+
+    return is_transient(error)
 
 
 def read_data_version(dvc_file: Path) -> DataVersion:
