@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.settings import load_settings  # noqa: E402
 from pipelines.data.store import read_dataset  # noqa: E402
-from pipelines.serve import materialize_model  # noqa: E402
+from pipelines.export.publish import materialize_model  # noqa: E402
 from serving.launch import start_server, stop_server, wait_ready  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     settings = load_settings(args.config)
-    model_dir = materialize_model(ROOT, settings, args.model)
+    model_dir = materialize_model(ROOT, settings, args.model, settings.registered_model_name()).path
     instances = read_dataset(ROOT / settings.data.data_dir).splits["test"].x
     picks = [instances[i % len(instances)] for i in range(args.requests)]
 

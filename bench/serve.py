@@ -403,12 +403,12 @@ def main() -> None:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
     from pipelines.settings import load_settings
-    from pipelines.serve import materialize_model
+    from pipelines.export.publish import materialize_model
 
     settings = load_settings(args.config)
     tracking_uri = settings.resolved_tracking_uri(ROOT)
-    model_dir = materialize_model(ROOT, settings, args.model)
-    metadata = json.loads((model_dir / "metadata.json").read_text())
+    served = materialize_model(ROOT, settings, args.model, settings.registered_model_name())
+    model_dir, metadata = served.path, served.as_dict()
     labels = list(metadata["labels"])
     instances = held_out_instances(settings, metadata)
     reference = ort.InferenceSession(str(model_dir / "model.onnx"), providers=[CPU])

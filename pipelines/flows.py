@@ -1,50 +1,76 @@
-"""Prefect flows: they only call the plain step functions, in order.
+"""Prefect flows: they only call the plain step functions, in order, handing each the last one's result.
 
-Prefect uses its embedded server unless ``PREFECT_API_URL`` points at a real one.
+Prefect uses its embedded server unless ``PREFECT_API_URL`` points at a real one. Steps
+that are safe to repeat retry, and only for transient faults (pipelines/retry.py): a
+user's mistake fails the run at once, as one line, without a traceback.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from pipelines.data.ingest import Ingested, ingest, push
+from pipelines.export.package import ExportedModel, export_model
+from pipelines.export.registry import PromotionDecision, RegisteredVersion
+from pipelines.export.step import ExportResult, promote_step, publish_step, register_step, summarize_export
+from pipelines.retry import is_user_error, retry_transient_only
 from pipelines.settings import FluxoSettings, load_settings
-from pipelines.data.ingest import ingest, version
-from pipelines.data.versioning import DataVersion
-from pipelines.export.step import ExportResult, export_run
 from pipelines.train.run import TrainResult, train
 
-# Steps that touch the file system or a remote get retries; training is deterministic, so a
-# retry would only repeat a real failure.
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+# Retried only when retry_transient_only says the fault may pass; training is deterministic and
+# export is local, so they never retry.
+TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": retry_transient_only}
 
 
-@task(name="ingest", cache_policy=NO_CACHE, **IO_RETRIES)
-def ingest_task(root: Path, settings: FluxoSettings) -> Path:
+@task(name="ingest", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def ingest_task(root: Path, settings: FluxoSettings) -> Ingested:
     return ingest(root, settings.data)
 
 
-@task(name="version", cache_policy=NO_CACHE, **IO_RETRIES)
-def version_task(root: Path, settings: FluxoSettings) -> DataVersion:
-    return version(root, settings.data)
+@task(name="push-data", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def push_task(root: Path, settings: FluxoSettings) -> int:
+    return push(root, settings.data)
 
 
 @task(name="train-evaluate", cache_policy=NO_CACHE)
-def train_task(root: Path, settings: FluxoSettings, data_version: DataVersion) -> TrainResult:
-    return train(root, settings, data_version)
+def train_task(root: Path, settings: FluxoSettings, ingested: Ingested) -> TrainResult:
+    return train(root, settings, ingested.version)
 
 
-@task(name="export-register", cache_policy=NO_CACHE, **IO_RETRIES)
-def export_task(root: Path, settings: FluxoSettings, run_id: str) -> ExportResult:
-    return export_run(root, settings, run_id)
+@task(name="export-parity", cache_policy=NO_CACHE)
+def export_task(root: Path, settings: FluxoSettings, trained: TrainResult) -> ExportedModel:
+    return export_model(root, settings, trained.run_id, trained.checkpoint)
 
 
-def summarize(data_version: DataVersion, trained: TrainResult, exported: ExportResult) -> dict[str, Any]:
+@task(name="register", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def register_task(root: Path, settings: FluxoSettings, exported: ExportedModel) -> RegisteredVersion:
+    return register_step(root, settings, exported)
+
+
+@task(name="promote", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def promote_task(
+    root: Path, settings: FluxoSettings, exported: ExportedModel, registered: RegisteredVersion
+) -> PromotionDecision:
+    return promote_step(root, settings, exported, registered)
+
+
+@task(name="publish", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def publish_task(
+    root: Path, settings: FluxoSettings, exported: ExportedModel, registered: RegisteredVersion,
+    decision: PromotionDecision,
+) -> Path | None:
+    return publish_step(root, settings, exported, registered, decision)
+
+
+def summarize(ingested: Ingested, pushed: int, trained: TrainResult, exported: ExportResult) -> dict[str, Any]:
     return {
-        "data_version": data_version.md5,
+        "data_version": ingested.version.md5,
+        "data_pushed_objects": pushed,
         "run_id": trained.run_id,
         "test_metrics": trained.test_metrics,
         "train_seconds": round(trained.seconds, 2),
@@ -54,19 +80,46 @@ def summarize(data_version: DataVersion, trained: TrainResult, exported: ExportR
         "promotion": exported.promotion.reason,
         "parity_max_abs_diff": exported.parity.max_abs_diff,
         "export_dir": str(exported.export_dir),
+        "served_dir": str(exported.served_dir) if exported.served_dir else None,
     }
+
+
+class UserErrorTraceFilter(logging.Filter):
+    """Drops the traceback from Prefect's log records of a user's mistake (kept with ``--verbose``).
+
+    Prefect logs every failed task and flow with ``exc_info``; for a ``FluxoError`` that is
+    dozens of lines around the one that matters, which the CLI prints as ``error: ...``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and is_user_error(error) and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_errors() -> None:
+    """Install :class:`UserErrorTraceFilter` on Prefect's run loggers (idempotent)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, UserErrorTraceFilter) for f in logger.filters):
+            logger.addFilter(UserErrorTraceFilter())
 
 
 @flow(name="fluxo-pipeline", log_prints=False)
 def pipeline_flow(config: str | None = None, overrides: list[str] | None = None, root: str = ".") -> dict[str, Any]:
-    """ingest → version → train + evaluate → export + parity → register + promote."""
+    """ingest → push → train + evaluate → export + parity → register → promote → publish."""
+    quiet_user_errors()
     project = Path(root).resolve()
     settings = load_settings(Path(config) if config else None, overrides or [])
-    ingest_task(project, settings)
-    data_version = version_task(project, settings)
-    trained = train_task(project, settings, data_version)
-    exported = export_task(project, settings, trained.run_id)
-    return summarize(data_version, trained, exported)
+    ingested = ingest_task(project, settings)
+    pushed = push_task(project, settings)
+    trained = train_task(project, settings, ingested)
+    exported = export_task(project, settings, trained)
+    registered = register_task(project, settings, exported)
+    decision = promote_task(project, settings, exported, registered)
+    served = publish_task(project, settings, exported, registered, decision)
+    return summarize(ingested, pushed, trained, summarize_export(exported, registered, decision, served))
 
 
 def scheduled_deployment(cron: str, config: str | None, overrides: list[str], root: str, name: str):

@@ -83,7 +83,12 @@ class ImageSpec:
         }
 
 
+# scikit-learn's digits: ink counted in 4x4 blocks of a 32x32 black-on-white bitmap, 0..16.
 DIGITS_IMAGE = ImageSpec(mode="L", height=8, width=8, resample="box", invert=True, low=0.0, high=16.0)
+# MNIST stores ink as 255 on a black background; uploads are dark ink on a light background.
+MNIST_IMAGE = ImageSpec(mode="L", height=28, width=28, resample="bilinear", invert=True, low=0.0, high=255.0)
+# Recipes of the built-in image datasets, by manifest name.
+BUILTIN_IMAGE_RECIPES = {"digits": DIGITS_IMAGE, "mnist": MNIST_IMAGE}
 
 
 def image_spec(metadata: Mapping[str, Any]) -> ImageSpec | None:

@@ -23,16 +23,9 @@ import time
 from pathlib import Path
 
 from serving import ServingError
+from serving.contract import METADATA_FILE, MODEL_FILE, is_model_dir, read_model_dir
 
 POINTER_FILE = "current.json"
-MODEL_FILE = "model.onnx"
-METADATA_FILE = "metadata.json"
-
-
-def is_model_dir(path: Path | str) -> bool:
-    """True when ``path`` holds both files a model directory needs."""
-    path = Path(path)
-    return (path / MODEL_FILE).is_file() and (path / METADATA_FILE).is_file()
 
 
 def read_pointer(model_root: Path | str) -> Path:
@@ -75,13 +68,11 @@ def publish(model_root: Path | str, model_dir: Path | str) -> Path:
     directory they cannot load is logged and the old model keeps serving.
     Publishing the directory already live is a no-op for the servers.
     """
-    from serving.runtime import load_metadata  # numpy only; keeps `import serving.reload` light
-
     model_root = Path(model_root)
     model_dir = Path(model_dir).resolve()
     if not is_model_dir(model_dir):
         raise ServingError(f"{model_dir}: not a model directory (needs {MODEL_FILE} and {METADATA_FILE})")
-    load_metadata(model_dir)
+    read_model_dir(model_dir)
     model_root.mkdir(parents=True, exist_ok=True)
     root = model_root.resolve()
     try:

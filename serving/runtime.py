@@ -9,7 +9,6 @@ file, instead of failing every request later.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -20,43 +19,18 @@ import numpy as np
 import onnxruntime as ort
 
 from serving import ServingError
+from serving.contract import FIX, METADATA_FILE, MODEL_FILE, read_model_dir
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-METADATA_FILE = "metadata.json"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-_FIX = "re-run the export step (or `fluxo serve`) to rewrite the model directory"
+_FIX = FIX
 
 
 def load_metadata(model_dir: Path | str) -> dict[str, Any]:
-    """Read and check ``metadata.json``; the service relies on input_shape and labels."""
-    path = Path(model_dir) / METADATA_FILE
-    if not path.is_file():
-        raise ServingError(f"{path}: no such file; a model directory needs {MODEL_FILE} and {METADATA_FILE}; {_FIX}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ServingError(f"{path}: not valid JSON ({error}); {_FIX}") from error
-    if not isinstance(meta, dict):
-        raise ServingError(f"{path}: expected a JSON object, got {type(meta).__name__}; {_FIX}")
-    shape = meta.get("input_shape")
-    if (
-        not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-    ):
-        raise ServingError(f"{path}: input_shape must be a non-empty list of positive integers, got {shape!r}; {_FIX}")
-    labels = meta.get("labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise ServingError(f"{path}: labels must be a non-empty list of strings, got {labels!r}; {_FIX}")
-    dtype = meta.get("input_dtype", "float32")
-    if dtype != "float32":
-        raise ServingError(f"{path}: input_dtype {dtype!r} is not supported, the service feeds float32; {_FIX}")
-    meta.setdefault("input_name", "input")
-    meta.setdefault("output_name", "logits")
-    return meta
+    """The model directory's metadata as the service reads it (serving.contract), checked at load time."""
+    return read_model_dir(model_dir).as_dict()
 
 
 def cuda_device_present() -> bool:

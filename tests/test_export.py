@@ -15,11 +15,12 @@ from mlflow.tracking import MlflowClient
 from pipelines.data.ingest import ingest, version
 from pipelines.data.store import read_dataset
 from pipelines.errors import FluxoError
-from pipelines.export.step import export_run
 from pipelines.export.image_recipe import DIGITS
-from pipelines.serve import materialize_model, model_root
-from serving.reload import read_pointer
+from pipelines.export.publish import materialize_model, model_root
+from pipelines.export.step import export_run
 from pipelines.train.run import train
+from serving.contract import read_model_dir
+from serving.reload import read_pointer
 
 
 @pytest.fixture
@@ -61,14 +62,23 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
     run = client.get_run(result.run_id)
     assert run.data.metrics["parity_max_abs_diff"] <= 1e-4
 
+    assert exported.export_dir == project / ".fluxo" / "export" / result.run_id
     metadata = json.loads((exported.export_dir / "metadata.json").read_text())
     assert metadata["data_version"] == data_version.md5 and metadata["input_shape"] == [1, 8, 8]
+    assert metadata["model_name"] == "fluxo-digits" and metadata["run_id"] == result.run_id
     # /predict/image preprocesses uploads the way scikit-learn made the digits.
     assert metadata["preprocessing"]["image"] == DIGITS
-    assert "served_test_accuracy" not in metadata  # fixed-size inputs: served exactly as tested
-    # The promotion published v1 as the live champion for running servers.
-    live = read_pointer(model_root(project, settings))
-    assert live.name == "fluxo-digits-v1" and json.loads((live / "metadata.json").read_text())["model_version"] == "1"
+    assert metadata["served_test_accuracy"] is None  # fixed-size inputs: served exactly as tested
+    assert "model_version" not in metadata  # the registry's number lives in registry.json, beside it
+    # The promotion published v1 as the live champion for running servers: the exported files
+    # byte for byte, plus the registry entry.
+    live = read_pointer(model_root(project, settings, "fluxo-digits"))
+    assert live.name == "fluxo-digits-v1" and read_model_dir(live).version == "1"
+    for name in ("model.onnx", "metadata.json"):
+        assert (live / name).read_bytes() == (exported.export_dir / name).read_bytes()
+    # The registered artifact is the model directory itself.
+    registered = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/fluxo-digits/1", dst_path=str(project.parent / "dl")))
+    assert (registered / "metadata.json").read_bytes() == (exported.export_dir / "metadata.json").read_bytes()
 
     # A worse model is registered but does not take the alias; the decision is recorded.
     worse_settings = settings_for("train.epochs=1", "train.learning_rate=1e-6")
@@ -77,16 +87,15 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
     assert second.model_version == "2" and not second.promotion.promoted
     assert str(client.get_model_version_by_alias("fluxo-digits", "champion").version) == "1"
     assert "kept champion v1" in client.get_model_version("fluxo-digits", "2").tags["fluxo.promotion"]
-    assert read_pointer(model_root(project, settings)) == live  # not promoted, not published
+    assert read_pointer(model_root(project, settings, "fluxo-digits")) == live  # not promoted, not published
 
-    # The champion materialises as model.onnx + metadata.json for the service, with its version.
-    served = materialize_model(project, settings)
-    served_meta = json.loads((served / "metadata.json").read_text())
-    assert served_meta["model_version"] == "1" and served_meta["run_id"] == result.run_id
+    # The champion materialises as model.onnx + metadata.json + registry.json for the service.
+    served = materialize_model(project, settings, None, "fluxo-digits")
+    assert served.version == "1" and served.metadata.run_id == result.run_id
     test = read_dataset(project / "data").splits["test"]
-    session = ort.InferenceSession(str(served / "model.onnx"), providers=["CPUExecutionProvider"])
-    reference = ort.InferenceSession(str(exported.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    # export_dir now holds v2; the served v1 must be the first export, not the latest file on disk.
+    session = ort.InferenceSession(str(served.onnx_path), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(second.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    # The served v1 must be the first export, not the latest file on disk.
     assert not np.allclose(session.run(None, {"input": test.x})[0], reference.run(None, {"input": test.x})[0])
 
 
@@ -102,9 +111,9 @@ def test_export_refuses_a_run_trained_on_other_data(project: Path, trained, sett
 def test_serving_an_unknown_model_is_explained(project: Path, trained) -> None:
     settings, _, _ = trained
     with pytest.raises(FluxoError, match="not in the model registry"):
-        materialize_model(project, settings, "models:/nope@champion")
+        materialize_model(project, settings, "models:/nope@champion", "fluxo-digits")
     with pytest.raises(FluxoError, match="expected an export directory"):
-        materialize_model(project, settings, "s3://bucket/model")
+        materialize_model(project, settings, "s3://bucket/model", "fluxo-digits")
 
 
 def test_variable_length_export_records_accuracy_as_served(project: Path, settings_for, tmp_path: Path) -> None:
@@ -129,4 +138,94 @@ def test_variable_length_export_records_accuracy_as_served(project: Path, settin
     assert run.data.metrics["served_test_accuracy"] == pytest.approx(as_served)
     metadata = json.loads((exported.export_dir / "metadata.json").read_text())
     assert metadata["variable_length"] is True and metadata["served_test_accuracy"] == pytest.approx(as_served)
-    assert "image" not in metadata["preprocessing"]  # sequences take no uploads
+    assert metadata["preprocessing"]["image"] is None  # sequences take no uploads
+    assert exported.registered_model == "fluxo-walk"  # named after the user's file, from the run itself
+
+
+def _mnist1d_run(project: Path, settings_for):
+    settings = settings_for("data.dataset=mnist1d", "model.name=cnn1d", "model.params={channels: 4}", "train.epochs=1",
+                            config=None)
+    ingest(project, settings.data)
+    return train(project, settings, version(project, settings.data))
+
+
+def test_export_takes_the_registry_name_from_the_run_not_the_preset(project: Path, settings_for) -> None:
+    """An MNIST-1D run exported with the default (digits) settings still joins fluxo-mnist1d."""
+    result = _mnist1d_run(project, settings_for)
+    exported = export_run(project, settings_for(config=None), result.run_id)  # no preset: data.dataset=digits
+    assert exported.registered_model == "fluxo-mnist1d" and exported.model_version == "1"
+    client = MlflowClient()
+    assert client.search_registered_models(filter_string="name='fluxo-digits'") == []
+    assert str(client.get_model_version_by_alias("fluxo-mnist1d", "champion").version) == "1"
+
+
+def test_a_model_with_another_input_contract_never_becomes_champion(project: Path, trained, settings_for) -> None:
+    settings, _, result = trained
+    export_run(project, settings, result.run_id)
+    # Same registry entry, other inputs: MNIST-1D sequences forced into fluxo-digits.
+    other = settings_for("data.dataset=mnist1d", "model.name=cnn1d", "model.params={channels: 4}", "train.epochs=1",
+                         "tracking.registered_model=fluxo-digits", config=None)
+    ingest(project, other.data)
+    intruder = train(project, other, version(project, other.data))
+    with pytest.raises(FluxoError, match=r"another input contract can never take the 'champion' alias"):
+        export_run(project, other, intruder.run_id)
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("fluxo-digits", "champion").version) == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='fluxo-digits'")] == ["1"]
+
+
+def test_a_retried_registration_finds_the_version_it_made(project: Path, trained, monkeypatch) -> None:
+    """A transient fault after the version was created: the retry registers nothing new."""
+    from pipelines.export import registry
+    from pipelines.export.package import export_model
+    from pipelines.export.step import promote_step, register_step
+
+    settings, _, result = trained
+    exported = export_model(project, settings, result.run_id)
+    real_tag = registry._tag_version
+    calls = {"n": 0}
+
+    def flaky_tag(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("tracking server went away")  # after create_model_version
+        return real_tag(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "_tag_version", flaky_tag)
+    with pytest.raises(ConnectionError):
+        register_step(project, settings, exported)
+    again = register_step(project, settings, exported)  # what the retry does
+    assert (again.version, again.created) == ("1", False)
+    assert promote_step(project, settings, exported, again).promoted
+    assert promote_step(project, settings, exported, again).reason.startswith("v1 is already the champion")
+    assert [str(v.version) for v in MlflowClient().search_model_versions("name='fluxo-digits'")] == ["1"]
+
+
+def test_failed_parity_leaves_the_previous_model_directory_untouched(project: Path, trained, settings_for) -> None:
+    settings, _, result = trained
+    first = export_run(project, settings, result.run_id)
+    before = {p.name: p.read_bytes() for p in first.export_dir.iterdir()}
+    strict = settings_for("train.epochs=4", "export.parity_atol=1e-30")
+    from pipelines.export.package import ParityFailed
+
+    with pytest.raises(ParityFailed, match=r"export.parity_atol.*unchanged"):
+        export_run(project, strict, result.run_id)
+    assert {p.name: p.read_bytes() for p in first.export_dir.iterdir()} == before
+    assert sorted(p.name for p in first.export_dir.parent.iterdir()) == [result.run_id]  # no staging left behind
+    assert [str(v.version) for v in MlflowClient().search_model_versions("name='fluxo-digits'")] == ["1"]
+
+
+def test_a_missing_champion_metric_is_a_clear_error(project: Path, trained, settings_for) -> None:
+    settings, _, result = trained
+    typo = settings_for("train.epochs=4", "tracking.champion_metric=test_acc")
+    with pytest.raises(FluxoError, match=r"tracking.champion_metric='test_acc'.*test_accuracy"):
+        export_run(project, typo, result.run_id)
+    # Registered once; a second attempt with the fix promotes that same version.
+    fixed = export_run(project, settings, result.run_id)
+    assert fixed.model_version == "1" and fixed.promotion.promoted
+
+
+def test_an_unknown_run_id_is_one_clear_line(project: Path, trained, settings_for) -> None:
+    settings, _, _ = trained
+    with pytest.raises(FluxoError, match=r"--run-id deadbeef: no such run .* omit --run-id"):
+        export_run(project, settings, "deadbeef")

@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.data.store import read_dataset
 from pipelines.data.versioning import read_data_version
+from pipelines.export.publish import materialize_model, model_root
 from pipelines.export.step import export_run
-from pipelines.serve import materialize_model, model_root
 from serving.reload import read_pointer
 from tests.conftest import SMOKE, make_settings
 
@@ -52,9 +52,10 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
     assert run.data.tags["data_version"] == data_version
 
     settings = make_settings(project, "train.epochs=3")
-    model_dir = materialize_model(project, settings)
+    model_dir = materialize_model(project, settings, None, summary["registered_model"]).path
+    assert Path(summary["served_dir"]) == model_dir
     # The promotion published the champion: `fluxo serve` starts on this root and follows it.
-    champion_root = model_root(project, settings)
+    champion_root = model_root(project, settings, "fluxo-digits")
     assert read_pointer(champion_root) == model_dir.resolve()
     port = _free_port()
     log_path = tmp_path / "server.log"
@@ -86,9 +87,15 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
             bad = httpx.post(f"{url}/predict", json={"instances": [[0.0] * 64]}, timeout=10)
             assert bad.status_code == 400 and "(1, 8, 8)" in bad.text
 
-            # Exporting again registers v2 with an equal test metric, which takes the alias;
-            # the running server switches to it by itself and keeps answering meanwhile.
-            assert export_run(project, settings, summary["run_id"]).promotion.promoted
+            # Exporting the same run again registers nothing new (registration is idempotent)...
+            assert export_run(project, settings, summary["run_id"]).model_version == "1"
+            # ...a second run with the same settings registers v2 with an equal test metric, which takes
+            # the alias; the running server switches to it by itself and keeps answering meanwhile.
+            from pipelines.data.ingest import version
+            from pipelines.train.run import train
+
+            second = train(project, settings, version(project, settings.data))
+            assert export_run(project, settings, second.run_id).promotion.promoted
             # Each worker polls on its own, so wait for a long run of answers all from v2.
             deadline, versions, streak = time.monotonic() + 60, set(), 0
             while time.monotonic() < deadline and streak < 20:
@@ -115,3 +122,34 @@ def test_schedule_builds_a_cron_deployment(tmp_path: Path) -> None:
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.parameters == {"config": str(SMOKE), "overrides": ["train.epochs=1"], "root": str(tmp_path.resolve())}
     assert json.dumps(deployment.parameters)  # a deployment's parameters must be JSON
+
+
+def test_a_user_mistake_inside_the_flow_is_not_retried_and_prints_no_traceback(
+    project: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sequence file whose label column is not where the settings say: one task run, one clear error."""
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.errors import FluxoError
+    from pipelines.flows import pipeline_flow
+    from tests.test_ingest_sources import _sequences_csv
+
+    path = _sequences_csv(tmp_path / "walk.csv", rows=60)
+    overrides = [
+        f"data.dvc_remote={tmp_path / 'dvc-remote'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"data.dataset={path}",
+        "data.sequence.label_column=target",
+        "model.name=cnn1d",
+    ]
+    with prefect_test_harness(server_startup_timeout=120):
+        with pytest.raises(FluxoError, match="data.sequence.label_column"):
+            pipeline_flow(config=str(SMOKE), overrides=overrides, root=str(project))
+        with get_client(sync_client=True) as client:
+            runs = [run for run in client.read_task_runs() if run.name.startswith("ingest")]
+    assert len(runs) == 1 and runs[0].run_count == 1, [(r.name, r.run_count) for r in runs]
+    assert runs[0].state.is_failed()
+    failures = [r for r in caplog.records if r.name.startswith("prefect") and r.levelname == "ERROR"]
+    assert failures, "Prefect should still say that the task failed"
+    assert all(r.exc_info is None for r in failures), "a user error must not be logged with its traceback"

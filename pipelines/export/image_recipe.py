@@ -1,17 +1,17 @@
 """How the service should turn an uploaded image into this model's input (``preprocessing.image``).
 
 Derived at export time from the dataset manifest, so existing data versions stay
-valid; the fields are the contract documented in ``serving/images.py``.
+valid; the recipes themselves are ``serving.images.ImageSpec`` values, defined once there.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-# scikit-learn's digits: ink counted in 4x4 blocks of a 32x32 black-on-white bitmap, 0..16.
-DIGITS = {"mode": "L", "height": 8, "width": 8, "resample": "box", "invert": True, "range": [0.0, 16.0]}
-# MNIST stores ink as 255 on a black background; uploads are dark ink on a light background.
-MNIST = {"mode": "L", "height": 28, "width": 28, "resample": "bilinear", "invert": True, "range": [0.0, 255.0]}
+from serving.images import BUILTIN_IMAGE_RECIPES, ImageSpec
+
+DIGITS = BUILTIN_IMAGE_RECIPES["digits"].as_dict()
+MNIST = BUILTIN_IMAGE_RECIPES["mnist"].as_dict()
 
 
 def image_recipe(manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -21,13 +21,10 @@ def image_recipe(manifest: dict[str, Any]) -> dict[str, Any] | None:
     preprocessing = manifest.get("preprocessing") or {}
     if "resize" in preprocessing:  # a user's image folder, stored as 8-bit pixels by serving.images.fit_pixels
         channels, height, width = manifest["input_shape"]
-        return {
-            "mode": "L" if channels == 1 else "RGB",
-            "height": height,
-            "width": width,
-            "resample": "bilinear",
-            "invert": False,
-            "range": [0.0, 255.0],
-            "fit": preprocessing["resize"],
-        }
-    return {"digits": DIGITS, "mnist": MNIST}.get(str(manifest.get("name")))
+        spec = ImageSpec(
+            mode="L" if channels == 1 else "RGB", height=height, width=width, resample="bilinear",
+            invert=False, low=0.0, high=255.0, fit=preprocessing["resize"],
+        )
+        return spec.as_dict()
+    builtin = BUILTIN_IMAGE_RECIPES.get(str(manifest.get("name")))
+    return builtin.as_dict() if builtin else None

@@ -16,10 +16,9 @@ import onnx
 import torch
 import torch.nn as nn
 
-log = logging.getLogger(__name__)
+from serving.contract import INPUT_NAME, OUTPUT_NAME  # the names the service reads
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
+log = logging.getLogger(__name__)
 
 
 class TwoClassLogits(nn.Module):

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from pipelines.export.onnx_export import INPUT_NAME
+from serving.contract import INPUT_NAME
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,38 @@
-"""Model Registry: the alias ``champion`` moves only to a version at least as good as the current one."""
+"""Model Registry: register a model directory once per run, and move ``champion`` only to a fit version.
+
+Both steps are safe to repeat: a retried registration finds the version its run already
+has, and a promotion of the version that already holds the alias changes nothing.
+Only versions with the champion's input contract (kind, shape, dtype, labels, upload
+recipe) may take its alias: a server following the alias must never switch to a model
+that reads other inputs or answers other labels.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from pipelines.errors import FluxoError
+from serving.contract import METADATA_FILE, MODEL_FILE, ModelMetadata
 
 log = logging.getLogger(__name__)
+
+CONTRACT_TAG = "fluxo.input_contract"
+PROMOTION_TAG = "fluxo.promotion"
+ARTIFACT_PATH = "model"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    created: bool  # False when an earlier attempt of the same run had registered it
 
 
 @dataclass(frozen=True)
@@ -22,6 +46,8 @@ class PromotionDecision:
 
     @property
     def reason(self) -> str:
+        if self.champion_version == self.version:
+            return f"v{self.version} is already the champion ({self.metric}={self.value:.4f})"
         if self.champion_version is None:
             return f"promoted v{self.version}: first version ({self.metric}={self.value:.4f})"
         verb = "promoted" if self.promoted else "kept champion"
@@ -33,33 +59,119 @@ class PromotionDecision:
         )
 
 
-def current_champion(client: MlflowClient, name: str, alias: str) -> tuple[str, str] | None:
-    """(version, run_id) of the version holding ``alias``, or None when no version holds it yet."""
+def _describe(contract: dict[str, Any]) -> str:
+    labels = contract.get("labels") or []
+    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+    return f"{contract.get('kind') or 'inputs'} of shape {contract.get('input_shape')} → {len(labels)} labels ({shown})"
+
+
+def champion_version(client: Any, name: str, alias: str) -> Any | None:
+    """The model version holding ``alias``, or None when no version holds it (or no such model)."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        version = client.get_model_version_by_alias(name, alias)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    return str(version.version), str(version.run_id)
 
 
-def promote_if_better(
-    client: MlflowClient, name: str, version: str, run_id: str, metric: str, alias: str
+def check_contract(client: Any, name: str, alias: str, metadata: ModelMetadata, version: str | None = None) -> None:
+    """Refuse a model whose input contract differs from the champion's; the message says what differs."""
+    champion = champion_version(client, name, alias)
+    if champion is None or str(champion.version) == version or CONTRACT_TAG not in champion.tags:
+        return
+    theirs = json.loads(champion.tags[CONTRACT_TAG])
+    ours = metadata.input_contract()
+    if theirs == ours:
+        return
+    differing = ", ".join(key for key in ours if ours.get(key) != theirs.get(key))
+    raise FluxoError(
+        f"{name}: the {alias} v{champion.version} takes {_describe(theirs)}, this model (run {metadata.run_id}) takes "
+        f"{_describe(ours)} ({differing} differ); a model with another input contract can never take the "
+        f"{alias!r} alias, since every server following it would break: register it under its own name with "
+        "--set tracking.registered_model=NAME when training"
+    )
+
+
+def _existing_version(client: Any, name: str, run_id: str) -> Any | None:
+    versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _tag_version(client: Any, name: str, version: str, metadata: ModelMetadata) -> None:
+    """Tags the gate and a person read: the input contract, data version and dataset."""
+    client.set_model_version_tag(name, version, CONTRACT_TAG, json.dumps(metadata.input_contract(), sort_keys=False))
+    client.set_model_version_tag(name, version, "fluxo.data_version", str(metadata.data_version))
+    client.set_model_version_tag(name, version, "fluxo.dataset", str(metadata.dataset))
+
+
+def _log_model_dir(model_dir: Path, run_id: str) -> None:
+    """Log the model directory to its run as an MLflow ONNX model (so `mlflow models serve` and the UI
+    know it) whose ``model.onnx`` and ``metadata.json`` are the exported files."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    with tempfile.TemporaryDirectory() as scratch:
+        flavour = Path(scratch) / ARTIFACT_PATH
+        mlflow.onnx.save_model(onnx.load(str(Path(model_dir) / MODEL_FILE)), str(flavour),
+                               pip_requirements=["onnx", "onnxruntime"], save_as_external_data=False)
+        shutil.copy2(Path(model_dir) / METADATA_FILE, flavour / METADATA_FILE)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifacts(str(flavour), ARTIFACT_PATH)
+
+
+def register(client: Any, model_dir: Path, metadata: ModelMetadata, alias: str) -> RegisteredVersion:
+    """Log the model directory to its run and register it, once: a retry finds the version it made."""
+    from mlflow.exceptions import MlflowException
+
+    name, run_id = metadata.model_name, str(metadata.run_id)
+    check_contract(client, name, alias, metadata)
+    existing = _existing_version(client, name, run_id)
+    if existing is None:
+        _log_model_dir(model_dir, run_id)
+        try:
+            client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        existing = client.create_model_version(name, source=f"runs:/{run_id}/{ARTIFACT_PATH}", run_id=run_id)
+        created = True
+        log.info("registered %s v%s from run %s", name, existing.version, run_id)
+    else:
+        created = False
+        log.info("run %s is already registered as %s v%s", run_id, name, existing.version)
+    version = str(existing.version)
+    _tag_version(client, name, version, metadata)
+    return RegisteredVersion(name, version, run_id, created)
+
+
+def promote(
+    client: Any, registered: RegisteredVersion, metadata: ModelMetadata, metric: str, alias: str
 ) -> PromotionDecision:
-    """Move ``alias`` to ``version`` if its run's ``metric`` is at least the champion's; record why."""
-    value = client.get_run(run_id).data.metrics.get(metric)
-    if value is None:
-        raise ValueError(f"run {run_id} has no metric {metric!r} to compare; check tracking.champion_metric")
-    champion = current_champion(client, name, alias)
+    """Move ``alias`` to the version if its run's ``metric`` is at least the champion's; record why."""
+    name, version, run_id = registered.name, registered.version, registered.run_id
+    metrics = client.get_run(run_id).data.metrics
+    if metric not in metrics:
+        logged = ", ".join(sorted(k for k in metrics if k.startswith("test_"))) or "none"
+        raise FluxoError(
+            f"tracking.champion_metric={metric!r}: run {run_id} logged no such metric (its test metrics: {logged}); "
+            f"set tracking.champion_metric to one of them; {name} v{version} stays registered without the alias"
+        )
+    value = float(metrics[metric])
+    check_contract(client, name, alias, metadata, version)
+    champion = champion_version(client, name, alias)
     champion_value = None
     if champion is not None:
-        champion_value = client.get_run(champion[1]).data.metrics.get(metric, float("-inf"))
-    promoted = champion is None or value >= champion_value
+        champion_value = client.get_run(champion.run_id).data.metrics.get(metric, float("-inf"))
+    held = champion is not None and str(champion.version) == version
+    promoted = champion is None or held or value >= champion_value
     decision = PromotionDecision(
-        promoted, version, metric, value, champion[0] if champion else None, champion_value
+        promoted, version, metric, value, str(champion.version) if champion else None, champion_value
     )
-    if promoted:
+    if promoted and not held:
         client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, "fluxo.promotion", decision.reason)
-    client.set_tag(run_id, "fluxo.promotion", decision.reason)
+    client.set_model_version_tag(name, version, PROMOTION_TAG, decision.reason)
+    client.set_tag(run_id, PROMOTION_TAG, decision.reason)
     log.info("%s: %s", name, decision.reason)
     return decision

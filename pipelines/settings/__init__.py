@@ -255,21 +255,108 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_settings(config: Path | None = None, overrides: list[str] | None = None) -> FluxoSettings:
-    """Build settings from defaults, environment, an optional YAML preset and ``key=value`` overrides."""
-    layer: dict[str, Any] = {}
+def _read_preset(config: Path) -> dict[str, Any]:
+    if not Path(config).is_file():
+        raise FluxoError(f"config {config}: no such file; presets live in configs/*.yaml")
+    try:
+        loaded = yaml.safe_load(Path(config).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise FluxoError(f"config {config}: not valid YAML ({error})") from error
+    if not isinstance(loaded, dict):
+        raise FluxoError(f"config {config}: expected a mapping of sections (data, model, train, ...)")
+    return loaded
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted setting path (``train.epochs``, ``augment.image.rotation``), for suggestions."""
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, path + "."))
+    return keys
+
+
+def _suggestion(path: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(path, _known_keys(FluxoSettings), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _has_path(tree: dict[str, Any], path: tuple[str, ...]) -> bool:
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _blame(path: tuple[str, ...], config: Path | None, layer: dict[str, Any], overrides: list[str]) -> str:
+    """Who set the offending value: the last --set for it, else the preset, else the environment."""
+    dotted = ".".join(path)
+    for text in reversed(overrides):
+        key = text.partition("=")[0].strip()
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return f"--set {text}"
+    if config is not None and _has_path(layer, path):
+        return f"config {config}"
+    env = "FLUXO_" + "__".join(part.upper() for part in path[:2])
+    if env in os.environ:
+        return f"environment variable {env}"
+    return "settings"
+
+
+def _explain(error: ValidationError, config: Path | None, layer: dict[str, Any], overrides: list[str]) -> str:
+    problems = []
+    for item in error.errors():
+        path = tuple(str(p) for p in item["loc"])
+        dotted = ".".join(path)
+        source = _blame(path, config, layer, overrides)
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{source}: {dotted} is not a setting{_suggestion(dotted)}")
+        else:
+            message = str(item["msg"]).removeprefix("Value error, ")
+            problems.append(f"{source}: {dotted}: {message}" if dotted else f"{source}: {message}")
+    return "; ".join(problems)
+
+
+def explicit_dataset(config: Path | None, overrides: list[str] | None) -> tuple[str, str] | None:
+    """(dataset, who named it) when a preset, ``--set`` or the environment names one, else None.
+
+    Commands that train on whatever ``data/`` holds check it against this: a preset that
+    names another dataset means the user expects that dataset, not the one on disk.
+    """
+    for text in reversed(overrides or []):
+        key, _, value = text.partition("=")
+        if key.strip() == "data.dataset":
+            return str(yaml.safe_load(value)), f"--set {text}"
     if config is not None:
-        if not Path(config).is_file():
-            raise FluxoError(f"config {config}: no such file; presets live in configs/*.yaml")
-        try:
-            loaded = yaml.safe_load(Path(config).read_text()) or {}
-        except yaml.YAMLError as error:
-            raise FluxoError(f"config {config}: not valid YAML ({error})") from error
-        if not isinstance(loaded, dict):
-            raise FluxoError(f"config {config}: expected a mapping of sections (data, model, train, ...)")
-        layer = loaded
-    merged = _merge(FluxoSettings().model_dump(), layer)
-    for text in overrides or []:
+        data = _read_preset(config).get("data")
+        if isinstance(data, dict) and data.get("dataset"):
+            return str(data["dataset"]), str(config)
+    if os.environ.get("FLUXO_DATA__DATASET"):
+        return os.environ["FLUXO_DATA__DATASET"], "FLUXO_DATA__DATASET"
+    return None
+
+
+def load_settings(config: Path | None = None, overrides: list[str] | None = None) -> FluxoSettings:
+    """Build settings from defaults, environment, an optional YAML preset and ``key=value`` overrides.
+
+    A mistake names where it was made (the preset, the ``--set`` or the environment
+    variable) and, for a misspelt key, the closest real setting.
+    """
+    overrides = list(overrides or [])
+    layer: dict[str, Any] = _read_preset(config) if config is not None else {}
+    try:
+        base = FluxoSettings().model_dump()
+    except ValidationError as error:
+        raise FluxoError(_explain(error, None, {}, [])) from None
+    merged = _merge(base, layer)
+    for text in overrides:
         # An override replaces what is at its path: `--set model.params={}` clears the preset's
         # params, `--set model.params.hidden=16` changes one of them.
         path, value = parse_override(text)
@@ -282,8 +369,4 @@ def load_settings(config: Path | None = None, overrides: list[str] | None = None
     try:
         return FluxoSettings.model_validate(merged)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-        )
-        source = f"config {config}" if config else "settings"
-        raise FluxoError(f"{source}: {problems}") from error
+        raise FluxoError(_explain(error, config, layer, overrides)) from None

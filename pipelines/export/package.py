@@ -1,0 +1,178 @@
+"""Export + parity: a run's best checkpoint → a complete model directory, or nothing at all.
+
+The directory is built in a staging folder beside its target (``model.onnx``, the parity
+check on the test split, ``metadata.json``) and renamed into place only when parity
+passes, so ``.fluxo/export/<run id>/`` is always a consistent pair or absent, and a
+failed check leaves the previous directory exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.data.store import Dataset, read_dataset
+from pipelines.data.versioning import read_data_version
+from pipelines.errors import FluxoError
+from pipelines.identity import RunIdentity, fetch_run, run_identity
+from pipelines.export.image_recipe import image_recipe
+from pipelines.export.onnx_export import export_onnx, servable
+from pipelines.export.parity import ParityReport, check_parity, served_accuracy
+from pipelines.settings import FluxoSettings
+from pipelines.tracking import configure_mlflow
+from pipelines.train.checkpoint import load_checkpoint, rebuild_model
+from serving.contract import MODEL_FILE, ModelMetadata, Normalization, Preprocessing, replace_dir, staging_dir, write_metadata
+
+log = logging.getLogger(__name__)
+
+
+class ParityFailed(FluxoError):
+    """The ONNX graph does not compute what the PyTorch model computes; never retried."""
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """What the later steps need: where the model directory is and what it is."""
+
+    identity: RunIdentity
+    model_dir: Path
+    metadata: ModelMetadata
+    parity: ParityReport
+
+
+def latest_run_id(experiment: str) -> str:
+    """The newest finished training run of the experiment (tuning trials excluded)."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=200,
+        output_format="list",
+    )
+    # Tuning studies and their trials are not what a user means by "the newest run".
+    runs = [run for run in runs if "fluxo.tune.role" not in run.data.tags]
+    if not runs:
+        raise FluxoError(f"experiment {experiment!r} has no finished run to export; run `fluxo train` first")
+    return runs[0].info.run_id
+
+
+def _checkpoint(root: Path, settings: FluxoSettings, run_id: str, given: Path | None, scratch: Path) -> Path:
+    """The run's best checkpoint: the one handed over, the one on local disk, or else from MLflow."""
+    if given is not None and Path(given).is_file():
+        return Path(given)
+    local = Path(root) / settings.train.checkpoint_dir / run_id / "best.pt"
+    if local.is_file():
+        return local
+    import mlflow
+
+    log.info("no local checkpoint for run %s; downloading it from MLflow", run_id)
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt",
+                                                    dst_path=str(scratch)))
+
+
+def _served_accuracy_if_padded(
+    dataset: Dataset, spec: dict[str, Any], onnx_path: Path, test_metrics: dict[str, float]
+) -> float | None:
+    """For variable-length classification data: test accuracy as served (padded, no lengths), else None."""
+    if not dataset.manifest.get("variable_length") or spec.get("task", "multiclass") not in ("multiclass", "binary"):
+        return None
+    test = dataset.splits["test"]
+    served = served_accuracy(onnx_path, test.x, np.asarray(test.y))
+    trained = test_metrics.get("test_accuracy")
+    if trained is not None and served < trained - 0.01:
+        log.warning(
+            "the served %s reads each sequence's zero padding (the ONNX graph takes no lengths): test accuracy "
+            "%.4f as trained, %.4f as served; for variable-length data that is served, prefer cnn1d or resnet1d, "
+            "or train on sequences padded the way clients will send them",
+            spec["architecture"], trained, served,
+        )
+    return served
+
+
+def build_metadata(
+    spec: dict[str, Any], identity: RunIdentity, test_metrics: dict[str, float], opset: int,
+    image: dict[str, Any] | None, parity: ParityReport, served: float | None,
+) -> ModelMetadata:
+    """What the service needs beside the ONNX file, from the run's own record (serving/contract.py)."""
+    return ModelMetadata(
+        model_name=identity.registered_model,
+        architecture=spec["architecture"],
+        task=spec.get("task", "multiclass"),
+        run_id=identity.run_id,
+        dataset=identity.dataset,
+        kind=spec.get("kind"),
+        data_version=identity.data_version,
+        input_shape=list(spec["input_shape"]),
+        labels=[str(label) for label in spec["labels"]],
+        preprocessing=Preprocessing(normalize=Normalization(mean=spec["mean"], std=spec["std"]), image=image),
+        test_metrics=test_metrics,
+        onnx_opset=opset,
+        variable_length=served is not None,
+        served_test_accuracy=served,
+        parity=parity.as_dict(),
+    )
+
+
+def export_model(
+    root: Path, settings: FluxoSettings, run_id: str | None = None, checkpoint: Path | None = None,
+    dataset: Dataset | None = None,
+) -> ExportedModel:
+    """Export a run's best model to ``<export_dir>/<run id>/`` after checking it against PyTorch."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    root = Path(root)
+    configure_mlflow(root, settings)
+    run_id = run_id or latest_run_id(settings.tracking.experiment)
+    run = fetch_run(MlflowClient(), run_id)
+    identity = run_identity(run)
+    current = read_data_version(root / f"{settings.data.data_dir}.dvc").md5
+    if identity.data_version != current:
+        raise FluxoError(
+            f"run {run_id} was trained on data version {identity.data_version} but {settings.data.data_dir}/ holds "
+            f"{current}; check out the matching data.dvc and run `dvc checkout`, or retrain"
+        )
+    dataset = dataset or read_dataset(root / settings.data.data_dir)
+    target = root / settings.export.export_dir / run_id
+    staging = staging_dir(target)
+    try:
+        model, spec = rebuild_model(load_checkpoint(_checkpoint(root, settings, run_id, checkpoint, staging)))
+        model = servable(model, spec.get("task"))
+        onnx_path = staging / MODEL_FILE
+        export_onnx(model, tuple(spec["input_shape"]), onnx_path, settings.export.opset)
+        test = dataset.splits["test"]
+        parity = check_parity(model, onnx_path, test.x, settings.export.parity_atol)
+        test_metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+        served = _served_accuracy_if_padded(dataset, spec, onnx_path, test_metrics)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics({"parity_max_abs_diff": parity.max_abs_diff,
+                                "parity_argmax_agreement": parity.argmax_agreement})
+            mlflow.log_dict(parity.as_dict(), "export/parity.json")
+            if served is not None:
+                mlflow.log_metric("served_test_accuracy", served)
+        if not parity.passed:
+            raise ParityFailed(
+                f"ONNX parity failed for run {run_id}: max |Δlogit| {parity.max_abs_diff:.2e} "
+                f"(allowed export.parity_atol={parity.atol:.0e}), argmax agreement {parity.argmax_agreement:.4f}; "
+                f"nothing was registered and {target} is unchanged"
+            )
+        metadata = build_metadata(spec, identity, test_metrics, settings.export.opset, image_recipe(dataset.manifest),
+                                  parity, served)
+        for leftover in staging.iterdir():  # a downloaded checkpoint is not part of the model directory
+            if leftover.name != MODEL_FILE:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        write_metadata(staging, metadata)
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("parity: max |Δlogit| %.2e, argmax agreement %.4f; model directory %s",
+             parity.max_abs_diff, parity.argmax_agreement, target)
+    return ExportedModel(identity, target, metadata, parity)

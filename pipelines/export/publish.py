@@ -1,0 +1,111 @@
+"""Publish: turn a registry version into a served model directory, and point servers at the champion.
+
+``fluxo serve`` and every promotion go through here. A version exported on this machine
+is copied from its local model directory (nothing is fetched back from MLflow); any
+other version is downloaded once. Either way the served copy is the registered artifact
+byte for byte plus ``registry.json`` (serving/contract.py), staged and renamed into place.
+This module never imports torch: ``fluxo serve`` must start without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from pipelines.errors import FluxoError
+from pipelines.settings import FluxoSettings
+from pipelines.tracking import configure_mlflow
+from serving.contract import ModelDir, RegistryEntry, is_model_dir, materialize, read_model_dir
+
+log = logging.getLogger(__name__)
+
+
+def champion_uri(name: str, alias: str) -> str:
+    return f"models:/{name}@{alias}"
+
+
+def model_root(root: Path, settings: FluxoSettings, name: str) -> Path:
+    """The directory whose ``current.json`` names the live ``name`` champion (serving/reload.py).
+
+    ``fluxo serve`` starts the service on this root, and every promotion republishes
+    it, so a running server switches to a new champion by itself.
+    """
+    return Path(root) / settings.serve.model_cache / name
+
+
+def _served_dir(root: Path, settings: FluxoSettings, name: str, version: str) -> Path:
+    return Path(root) / settings.serve.model_cache / f"{name}-v{version}"
+
+
+def _resolve(client, uri: str):
+    """(name, model version, alias or None) for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/"):
+        raise FluxoError(f"--model {uri!r}: expected an export directory or models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    try:
+        if alias:
+            return name, client.get_model_version_by_alias(name, alias), alias
+        name, _, number = name.partition("/")
+        return name, client.get_model_version(name, number), None
+    except MlflowException as error:
+        raise FluxoError(
+            f"{uri}: not in the model registry at {mlflow.get_tracking_uri()} ({error.message}); "
+            "run `fluxo run` first or pass --model"
+        ) from None
+
+
+def materialize_version(
+    root: Path, settings: FluxoSettings, name: str, version: str, alias: str | None = None,
+    local: Path | None = None,
+) -> ModelDir:
+    """The served model directory of ``name`` v``version``: copied from ``local`` when given, else downloaded."""
+    target = _served_dir(root, settings, name, version)
+    entry = RegistryEntry(model_name=name, model_version=version, alias=alias)
+    if is_model_dir(target):
+        served = read_model_dir(target)
+        if served.registry is not None and (served.registry.model_name, served.version) == (name, version):
+            return served  # versions are immutable: a copy made earlier is still exact
+    if local is not None and is_model_dir(local):
+        return materialize(local, target, entry)
+    import mlflow
+
+    with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as scratch:
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=scratch))
+        if not is_model_dir(downloaded):
+            raise FluxoError(
+                f"models:/{name}/{version} holds no model.onnx with metadata.json: it was not registered by this "
+                f"version of fluxo; re-export its run with `fluxo export --run-id RUN`"
+            )
+        return materialize(downloaded, target, entry)
+
+
+def materialize_model(root: Path, settings: FluxoSettings, model: str | None, name: str) -> ModelDir:
+    """What ``fluxo serve --model`` names: an export directory, a ``models:/`` URI, or ``name``'s champion."""
+    if model and Path(model).is_dir():
+        if not is_model_dir(model):
+            raise FluxoError(f"--model {model}: needs model.onnx and metadata.json; point it at a `fluxo export` directory")
+        return read_model_dir(model)
+    from mlflow.tracking import MlflowClient
+
+    configure_mlflow(Path(root), settings)
+    uri = model or champion_uri(name, settings.tracking.champion_alias)
+    name, version, alias = _resolve(MlflowClient(), uri)
+    served = materialize_version(root, settings, name, str(version.version), alias)
+    log.info("serving %s v%s from %s", name, version.version, served.path)
+    return served
+
+
+def publish_champion(
+    root: Path, settings: FluxoSettings, name: str, version: str, local: Path | None = None
+) -> ModelDir:
+    """Make ``name`` v``version`` the live model of every server started on the name's model root."""
+    from serving.reload import publish
+
+    served = materialize_version(root, settings, name, version, settings.tracking.champion_alias, local)
+    publish(model_root(root, settings, name), served.path)
+    log.info("published %s v%s as the live champion under %s", name, version, model_root(root, settings, name))
+    return served

@@ -1,0 +1,291 @@
+"""The model directory: the whole contract between export and serving, typed in one place.
+
+A model directory holds::
+
+    model.onnx      the graph: one float32 input ``input`` (batch first), one output ``logits``
+    metadata.json   what the model is (ModelMetadata): written once, by the export step
+    registry.json   where it sits in the model registry (RegistryEntry): written by the publisher
+                    when it materialises a registered version; absent for a plain export
+
+``metadata.json`` is part of the artifact that is logged to MLflow and registered, so it
+cannot know the version number the registry gives it later; that number travels in
+``registry.json`` beside it. Export, the runtime, the publisher, batch prediction and
+``fluxo serve`` all read the directory through :func:`read_model_dir`, so none of them
+spells file names, tensor names or field names on its own. This module imports only
+pydantic: the training side uses it without onnxruntime, the service without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from serving import ServingError
+
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+REGISTRY_FILE = "registry.json"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+FORMAT_VERSION = 1
+FIX = "re-run the export step (or `fluxo serve`) to rewrite the model directory"
+
+
+class Normalization(BaseModel):
+    """The standardisation inside the graph: raw dataset values go in, the graph subtracts and divides."""
+
+    mean: float
+    std: float
+
+
+class Preprocessing(BaseModel):
+    """How a client's values become the graph's input."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    normalize: Normalization | None = Field(None, description="Standardisation applied inside the graph.")
+    in_graph: bool = Field(True, description="True: clients send raw values, normalisation is part of the graph.")
+    image: dict[str, Any] | None = Field(
+        None, description="Upload recipe for /predict/image (serving.images.ImageSpec); None: no uploads."
+    )
+
+
+class ModelMetadata(BaseModel):
+    """``metadata.json``: the identity and input contract of one exported model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format_version: int = Field(FORMAT_VERSION, description="Version of this layout.")
+    model_name: str = Field("model", description="Registry name the model joins, e.g. fluxo-digits.")
+    architecture: str | None = Field(None, description="Registry name of the network (models/).")
+    task: Literal["multiclass", "binary"] = Field("multiclass", description="What the softmax over labels means.")
+    run_id: str | None = Field(None, description="MLflow run the model was trained in.")
+    dataset: str | None = Field(None, description="Dataset the run was trained on (its manifest name).")
+    kind: Literal["image", "sequence"] | None = Field(None, description="Input kind.")
+    data_version: str | None = Field(None, description="DVC md5 of the training data.")
+    input_name: str = Field(INPUT_NAME, description="Graph input name.")
+    output_name: str = Field(OUTPUT_NAME, description="Graph output name.")
+    input_shape: list[int] = Field(None, validate_default=True, description="One instance's shape (no batch axis).")
+    input_dtype: str = Field("float32", description="Element type the service feeds.")
+    labels: list[str] = Field(None, validate_default=True, description="Class names, in logit order.")
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    test_metrics: dict[str, float] = Field(default_factory=dict, description="The run's test metrics.")
+    onnx_opset: int | None = Field(None, description="ONNX opset of the graph.")
+    variable_length: bool = Field(False, description="Sequences of varying length, served padded.")
+    served_test_accuracy: float | None = Field(None, description="Test accuracy of the graph as served.")
+    parity: dict[str, Any] | None = Field(None, description="The ONNX-vs-PyTorch parity report.")
+    model_version: str | None = Field(
+        None, description="Only in directories written before registry.json existed; read, never written."
+    )
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _positive_dims(cls, value: Any) -> Any:
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+        ):
+            raise ValueError(f"input_shape must be a non-empty list of positive integers, got {value!r}")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _string_labels(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
+            raise ValueError(f"labels must be a non-empty list of strings, got {value!r}")
+        return value
+
+    @field_validator("input_dtype")
+    @classmethod
+    def _float32_only(cls, value: str) -> str:
+        if value != "float32":
+            raise ValueError(f"input_dtype {value!r} is not supported, the service feeds float32")
+        return value
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        return None if value is None else str(value)
+
+    def input_contract(self) -> dict[str, Any]:
+        """What a client (and a challenger) must agree with: kind, shape, dtype, labels, upload recipe."""
+        return {
+            "kind": self.kind,
+            "input_shape": list(self.input_shape),
+            "input_dtype": self.input_dtype,
+            "labels": list(self.labels),
+            "image": self.preprocessing.image,
+        }
+
+
+class RegistryEntry(BaseModel):
+    """``registry.json``: the registry version a materialised model directory is."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_name: str
+    model_version: str
+    alias: str | None = None
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        return str(value)
+
+
+class ModelDir(BaseModel):
+    """A model directory as read: its path, what the model is, and which registry version (if any)."""
+
+    path: Path
+    metadata: ModelMetadata
+    registry: RegistryEntry | None = None
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def version(self) -> str | None:
+        """The registry version; None for a plain export that was never registered."""
+        return self.registry.model_version if self.registry else self.metadata.model_version
+
+    def as_dict(self) -> dict[str, Any]:
+        """The metadata as the service reads it: every field, with the registry's version folded in."""
+        data = self.metadata.model_dump(mode="json")
+        data["model_version"] = self.version
+        if self.registry is not None:
+            data["model_name"] = self.registry.model_name
+        return data
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ServingError(f"{path}: no such file; a model directory needs {MODEL_FILE} and {METADATA_FILE}; {FIX}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ServingError(f"{path}: not valid JSON ({error}); {FIX}") from error
+    if not isinstance(data, dict):
+        raise ServingError(f"{path}: expected a JSON object, got {type(data).__name__}; {FIX}")
+    return data
+
+
+def _problems(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        message = str(item["msg"]).removeprefix("Value error, ")
+        field = ".".join(str(p) for p in item["loc"])
+        parts.append(message if message.startswith(field) else f"{field}: {message}")
+    return "; ".join(parts)
+
+
+def read_metadata(model_dir: Path | str) -> ModelMetadata:
+    """Read and check ``metadata.json``; a broken file names itself, the field and the fix."""
+    path = Path(model_dir) / METADATA_FILE
+    try:
+        return ModelMetadata.model_validate(_read_json(path))
+    except ValidationError as error:
+        raise ServingError(f"{path}: {_problems(error)}; {FIX}") from None
+
+
+def read_registry(model_dir: Path | str) -> RegistryEntry | None:
+    """``registry.json`` when the directory is a materialised registry version, else None."""
+    path = Path(model_dir) / REGISTRY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RegistryEntry.model_validate(_read_json(path))
+    except ValidationError as error:
+        raise ServingError(f"{path}: {_problems(error)}; {FIX}") from None
+
+
+def is_model_dir(path: Path | str) -> bool:
+    """True when ``path`` holds both files a model directory needs."""
+    path = Path(path)
+    return (path / MODEL_FILE).is_file() and (path / METADATA_FILE).is_file()
+
+
+def read_model_dir(path: Path | str) -> ModelDir:
+    """The model directory at ``path``, checked: both files present, metadata (and registry entry) valid."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ServingError(f"model directory {path}: no such directory; {FIX}")
+    metadata = read_metadata(path)
+    if not (path / MODEL_FILE).is_file():
+        raise ServingError(f"{path / MODEL_FILE}: no such file; a model directory needs {MODEL_FILE} and {METADATA_FILE}; {FIX}")
+    return ModelDir(path=path, metadata=metadata, registry=read_registry(path))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def write_metadata(staging: Path, metadata: ModelMetadata) -> None:
+    """The one writer of ``metadata.json`` (the export step, into its staging directory)."""
+    _write_json(Path(staging) / METADATA_FILE, metadata.model_dump(mode="json", exclude={"model_version"}))
+
+
+def replace_dir(staging: Path, target: Path) -> Path:
+    """Move a complete ``staging`` directory to ``target``, so readers see the old or the new, never half.
+
+    ``rename`` cannot replace a non-empty directory, so the old one is first renamed aside
+    (one atomic step each) and removed after the new one is in place.
+    """
+    staging, target = Path(staging), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rmdir(old)
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh directory beside ``target`` (same file system, so the final rename is atomic)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+
+
+def materialize(source: Path | str, target: Path | str, entry: RegistryEntry) -> ModelDir:
+    """Copy a model directory (a local export or a downloaded artifact) to ``target`` as registry ``entry``.
+
+    The copy is staged and renamed into place; ``metadata.json`` is copied byte for byte and
+    the registry version goes into ``registry.json`` beside it.
+    """
+    source, target = Path(source), Path(target)
+    read_model_dir(source)
+    staging = staging_dir(target)
+    try:
+        for name in (MODEL_FILE, METADATA_FILE):
+            shutil.copy2(source / name, staging / name)
+        _write_json(staging / REGISTRY_FILE, entry.model_dump(mode="json"))
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return read_model_dir(target)
+
+
+__all__ = [
+    "FIX", "INPUT_NAME", "METADATA_FILE", "MODEL_FILE", "OUTPUT_NAME", "REGISTRY_FILE",
+    "ModelDir", "ModelMetadata", "Preprocessing", "Normalization", "RegistryEntry",
+    "is_model_dir", "materialize", "read_metadata", "read_model_dir", "read_registry",
+    "replace_dir", "staging_dir", "write_metadata",
+]
