@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines.data.sources import Problem, RawDataset
+from pipelines.data.raw import Problem, RawDataset
 from pipelines.errors import FluxoError
 
 if TYPE_CHECKING:

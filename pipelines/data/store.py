@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines.data.sources import RawDataset
+from pipelines.data.raw import RawDataset
 from pipelines.data.split import SPLITS
 from pipelines.errors import FluxoError
 

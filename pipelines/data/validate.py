@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.data.sources import RawDataset
+from pipelines.data.raw import RawDataset
 from pipelines.errors import FluxoError
 
 if TYPE_CHECKING:
