@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,21 +15,28 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.data.ingest import ingest, version
-from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.checkpoint import load_checkpoint, load_latest_state
 
 pytestmark = pytest.mark.e2e
 
 
-def _train(project: Path, tmp_path: Path, *extra: str) -> dict:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "FLUXO_DATA__DVC_REMOTE": str(tmp_path / "dvc-remote"), "OMP_NUM_THREADS": "1",
-           "MLFLOW_LOGGING_LEVEL": "WARNING"}
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "FLUXO_DATA__DVC_REMOTE": str(tmp_path / "dvc-remote"), "OMP_NUM_THREADS": "1",
+            "MLFLOW_LOGGING_LEVEL": "WARNING"}
+
+
+def _command(project: Path, *extra: str, epochs: int = 3) -> list[str]:
     recipe = ["--set", "model.name=mlp", "--set", "model.params={hidden: 64}",
-              "--set", "train.epochs=3", "--set", "train.batch_size=64", "--set", "train.learning_rate=0.05",
+              "--set", f"train.epochs={epochs}", "--set", "train.batch_size=64", "--set", "train.learning_rate=0.05",
               # SGD: Adam's normalised step turns float-level gradient noise into lr-sized moves.
               "--set", "train.optimizer=sgd", "--set", "train.momentum=0.9"]
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--root", str(project), *recipe, *extra],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return [sys.executable, "-m", "pipelines.cli", "train", "--root", str(project), *recipe, *extra]
+
+
+def _train(project: Path, tmp_path: Path, *extra: str, epochs: int = 3) -> dict:
+    done = subprocess.run(_command(project, *extra, epochs=epochs), env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout[done.stdout.index("{"):])
 
@@ -56,3 +65,77 @@ def test_two_processes_match_one(project: Path, settings_for, tmp_path: Path) ->
         # Without gradient averaging (plain per-rank training) this mean is ~1e-2.
         assert difference.max() < 1e-2 and difference.mean() < 1e-3, (key, difference.max(), difference.mean())
     assert abs(double["test_accuracy"] - single["test_accuracy"]) <= 0.01
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc: torchrun starts each worker in a session of its own,
+    so killing the launcher's process group would leave the workers training."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(), [])
+        found += children
+        queue += children
+    return found
+
+
+def _crash(launcher: subprocess.Popen) -> None:
+    """SIGKILL the CLI, torchrun and every rank at once: a machine losing power, no cleanup anywhere."""
+    for pid in [launcher.pid, *_descendants(launcher.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.wait(timeout=30)
+
+
+def test_resume_with_two_processes_matches_an_uninterrupted_run(project: Path, settings_for, tmp_path: Path) -> None:
+    settings = settings_for()
+    ingest(project, settings.data)
+    version(project, settings.data)
+    epochs = 8
+    reference = _train(project, tmp_path, "--nproc", "2", epochs=epochs)
+    runs_dir = project / ".fluxo" / "checkpoints"
+
+    crashing = subprocess.Popen(_command(project, "--nproc", "2", epochs=epochs), env=_env(tmp_path),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, states = time.monotonic() + 240, []
+    while time.monotonic() < deadline and crashing.poll() is None and not states:
+        states = [p for p in runs_dir.glob("*/state/state-*.pt") if p.parents[1].name != reference["run_id"]]
+        time.sleep(0.01)
+    _crash(crashing)
+    assert crashing.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    assert states, "no state was saved before the deadline"
+    run_dir = states[0].parents[1]
+    state, _ = load_latest_state(run_dir / "state")
+    assert state["epoch"] <= epochs, "the interrupted run had already finished training"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(run_dir.name).info.status == "RUNNING"
+    logged_before = len(client.get_metric_history(run_dir.name, "val_loss"))
+
+    resumed = _train(project, tmp_path, "--nproc", "2", "--resume", epochs=epochs)
+
+    assert resumed["run_id"] == run_dir.name
+    expected = load_checkpoint(runs_dir / reference["run_id"] / "best.pt")["state_dict"]
+    actual = load_checkpoint(run_dir / "best.pt")["state_dict"]
+    assert expected.keys() == actual.keys()
+    for key in expected:  # gloo on the CPU, one thread: the same sums in the same order
+        assert torch.allclose(expected[key], actual[key], rtol=0, atol=1e-7), (key, (expected[key] - actual[key]).abs().max())
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+
+    # Rank 0 alone reopened the same run: one value per resumed epoch, no second run, no rank checkpoints.
+    run = client.get_run(run_dir.name)
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    history = client.get_metric_history(run_dir.name, "val_loss")
+    assert sorted({m.step for m in history}) == list(range(1, epochs + 1))
+    assert len(history) == logged_before + epochs - state["epoch"] + 1
+    assert len(client.get_metric_history(reference["run_id"], "val_loss")) == epochs
+    assert len(client.search_runs([run.info.experiment_id])) == 2
+    assert {d.name for d in runs_dir.iterdir()} == {reference["run_id"], run_dir.name}

@@ -1,5 +1,5 @@
 """Crash safety: a run killed with SIGKILL mid-epoch and resumed ends bit-identical to one never killed,
-even when its newest checkpoint was truncated by the crash."""
+even when its newest checkpoint was truncated by the crash; a run another process still trains is not resumed."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.data.ingest import ingest, version
+from pipelines.errors import FluxoError
 from pipelines.train.checkpoint import load_checkpoint, load_latest_state
+from pipelines.train.lock import training_lock
+from pipelines.train.resume import resume_training
 from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.e2e
@@ -90,3 +93,61 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(project: Pat
     assert sorted({m.step for m in client.get_metric_history(run_id, "val_loss")}) == [1, 2, 3, 4, 5, 6]
     reference_run = client.get_run(reference_dir.name)
     assert run.data.metrics["test_accuracy"] == reference_run.data.metrics["test_accuracy"]
+
+
+# Holds a run's lock the way a live trainer does, until it is killed.
+HOLD = """
+import sys, time
+from pathlib import Path
+from pipelines.train.lock import training_lock
+with training_lock(Path(sys.argv[1]), sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_training_lock_has_one_holder_at_a_time(tmp_path: Path) -> None:
+    with training_lock(tmp_path / "run-a", "run-a") as path:
+        with pytest.raises(FluxoError, match="run run-a is still being trained") as refused:
+            with training_lock(tmp_path / "run-a", "run-a"):
+                pass
+        assert str(path) in str(refused.value) and f"process {os.getpid()}" in str(refused.value)
+        with training_lock(tmp_path / "run-b", "run-b"):  # other runs are not affected
+            pass
+    with training_lock(tmp_path / "run-a", "run-a"):  # released on exit
+        pass
+
+
+def test_resume_is_refused_while_another_process_holds_the_run(project: Path, settings_for, tmp_path: Path) -> None:
+    settings = settings_for()
+    ingest(project, settings.data)
+    data_version = version(project, settings.data)
+    crashing = _fluxo(project, tmp_path, "--set", "train.epochs=2")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and crashing.poll() is None and not list(_states(project)):
+        time.sleep(0.05)
+    crashing.send_signal(signal.SIGKILL)
+    crashing.wait(timeout=30)
+    assert crashing.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    run_dir = next(_states(project)).parents[1]
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), run_dir.name], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FluxoError, match=f"run {run_dir.name} is still being trained") as refused:
+            resume_training(project, settings, data_version)
+        message = str(refused.value)
+        assert str(run_dir / "train.lock") in message and f"process {holder.pid}" in message and "wait" in message
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a dead holder frees the lock: no stale lock to delete
+        holder.wait(timeout=30)
+
+    resumed = _fluxo(project, tmp_path, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"resuming run {run_dir.name}" in output
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_dir.name).info.status == "FINISHED"
+
+
+def _states(project: Path):
+    return (project / ".fluxo" / "checkpoints").glob("*/state/state-*.pt")

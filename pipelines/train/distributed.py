@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,31 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     if current().active:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's ``value`` on every rank (identity in a single process): one decision, taken once.
+
+    ``value`` must pickle; it is meant for small things, a path or an error message.
+    """
+    if not current().active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def first_error(message: str | None) -> str | None:
+    """The first rank's error message, on every rank, or None when all succeeded.
+
+    A collective: every rank must call it, so one rank's failure stops all of them
+    instead of leaving the others blocked in the next collective.
+    """
+    if not current().active:
+        return message
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
 
 
 def shutdown() -> None:

@@ -21,9 +21,11 @@ from pipelines.data.augment import augmentation_grid, build_augmenter
 from pipelines.data.store import Dataset, Split, read_dataset, read_validation
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
-from pipelines.train.checkpoint import load_latest_state, model_payload, save_checkpoint
+from pipelines.identity import REGISTERED_MODEL_TAG, default_registered_model
+from pipelines.train.checkpoint import model_payload, save_checkpoint
 from pipelines.train import distributed
 from pipelines.train.batches import batches_for
+from pipelines.train.lock import training_lock
 from pipelines.train.engine import FitConfig, TaskStep, evaluate, fit, resolve_device, seed_everything
 from pipelines.train.losses import Task, build_task
 from pipelines.train.metrics import (
@@ -44,6 +46,7 @@ class TrainResult:
     test_metrics: dict[str, float]
     best_epoch: int
     seconds: float
+    registered_model: str = ""
 
 
 def resolve_task(settings: FluxoSettings, dataset: Dataset) -> Task:
@@ -151,6 +154,28 @@ def _check_model_fits_data(name: str, dataset: Dataset) -> None:
         )
 
 
+def check_trainable(settings: FluxoSettings, dataset: Dataset) -> Task:
+    """Every check a run can fail before it starts: model against data, task against targets.
+
+    Run before an MLflow run is opened, so a refused run leaves nothing behind.
+    """
+    _check_model_fits_data(settings.model.name, dataset)
+    return resolve_task(settings, dataset)
+
+
+def check_data_matches(wanted: str | None, dataset: Dataset, source: str) -> None:
+    """A preset that names another dataset than ``data/`` holds is a mistake, not a reason to train on data/."""
+    from pipelines.settings import dataset_display_name
+
+    if wanted is None or dataset_display_name(wanted) == dataset.manifest["name"]:
+        return
+    raise FluxoError(
+        f"{source} trains on data.dataset={wanted!r} but data/ holds {dataset.manifest['name']!r}; "
+        f"run `fluxo data ingest{' --config ' + source if source.endswith(('.yaml', '.yml')) else ''}` first "
+        "(or `fluxo run`, which ingests), or train without that preset"
+    )
+
+
 def train_and_evaluate(
     root: Path,
     settings: FluxoSettings,
@@ -159,13 +184,15 @@ def train_and_evaluate(
     run_key: str = "local",
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    dataset: Dataset | None = None,
 ) -> tuple[dict[str, Any], dict[str, float], Path, Any]:
     """Train on the dataset under ``root``, evaluate on its test split; usable without MLflow.
 
     Returns the model spec, the test metrics, the best checkpoint's path and the fit result.
+    ``dataset`` is the already opened ``data/`` when the caller has it (it is read once per run).
     """
     tracker = tracker or MLflowTracker()
-    dataset = read_dataset(Path(root) / settings.data.data_dir)
+    dataset = dataset or read_dataset(Path(root) / settings.data.data_dir)
     _check_model_fits_data(settings.model.name, dataset)
     seed_everything(settings.train.seed)
     device = resolve_device(settings.train.device)
@@ -319,16 +346,18 @@ def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> Tra
 
     from pipelines.tracking import configure_mlflow
 
+    dataset = read_dataset(Path(root) / settings.data.data_dir)
+    check_trainable(settings, dataset)
     ranks = distributed.init_distributed()
     try:
         if not ranks.main:
             _, test_metrics, checkpoint, result = train_and_evaluate(
-                root, settings, data_version, NullTracker(), run_key=f"rank{ranks.rank}"
+                root, settings, data_version, NullTracker(), run_key=f"rank{ranks.rank}", dataset=dataset
             )
             return TrainResult("", checkpoint, test_metrics, result.best_epoch, result.seconds)
         configure_mlflow(root, settings)
-        dataset = read_dataset(Path(root) / settings.data.data_dir)
         dataset_name = dataset.manifest["name"]
+        registered = default_registered_model(settings.tracking.registered_model, dataset_name)
         train_split = dataset.splits["train"]
         with mlflow.start_run(run_name=f"{dataset_name}-{settings.model.name}") as run:
             with warnings.catch_warnings():
@@ -342,45 +371,14 @@ def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> Tra
                     digest=data_version.md5,
                 )
             mlflow.log_input(source, context="training")
-            mlflow.set_tag("world_size", str(ranks.world))
-            _, test_metrics, checkpoint, result = train_and_evaluate(
-                root, settings, data_version, MLflowTracker(), run_key=run.info.run_id
-            )
-        return TrainResult(run.info.run_id, checkpoint, test_metrics, result.best_epoch, result.seconds)
+            # The run's identity: export, registry and promotion read it from here, not from a preset.
+            mlflow.set_tags({"world_size": str(ranks.world), REGISTERED_MODEL_TAG: registered})
+            # Held while training, so a `--resume` of this run from another process is refused.
+            with training_lock(Path(root) / settings.train.checkpoint_dir / run.info.run_id, run.info.run_id):
+                _, test_metrics, checkpoint, result = train_and_evaluate(
+                    root, settings, data_version, MLflowTracker(), run_key=run.info.run_id, dataset=dataset
+                )
+        return TrainResult(run.info.run_id, checkpoint, test_metrics, result.best_epoch, result.seconds, registered)
     finally:
         distributed.shutdown()
 
-
-def resume_training(root: Path, settings: FluxoSettings, data_version: DataVersion, run_id: str | None = None) -> TrainResult:
-    """Continue an interrupted run from its newest good state, inside the same MLflow run.
-
-    The run's own settings (saved in the state) are used, so the continuation is the
-    same training; the data must still be the version it started on.
-    """
-    import mlflow
-
-    from pipelines.tracking import configure_mlflow
-
-    runs_dir = Path(root) / settings.train.checkpoint_dir
-    candidates = [runs_dir / run_id] if run_id else sorted(
-        (d for d in runs_dir.glob("*") if (d / "state").is_dir()), key=lambda d: (d / "state").stat().st_mtime
-    )
-    if not candidates or not (candidates[-1] / "state").is_dir():
-        raise FluxoError(f"{runs_dir / (run_id or '*')}/state: no resumable training state; start with `fluxo train`")
-    loaded = load_latest_state(candidates[-1] / "state")
-    if loaded is None:
-        raise FluxoError(f"{candidates[-1] / 'state'}: every saved state is unreadable; start again with `fluxo train`")
-    state, path = loaded
-    if state["data_version"] != data_version.md5:
-        raise FluxoError(
-            f"{path} was trained on data version {state['data_version']} but data/ holds {data_version.md5}; "
-            "check out the matching data.dvc and run `dvc checkout`"
-        )
-    saved = FluxoSettings.model_validate(state["settings"])
-    log.info("resuming run %s from %s", state["run_key"], path)
-    configure_mlflow(root, saved)
-    with mlflow.start_run(run_id=state["run_key"]) as run:
-        _, test_metrics, checkpoint, result = train_and_evaluate(
-            root, saved, data_version, MLflowTracker(), run_key=state["run_key"], resume=state
-        )
-    return TrainResult(run.info.run_id, checkpoint, test_metrics, result.best_epoch, result.seconds)
