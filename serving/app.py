@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from serving import ServingConfig, ServingError
 from serving import v2 as oip
 from serving.batching import Batcher
+from serving.docs import add_docs
 from serving.images import ImageSpec, InvalidImage, UnsupportedImage, decode_image, image_spec
 from serving.metrics import get_metrics
 from serving.reload import PointerWatcher, is_model_root, resolve_model_dir
@@ -385,12 +386,13 @@ def create_app() -> FastAPI:
         title="fluxo",
         summary="Predictions from the champion model, on ONNX Runtime.",
         version="1",
-        docs_url="/docs",
+        docs_url=None,  # serving/docs.py: the same page, without a CDN
         redoc_url=None,
         openapi_url="/openapi.json",
         lifespan=lifespan,
     )
     app.add_middleware(RouteMetrics)
+    add_docs(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> Response:

@@ -314,6 +314,17 @@ def test_health_metadata_and_metrics_stay_open(server: Server, path: str) -> Non
     assert response.status_code == 200, response.text
 
 
+def test_docs_is_our_swagger_ui_with_its_files_served_locally(server: Server) -> None:
+    """Through BentoML's mount, /docs is the app's page, and everything it loads comes from the server."""
+    page = httpx.get(f"{server.url}/docs", timeout=10)
+    assert page.status_code == 200 and "<title>fluxo - Swagger UI</title>" in page.text
+    assert not re.findall(r"https?://", page.text), "the page must load nothing from outside the server"
+    paths = re.findall(r'(?:src|href)="(/[^"]+)"', page.text)
+    assert len(paths) == 3  # swagger-ui-bundle.js, swagger-ui.css, the favicon
+    for path in [*paths, "/openapi.json"]:
+        assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200, path
+
+
 # --- metadata, protocol routes, metrics ----------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +52,11 @@ def test_fit_learns_digits_and_restores_best_weights() -> None:
 
 def test_early_stopping_stops_when_validation_stalls() -> None:
     train, val = _digits_tensors(batch_size=256)
-    # A zero learning rate can never improve validation loss after the first epoch.
+    # A (practically) zero learning rate can never improve validation loss after the first epoch. The
+    # model has no batch norm: its running statistics would move the loss, and the test with it.
     config = FitConfig(epochs=50, batch_size=256, learning_rate=1e-12, weight_decay=0, patience=2, seed=0)
-    result = fit(_model(), train, val, config)
+    frozen = Standardized(build_model("mlp", (1, 8, 8), 10, hidden=16), mean=4.9, std=6.0)
+    result = fit(frozen, train, val, config)
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
 
 
@@ -67,6 +70,24 @@ def test_same_seed_same_weights() -> None:
         fit(model, train, val, config)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_without_a_terminal_each_epoch_is_logged_instead_of_a_bar(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under pytest stderr is no terminal, as in CI, nohup or a Prefect worker: tqdm shows no bar,
+    so one INFO line per epoch says how training goes."""
+    train, val = _digits_tensors(batch_size=256)
+    config = FitConfig(epochs=2, batch_size=256, learning_rate=1e-3, weight_decay=0, patience=5, seed=0)
+    with caplog.at_level("INFO", logger="pipelines.train.engine"):
+        result = fit(_model(), train, val, config)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.train.engine"]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], lines
+    first = result.history[0]
+    assert f"train_loss {first['train_loss']:.4f}, val_loss {first['val_loss']:.4f}" in lines[0]
+    assert f"val_accuracy {first['val_accuracy']:.4f}" in lines[0]
+    assert re.search(r"\(\d+\.\d s\)$", lines[0]), lines[0]
+    assert "train:" not in capsys.readouterr().err  # and no progress bar besides
 
 
 def test_checkpoint_round_trip_and_truncation(tmp_path: Path) -> None:

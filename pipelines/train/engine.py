@@ -139,6 +139,14 @@ def evaluate(model: nn.Module, batches: Batches, step: ClassificationStep) -> tu
     return float(loss), float(accuracy), all_logits, all_targets
 
 
+def _log_epoch(epoch: int, epochs: int, record: dict[str, float], seconds: float, with_accuracy: bool) -> None:
+    """One INFO line per epoch: where there is no progress bar (CI logs, nohup, a Prefect worker)
+    it is the only sign that training is alive, and the numbers a bar would show."""
+    accuracy = f", val_accuracy {record['val_accuracy']:.4f}" if with_accuracy else ""
+    log.info("epoch %d/%d: train_loss %.4f, val_loss %.4f%s (%.1f s)",
+             epoch, epochs, record["train_loss"], record["val_loss"], accuracy, seconds)
+
+
 def fit(
     model: nn.Module,
     train: Batches,
@@ -236,7 +244,12 @@ def fit(
     seen = 0
     device = next(model.parameters()).device
     progress = tqdm(range(start_epoch, config.epochs + 1), desc="train", unit="epoch", leave=False, disable=None)
+    # tqdm hides the bar when stderr is not a terminal (disable=None); log lines stand in for it
+    # then, from one rank only: every rank holds the same numbers.
+    log_epochs = bool(progress.disable) and ranks.main
+    with_accuracy = step.task.name != "regression"
     for epoch in progress:
+        epoch_started = time.perf_counter()
         if skip_steps == 0:
             epoch_order_state = train.rng_state()
             partial = {"loss_sum": 0.0, "correct": 0, "count": 0}
@@ -289,7 +302,10 @@ def fit(
         }
         history.append(record)
         tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-        progress.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_accuracy:.3f}")
+        if log_epochs:
+            _log_epoch(epoch, config.epochs, record, time.perf_counter() - epoch_started, with_accuracy)
+        else:
+            progress.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_accuracy:.3f}")
         score = sign * record[config.monitor]
         stop = False
         if score < progress_state["best_score"]:

@@ -1,0 +1,178 @@
+"""`fluxo ui`: the MLflow UI as a child that never outlives us.
+
+``mlflow ui`` starts a server that forks uvicorn workers (and, with job execution on,
+a job runner). Killing only the process we started leaves those holding the port,
+so the server runs in its own process group (its own session, in fact: it must not
+get the terminal's Ctrl+C twice, nor keep it) and every stop goes to the whole group.
+
+Only the standard library is imported here: this command must start in a blink,
+and the MLflow server imports MLflow itself, in the child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_TIMEOUT_S = 15.0  # uvicorn finishes its requests first; after this the group is SIGKILLed
+POLL_S = 0.2
+# MLflow 3.17's UI picks GenAI or classic pages from a browser-wide "workflow type" (default: genai),
+# read from this query parameter before localStorage; see tracking.EXPERIMENT_KIND.
+ML_WORKFLOW = "workflowType=machine_learning"
+
+
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    """The MLflow UI over ``uri``, run by this interpreter (its virtualenv, its MLflow)."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+
+
+def runs_url(host: str, port: int, experiment_id: str | None = None) -> str:
+    """Where to point the browser: the training runs, in the UI's machine-learning mode.
+
+    A wildcard bind address is not something a browser can open, so it becomes loopback.
+    """
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    page = f"/experiments/{experiment_id}/runs" if experiment_id else "/"
+    return f"http://{shown}:{port}/#{page}?{ML_WORKFLOW}"
+
+
+@dataclass
+class _Stop:
+    """The stop request a signal handler records, and the group it forwards it to."""
+
+    pgid: int | None = None
+    signum: int | None = None
+    deadline: float = field(default=float("inf"))
+
+    def request(self, signum: int, _frame: FrameType | None = None) -> None:
+        """Signal handler: remember the first request, pass every one on to the group."""
+        if self.signum is None:
+            self.signum = signum
+            self.deadline = time.monotonic() + STOP_TIMEOUT_S
+        if self.pgid is not None:
+            _signal_group(self.pgid, signum)
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to the group; False once nobody is left in it."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # only a zombie leader left (macOS answers EPERM then)
+        return True
+    return True
+
+
+@contextmanager
+def _forwarding(stop: _Stop) -> Iterator[None]:
+    """Route the stop signals to ``stop`` for the duration, then restore the old handlers.
+
+    A signal already ignored (``nohup`` ignores SIGHUP, a background job SIGINT) stays
+    ignored: the caller asked for that. Off the main thread handlers cannot be set, and
+    the server is then only stopped when it ends by itself or the caller's wait ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, stop.request)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _wait_leader(process: subprocess.Popen, stop: _Stop) -> int:
+    """Wait for the server; once a stop was asked and its time is up, SIGKILL the group."""
+    while True:
+        try:
+            return process.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > stop.deadline:
+                log.warning("the MLflow UI did not stop within %.0f s; killing it", STOP_TIMEOUT_S)
+                _signal_group(process.pid, signal.SIGKILL)
+                stop.deadline = float("inf")
+
+
+def _reap_group(pgid: int, timeout: float) -> None:
+    """Wait until no process is left in the group (the workers outlive their parent briefly).
+
+    SIGTERM first, so workers that lost their parent still shut down cleanly, SIGKILL
+    for whoever is still there after ``timeout``.
+    """
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(POLL_S)
+    log.warning("MLflow UI workers still running after %.0f s; killing them", timeout)
+    _signal_group(pgid, signal.SIGKILL)
+    while _group_alive(pgid) and time.monotonic() < deadline + 5:
+        time.sleep(POLL_S)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether anyone is left in the group, after reaping those of them that are our children.
+
+    Orphaned workers are adopted by PID 1; when that is us (``fluxo ui`` as a container's
+    command) nobody else reaps them, and a zombie still counts as a group member.
+    """
+    try:
+        while os.waitpid(-pgid, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+    return _signal_group(pgid, 0)
+
+
+def _exit_code(returncode: int) -> int:
+    """A child killed by a signal reports ``-N``; a shell reports ``128 + N``."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_ui(uri: str, host: str, port: int) -> int:
+    """Serve the MLflow UI over ``uri`` until it ends or we are asked to stop.
+
+    SIGTERM, SIGINT (Ctrl+C) and SIGHUP go to the server's whole process group; it
+    gets ``STOP_TIMEOUT_S`` to finish before the group is killed. Returns 0 after a
+    requested stop (however the server took it), else the server's own exit status.
+    Either way nothing of it is left running, or holding the port, on return.
+    """
+    stop = _Stop()
+    with _forwarding(stop):
+        process = subprocess.Popen(ui_command(uri, host, port), env=os.environ.copy(), start_new_session=True)
+        stop.pgid = process.pid  # a new session's leader: its pid is the group id
+        if stop.signum is not None:  # a signal came while the server was being started
+            _signal_group(process.pid, stop.signum)
+        try:
+            returncode = _wait_leader(process, stop)
+        finally:
+            if process.poll() is None:  # our own wait was interrupted (an exception, not a signal)
+                _signal_group(process.pid, signal.SIGTERM)
+                _wait_leader(process, _Stop(deadline=time.monotonic() + STOP_TIMEOUT_S))
+            _reap_group(process.pid, STOP_TIMEOUT_S)
+    if stop.signum is not None:
+        log.debug("MLflow UI stopped on signal %d (server exit status %d)", stop.signum, returncode)
+        return 0
+    return _exit_code(returncode)
+
+
+__all__ = ["run_ui", "runs_url", "ui_command"]
