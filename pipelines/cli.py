@@ -1,4 +1,9 @@
-"""The ``fluxo`` command: thin subcommands over the pipeline steps."""
+"""The ``fluxo`` command: thin subcommands over the pipeline steps.
+
+Only typer is imported here: every step (and torch, MLflow, Prefect, BentoML behind
+it) loads inside the command that needs it, so ``fluxo --help``, ``fluxo serve`` and
+``fluxo ui`` start without torch.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 
-from pipelines.settings import FluxoSettings, load_settings
 from pipelines.errors import FluxoError
+
+if TYPE_CHECKING:
+    from pipelines.settings import FluxoSettings
 
 app = typer.Typer(help="fluxo: versioned data → tracked training → ONNX → REST.", no_args_is_help=True)
 data_app = typer.Typer(help="Dataset steps.", no_args_is_help=True)
@@ -56,17 +63,33 @@ def configure_logging(verbose: bool) -> None:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, and tracebacks of errors.")] = False,
+) -> None:
     configure_logging(verbose)
 
 
 def _settings(config: Path | None, overrides: list[str] | None) -> FluxoSettings:
+    from pipelines.settings import load_settings
+
     return load_settings(config, overrides or [])
 
 
-def _fail(error: Exception) -> None:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+def _fail(error: BaseException) -> NoReturn:
+    """A user's mistake: one line naming the file, field or value and the fix; the trace only with -v."""
+    log.debug("the error in full", exc_info=error)
+    message = str(error).strip() or type(error).__name__
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """FluxoError, the service's ServingError and a pydantic ValidationError: all the user's to fix."""
+    from pydantic import ValidationError
+
+    from serving import ServingError
+
+    return (FluxoError, ServingError, ValidationError)
 
 
 @app.command()
@@ -77,16 +100,19 @@ def run(
     serve: Annotated[bool, typer.Option("--serve", help="Serve the champion when the pipeline is done.")] = False,
 ) -> None:
     """Run the whole pipeline as one Prefect flow: ingest → version → train → export → register."""
-    from pipelines.flows import pipeline_flow
-
     try:
-        settings = _settings(config, overrides)
-        summary = pipeline_flow(config=str(config) if config else None, overrides=overrides or [], root=str(root))
-    except FluxoError as error:
+        settings = _settings(config, overrides)  # a mistake in the settings fails before Prefect starts
+        from pipelines.flows import pipeline_flow, stop_temporary_server
+
+        try:
+            summary = pipeline_flow(config=str(config) if config else None, overrides=overrides or [], root=str(root))
+        finally:
+            stop_temporary_server()
+    except _user_errors() as error:
         _fail(error)
     typer.echo(json.dumps(summary, indent=2))
     if serve:
-        _serve(root, settings, None, settings.serve.host, settings.serve.port)
+        _serve(root, settings, None, settings.serve.host, settings.serve.port, summary["registered_model"])
 
 
 @data_app.command("ingest")
@@ -103,17 +129,18 @@ def data_ingest(
 
     Prints what it found: counts per class, shapes, and every problem with its policy.
     """
-    from pipelines.data.ingest import ingest, version
-    from pipelines.data.store import read_dataset
-
     try:
         extra = [f"data.dataset={dataset}"] if dataset else []
         settings = _settings(config, (overrides or []) + extra)
-        report = ingest(root, settings.data)
-        data_version = version(root, settings.data)
+        from pipelines.data.ingest import ingest, push
+        from pipelines.data.store import read_dataset
+
+        ingested = ingest(root, settings.data)
+        pushed = push(root, settings.data)
         manifest = read_dataset(root / settings.data.data_dir).manifest
-    except FluxoError as error:
+    except _user_errors() as error:
         _fail(error)
+    report, data_version = ingested.report, ingested.version
     problems = {
         name: {"policy": check["policy"], "count": check["count"], "examples": check["examples"]}
         for name, check in report["checks"].items()
@@ -131,7 +158,7 @@ def data_ingest(
         "problems": problems or "none",
         "splits": manifest["split"]["sizes"],
         "data_version": data_version.md5,
-        "pushed": data_version.pushed,
+        "pushed": pushed,
     }
     typer.echo(json.dumps(summary, indent=2))
 
@@ -148,22 +175,38 @@ def train(
     """Train and evaluate on the current data/ as a new MLflow run (or --resume an interrupted one)."""
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(code=_relaunch_with_torchrun(nproc))
-    from pipelines.data.ingest import version
-    from pipelines.train.run import resume_training
-    from pipelines.train.run import train as train_step
-
     try:
         settings = _settings(config, overrides)
+        _check_preset_matches_data(root, settings, config, overrides)
+        from pipelines.data.ingest import version
+        from pipelines.train.resume import resume_training
+        from pipelines.train.run import train as train_step
+
         # `dvc add` is idempotent: it records the version of whatever data/ holds right now.
         data_version = version(root, settings.data)
         if resume:
             result = resume_training(root, settings, data_version, run_id)
         else:
             result = train_step(root, settings, data_version)
-    except FluxoError as error:
+    except _user_errors() as error:
         _fail(error)
     if result.run_id:  # rank 0 only under torchrun
         typer.echo(json.dumps({"run_id": result.run_id, **result.test_metrics}, indent=2))
+
+
+def _check_preset_matches_data(root: Path, settings: FluxoSettings, config: Path | None, overrides: list[str] | None) -> None:
+    """Commands that train on data/ refuse a preset naming another dataset, instead of training on data/."""
+    from pipelines.data.store import MANIFEST, read_dataset
+    from pipelines.settings import explicit_dataset
+    from pipelines.train.run import check_data_matches
+
+    named = explicit_dataset(config, overrides)
+    if named is None:
+        return
+    data_dir = Path(root) / settings.data.data_dir
+    if not (data_dir / MANIFEST).is_file():
+        raise FluxoError(f"{data_dir}: no dataset yet; run `fluxo data ingest{' --config ' + str(config) if config else ''}` first")
+    check_data_matches(named[0], read_dataset(data_dir), named[1])
 
 
 def _relaunch_with_torchrun(nproc: int) -> int:
@@ -192,17 +235,23 @@ def export(
     overrides: SetOption = None,
     root: RootOption = Path("."),
 ) -> None:
-    """Export a run's best model to ONNX, check parity, register it and decide the champion."""
-    from pipelines.export.step import export_run
+    """Export a run's best model to ONNX, check parity, register it and decide the champion.
 
+    The registry entry, dataset and input contract come from the run itself; --config only
+    says where the stores are and how to export (opset, parity tolerance).
+    """
     try:
-        result = export_run(root, _settings(config, overrides), run_id)
-    except FluxoError as error:
+        settings = _settings(config, overrides)
+        from pipelines.export.step import export_run
+
+        result = export_run(root, settings, run_id)
+    except _user_errors() as error:
         _fail(error)
     typer.echo(
         json.dumps(
             {"run_id": result.run_id, "export_dir": str(result.export_dir), "model": result.registered_model,
-             "version": result.model_version, "parity": result.parity.as_dict(), "promotion": result.promotion.reason},
+             "version": result.model_version, "parity": result.parity.as_dict(), "promotion": result.promotion.reason,
+             "served_dir": str(result.served_dir) if result.served_dir else None},
             indent=2,
         )
     )
@@ -222,32 +271,53 @@ def _example_instance(root: Path, settings: FluxoSettings, metadata: dict) -> li
     return test.x[0].tolist()
 
 
-def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, port: int) -> None:
-    from pipelines.serve import materialize_model, model_root
-    from serving import ServingError
-    from serving.client import example_request
-    from serving.launch import start_server, stop_server, wait_ready
-    from serving.reload import publish
+def _default_model_name(root: Path, settings: FluxoSettings, config: Path | None, overrides: list[str] | None) -> str:
+    """Which registry entry `fluxo serve` follows: the setting, the preset's dataset, else what data/ holds."""
+    from pipelines.data.store import MANIFEST
+    from pipelines.identity import default_registered_model
+    from pipelines.settings import dataset_display_name, explicit_dataset
 
+    named = explicit_dataset(config, overrides)
+    dataset = dataset_display_name(named[0]) if named else None
+    manifest = Path(root) / settings.data.data_dir / MANIFEST
+    if dataset is None and manifest.is_file():
+        dataset = json.loads(manifest.read_text()).get("name")
+    return default_registered_model(settings.tracking.registered_model, dataset or dataset_display_name(settings.data.dataset))
+
+
+class _Stop(Exception):
+    """SIGTERM: leave the wait below like Ctrl-C does, through the `finally` that drains the server."""
+
+
+def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, port: int, name: str) -> None:
     try:
-        model_dir = materialize_model(root, settings, model)
+        from pipelines.export.publish import materialize_model, model_root
+        from serving.client import example_request
+        from serving.launch import start_server, stop_server, wait_ready
+        from serving.reload import publish
+
+        served_dir = materialize_model(root, settings, model, name)
         if model is None:
             # Serve the champion through its model root: each later promotion republishes
             # the root and this server switches to the new version without a restart.
-            served = model_root(root, settings)
-            publish(served, model_dir)
+            served = model_root(root, settings, name)
+            publish(served, served_dir.path)
         else:
-            served = model_dir  # an explicit model stays fixed for the server's lifetime
+            served = served_dir.path  # an explicit model stays fixed for the server's lifetime
         process = start_server(served, port=port, host=host)
-    except (FluxoError, ServingError) as error:
+    except _user_errors() as error:
         _fail(error)
-    # `kill`, systemd and container runtimes stop us with SIGTERM: turn it into an exit that runs the
-    # `finally` below, so the server drains its requests and no worker is left holding the port.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    def _on_sigterm(signum: int, frame: object) -> None:
+        raise _Stop()
+
+    # `kill`, systemd and container runtimes stop us with SIGTERM: leave through the `finally` below,
+    # so the server drains its requests, no worker is left holding the port, and a normal stop exits 0.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         wait_ready(url, timeout=120, process=process)
-        metadata = json.loads((model_dir / "metadata.json").read_text())
+        metadata = served_dir.as_dict()
         instance = _example_instance(root, settings, metadata)
         example = example_request(metadata, url, instances=[instance] if instance is not None else None)
         typer.echo(f"\nfluxo is serving {metadata['model_name']} v{metadata['model_version']} at {url}")
@@ -255,10 +325,11 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
         if model is None:
             typer.echo("  a newly promoted champion is served within seconds, without a restart\n")
         process.wait()
-    except ServingError as error:
+    except _user_errors() as error:
+        stop_server(process)
         _fail(error)
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, _Stop):
+        log.info("stopping the server")
     finally:
         stop_server(process)
 
@@ -277,9 +348,10 @@ def serve(
     """Serve the champion model (or --model) over REST with BentoML on ONNX Runtime."""
     try:
         settings = _settings(config, overrides)
-    except FluxoError as error:
+        name = _default_model_name(root, settings, config, overrides)
+    except _user_errors() as error:
         _fail(error)
-    _serve(root, settings, model, host or settings.serve.host, port or settings.serve.port)
+    _serve(root, settings, model, host or settings.serve.host, port or settings.serve.port, name)
 
 
 @app.command()
@@ -299,7 +371,7 @@ def schedule(
         _fail(FluxoError(f'--cron {cron!r}: not a cron expression; five fields, e.g. "0 3 * * *" for 03:00 daily'))
     try:
         _settings(config, overrides)  # fail now, not at 3 a.m.
-    except FluxoError as error:
+    except _user_errors() as error:
         _fail(error)
     from pipelines.flows import serve_on_schedule
 
@@ -320,14 +392,15 @@ def tune(
     ] = None,
 ) -> None:
     """Search the preset's tune.space with Optuna: each trial a nested MLflow run, pruned on the validation metric."""
-    from pipelines.data.ingest import version
-    from pipelines.export.step import export_run
-    from pipelines.train.run import train as train_step
-    from pipelines.train.tune import best_overrides, write_best_preset
-    from pipelines.train.tune import tune as tune_step
-
     try:
         settings = _settings(config, (overrides or []) + ([f"tune.trials={trials}"] if trials else []))
+        _check_preset_matches_data(root, settings, config, overrides)
+        from pipelines.data.ingest import version
+        from pipelines.export.step import export_run
+        from pipelines.train.run import train as train_step
+        from pipelines.train.tune import best_overrides, write_best_preset
+        from pipelines.train.tune import tune as tune_step
+
         data_version = version(root, settings.data)
         result = tune_step(root, settings, settings.tune, data_version)
         written = write_best_preset(result, preset or root / ".fluxo" / "tune" / f"{result.parent_run_id}.yaml")
@@ -343,7 +416,7 @@ def tune(
         }
         if export_best:
             trained = train_step(root, result.best_settings, data_version)
-            exported = export_run(root, result.best_settings, trained.run_id)
+            exported = export_run(root, result.best_settings, trained.run_id, trained.checkpoint)
             summary["export"] = {
                 "run_id": trained.run_id,
                 **trained.test_metrics,
@@ -351,7 +424,7 @@ def tune(
                 "version": exported.model_version,
                 "promotion": exported.promotion.reason,
             }
-    except FluxoError as error:
+    except _user_errors() as error:
         _fail(error)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -362,12 +435,18 @@ def ui(
     host: Annotated[str, typer.Option("--host", help="Interface to bind.")] = "127.0.0.1",
     root: RootOption = Path("."),
 ) -> None:
-    """Open the MLflow UI on the local store (or MLFLOW_TRACKING_URI)."""
-    settings = _settings(None, None)
-    uri = settings.resolved_tracking_uri(root)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    typer.echo(f"MLflow UI on http://{host}:{port} for {uri}")
-    raise typer.Exit(code=subprocess.call(command, env=os.environ.copy()))
+    """Open the MLflow UI on the local store (or MLFLOW_TRACKING_URI); Ctrl+C or SIGTERM stops all of it."""
+    try:
+        settings = _settings(None, None)
+        from pipelines.tracking import configure_experiment
+        from pipelines.ui import run_ui, runs_url
+
+        uri = settings.resolved_tracking_uri(root)
+        experiment_id = configure_experiment(root, settings)  # creates or tags the experiment as a training one
+    except _user_errors() as error:
+        _fail(error)
+    typer.echo(f"MLflow UI on {runs_url(host, port, experiment_id)} for {uri}")
+    raise typer.Exit(code=run_ui(uri, host, port))
 
 
 if __name__ == "__main__":

@@ -98,12 +98,53 @@ class UserErrorTraceFilter(logging.Filter):
         return True
 
 
+class ShutdownRaceFilter(logging.Filter):
+    """Drops Prefect's traceback for an event sent after its event service stopped (kept with ``--verbose``).
+
+    A flow that fails within a second can end while the flow-run heartbeat thread sends
+    its first event; Prefect then logs "Error emitting event" with a traceback of its own
+    shutdown, which says nothing about the run.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        stopped = isinstance(error, RuntimeError) and "stopped service instance" in str(error)
+        return not stopped or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def _add_filter(name: str, kind: type[logging.Filter]) -> None:
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+        logger.addFilter(kind())
+
+
 def quiet_user_errors() -> None:
-    """Install :class:`UserErrorTraceFilter` on Prefect's run loggers (idempotent)."""
+    """Install the filters above on Prefect's loggers (idempotent)."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, UserErrorTraceFilter) for f in logger.filters):
-            logger.addFilter(UserErrorTraceFilter())
+        _add_filter(name, UserErrorTraceFilter)
+    _add_filter("prefect.events.utilities", ShutdownRaceFilter)
+
+
+def stop_temporary_server() -> None:
+    """Stop Prefect's embedded server now instead of at exit, so a run's last line is its outcome.
+
+    Prefect keeps its temporary servers in ``SubprocessASGIServer._instances`` and stops them
+    from an ``atexit`` hook; stopping twice is a no-op. With a real server (PREFECT_API_URL)
+    there is no temporary one and nothing happens.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    servers = list(getattr(SubprocessASGIServer, "_instances", {}).values())
+    if not servers:
+        return
+    # The run's logs and events still queued go to the server first; sent after it stopped they
+    # would end the output with "Error logging to API".
+    APILogWorker.drain_all(timeout=5)
+    EventsWorker.drain_all(timeout=5)
+    for server in servers:
+        server.stop()
 
 
 @flow(name="fluxo-pipeline", log_prints=False)

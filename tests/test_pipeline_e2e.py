@@ -84,6 +84,13 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
             assert metadata["data_version"] == data_version
             assert metadata["input_shape"] == [1, 8, 8]
 
+            # The README's request, pasted as shown, is answered.
+            from tests.test_readme import _curl_bodies
+
+            pasted = httpx.post(f"{url}/predict", content=_curl_bodies()[0],
+                                headers={"Content-Type": "application/json"}, timeout=10)
+            assert pasted.status_code == 200 and pasted.json()["predictions"][0]["label"] in metadata["labels"]
+
             bad = httpx.post(f"{url}/predict", json={"instances": [[0.0] * 64]}, timeout=10)
             assert bad.status_code == 400 and "(1, 8, 8)" in bad.text
 
