@@ -160,3 +160,38 @@ def test_a_user_mistake_inside_the_flow_is_not_retried_and_prints_no_traceback(
     failures = [r for r in caplog.records if r.name.startswith("prefect") and r.levelname == "ERROR"]
     assert failures, "Prefect should still say that the task failed"
     assert all(r.exc_info is None for r in failures), "a user error must not be logged with its traceback"
+
+
+def test_a_transient_fault_after_registration_is_retried_and_registers_once(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The register task meets a dropped connection after it created the version: Prefect retries
+    it, the retry finds that version, and the run ends with one version, promoted."""
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.export import registry
+    from pipelines.flows import pipeline_flow
+
+    real_tag, calls = registry._tag_version, {"n": 0}
+
+    def flaky_tag(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("tracking server went away")
+        return real_tag(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "_tag_version", flaky_tag)
+    overrides = [
+        f"data.dvc_remote={tmp_path / 'dvc-remote'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.epochs=1",
+    ]
+    with prefect_test_harness(server_startup_timeout=120):
+        summary = pipeline_flow(config=str(SMOKE), overrides=overrides, root=str(project))
+        with get_client(sync_client=True) as client:
+            registers = [run for run in client.read_task_runs() if run.name.startswith("register")]
+    assert summary["model_version"] == "1" and summary["promoted"]
+    assert len(registers) == 1 and registers[0].run_count == 2
+    versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='fluxo-digits'")
+    assert [str(v.version) for v in versions] == ["1"]

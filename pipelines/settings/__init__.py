@@ -245,11 +245,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_tree(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` laid over ``base``, mapping by mapping (how a preset overrides the defaults)."""
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_tree(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -355,7 +356,7 @@ def load_settings(config: Path | None = None, overrides: list[str] | None = None
         base = FluxoSettings().model_dump()
     except ValidationError as error:
         raise FluxoError(_explain(error, None, {}, [])) from None
-    merged = _merge(base, layer)
+    merged = merge_tree(base, layer)
     for text in overrides:
         # An override replaces what is at its path: `--set model.params={}` clears the preset's
         # params, `--set model.params.hidden=16` changes one of them.

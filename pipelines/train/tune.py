@@ -30,6 +30,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipelines.errors import FluxoError
+from pipelines.settings import merge_tree
 from pipelines.settings.tune import ParamSpace, Scalar, TuneSettings  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
@@ -504,7 +505,7 @@ def preset_dict(settings: FluxoSettings, keep: list[str] | tuple[str, ...] = ())
         value = _get_path(full, path)
         if value is not None:
             _set_path(preset, path, value)
-    preset = _ordered_like(_merge_into(preset, changed), full)
+    preset = _ordered_like(merge_tree(preset, changed), full)
     return {section: values for section, values in preset.items() if values}
 
 
@@ -518,16 +519,6 @@ def _ordered_like(tree: dict[str, Any], reference: dict[str, Any]) -> dict[str, 
         else tree[key]
         for key in ordered
     }
-
-
-def _merge_into(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge_into(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def write_best_preset(result: TuneResult, path: Path) -> Path:
