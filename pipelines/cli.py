@@ -99,7 +99,7 @@ def run(
     root: RootOption = Path("."),
     serve: Annotated[bool, typer.Option("--serve", help="Serve the champion when the pipeline is done.")] = False,
 ) -> None:
-    """Run the whole pipeline as one Prefect flow: ingest → version → train → export → register."""
+    """Run the whole pipeline as one Prefect flow: ingest → push → train → export → register → promote → publish."""
     try:
         settings = _settings(config, overrides)  # a mistake in the settings fails before Prefect starts
         from pipelines.flows import pipeline_flow, stop_temporary_server
