@@ -85,7 +85,8 @@ def version_data(
         repo.close()
     version = read_data_version(target.with_name(target.name + ".dvc"))
     version = DataVersion(version.md5, version.nfiles, version.size, version.dvc_file, int(pushed or 0))
-    log.info("data version %s (%d files, pushed %d objects)", version.md5, version.nfiles, version.pushed)
+    pushed_note = f", pushed {version.pushed} objects" if push else ""
+    log.info("data version %s (%d files%s)", version.md5, version.nfiles, pushed_note)
     return version
 
 
