@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.data.ingest import Ingested, ingest, push
 from pipelines.export.package import ExportedModel, export_model
 from pipelines.export.registry import PromotionDecision, RegisteredVersion
-from pipelines.export.step import ExportResult, promote_step, publish_step, register_step, summarize_export
+from pipelines.export.gate import GateDecision
+from pipelines.export.step import ExportResult, gate_step, promote_step, publish_step, register_step, summarize_export
 from pipelines.retry import is_user_error, retry_transient_only
 from pipelines.settings import FluxoSettings, load_settings
 from pipelines.train.run import TrainResult, train
@@ -52,11 +53,16 @@ def register_task(root: Path, settings: FluxoSettings, exported: ExportedModel) 
     return register_step(root, settings, exported)
 
 
+@task(name="gate", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def gate_task(root: Path, settings: FluxoSettings, exported: ExportedModel, registered: RegisteredVersion) -> GateDecision:
+    return gate_step(root, settings, exported, registered)
+
+
 @task(name="promote", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def promote_task(
-    root: Path, settings: FluxoSettings, exported: ExportedModel, registered: RegisteredVersion
+    root: Path, settings: FluxoSettings, exported: ExportedModel, registered: RegisteredVersion, gate: GateDecision
 ) -> PromotionDecision:
-    return promote_step(root, settings, exported, registered)
+    return promote_step(root, settings, exported, registered, gate)
 
 
 @task(name="publish", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
@@ -77,6 +83,7 @@ def summarize(ingested: Ingested, pushed: int, trained: TrainResult, exported: E
         "registered_model": exported.registered_model,
         "model_version": exported.model_version,
         "promoted": exported.promotion.promoted,
+        "alias": exported.promotion.alias,
         "promotion": exported.promotion.reason,
         "parity_max_abs_diff": exported.parity.max_abs_diff,
         "export_dir": str(exported.export_dir),
@@ -149,7 +156,7 @@ def stop_temporary_server() -> None:
 
 @flow(name="fluxo-pipeline", log_prints=False)
 def pipeline_flow(config: str | None = None, overrides: list[str] | None = None, root: str = ".") -> dict[str, Any]:
-    """ingest → push → train + evaluate → export + parity → register → promote → publish."""
+    """ingest → push → train + evaluate → export + parity → register → gate → promote → publish."""
     quiet_user_errors()
     project = Path(root).resolve()
     settings = load_settings(Path(config) if config else None, overrides or [])
@@ -158,7 +165,8 @@ def pipeline_flow(config: str | None = None, overrides: list[str] | None = None,
     trained = train_task(project, settings, ingested)
     exported = export_task(project, settings, trained)
     registered = register_task(project, settings, exported)
-    decision = promote_task(project, settings, exported, registered)
+    gate = gate_task(project, settings, exported, registered)
+    decision = promote_task(project, settings, exported, registered, gate)
     served = publish_task(project, settings, exported, registered, decision)
     return summarize(ingested, pushed, trained, summarize_export(exported, registered, decision, served))
 

@@ -88,6 +88,10 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
     assert str(client.get_model_version_by_alias("fluxo-digits", "champion").version) == "1"
     assert "kept champion v1" in client.get_model_version("fluxo-digits", "2").tags["fluxo.promotion"]
     assert read_pointer(model_root(project, settings, "fluxo-digits")) == live  # not promoted, not published
+    # It passed parity, so it is the challenger, published to its own root for shadow or canary serving.
+    assert second.promotion.alias == "challenger"
+    assert str(client.get_model_version_by_alias("fluxo-digits", "challenger").version) == "2"
+    assert read_pointer(model_root(project, settings, "fluxo-digits", "challenger")).name == "fluxo-digits-v2"
 
     # The champion materialises as model.onnx + metadata.json + registry.json for the service.
     served = materialize_model(project, settings, None, "fluxo-digits")
@@ -215,14 +219,61 @@ def test_failed_parity_leaves_the_previous_model_directory_untouched(project: Pa
     assert [str(v.version) for v in MlflowClient().search_model_versions("name='fluxo-digits'")] == ["1"]
 
 
-def test_a_missing_champion_metric_is_a_clear_error(project: Path, trained, settings_for) -> None:
+def test_an_unknown_gate_metric_is_a_clear_error(settings_for) -> None:
+    with pytest.raises(FluxoError, match=r"--set gate.metric=test_acc: gate.metric: Input should be 'accuracy'"):
+        settings_for("gate.metric=test_acc")
+
+
+def _onnx_accuracy(model_dir: Path, project: Path) -> float:
+    test = read_dataset(project / "data").splits["test"]
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return float((session.run(None, {"input": np.asarray(test.x)})[0].argmax(1) == np.asarray(test.y)).mean())
+
+
+def test_new_data_rescores_the_champion_on_the_candidates_test_split(project: Path, trained, settings_for) -> None:
+    """After new data the gate compares both models on the same samples, as served."""
     settings, _, result = trained
-    typo = settings_for("train.epochs=4", "tracking.champion_metric=test_acc")
-    with pytest.raises(FluxoError, match=r"tracking.champion_metric='test_acc'.*test_accuracy"):
-        export_run(project, typo, result.run_id)
-    # Registered once; a second attempt with the fix promotes that same version.
-    fixed = export_run(project, settings, result.run_id)
-    assert fixed.model_version == "1" and fixed.promotion.promoted
+    first = export_run(project, settings, result.run_id)
+    reshuffled = settings_for("train.epochs=1", "data.split_seed=7")
+    ingest(project, reshuffled.data)
+    candidate = train(project, reshuffled, version(project, reshuffled.data))
+    second = export_run(project, reshuffled, candidate.run_id)
+
+    gate = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=candidate.run_id, artifact_path="export/gate.json",
+                                                                dst_path=str(project.parent / "gate"))).read_text())
+    champion_now = _onnx_accuracy(first.export_dir, project)  # v1 on v2's test split
+    assert gate["champion"]["version"] == "1"
+    assert gate["champion"]["metrics"]["accuracy"] == pytest.approx(champion_now)
+    assert gate["candidate"]["metrics"]["accuracy"] == pytest.approx(_onnx_accuracy(second.export_dir, project))
+    assert second.promotion.champion_value == pytest.approx(champion_now)
+    assert second.promotion.promoted == (gate["candidate"]["metrics"]["accuracy"] >= champion_now)
+    tags = MlflowClient().get_model_version("fluxo-digits", "1").tags
+    assert json.loads(tags["fluxo.gate.rescored_for_v2"])["accuracy"] == pytest.approx(champion_now)
+    assert MlflowClient().get_run(candidate.run_id).data.metrics["served_test_accuracy"] == pytest.approx(
+        gate["candidate"]["metrics"]["accuracy"])
+
+
+def test_the_gate_conditions_each_keep_the_champion(project: Path, trained, settings_for) -> None:
+    """A floor, a required improvement and a per-class limit; each failure is named with its setting."""
+    from pipelines.export.gate import ServedScore, decide
+    from pipelines.settings import GateSettings
+
+    settings, _, result = trained
+    floor = settings_for("train.epochs=4", "gate.min_value=0.9999")
+    first = export_run(project, floor, result.run_id)
+    assert first.promotion.alias == "challenger" and "gate.min_value=0.9999" in first.promotion.reason
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("fluxo-digits", "challenger").version) == "1"
+    assert {k: str(v) for k, v in client.get_registered_model("fluxo-digits").aliases.items()} == {"challenger": "1"}
+
+    champion = ServedScore("1", {"accuracy": 0.90}, [0.9, 0.9], 100)
+    better_but_one_class_worse = ServedScore("2", {"accuracy": 0.92}, [1.0, 0.8], 100)
+    strict = GateSettings(max_class_regression=0.05)
+    assert decide(better_but_one_class_worse, champion, GateSettings()).promoted
+    refused = decide(better_but_one_class_worse, champion, strict)
+    assert not refused.promoted and "class 1 recall fell by 0.1000" in refused.reasons[0]
+    demanding = decide(better_but_one_class_worse, champion, GateSettings(min_improvement=0.05))
+    assert not demanding.promoted and "gate.min_improvement=0.05" in demanding.reasons[0]
 
 
 def test_an_unknown_run_id_is_one_clear_line(project: Path, trained, settings_for) -> None:

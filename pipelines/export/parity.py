@@ -53,6 +53,12 @@ def check_parity(
     return ParityReport(len(x), worst, agree / max(len(x), 1), atol)
 
 
+def onnx_logits(onnx_path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """The graph's logits for every row of ``x``, as the service computes them (CPU provider)."""
+    parts = [logits for _, _, logits in _onnx_batches(onnx_path, x, batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
 def served_accuracy(onnx_path: Path, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
     """Accuracy of the ONNX graph on padded inputs, as the service runs it (no per-sequence lengths).
 

@@ -25,13 +25,16 @@ def champion_uri(name: str, alias: str) -> str:
     return f"models:/{name}@{alias}"
 
 
-def model_root(root: Path, settings: FluxoSettings, name: str) -> Path:
-    """The directory whose ``current.json`` names the live ``name`` champion (serving/reload.py).
+def model_root(root: Path, settings: FluxoSettings, name: str, alias: str | None = None) -> Path:
+    """The directory whose ``current.json`` names the live ``name`` model of ``alias`` (serving/reload.py).
 
-    ``fluxo serve`` starts the service on this root, and every promotion republishes
-    it, so a running server switches to a new champion by itself.
+    The champion's root is ``<model_cache>/<name>``, another alias's ``<model_cache>/<name>.<alias>``.
+    ``fluxo serve`` starts the service on these roots, and every alias move republishes
+    them, so a running server switches by itself.
     """
-    return Path(root) / settings.serve.model_cache / name
+    alias = alias or settings.tracking.champion_alias
+    suffix = "" if alias == settings.tracking.champion_alias else f".{alias}"
+    return Path(root) / settings.serve.model_cache / f"{name}{suffix}"
 
 
 def _served_dir(root: Path, settings: FluxoSettings, name: str, version: str) -> Path:
@@ -99,13 +102,20 @@ def materialize_model(root: Path, settings: FluxoSettings, model: str | None, na
     return served
 
 
+def publish_alias(
+    root: Path, settings: FluxoSettings, name: str, version: str, alias: str, local: Path | None = None
+) -> ModelDir:
+    """Make ``name`` v``version`` the live ``alias`` model of every server started on that alias's root."""
+    from serving.reload import publish
+
+    served = materialize_version(root, settings, name, version, alias, local)
+    publish(model_root(root, settings, name, alias), served.path)
+    log.info("published %s v%s as the live %s under %s", name, version, alias, model_root(root, settings, name, alias))
+    return served
+
+
 def publish_champion(
     root: Path, settings: FluxoSettings, name: str, version: str, local: Path | None = None
 ) -> ModelDir:
-    """Make ``name`` v``version`` the live model of every server started on the name's model root."""
-    from serving.reload import publish
-
-    served = materialize_version(root, settings, name, version, settings.tracking.champion_alias, local)
-    publish(model_root(root, settings, name), served.path)
-    log.info("published %s v%s as the live champion under %s", name, version, model_root(root, settings, name))
-    return served
+    """Make ``name`` v``version`` the live champion of every server following the name."""
+    return publish_alias(root, settings, name, version, settings.tracking.champion_alias, local)

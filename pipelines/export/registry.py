@@ -37,26 +37,29 @@ class RegisteredVersion:
 
 @dataclass(frozen=True)
 class PromotionDecision:
+    """Which alias the version took, and why (the gate's reasons when it did not become champion)."""
+
     promoted: bool
     version: str
     metric: str
     value: float
     champion_version: str | None
     champion_value: float | None
+    alias: str | None = None  # the alias the version holds now: champion, challenger, or None
+    reasons: tuple[str, ...] = ()
 
     @property
     def reason(self) -> str:
+        score = f"served {self.metric}={self.value:.4f}"
         if self.champion_version == self.version:
-            return f"v{self.version} is already the champion ({self.metric}={self.value:.4f})"
-        if self.champion_version is None:
-            return f"promoted v{self.version}: first version ({self.metric}={self.value:.4f})"
-        verb = "promoted" if self.promoted else "kept champion"
-        relation = ">=" if self.promoted else "<"
-        return (
-            f"{verb} v{self.champion_version if not self.promoted else self.version}: "
-            f"v{self.version} {self.metric}={self.value:.4f} {relation} "
-            f"champion v{self.champion_version} {self.metric}={self.champion_value:.4f}"
-        )
+            return f"v{self.version} is already the champion ({score})"
+        if self.promoted and self.champion_version is None:
+            return f"promoted v{self.version}: first version ({score})"
+        if self.promoted:
+            return (f"promoted v{self.version}: {score} >= champion v{self.champion_version} "
+                    f"{self.champion_value:.4f} on the same test split")
+        kept = f"kept champion v{self.champion_version}" if self.champion_version else "no champion yet"
+        return f"{kept}; v{self.version} is {self.alias or 'not aliased'}: " + "; ".join(self.reasons)
 
 
 def _describe(contract: dict[str, Any]) -> str:
@@ -146,32 +149,66 @@ def register(client: Any, model_dir: Path, metadata: ModelMetadata, alias: str) 
     return RegisteredVersion(name, version, run_id, created)
 
 
+def move_alias(client: Any, name: str, alias: str, version: str, reason: str, champion_alias: str = "champion") -> str | None:
+    """Point ``alias`` at ``version``; for the champion, record the move on both versions (for rollback).
+
+    Returns the version that held the alias before (None when none did).
+    """
+    import time
+
+    before = champion_version(client, name, alias)
+    previous = None if before is None else str(before.version)
+    if previous == version:
+        return previous
+    client.set_registered_model_alias(name, alias, version)
+    if alias == champion_alias:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        client.set_model_version_tag(name, version, "fluxo.champion.since", stamp)
+        client.set_model_version_tag(name, version, "fluxo.champion.reason", reason[:4000])
+        if previous is not None:
+            client.set_model_version_tag(name, version, "fluxo.champion.previous", previous)
+            client.set_model_version_tag(name, previous, "fluxo.champion.until", stamp)
+            client.set_model_version_tag(name, previous, "fluxo.champion.replaced_by", version)
+    log.info("%s: %s → v%s (%s)", name, alias, version, reason)
+    return previous
+
+
+def drop_alias_if_held(client: Any, name: str, alias: str, version: str) -> None:
+    """Remove ``alias`` when ``version`` holds it (a challenger that became champion is no longer one)."""
+    held = champion_version(client, name, alias)
+    if held is not None and str(held.version) == version:
+        client.delete_registered_model_alias(name, alias)
+
+
 def promote(
-    client: Any, registered: RegisteredVersion, metadata: ModelMetadata, metric: str, alias: str
+    client: Any, registered: RegisteredVersion, metadata: ModelMetadata, gate: Any, champion_alias: str,
+    challenger_alias: str,
 ) -> PromotionDecision:
-    """Move ``alias`` to the version if its run's ``metric`` is at least the champion's; record why."""
+    """Give the version the alias the gate decided: champion, else challenger; record why on both versions.
+
+    ``gate`` is the :class:`pipelines.export.gate.GateDecision` for this version against the
+    current champion. Safe to repeat: a version that already holds the alias keeps it.
+    """
     name, version, run_id = registered.name, registered.version, registered.run_id
-    metrics = client.get_run(run_id).data.metrics
-    if metric not in metrics:
-        logged = ", ".join(sorted(k for k in metrics if k.startswith("test_"))) or "none"
-        raise FluxoError(
-            f"tracking.champion_metric={metric!r}: run {run_id} logged no such metric (its test metrics: {logged}); "
-            f"set tracking.champion_metric to one of them; {name} v{version} stays registered without the alias"
-        )
-    value = float(metrics[metric])
-    check_contract(client, name, alias, metadata, version)
-    champion = champion_version(client, name, alias)
-    champion_value = None
-    if champion is not None:
-        champion_value = client.get_run(champion.run_id).data.metrics.get(metric, float("-inf"))
+    check_contract(client, name, champion_alias, metadata, version)
+    champion = champion_version(client, name, champion_alias)
     held = champion is not None and str(champion.version) == version
-    promoted = champion is None or held or value >= champion_value
+    promoted = held or gate.promoted
+    alias = champion_alias if promoted else challenger_alias
     decision = PromotionDecision(
-        promoted, version, metric, value, str(champion.version) if champion else None, champion_value
+        promoted, version, gate.metric, gate.value, str(champion.version) if champion else None,
+        gate.champion_value, alias, tuple(gate.reasons),
     )
-    if promoted and not held:
-        client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, PROMOTION_TAG, decision.reason)
-    client.set_tag(run_id, PROMOTION_TAG, decision.reason)
+    if promoted:
+        move_alias(client, name, champion_alias, version, decision.reason, champion_alias)
+        drop_alias_if_held(client, name, challenger_alias, version)
+    else:
+        move_alias(client, name, challenger_alias, version, decision.reason, champion_alias)
+    client.set_model_version_tag(name, version, "fluxo.gate", gate.as_tag())
+    if gate.champion is not None and not held:
+        client.set_model_version_tag(name, gate.champion.version, f"fluxo.gate.rescored_for_v{version}",
+                                     json.dumps({gate.metric: gate.champion_value, "data_version": gate.data_version}))
+    client.set_model_version_tag(name, version, PROMOTION_TAG, decision.reason[:4000])
+    client.set_tag(run_id, PROMOTION_TAG, decision.reason[:4000])
     log.info("%s: %s", name, decision.reason)
     return decision

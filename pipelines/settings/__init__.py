@@ -170,7 +170,31 @@ class TrackingSettings(_Section):
         None, description="Model Registry name; default fluxo-<dataset>, since only same-data models compete."
     )
     champion_alias: str = Field("champion", description="Alias that marks the served model version.")
-    champion_metric: str = Field("test_accuracy", description="Test metric that decides promotion (higher wins).")
+    challenger_alias: str = Field(
+        "challenger", description="Alias of a version that passed parity but not the gate: served as shadow or canary."
+    )
+
+
+class GateSettings(_Section):
+    """When a candidate takes the champion alias.
+
+    Both sides are scored as served (ONNX Runtime, the exported graphs) on the candidate's
+    test split, so the champion is re-scored whenever the data changed.
+    """
+
+    metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro"] = Field(
+        "accuracy", description="Served test metric that decides (higher wins)."
+    )
+    min_value: float | None = Field(
+        None, ge=0, le=1, description="The candidate's metric must reach this; None: no floor."
+    )
+    min_improvement: float = Field(
+        0.0, description="Candidate minus champion must be at least this; 0 lets a tie promote, 0.01 asks a point more."
+    )
+    max_class_regression: float | None = Field(
+        None, ge=0, le=1,
+        description="Largest drop in any one class's recall against the champion; None: not checked.",
+    )
 
 
 class ExportSettings(_Section):
@@ -199,6 +223,7 @@ class FluxoSettings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     tune: TuneSettings = Field(default_factory=TuneSettings)

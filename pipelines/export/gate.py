@@ -1,0 +1,117 @@
+"""The promotion gate: candidate and champion scored as served, on the candidate's test split.
+
+A model's own test score says how it did on the split it was trained beside; after new
+data arrives the champion's number comes from another test set, and a variable-length RNN
+scores lower served (padded) than trained. So both exported graphs run through ONNX
+Runtime on the same samples, the ones the candidate's run held out, and the decision is
+made on those numbers. A candidate that passed parity but not the gate becomes the
+``challenger``: servers can run it as shadow or canary beside the champion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.data.store import Dataset
+from pipelines.export.parity import onnx_logits
+from pipelines.settings import GateSettings
+
+log = logging.getLogger(__name__)
+
+GATE_TAG = "fluxo.gate"
+
+
+@dataclass(frozen=True)
+class ServedScore:
+    """Test metrics of one exported graph as the service runs it."""
+
+    version: str
+    metrics: dict[str, float]
+    class_recall: list[float]
+    samples: int
+
+
+def served_score(onnx_path: Path, dataset: Dataset, version: str) -> ServedScore:
+    """Accuracy, macro precision/recall/F1 and per-class recall of the graph on the test split."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    test = dataset.splits["test"]
+    truth = np.asarray(test.y)
+    predicted = onnx_logits(onnx_path, test.x).argmax(1)
+    classes = list(range(len(dataset.labels)))
+    precision, recall, f1, _ = precision_recall_fscore_support(truth, predicted, labels=classes, average="macro",
+                                                               zero_division=0)
+    _, per_class, _, _ = precision_recall_fscore_support(truth, predicted, labels=classes, average=None,
+                                                         zero_division=0)
+    metrics = {"accuracy": float(accuracy_score(truth, predicted)), "precision_macro": float(precision),
+               "recall_macro": float(recall), "f1_macro": float(f1)}
+    return ServedScore(version, metrics, [float(r) for r in per_class], len(truth))
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the gate saw and decided; logged on both versions and the candidate's run."""
+
+    candidate: ServedScore
+    champion: ServedScore | None
+    metric: str
+    promoted: bool
+    reasons: list[str] = field(default_factory=list)  # why not, one per failed condition
+    data_version: str | None = None
+
+    @property
+    def value(self) -> float:
+        return self.candidate.metrics[self.metric]
+
+    @property
+    def champion_value(self) -> float | None:
+        return None if self.champion is None else self.champion.metrics[self.metric]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "promoted": self.promoted,
+            "reasons": self.reasons,
+            "data_version": self.data_version,
+            "candidate": asdict(self.candidate),
+            "champion": asdict(self.champion) if self.champion else None,
+        }
+
+    def as_tag(self) -> str:
+        """The decision without per-class numbers: MLflow tags hold at most 8,000 characters."""
+        short = {k: v for k, v in self.as_dict().items() if k not in ("candidate", "champion")}
+        short["candidate"] = {"version": self.candidate.version, self.metric: self.value}
+        if self.champion is not None:
+            short["champion"] = {"version": self.champion.version, self.metric: self.champion_value}
+        return json.dumps(short)
+
+
+def decide(candidate: ServedScore, champion: ServedScore | None, gate: GateSettings,
+           data_version: str | None = None) -> GateDecision:
+    """Apply the gate's conditions; every failed one is named, with its setting."""
+    metric, reasons = gate.metric, []
+    value = candidate.metrics[metric]
+    if gate.min_value is not None and value < gate.min_value:
+        reasons.append(f"served {metric} {value:.4f} < gate.min_value={gate.min_value}")
+    if champion is not None:
+        theirs = champion.metrics[metric]
+        if value - theirs < gate.min_improvement:
+            reasons.append(
+                f"served {metric} {value:.4f} vs champion v{champion.version} {theirs:.4f} on the same test split: "
+                f"improvement {value - theirs:+.4f} < gate.min_improvement={gate.min_improvement}"
+            )
+        if gate.max_class_regression is not None:
+            drops = [(i, old - new) for i, (new, old) in enumerate(zip(candidate.class_recall, champion.class_recall))]
+            worst, drop = max(drops, key=lambda item: item[1])
+            if drop > gate.max_class_regression:
+                reasons.append(
+                    f"class {worst} recall fell by {drop:.4f} against champion v{champion.version} "
+                    f"> gate.max_class_regression={gate.max_class_regression}"
+                )
+    return GateDecision(candidate, champion, metric, not reasons, reasons, data_version)
