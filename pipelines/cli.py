@@ -354,6 +354,73 @@ def serve(
     _serve(root, settings, model, host or settings.serve.host, port or settings.serve.port, name)
 
 
+ModelNameOption = Annotated[
+    Optional[str], typer.Option("--model", help="Registered model; default fluxo-<dataset of the preset, else of data/>.")
+]
+
+
+def _echo_json(data: dict) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Registry version to promote, e.g. 3.")],
+    challenger: Annotated[bool, typer.Option("--challenger", help="Make it the challenger instead of the champion.")] = False,
+    model: ModelNameOption = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Give a version the champion (or challenger) alias by hand; running servers switch to it."""
+    try:
+        settings = _settings(config, overrides)
+        from pipelines.export.aliases import promote_version
+
+        _echo_json(promote_version(root, settings, model or _default_model_name(root, settings, config, overrides),
+                                   version, challenger))
+    except _user_errors() as error:
+        _fail(error)
+
+
+@app.command()
+def rollback(
+    model: ModelNameOption = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Give the champion alias back to the version that held it before; running servers switch back."""
+    try:
+        settings = _settings(config, overrides)
+        from pipelines.export.aliases import rollback as rollback_step
+
+        _echo_json(rollback_step(root, settings, model or _default_model_name(root, settings, config, overrides)))
+    except _user_errors() as error:
+        _fail(error)
+
+
+@app.command()
+def status(
+    model: ModelNameOption = None,
+    url: Annotated[
+        Optional[str], typer.Option("--url", help="A running server to ask what it serves; default the configured one.")
+    ] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Which versions hold which alias, their gate scores, and what a running server reports serving."""
+    try:
+        settings = _settings(config, overrides)
+        from pipelines.export.aliases import status as status_step
+
+        server = url or f"http://{settings.serve.host}:{settings.serve.port}"
+        _echo_json(status_step(root, settings, model or _default_model_name(root, settings, config, overrides), server))
+    except _user_errors() as error:
+        _fail(error)
+
+
 @app.command()
 def schedule(
     cron: Annotated[str, typer.Option("--cron", help='Cron expression, e.g. "0 3 * * *".')],

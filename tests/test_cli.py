@@ -161,3 +161,42 @@ def test_tune_writes_a_best_preset_and_exports_it(project: Path) -> None:
     assert preset.is_file() and summary["export"]["version"] == "1"
     exported = runner.invoke(app, ["export", *common])  # newest *training* run, not a trial
     assert _json_tail(exported.stdout)["run_id"] == summary["export"]["run_id"]
+
+
+def test_promote_rollback_and_status(project: Path) -> None:
+    """Two runs: v1 champion, a worse v2 the challenger; promote v2 by hand, roll back, and look at it all."""
+    from serving.contract import read_model_dir
+    from serving.reload import read_pointer
+
+    common = ["--root", str(project), "--config", str(SMOKE), *_stores(project)]
+    assert runner.invoke(app, ["data", "ingest", *common]).exit_code == 0
+    for extra in ([], ["--set", "train.epochs=1", "--set", "train.learning_rate=1e-6"]):
+        trained = runner.invoke(app, ["train", *common, *extra])
+        assert trained.exit_code == 0, trained.output
+        exported = runner.invoke(app, ["export", "--run-id", _json_tail(trained.stdout)["run_id"], *common])
+        assert exported.exit_code == 0, exported.output
+    champion_root = project / ".fluxo" / "serve" / "fluxo-digits"
+
+    seen = _json_tail(runner.invoke(app, ["status", "--url", "http://127.0.0.1:9", *common]).stdout)
+    assert seen["aliases"] == {"champion": "1", "challenger": "2"}
+    assert [v["version"] for v in seen["versions"]] == ["2", "1"]
+    assert seen["versions"][0]["gate"]["promoted"] is False and seen["server"]["reachable"] is False
+
+    promoted = runner.invoke(app, ["promote", "2", *common])
+    assert promoted.exit_code == 0, promoted.output
+    assert _json_tail(promoted.stdout)["previous"] == "1"
+    assert read_model_dir(read_pointer(champion_root)).version == "2"  # running servers follow
+    seen = _json_tail(runner.invoke(app, ["status", *common]).stdout)
+    assert seen["aliases"] == {"champion": "2"}  # no longer also the challenger
+
+    rolled = runner.invoke(app, ["rollback", *common])
+    assert rolled.exit_code == 0, rolled.output
+    assert _json_tail(rolled.stdout)["version"] == "1"
+    assert read_model_dir(read_pointer(champion_root)).version == "1"
+    again = runner.invoke(app, ["rollback", *common])  # v1 was the first champion
+    assert again.exit_code == 2 and "no earlier one to roll back to" in again.output
+
+    for args, message in ((["promote", "7"], "has no version '7'"), (["promote", "1", "--challenger"], "is the champion"),
+                          (["status", "--model", "fluxo-nope"], "not in the model registry")):
+        result = runner.invoke(app, [*args, *common])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)

@@ -99,7 +99,7 @@ CLI = "from typer.testing import CliRunner\nfrom pipelines.cli import app\nr = C
 
 
 @pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["ui", "--help"], ["run", "--help"],
-                                  ["train", "--help"], ["export", "--help"]])
+                                  ["train", "--help"], ["export", "--help"], ["status", "--help"]])
 def test_help_never_imports_torch_or_the_heavy_stack(args: list[str]) -> None:
     assert _loaded_after(CLI.format(args=args)) == set()
 
@@ -107,4 +107,6 @@ def test_help_never_imports_torch_or_the_heavy_stack(args: list[str]) -> None:
 def test_serving_and_the_settings_import_without_torch() -> None:
     assert "torch" not in _loaded_after("import serving, serving.contract, serving.reload, serving.images")
     assert _loaded_after("import pipelines.settings") == set()
-    assert "torch" not in _loaded_after("import pipelines.export.publish, pipelines.identity, pipelines.retry")
+    assert "torch" not in _loaded_after(
+        "import pipelines.export.publish, pipelines.export.aliases, pipelines.identity, pipelines.retry"
+    )
