@@ -98,6 +98,9 @@ def run(
     overrides: SetOption = None,
     root: RootOption = Path("."),
     serve: Annotated[bool, typer.Option("--serve", help="Serve the champion when the pipeline is done.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Retrain even when data, settings and code equal an earlier run's.")
+    ] = False,
 ) -> None:
     """Run the whole pipeline as one Prefect flow: ingest → push → train → export → register → promote → publish."""
     try:
@@ -105,7 +108,8 @@ def run(
         from pipelines.flows import pipeline_flow, stop_temporary_server
 
         try:
-            summary = pipeline_flow(config=str(config) if config else None, overrides=overrides or [], root=str(root))
+            summary = pipeline_flow(config=str(config) if config else None, overrides=overrides or [], root=str(root),
+                                    force=force)
         finally:
             stop_temporary_server()
     except _user_errors() as error:

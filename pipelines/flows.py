@@ -15,17 +15,30 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.data.ingest import Ingested, ingest, push
+from pipelines.export.gate import GateDecision
 from pipelines.export.package import ExportedModel, export_model
 from pipelines.export.registry import PromotionDecision, RegisteredVersion
-from pipelines.export.gate import GateDecision
 from pipelines.export.step import ExportResult, gate_step, promote_step, publish_step, register_step, summarize_export
+from pipelines.fingerprint import run_fingerprint
 from pipelines.retry import is_user_error, retry_transient_only
 from pipelines.settings import FluxoSettings, load_settings
 from pipelines.train.run import TrainResult, train
 
+log = logging.getLogger(__name__)
+
 # Retried only when retry_transient_only says the fault may pass; training is deterministic and
 # export is local, so they never retry.
 TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": retry_transient_only}
+
+
+def _by_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache key: the task and the run's fingerprint (data version, settings, code)."""
+    return f"{context.task.name}-{parameters['fingerprint']}"
+
+
+# Training and export are pure functions of the fingerprint: an unchanged run reuses their
+# persisted results (Prefect's cache) instead of training a copy of the champion.
+CACHED = {"cache_key_fn": _by_fingerprint, "persist_result": True}
 
 
 @task(name="ingest", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
@@ -38,13 +51,13 @@ def push_task(root: Path, settings: FluxoSettings) -> int:
     return push(root, settings.data)
 
 
-@task(name="train-evaluate", cache_policy=NO_CACHE)
-def train_task(root: Path, settings: FluxoSettings, ingested: Ingested) -> TrainResult:
+@task(name="train-evaluate", **CACHED)
+def train_task(root: Path, settings: FluxoSettings, ingested: Ingested, fingerprint: str) -> TrainResult:
     return train(root, settings, ingested.version)
 
 
-@task(name="export-parity", cache_policy=NO_CACHE)
-def export_task(root: Path, settings: FluxoSettings, trained: TrainResult) -> ExportedModel:
+@task(name="export-parity", **CACHED)
+def export_task(root: Path, settings: FluxoSettings, trained: TrainResult, fingerprint: str) -> ExportedModel:
     return export_model(root, settings, trained.run_id, trained.checkpoint)
 
 
@@ -154,21 +167,77 @@ def stop_temporary_server() -> None:
         server.stop()
 
 
+def _still_tracked(project: Path, settings: FluxoSettings, run_id: str) -> bool:
+    """A cached training result is only reusable while its MLflow run still exists."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import configure_mlflow
+
+    configure_mlflow(project, settings)
+    try:
+        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def summarize_unchanged(project: Path, settings: FluxoSettings, ingested: Ingested, pushed: int,
+                        trained: TrainResult, registered: RegisteredVersion) -> dict[str, Any]:
+    """An unchanged run moves no alias: it says which run it equals and who stays champion."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.export.registry import champion_version
+
+    held = champion_version(MlflowClient(), registered.name, settings.tracking.champion_alias)
+    champion = f"champion v{held.version} stays" if held is not None else "there is no champion yet"
+    message = f"unchanged since run {trained.run_id} (same data version, settings and code); {champion}"
+    log.info(message)
+    return {
+        "unchanged": True,
+        "data_version": ingested.version.md5,
+        "data_pushed_objects": pushed,
+        "run_id": trained.run_id,
+        "test_metrics": trained.test_metrics,
+        "registered_model": registered.name,
+        "model_version": registered.version,
+        "champion_version": None if held is None else str(held.version),
+        "promoted": False,
+        "alias": None,
+        "promotion": message,
+    }
+
+
 @flow(name="fluxo-pipeline", log_prints=False)
-def pipeline_flow(config: str | None = None, overrides: list[str] | None = None, root: str = ".") -> dict[str, Any]:
-    """ingest → push → train + evaluate → export + parity → register → gate → promote → publish."""
+def pipeline_flow(
+    config: str | None = None, overrides: list[str] | None = None, root: str = ".", force: bool = False
+) -> dict[str, Any]:
+    """ingest → push → train + evaluate → export + parity → register → gate → promote → publish.
+
+    A run whose data version, settings and code equal an earlier successful run's reuses its
+    training and export (Prefect's cache) and moves no alias; ``force`` retrains.
+    """
     quiet_user_errors()
     project = Path(root).resolve()
     settings = load_settings(Path(config) if config else None, overrides or [])
     ingested = ingest_task(project, settings)
     pushed = push_task(project, settings)
-    trained = train_task(project, settings, ingested)
-    exported = export_task(project, settings, trained)
+    fingerprint = run_fingerprint(project, settings, ingested.version.md5, settings.resolved_tracking_uri(project))
+    state = train_task.with_options(refresh_cache=force or None)(project, settings, ingested, fingerprint,
+                                                                 return_state=True)
+    trained, reused = state.result(), state.name == "Cached"
+    if reused and not _still_tracked(project, settings, trained.run_id):
+        log.info("the cached run %s is gone from MLflow; training again", trained.run_id)
+        trained, reused = train_task.with_options(refresh_cache=True)(project, settings, ingested, fingerprint), False
+    exported = export_task.with_options(refresh_cache=(force or not reused) or None)(project, settings, trained,
+                                                                                     fingerprint)
     registered = register_task(project, settings, exported)
+    if reused and not registered.created:
+        return summarize_unchanged(project, settings, ingested, pushed, trained, registered)
     gate = gate_task(project, settings, exported, registered)
     decision = promote_task(project, settings, exported, registered, gate)
     served = publish_task(project, settings, exported, registered, decision)
-    return summarize(ingested, pushed, trained, summarize_export(exported, registered, decision, served))
+    summary = summarize(ingested, pushed, trained, summarize_export(exported, registered, decision, served))
+    return {"unchanged": False, **summary}
 
 
 def scheduled_deployment(cron: str, config: str | None, overrides: list[str], root: str, name: str):
@@ -176,7 +245,7 @@ def scheduled_deployment(cron: str, config: str | None, overrides: list[str], ro
     return pipeline_flow.to_deployment(
         name=name,
         cron=cron,
-        parameters={"config": config, "overrides": overrides, "root": str(Path(root).resolve())},
+        parameters={"config": config, "overrides": overrides, "root": str(Path(root).resolve()), "force": False},
     )
 
 

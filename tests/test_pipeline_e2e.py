@@ -195,3 +195,48 @@ def test_a_transient_fault_after_registration_is_retried_and_registers_once(
     assert len(registers) == 1 and registers[0].run_count == 2
     versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='fluxo-digits'")
     assert [str(v.version) for v in versions] == ["1"]
+
+
+def test_an_unchanged_rerun_reuses_the_run_and_a_changed_source_retrains(project: Path, tmp_path: Path) -> None:
+    """Prefect's cache keyed on data version, settings and code: the second run trains nothing and
+    registers nothing; a new row in the user's CSV is new data, so the third run trains again."""
+    import pandas as pd
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flows import pipeline_flow
+    from tests.test_ingest_sources import _sequences_csv
+
+    path = _sequences_csv(tmp_path / "walk.csv", rows=60)
+    overrides = [
+        f"data.dvc_remote={tmp_path / 'dvc-remote'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"data.dataset={path}",
+        "model.name=mlp",
+        "model.params={hidden: 8}",
+        "train.epochs=2",
+    ]
+
+    def run(**extra):
+        return pipeline_flow(config=None, overrides=overrides, root=str(project), **extra)
+
+    with prefect_test_harness(server_startup_timeout=120):
+        first = run()
+        started = time.monotonic()
+        second = run()
+        unchanged_seconds = time.monotonic() - started
+        frame = pd.read_csv(path)
+        pd.concat([frame, frame.iloc[[0]].assign(t0=9.5)]).to_csv(path, index=False)  # one new row
+        third = run()
+        forced = run(force=True)
+        with get_client(sync_client=True) as client:
+            trainings = [r for r in client.read_task_runs() if r.name.startswith("train-evaluate")]
+    assert not first["unchanged"] and first["model_version"] == "1"
+    assert second["unchanged"] and second["run_id"] == first["run_id"] and second["model_version"] == "1"
+    assert "unchanged since run " + first["run_id"] in second["promotion"] and "champion v1 stays" in second["promotion"]
+    assert unchanged_seconds < 30, unchanged_seconds
+    assert not third["unchanged"] and third["data_version"] != first["data_version"] and third["model_version"] == "2"
+    assert not forced["unchanged"] and forced["run_id"] != third["run_id"] and forced["model_version"] == "3"
+    assert sorted(r.state.name for r in trainings) == ["Cached", "Completed", "Completed", "Completed"]
+    versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='fluxo-walk'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2", "3"]
