@@ -4,6 +4,8 @@
     .venv/bin/python bench/serve.py --long 60            # plus the 60 s run at 32 clients (batched)
     .venv/bin/python bench/serve.py --sweep              # batching/worker/thread settings at 32 clients
     .venv/bin/python bench/serve.py --inprocess-only     # ONNX Runtime vs PyTorch latency only
+    .venv/bin/python bench/serve.py --rollout --model DIR [--challenger DIR] [--baseline REF]
+                                                         # champion-only vs shadow vs canary at 32 clients
 
 The model is the registry champion of the preset (or --model), served three ways
 from the same ONNX file on free loopback ports, one server at a time:
@@ -21,7 +23,16 @@ ONNX Runtime run in-process, so a mixed-up batch counts as an error.
 Also timed: one model run in-process, ONNX Runtime (the serving session options)
 vs the PyTorch module it was exported from, at batch 1 and 32.
 
-Prints tables and writes bench/results/serve.json (serve_sweep.json for --sweep).
+``--rollout`` compares the rollout modes (serving/rollout.py) on the same model
+directories, servers started together and measured in interleaved rounds:
+champion only, shadow (every request mirrored to the challenger) and canary
+(a share of 0.1 answered by the challenger), at 32 clients; with ``--baseline
+REF`` also the champion-only service as it was at git REF (``git archive``, no
+checkout), to show what champion mode pays for the rollout code. Every answer
+checked is compared with the output of the model version it names.
+
+Prints tables and writes bench/results/serve.json (serve_sweep.json for --sweep,
+serve_rollout.json for --rollout).
 Bounded: every cell has a fixed duration, every server a start timeout.
 """
 
@@ -50,7 +61,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.launch import start_server, stop_server, wait_ready  # noqa: E402
+from serving.launch import serve_command, serve_env, start_server, stop_server, wait_ready  # noqa: E402
 from serving.runtime import CPU, CUDA, choose_providers, session_options, softmax  # noqa: E402
 
 CHECK_EVERY = 8  # parse and check one response in this many
@@ -74,11 +85,14 @@ def http_request(port: int, path: str, body: bytes, headers: dict[str, str] | No
 class Load:
     """Closed-loop load: ``concurrency`` connections, each sending the next request when answered."""
 
-    def __init__(self, port: int, requests: Sequence[bytes], expected: Sequence[str], label_of: Any) -> None:
+    def __init__(self, port: int, requests: Sequence[bytes], expected: Sequence[str], label_of: Any,
+                 check: Any = None) -> None:
         self.port = port
         self.requests = requests
         self.expected = expected
         self.label_of = label_of  # response body (bytes) -> predicted label
+        # (body, request index) -> answer is right; by default the label against ``expected``
+        self.check = check or (lambda body, k: self.label_of(body) == self.expected[k])
 
     async def _client(self, index: int, deadline: float, out: dict[str, Any]) -> None:
         reader = writer = None
@@ -102,7 +116,7 @@ class Load:
                 out["status"][status] = out["status"].get(status, 0) + 1
                 if status == 200 and i % CHECK_EVERY == 0:
                     out["checked"] += 1
-                    if self.label_of(body) != self.expected[k]:
+                    if not self.check(body, k):
                         out["wrong"] += 1
                 if b"connection: close" in head.lower():
                     writer.close()
@@ -177,9 +191,9 @@ class Server:
         self.name, self.port, self.process, self.path, self.body_key = name, port, process, path, body_key
 
 
-def start_fluxo(name: str, model_dir: Path, env: dict[str, str], log: Path) -> Server:
+def start_fluxo(name: str, model_dir: Path, env: dict[str, str], log: Path, **rollout: Any) -> Server:
     port = free_port()
-    process = start_server(model_dir, port, env=env, log_file=log.open("wb"))
+    process = start_server(model_dir, port, env=env, log_file=log.open("wb"), **rollout)
     wait_ready(f"http://127.0.0.1:{port}", timeout=180, process=process)
     return Server(name, port, process, "/predict", "instances")
 
@@ -268,6 +282,168 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     middle["errors_all_repeats"] = sum(r["errors"] for r in rows)
     middle["5xx_all_repeats"] = sum(r["5xx"] for r in rows)
     return middle
+
+
+# --- rollout modes ---------------------------------------------------------------------------------
+
+ROLLOUT_CLIENTS = 32
+CANARY_SHARE = 0.1
+
+
+def challenger_copy(model_dir: Path, into: Path) -> Path:
+    """A challenger that is the champion's graph under the next version number: the same cost per run,
+    so shadow and canary measure the rollout's own cost, not a bigger or smaller model's."""
+    import shutil
+
+    from serving.contract import RegistryEntry, materialize, read_model_dir
+
+    served = read_model_dir(model_dir)
+    version = served.version or "1"
+    following = str(int(version) + 1) if version.isdigit() else f"{version}-challenger"
+    entry = RegistryEntry(model_name=str(served.as_dict()["model_name"]), model_version=following, alias="challenger")
+    target = into / f"challenger-v{following}"
+    shutil.rmtree(target, ignore_errors=True)
+    return materialize(model_dir, target, entry).path
+
+
+def start_baseline(ref: str, model_dir: Path, log: Path) -> tuple[Server, str]:
+    """The champion-only service as committed at ``ref``: its ``serving/`` from ``git archive`` (the
+    working tree is not touched), served with the same environment. Returns the server and the commit."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    tree = Path(tempfile.mkdtemp(prefix=f"fluxo-baseline-{commit}-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "serving"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    port = free_port()
+    command = serve_command(model_dir, port)
+    command[command.index("--working-dir") + 1] = str(tree)
+    process = subprocess.Popen(command, cwd=tree, env=serve_env(model_dir), stdout=log.open("wb"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    wait_ready(f"http://127.0.0.1:{port}", timeout=180, process=process)
+    if "rollout" in httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json():
+        stop_server(process)
+        raise SystemExit(f"--baseline {ref} ({commit}) already has the rollout code; name an earlier commit")
+    return Server(f"fluxo, champion only, code at {commit}", port, process, "/predict", "instances"), commit
+
+
+def counters(port: int) -> dict[str, float]:
+    """The rollout counters on /metrics, summed over workers."""
+    import re
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for key, pattern in {
+        "champion_answers": r'^fluxo_variant_requests_total\{variant="champion"\} (\S+)$',
+        "challenger_answers": r'^fluxo_variant_requests_total\{variant="challenger"\} (\S+)$',
+        "shadow_agree": r'^fluxo_shadow_comparisons_total\{outcome="agree"\} (\S+)$',
+        "shadow_disagree": r'^fluxo_shadow_comparisons_total\{outcome="disagree"\} (\S+)$',
+        "shadow_error": r'^fluxo_shadow_comparisons_total\{outcome="error"\} (\S+)$',
+        "shadow_skipped": r"^fluxo_shadow_skipped_total (\S+)$",
+    }.items():
+        match = re.search(pattern, text, re.MULTILINE)
+        out[key] = float(match.group(1)) if match else 0.0
+    return out
+
+
+class RolloutTarget(Target):
+    """A fluxo server in some rollout mode: answers checked against the version they name, counters kept."""
+
+    def __init__(self, server: Server, instances: np.ndarray, expected: dict[str, list[str]]) -> None:
+        super().__init__(server, instances, expected[next(iter(expected))], [])
+        self.load.check = lambda body, k: self._right(body, k, expected)
+
+    @staticmethod
+    def _right(body: bytes, k: int, expected: dict[str, list[str]]) -> bool:
+        answer = json.loads(body)
+        labels = expected.get(answer.get("model_version"))
+        return labels is not None and answer["predictions"][0]["label"] == labels[k]
+
+    def cell(self, concurrency: int, seconds: float, warmup: float = 1.0) -> dict[str, Any]:
+        self.load.run(min(concurrency, 8), warmup)
+        before = counters(self.server.port)
+        row = super().cell(concurrency, seconds, warmup=0)
+        after = counters(self.server.port)
+        row["counters"] = {k: after[k] - before[k] for k in after}
+        return row
+
+
+def rollout_run(args: argparse.Namespace, model_dir: Path, instances: np.ndarray, labels: list[str],
+                logs: Path, result: dict[str, Any]) -> None:
+    """Champion only, shadow and canary (and the baseline), started together, measured in interleaved rounds."""
+    challenger = Path(args.challenger) if args.challenger else challenger_copy(model_dir, logs)
+    from serving.contract import read_model_dir
+
+    versions = {}
+    for path in (model_dir, challenger):
+        session = ort.InferenceSession(str(path / "model.onnx"), providers=[CPU])
+        versions[str(read_model_dir(path).version)] = [
+            labels[i] for i in softmax(session.run(None, {"input": instances})[0]).argmax(1)]
+    plan: list[tuple[str, Any]] = [
+        ("champion", lambda: start_fluxo("fluxo, champion only", model_dir, {}, logs / "champion.log")),
+        ("shadow", lambda: start_fluxo("fluxo, shadow (every request mirrored)", model_dir, {}, logs / "shadow.log",
+                                       challenger=challenger, rollout="shadow")),
+        ("canary", lambda: start_fluxo(f"fluxo, canary (share {CANARY_SHARE})", model_dir, {}, logs / "canary.log",
+                                       challenger=challenger, rollout="canary", canary_share=CANARY_SHARE)),
+    ]
+    targets: dict[str, RolloutTarget] = {}
+    try:
+        if args.baseline:
+            server, commit = start_baseline(args.baseline, model_dir, logs / "baseline.log")
+            result["baseline_commit"] = commit
+            targets["baseline"] = RolloutTarget(server, instances, versions)
+        for key, start in plan:
+            targets[key] = RolloutTarget(start(), instances, versions)
+        cells: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
+        for round_ in range(args.rounds):
+            print(f"round {round_ + 1} of {args.rounds}", flush=True)
+            for key, target in targets.items():
+                cells[key].append(target.cell(ROLLOUT_CLIENTS, args.duration))
+    finally:
+        for target in targets.values():
+            stop_server(target.server.process)
+    result["challenger"] = {"path": str(challenger), "version": list(versions)[-1]}
+    result["modes"] = {key: {"name": targets[key].server.name, **median_row(rows)} for key, rows in cells.items()}
+    for key in result["modes"]:  # counters of every round, for the record
+        result["modes"][key]["counters_all_rounds"] = [r["counters"] for r in cells[key]]
+    result["ratios"] = rollout_ratios(result["modes"])
+    result["method"] = (f"all servers started first, then {args.rounds} rounds; each round measures every server once "
+                        f"for {args.duration:g} s at {ROLLOUT_CLIENTS} clients after a 1 s warm-up; per server the "
+                        "median round by throughput is kept (the upper median for an even count)")
+
+
+def rollout_ratios(modes: dict[str, Any]) -> dict[str, float]:
+    """Throughput of each mode over champion-only, in the same run; and champion-only over the baseline."""
+    base = modes["champion"]["requests_per_s"]
+    ratios = {f"{key}_over_champion": round(row["requests_per_s"] / base, 3)
+              for key, row in modes.items() if key != "champion" and base}
+    cpu = modes["champion"]["server_cpu_ms_per_request"]
+    ratios.update({f"{key}_cpu_per_request_over_champion": round(row["server_cpu_ms_per_request"] / cpu, 3)
+                   for key, row in modes.items() if key != "champion" and cpu})
+    return ratios
+
+
+def print_rollout_table(result: dict[str, Any]) -> None:
+    print(f"\n| mode | clients | req/s (median of {len(next(iter(result['modes'].values()))['repeats'])}) | all rounds | "
+          "p50 ms | p99 ms | errors (5xx) | server CPU ms/req | challenger's work |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---|")
+    for row in result["modes"].values():
+        rounds = ", ".join(f"{r['requests_per_s']:.0f}" for r in row["repeats"])
+        c = row["counters"]
+        if c["shadow_agree"] + c["shadow_disagree"] + c["shadow_error"] + c["shadow_skipped"]:
+            mirrored = c["shadow_agree"] + c["shadow_disagree"] + c["shadow_error"]
+            work = (f"{mirrored:.0f} mirrored ({c['shadow_error']:.0f} errors), {c['shadow_skipped']:.0f} skipped, "
+                    f"agreement {c['shadow_agree'] / max(mirrored - c['shadow_error'], 1):.3f}")
+        elif c["challenger_answers"]:
+            share = c["challenger_answers"] / max(c["challenger_answers"] + c["champion_answers"], 1)
+            work = f"answered {share:.3f} of requests"
+        else:
+            work = "none"
+        print(f"| {row['name']} | {row['concurrency']} | {row['requests_per_s']:.0f} | {rounds} | {row['p50_ms']} | "
+              f"{row['p99_ms']} | {row['errors']} ({row['5xx']}) | {row['server_cpu_ms_per_request']} | {work} |")
+    print(f"\nratios: {result['ratios']}")
+    print(f"load average at start {result['machine']['load_average_at_start']}, "
+          f"at end {result['machine']['load_average_at_end']}")
 
 
 # --- in-process model latency ------------------------------------------------------------------
@@ -396,6 +572,12 @@ def main() -> None:
     parser.add_argument("--sweep-concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1, help="repeat every cell this often, keep the median")
     parser.add_argument("--inprocess-only", action="store_true")
+    parser.add_argument("--rollout", action="store_true",
+                        help=f"champion only vs shadow vs canary (share {CANARY_SHARE}) at {ROLLOUT_CLIENTS} clients")
+    parser.add_argument("--challenger", default=None,
+                        help="--rollout: the challenger's model dir (default: the champion's graph as the next version)")
+    parser.add_argument("--baseline", default=None,
+                        help="--rollout: also serve champion-only with serving/ as committed at this git ref")
     parser.add_argument("--repeat", type=int, default=2000, help="in-process timing repetitions")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -422,6 +604,13 @@ def main() -> None:
         "duration_s_per_cell": args.duration,
     }
     print(f"machine: {result['machine']}\nmodel: {result['model']}\nserver logs: {logs}", flush=True)
+
+    if args.rollout:
+        rollout_run(args, model_dir, instances, labels, logs, result)
+        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        write(result, args.out or ROOT / "bench" / "results" / "serve_rollout.json")
+        print_rollout_table(result)
+        return
 
     result["inprocess"] = inprocess(model_dir, instances, metadata.get("run_id"), tracking_uri, 1, args.repeat)
     print(f"in-process, 1 thread: {json.dumps(result['inprocess'])}", flush=True)

@@ -8,11 +8,17 @@ nothing else; onnxruntime and bentoml load only in the modules that need them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 MODEL_DIR_ENV = "FLUXO_MODEL_DIR"
 API_KEY_ENV = "FLUXO_API_KEY"
+ROLLOUT_ENV = "FLUXO_ROLLOUT"
+CHALLENGER_DIR_ENV = "FLUXO_CHALLENGER_DIR"
+CANARY_SHARE_ENV = "FLUXO_CANARY_SHARE"
+SHADOW_SAMPLE_ENV = "FLUXO_SHADOW_SAMPLE"
+ROLLOUT_MODES = ("champion", "shadow", "canary")
 
 
 class ServingError(Exception):
@@ -23,8 +29,8 @@ class ServingError(Exception):
     """
 
 
-def _env_number(name: str, default: float, minimum: float, kind: type) -> float:
-    raw = os.environ.get(name, "").strip()
+def _env_number(name: str, default: float, minimum: float, kind: type, environ: Mapping[str, str]) -> float:
+    raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
@@ -39,16 +45,24 @@ def _env_number(name: str, default: float, minimum: float, kind: type) -> float:
     return value
 
 
-def _env_int(name: str, default: int, minimum: int) -> int:
-    return int(_env_number(name, default, minimum, int))
+def _env_fraction(name: str, default: float, environ: Mapping[str, str]) -> float:
+    """A share between 0 and 1 (both included)."""
+    value = _env_float(name, default, 0.0, environ)
+    if not 0.0 <= value <= 1.0:  # also NaN
+        raise ServingError(f"environment variable {name}={value}: must be between 0 and 1, for example {default}")
+    return value
 
 
-def _env_float(name: str, default: float, minimum: float) -> float:
-    return float(_env_number(name, default, minimum, float))
+def _env_int(name: str, default: int, minimum: int, environ: Mapping[str, str]) -> int:
+    return int(_env_number(name, default, minimum, int, environ))
 
 
-def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-    raw = os.environ.get(name, "").strip().lower() or default
+def _env_float(name: str, default: float, minimum: float, environ: Mapping[str, str]) -> float:
+    return float(_env_number(name, default, minimum, float, environ))
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...], environ: Mapping[str, str]) -> str:
+    raw = environ.get(name, "").strip().lower() or default
     if raw not in choices:
         raise ServingError(f"environment variable {name}={raw!r}: expected one of {', '.join(choices)}")
     return raw
@@ -95,26 +109,47 @@ class ServingConfig:
     trace_requests: bool = False
     """``FLUXO_TRACE_REQUESTS``: give prediction routes OpenTelemetry spans. Off by default: with no
     exporter configured the spans are dropped anyway, and creating them costs CPU on every request."""
+    rollout: str = "champion"
+    """``FLUXO_ROLLOUT``: ``champion`` (the champion answers everything), ``shadow`` (the challenger also runs
+    on mirrored requests, off the response path, and is compared) or ``canary`` (a share of requests is
+    answered by the challenger). serving/rollout.py."""
+    challenger_dir: Path | None = None
+    """``FLUXO_CHALLENGER_DIR``: the challenger's model directory or model root, like ``FLUXO_MODEL_DIR``
+    and hot-reloaded on its own; a root whose ``current.json`` does not exist yet is watched until it does."""
+    canary_share: float = 0.1
+    """``FLUXO_CANARY_SHARE``: share of requests (0..1) the challenger answers in canary mode."""
+    shadow_sample: float = 1.0
+    """``FLUXO_SHADOW_SAMPLE``: share of requests (0..1) mirrored to the challenger in shadow mode."""
 
     @classmethod
-    def from_env(cls) -> ServingConfig:
-        """Read the settings; a malformed value raises :class:`ServingError` naming the variable."""
-        raw_dir = os.environ.get(MODEL_DIR_ENV, "").strip()
-        api_key = os.environ.get(API_KEY_ENV, "")
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingConfig:
+        """Read the settings; a malformed value raises :class:`ServingError` naming the variable.
+
+        ``environ`` defaults to this process's; the launcher passes the one it is about
+        to give the server, to refuse a bad value before spawning anything.
+        """
+        env = os.environ if environ is None else environ
+        raw_dir = env.get(MODEL_DIR_ENV, "").strip()
+        api_key = env.get(API_KEY_ENV, "")
+        raw_challenger = env.get(CHALLENGER_DIR_ENV, "").strip()
         return cls(
             model_dir=Path(raw_dir) if raw_dir else None,
-            workers=_env_int("FLUXO_WORKERS", cls.workers, 1),
-            ort_threads=_env_int("FLUXO_ORT_THREADS", cls.ort_threads, 1),
-            provider=_env_choice("FLUXO_PROVIDER", cls.provider, ("auto", "cpu", "cuda")),
-            max_batch_size=_env_int("FLUXO_MAX_BATCH_SIZE", cls.max_batch_size, 1),
-            batch_wait_ms=_env_float("FLUXO_BATCH_WAIT_MS", cls.batch_wait_ms, 0.0),
-            max_instances=_env_int("FLUXO_MAX_INSTANCES", cls.max_instances, 1),
-            max_body_bytes=_env_int("FLUXO_MAX_BODY_BYTES", cls.max_body_bytes, 1024),
-            max_concurrency=_env_int("FLUXO_MAX_CONCURRENCY", cls.max_concurrency, 1),
-            timeout_s=_env_float("FLUXO_TIMEOUT_S", cls.timeout_s, 0.01),
+            workers=_env_int("FLUXO_WORKERS", cls.workers, 1, env),
+            ort_threads=_env_int("FLUXO_ORT_THREADS", cls.ort_threads, 1, env),
+            provider=_env_choice("FLUXO_PROVIDER", cls.provider, ("auto", "cpu", "cuda"), env),
+            max_batch_size=_env_int("FLUXO_MAX_BATCH_SIZE", cls.max_batch_size, 1, env),
+            batch_wait_ms=_env_float("FLUXO_BATCH_WAIT_MS", cls.batch_wait_ms, 0.0, env),
+            max_instances=_env_int("FLUXO_MAX_INSTANCES", cls.max_instances, 1, env),
+            max_body_bytes=_env_int("FLUXO_MAX_BODY_BYTES", cls.max_body_bytes, 1024, env),
+            max_concurrency=_env_int("FLUXO_MAX_CONCURRENCY", cls.max_concurrency, 1, env),
+            timeout_s=_env_float("FLUXO_TIMEOUT_S", cls.timeout_s, 0.01, env),
             api_key=api_key or None,
-            reload_interval_s=_env_float("FLUXO_RELOAD_INTERVAL_S", cls.reload_interval_s, 0.0),
-            trace_requests=_env_choice("FLUXO_TRACE_REQUESTS", "0", ("0", "1", "false", "true")) in ("1", "true"),
+            reload_interval_s=_env_float("FLUXO_RELOAD_INTERVAL_S", cls.reload_interval_s, 0.0, env),
+            trace_requests=_env_choice("FLUXO_TRACE_REQUESTS", "0", ("0", "1", "false", "true"), env) in ("1", "true"),
+            rollout=_env_choice(ROLLOUT_ENV, cls.rollout, ROLLOUT_MODES, env),
+            challenger_dir=Path(raw_challenger) if raw_challenger else None,
+            canary_share=_env_fraction(CANARY_SHARE_ENV, cls.canary_share, env),
+            shadow_sample=_env_fraction(SHADOW_SAMPLE_ENV, cls.shadow_sample, env),
         )
 
     def require_model_dir(self) -> Path:
@@ -127,4 +162,7 @@ class ServingConfig:
         return self.model_dir
 
 
-__all__ = ["API_KEY_ENV", "MODEL_DIR_ENV", "ServingConfig", "ServingError"]
+__all__ = [
+    "API_KEY_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "MODEL_DIR_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
+    "SHADOW_SAMPLE_ENV", "ServingConfig", "ServingError",
+]

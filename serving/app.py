@@ -23,7 +23,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,10 +41,23 @@ from starlette.responses import JSONResponse, Response
 from serving import ServingConfig, ServingError
 from serving import v2 as oip
 from serving.batching import Batcher
+from serving.contract import is_model_dir
 from serving.docs import add_docs
 from serving.images import ImageSpec, InvalidImage, UnsupportedImage, decode_image, image_spec
 from serving.metrics import get_metrics
-from serving.reload import PointerWatcher, is_model_root, resolve_model_dir
+from serving.reload import PointerWatcher, is_model_root, resolve_model_dir, watch_pending_root
+from serving.rollout import (
+    CANARY,
+    CHALLENGER,
+    CHAMPION,
+    REQUEST_KEY_HEADER,
+    SHADOW,
+    VARIANT_HEADER,
+    RolloutPolicy,
+    ShadowBook,
+    agreements,
+    contract_mismatch,
+)
 from serving.runtime import OnnxModel, providers_for, public_metadata
 from serving.schemas import (
     ErrorResponse,
@@ -80,6 +93,8 @@ class LiveModel:
     batcher: Batcher
     image: ImageSpec | None
     info: dict[str, Any]
+    variant: str = CHAMPION
+    """``champion`` or ``challenger`` (serving/rollout.py): what ``X-Fluxo-Variant`` says when it answers."""
 
     @property
     def name(self) -> str:
@@ -91,7 +106,12 @@ class LiveModel:
 
 
 class ModelServer:
-    """What one server process holds: the live model, its batcher, the reload watcher and the limits."""
+    """What one server process holds: the live model(s), their batchers, the reload watchers and the limits.
+
+    ``rollout`` is None in champion mode, and every route tests that one attribute
+    before touching anything else of the rollout: champion mode pays no allocation
+    and no lock for it per request (serving/README.md has the measurement).
+    """
 
     def __init__(self, config: ServingConfig) -> None:
         self.config = config
@@ -111,8 +131,20 @@ class ModelServer:
             config.max_batch_size, config.batch_wait_ms, config.max_instances, config.max_body_bytes,
             f"watching {source}/current.json every {config.reload_interval_s:g} s" if self.watcher else "off",
         )
+        self.rollout: RolloutPolicy | None = None
+        self.challenger: LiveModel | None = None
+        self.challenger_watcher: PointerWatcher | None = None
+        self._challenger_executor: ThreadPoolExecutor | None = None
+        self._canary = self._shadow = False
+        self.shadow_book = ShadowBook(config.max_concurrency)
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._shadow_error_logged: LiveModel | None = None
+        if config.rollout != CHAMPION:
+            self._start_rollout()
+        elif config.challenger_dir is not None:
+            logger.warning("FLUXO_CHALLENGER_DIR is set but FLUXO_ROLLOUT=champion: the challenger is not loaded")
 
-    def _load(self, model_dir: Path) -> LiveModel:
+    def _load(self, model_dir: Path, variant: str = CHAMPION) -> LiveModel:
         model = OnnxModel(
             model_dir,
             threads=self.config.ort_threads,
@@ -120,16 +152,84 @@ class ModelServer:
             strict=self.config.provider == "cuda",
         )
         spec = image_spec(model.metadata)
+        champion = variant == CHAMPION
         batcher = Batcher(
             model.predict_proba,
-            self._executor,
+            # The challenger runs in its own thread: a slow challenger never queues ahead of the champion.
+            self._executor if champion else self._challenger_executor,
             max_batch_size=self.config.max_batch_size,
             max_wait_ms=self.config.batch_wait_ms,
-            observe=self.metrics.batch,
+            observe=self.metrics.batch if champion else None,  # fluxo_batch_* stay the champion's
         )
         info = public_metadata(model.metadata, model.provider)
         info["image"] = spec.as_dict() if spec else None
-        return LiveModel(model, batcher, spec, info)
+        return LiveModel(model, batcher, spec, info, variant)
+
+    # --- the challenger ----------------------------------------------------------------------
+
+    def _start_rollout(self) -> None:
+        """Shadow or canary: the policy, the mirror cap, and the challenger if there is one yet."""
+        config = self.config
+        self.rollout = RolloutPolicy(config.rollout, config.canary_share, config.shadow_sample)
+        self._canary = config.rollout == CANARY
+        self._shadow = config.rollout == SHADOW
+        self._challenger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxo-challenger")
+        source = config.challenger_dir
+        alone = f"FLUXO_ROLLOUT={config.rollout} but"
+        if source is None:
+            logger.warning("%s FLUXO_CHALLENGER_DIR is not set: serving the champion alone", alone)
+            return
+        if not is_model_root(source) and not is_model_dir(source):
+            self.challenger_watcher = watch_pending_root(source)
+            later = (f"it is checked every {config.reload_interval_s:g} s and used once published"
+                     if config.reload_interval_s > 0 else "hot reload is off (FLUXO_RELOAD_INTERVAL_S=0), so it never will be")
+            logger.warning("%s the challenger root %s has no current.json yet: serving the champion alone; %s",
+                           alone, source, later)
+            return
+        try:
+            target = resolve_model_dir(source)
+            self._set_challenger(self._load_challenger(target), None)
+        except ServingError as error:
+            logger.error("challenger: %s; serving the champion alone", error)
+            self.metrics.challenger_reload("failed")
+            target = source  # a root is watched from its present pointer on; a plain directory is not watched
+        if is_model_root(source):
+            self.challenger_watcher = PointerWatcher(source, target)
+
+    def _load_challenger(self, model_dir: Path) -> LiveModel:
+        """Load a challenger; it must read the champion's inputs and name its labels (else ServingError)."""
+        fresh = self._load(model_dir, CHALLENGER)
+        problem = contract_mismatch(self.live.info, fresh.info)
+        if problem is not None:
+            raise ServingError(f"challenger {model_dir} cannot stand in for the champion: {problem}")
+        return fresh
+
+    def _set_challenger(self, fresh: LiveModel | None, previous: LiveModel | None) -> None:
+        self.challenger = fresh
+        self.metrics.challenger_loaded(fresh.info if fresh else None, previous.info if previous else None)
+        if fresh is not None:
+            logger.info("challenger (%s): %s", self.config.rollout, fresh.model.describe())
+
+    # --- hot reload --------------------------------------------------------------------------
+
+    async def _load_published(
+        self, watcher: PointerWatcher, load: Callable[[Path], LiveModel], what: str, count: Callable[[str], None],
+        label: str = "hot reload",
+    ) -> LiveModel | None:
+        """What ``watcher`` newly points at, loaded in a thread; None when unchanged or broken (logged, counted)."""
+        try:
+            target = watcher.poll()
+            if target is None:
+                return None
+            logger.info("%s: loading %s", label, target)
+            fresh = await asyncio.to_thread(load, target)
+        except ServingError as error:
+            logger.error("%s: %s; still serving %s", label, error, what)
+            count("failed")
+            return None
+        watcher.accept(target)
+        count("ok")
+        return fresh
 
     async def reload_if_published(self) -> bool:
         """Load a newly published model beside the live one and switch; False when nothing changed.
@@ -139,44 +239,136 @@ class ModelServer:
         """
         if self.watcher is None:
             return False
-        try:
-            target = self.watcher.poll()
-        except ServingError as error:
-            logger.error("hot reload: %s; still serving %s", error, self.live.model.model_dir)
-            self.metrics.reload("failed")
-            return False
-        if target is None:
-            return False
-        logger.info("hot reload: loading %s", target)
-        try:
-            fresh = await asyncio.to_thread(self._load, target)
-        except ServingError as error:
-            logger.error("hot reload: %s; still serving %s", error, self.live.model.model_dir)
-            self.metrics.reload("failed")
+        fresh = await self._load_published(self.watcher, self._load, str(self.live.model.model_dir),
+                                           self.metrics.reload)
+        if fresh is None:
             return False
         previous, self.live = self.live, fresh
-        self.watcher.accept(target)
         self.metrics.model_loaded(fresh.info, previous.info)
-        self.metrics.reload("ok")
         logger.info("hot reload: now serving %s (was version %s)", fresh.model.describe(), previous.version)
+        challenger = self.challenger
+        if challenger is not None and (problem := contract_mismatch(fresh.info, challenger.info)) is not None:
+            logger.warning("challenger version %s no longer fits the champion (%s): serving the champion alone "
+                           "until another challenger is published", challenger.version, problem)
+            self._set_challenger(None, challenger)
         return True
 
+    async def reload_challenger_if_published(self) -> bool:
+        """The challenger's twin of :meth:`reload_if_published`, on its own root; also its first load."""
+        if self.challenger_watcher is None:
+            return False
+        current = self.challenger
+        what = f"challenger {current.model.model_dir}" if current else "the champion alone"
+        fresh = await self._load_published(self.challenger_watcher, self._load_challenger, what,
+                                           self.metrics.challenger_reload, "hot reload (challenger)")
+        if fresh is None:
+            return False
+        self._set_challenger(fresh, current)
+        return True
+
+    @property
+    def watching(self) -> bool:
+        """True when some model root is to be polled (champion's or challenger's)."""
+        has_root = self.watcher is not None or self.challenger_watcher is not None
+        return has_root and self.config.reload_interval_s > 0
+
     async def watch(self) -> None:
-        """Poll the pointer until cancelled."""
+        """Poll the pointers until cancelled."""
         while True:
             await asyncio.sleep(self.config.reload_interval_s)
-            try:
-                await self.reload_if_published()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad publish
-                logger.exception("hot reload: unexpected error; still serving %s", self.live.model.model_dir)
+            await self._reload_safely(self.reload_if_published)
+            await self._reload_safely(self.reload_challenger_if_published)
+
+    async def _reload_safely(self, reload: Callable[[], Awaitable[bool]]) -> None:
+        try:
+            await reload()
+        except Exception:  # noqa: BLE001 - the watcher must outlive any one bad publish
+            logger.exception("hot reload: unexpected error; still serving %s", self.live.model.model_dir)
+
+    # --- rollout on the request path (shadow and canary only) ---------------------------------
+
+    def pick(self, headers: Mapping[str, str]) -> LiveModel:
+        """The variant that answers: in canary mode the challenger for its share (sticky by X-Request-Key)."""
+        challenger = self.challenger
+        if challenger is not None and self._canary and self.rollout.challenger_answers(headers.get(REQUEST_KEY_HEADER)):
+            return challenger
+        return self.live
+
+    async def answer(self, live: LiveModel, batch: np.ndarray) -> np.ndarray:
+        """``live``'s rows for ``batch``, counted and timed per variant."""
+        started = time.perf_counter()
+        rows = await live.batcher.submit(batch)
+        self.metrics.variant(live.variant, time.perf_counter() - started)
+        return rows
+
+    def answered(self, live: LiveModel, batch: np.ndarray, rows: np.ndarray, response: Response) -> Response:
+        """Name the variant on the response and, in shadow mode, mirror the request to the challenger."""
+        response.headers[VARIANT_HEADER] = live.variant
+        if self._shadow:
+            self.mirror(batch, rows)
+        return response
+
+    def mirror(self, batch: np.ndarray, champion_rows: np.ndarray) -> None:
+        """Schedule the challenger on ``batch`` as a task of its own: the response does not wait for it."""
+        challenger = self.challenger
+        if challenger is None or not self.rollout.mirrors():
+            return
+        if not self.shadow_book.admit():
+            self.metrics.shadow_skipped.inc()
+            return
+        task = asyncio.get_running_loop().create_task(self._shadow_run(challenger, batch, champion_rows))
+        self._shadow_tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow_run(self, challenger: LiveModel, batch: np.ndarray, champion_rows: np.ndarray) -> None:
+        """Run one mirrored batch on the challenger and count how it compares; never raises."""
+        try:
+            await asyncio.sleep(0)  # one turn of the loop: the champion's response goes out first
+            started = time.perf_counter()
+            if batch.shape[1:] != challenger.model.input_shape:
+                raise ValueError(f"batch of shape {batch.shape} for a challenger reading {challenger.model.input_shape}")
+            rows = await challenger.batcher.submit(batch)
+            agree = agreements(champion_rows, rows)
+        except Exception as error:  # noqa: BLE001 - nobody awaits this task: count, log once, move on
+            self.metrics.shadow(0, 0, len(batch))
+            if self._shadow_error_logged is not challenger:
+                self._shadow_error_logged = challenger
+                logger.warning("shadow: challenger version %s failed (%s); counted in "
+                               "fluxo_shadow_comparisons_total{outcome=\"error\"}, logged once per challenger",
+                               challenger.version, error)
+            return
+        finally:
+            self.shadow_book.release()
+        self.metrics.variant(CHALLENGER, time.perf_counter() - started)
+        self.metrics.shadow(agree, len(batch) - agree, 0)
+
+    def rollout_info(self) -> dict[str, Any]:
+        """``GET /metadata``'s ``rollout``: the settings and the challenger's public metadata (or None)."""
+        challenger = self.challenger
+        return {
+            "mode": self.config.rollout,
+            "canary_share": self.config.canary_share,
+            "shadow_sample": self.config.shadow_sample,
+            "challenger": challenger.info if challenger is not None else None,
+        }
+
+    # --- shutdown ------------------------------------------------------------------------------
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Wait for queued and running model work (shutdown)."""
+        """Wait for queued and running model work (shutdown); mirrors get a few seconds, then are dropped."""
         if not await self.live.batcher.wait_idle(timeout):
             logger.warning("shutdown: model work still queued after %.0f s", timeout)
+        if self._shadow_tasks:
+            _, late = await asyncio.wait(set(self._shadow_tasks), timeout=min(timeout, 5.0))
+            for task in late:
+                task.cancel()
+            if late:
+                logger.warning("shutdown: dropped %d shadow runs still in progress", len(late))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        if self._challenger_executor is not None:
+            self._challenger_executor.shutdown(wait=True)
 
 
 # --- request helpers ---------------------------------------------------------------------
@@ -351,11 +543,16 @@ _REQUEST_BODIES: dict[str, dict[str, Any]] = {
 }
 
 
-def _live_named(server: ModelServer, model_name: str, model_version: str | None = None) -> LiveModel:
+def _live_named(server: ModelServer, model_name: str, model_version: str | None = None,
+                pinnable: bool = False) -> LiveModel:
+    """The model a v2 route names; ``pinnable``: in canary mode the challenger's version may be named too."""
     live = server.live
     if model_name != live.name:
         raise ApiError(404, f"unknown model {model_name!r}; this server serves {live.name!r} (GET /v2/models/{live.name})")
     if model_version is not None and model_version != live.version:
+        challenger = server.challenger
+        if pinnable and server.config.rollout == CANARY and challenger is not None and challenger.version == model_version:
+            return challenger
         raise ApiError(404, f"model {live.name!r} has no version {model_version!r}; the live version is {live.version!r}")
     return live
 
@@ -372,7 +569,7 @@ def create_app() -> FastAPI:
         # which stalled all requests for 100-200 ms about once a second under load (README).
         gc.collect()
         gc.freeze()
-        if server is not None and server.watcher is not None and server.config.reload_interval_s > 0:
+        if server is not None and server.watching:
             watcher = asyncio.create_task(server.watch(), name="fluxo-hot-reload")
         try:
             yield
@@ -421,12 +618,16 @@ def create_app() -> FastAPI:
         if "instances" not in body:
             hint = " (Open Inference Protocol requests go to POST /v2/models/{name}/infer)" if "inputs" in body else ""
             raise ApiError(400, 'the body has no "instances": send {"instances": [x1, x2, ...]}' + hint)
-        live = server.live
+        rollout = server.rollout
+        live = server.live if rollout is None else server.pick(request.headers)
         try:
             batch = validate_instances(body["instances"], live.model.input_shape, server.config.max_instances)
         except InvalidInstances as error:
             raise _invalid(error) from None
-        return _predictions(live, await live.batcher.submit(batch))
+        if rollout is None:
+            return _predictions(live, await live.batcher.submit(batch))
+        rows = await server.answer(live, batch)
+        return server.answered(live, batch, rows, _predictions(live, rows))
 
     @app.post("/predict/image", response_model=None, tags=["predict"],
               responses={200: {"model": PredictResponse}, **_ERRORS})
@@ -434,7 +635,8 @@ def create_app() -> FastAPI:
         """Classify PNG/JPEG files: multipart/form-data (one or more files), or one raw image/png|jpeg body."""
         server = _server(request)
         require_api_key(request, server)
-        live = server.live
+        rollout = server.rollout
+        live = server.live if rollout is None else server.pick(request.headers)
         if live.image is None:
             raise ApiError(400, f"model {live.name!r} takes no images (input shape {list(live.model.input_shape)}); "
                                 "send numbers to POST /predict")
@@ -463,12 +665,17 @@ def create_app() -> FastAPI:
             raise ApiError(415, str(error)) from None
         except InvalidImage as error:
             raise ApiError(400, str(error)) from None
-        return _predictions(live, await live.batcher.submit(batch))
+        if rollout is None:
+            return _predictions(live, await live.batcher.submit(batch))
+        rows = await server.answer(live, batch)
+        return server.answered(live, batch, rows, _predictions(live, rows))
 
     @app.get("/metadata", response_model=MetadataResponse, tags=["model"])
     async def metadata(request: Request) -> Response:
-        """Model identity, data version, input contract, image recipe, test metrics and the provider in use."""
-        return _json(_server(request).live.info)
+        """Model identity, data version, input contract, image recipe, test metrics, the provider in use,
+        and the rollout (mode, shares, and the challenger's metadata or null)."""
+        server = _server(request)
+        return _json({**server.live.info, "rollout": server.rollout_info()})
 
     # --- Open Inference Protocol ---------------------------------------------------------
 
@@ -497,7 +704,10 @@ def create_app() -> FastAPI:
     async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
         server = _server(request)
         require_api_key(request, server)
-        live = _live_named(server, model_name, model_version)
+        rollout = server.rollout
+        live = _live_named(server, model_name, model_version, pinnable=rollout is not None)
+        if rollout is not None and model_version is None:
+            live = server.pick(request.headers)
         if _media_type(request) == "application/octet-stream" or "inference-header-content-length" in request.headers:
             raise ApiError(415, "the binary tensor extension is not supported; send the tensors as JSON")
         _require_json(request)
@@ -507,8 +717,14 @@ def create_app() -> FastAPI:
             batch = oip_tensor(tensor, live, server.config.max_instances)
         except InvalidInstances as error:
             raise _invalid(error) from None
-        probabilities = await live.batcher.submit(batch)
-        return _json(oip.infer_response(live.name, live.version, request_id, outputs, probabilities, live.model.labels))
+        if rollout is None:
+            probabilities = await live.batcher.submit(batch)
+            return _json(oip.infer_response(live.name, live.version, request_id, outputs, probabilities,
+                                            live.model.labels))
+        rows = await server.answer(live, batch)
+        # Under the champion's name whichever variant answered: clients address the model, not the variant.
+        answer = oip.infer_response(model_name, live.version, request_id, outputs, rows, live.model.labels)
+        return server.answered(live, batch, rows, _json(answer))
 
     missing = {404: {"model": ErrorResponse, "description": "No such model or version."}}
 

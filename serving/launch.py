@@ -19,7 +19,15 @@ from typing import IO, Any
 import httpx
 import psutil
 
-from serving import MODEL_DIR_ENV, ServingError
+from serving import (
+    CANARY_SHARE_ENV,
+    CHALLENGER_DIR_ENV,
+    MODEL_DIR_ENV,
+    ROLLOUT_ENV,
+    ROLLOUT_MODES,
+    ServingConfig,
+    ServingError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +60,35 @@ def serve_command(model_dir: Path | str, port: int, host: str = "127.0.0.1") -> 
     ]
 
 
-def serve_env(model_dir: Path | str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for the server: ours, plus the absolute model dir and any FLUXO_* overrides."""
+def serve_env(
+    model_dir: Path | str,
+    extra: Mapping[str, str] | None = None,
+    *,
+    challenger: Path | str | None = None,
+    rollout: str = "champion",
+    canary_share: float | None = None,
+) -> dict[str, str]:
+    """The environment for the server: ours, plus the absolute model dir, the rollout and any FLUXO_* overrides.
+
+    ``rollout`` always sets ``FLUXO_ROLLOUT`` (the caller's choice beats an inherited
+    variable); ``challenger`` and ``canary_share`` set theirs only when given. ``extra``
+    comes last and wins over all of them. A bad rollout or share raises ServingError
+    here, before anything is spawned.
+    """
+    if rollout not in ROLLOUT_MODES:
+        raise ServingError(f"rollout {rollout!r}: expected one of {', '.join(ROLLOUT_MODES)}")
+    if canary_share is not None and not 0.0 <= canary_share <= 1.0:
+        raise ServingError(f"canary share {canary_share}: must be between 0 and 1, for example 0.1")
+    if challenger is not None and rollout == "champion":
+        raise ServingError("a challenger was given but the rollout is 'champion', which never uses it; "
+                           "choose rollout 'shadow' or 'canary'")
     env = dict(os.environ)
     env[MODEL_DIR_ENV] = str(Path(model_dir).resolve())
+    env[ROLLOUT_ENV] = rollout
+    if challenger is not None:
+        env[CHALLENGER_DIR_ENV] = str(Path(challenger).resolve())
+    if canary_share is not None:
+        env[CANARY_SHARE_ENV] = repr(float(canary_share))
     # BentoML's usage analytics phone home; a local model server has no reason to.
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.update(extra or {})
@@ -77,6 +110,37 @@ def check_model_dir(model_dir: Path | str) -> dict[str, Any]:
     return OnnxModel(resolve_model_dir(model_dir), providers=[CPU]).metadata
 
 
+def check_rollout(env: Mapping[str, str], champion: Mapping[str, Any]) -> None:
+    """Check the rollout settings ``env`` gives the server, and its challenger if one is there already.
+
+    ``champion`` is the champion's metadata (:func:`check_model_dir`). The server
+    itself serves the champion alone when its challenger fails to load (the
+    champion must not go down for it); at start-up, with a person watching, a
+    broken or mismatched challenger is an error instead. A root without
+    ``current.json`` yet is fine: the server waits for it.
+    """
+    from serving.contract import is_model_dir
+    from serving.reload import is_model_root
+    from serving.rollout import contract_mismatch
+
+    config = ServingConfig.from_env(env)  # names the variable of a malformed value
+    source = config.challenger_dir
+    if config.rollout == "champion" or source is None or not (is_model_root(source) or is_model_dir(source)):
+        return
+    challenger = check_model_dir(source)
+    problem = contract_mismatch(_contract(champion), _contract(challenger))
+    if problem is not None:
+        raise ServingError(f"challenger {source} cannot stand in for the champion: {problem}")
+
+
+def _contract(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields :func:`serving.rollout.contract_mismatch` compares, as the server's ``/metadata`` has them."""
+    from serving.images import image_spec
+
+    spec = image_spec(metadata)
+    return {**metadata, "image": spec.as_dict() if spec else None}
+
+
 def start_server(
     model_dir: Path | str,
     port: int,
@@ -84,23 +148,32 @@ def start_server(
     *,
     env: Mapping[str, str] | None = None,
     log_file: IO[bytes] | None = None,
+    challenger: Path | str | None = None,
+    rollout: str = "champion",
+    canary_share: float | None = None,
 ) -> subprocess.Popen[bytes]:
     """Spawn ``bentoml serve`` for ``model_dir``; returns at once, see :func:`wait_ready`.
 
     The directory is checked first (:func:`check_model_dir`), so a broken one
     raises ServingError here instead of hanging the server. ``env`` adds
-    variables such as FLUXO_MAX_BATCH_SIZE. Output goes to ``log_file`` when
+    variables such as FLUXO_MAX_BATCH_SIZE. ``rollout`` (``champion``, ``shadow``
+    or ``canary``), ``challenger`` (a model directory or model root) and
+    ``canary_share`` set FLUXO_ROLLOUT, FLUXO_CHALLENGER_DIR and FLUXO_CANARY_SHARE
+    (see :func:`serve_env`); a challenger that is already there is checked like
+    the champion (:func:`check_rollout`). Output goes to ``log_file`` when
     given, else to this process's stdout/stderr. The server gets its own
     session, so a Ctrl+C reaches only the caller, which then calls
     :func:`stop_server` in a ``finally``.
     """
-    check_model_dir(model_dir)
+    champion = check_model_dir(model_dir)
+    server_env = serve_env(model_dir, env, challenger=challenger, rollout=rollout, canary_share=canary_share)
+    check_rollout(server_env, champion)
     command = serve_command(model_dir, port, host)
     logger.info("starting %s", " ".join(command))
     return subprocess.Popen(
         command,
         cwd=PROJECT_ROOT,
-        env=serve_env(model_dir, env),
+        env=server_env,
         stdout=log_file,
         stderr=subprocess.STDOUT if log_file is not None else None,
         start_new_session=True,

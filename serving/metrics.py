@@ -12,6 +12,22 @@ lets every worker's numbers add up on ``/metrics``.
   (requests merged into one run) and ``fluxo_model_run_seconds``;
 - ``fluxo_model_info{model_name, model_version, provider}``: 1 for the live model;
 - ``fluxo_model_reloads_total{outcome}``.
+
+In shadow and canary mode (serving/rollout.py), also:
+
+- ``fluxo_variant_requests_total{variant}`` and ``fluxo_variant_latency_seconds{variant}``
+  (``champion`` / ``challenger``): model answers per variant, and the time from
+  handing a validated batch to the variant's batcher to its rows coming back
+  (queue + model run), the one span both variants share in both modes;
+- ``fluxo_shadow_comparisons_total{outcome}``: one per mirrored instance,
+  ``agree`` / ``disagree`` (argmax equal or not) or ``error`` (the challenger failed);
+  ``fluxo_shadow_skipped_total``: requests not mirrored because the worker's cap of
+  mirrors in flight was reached (a challenger slower than the traffic);
+- ``fluxo_challenger_info{model_name, model_version, provider}`` and
+  ``fluxo_challenger_reloads_total{outcome}``: the challenger's twins of the two above.
+
+These are created in every mode but only touched in shadow and canary, so
+champion mode pays nothing for them per request.
 """
 
 from __future__ import annotations
@@ -48,6 +64,23 @@ class Metrics:
         self.model_info = Gauge("fluxo_model_info", "1 for the model being served",
                                 ["model_name", "model_version", "provider"], multiprocess_mode="max")
         self.reloads = Counter("fluxo_model_reloads", "Hot reloads by outcome", ["outcome"])
+        self._rollout_metrics(Counter, Gauge, Histogram)
+
+    def _rollout_metrics(self, counter: Any, gauge: Any, histogram: Any) -> None:
+        """Per-variant and shadow series; children bound once, so a request does no label lookup."""
+        from serving.rollout import OUTCOMES, VARIANTS
+
+        requests = counter("fluxo_variant_requests", "Model answers per rollout variant", ["variant"])
+        latency = histogram("fluxo_variant_latency_seconds", "Batch submitted to rows back, per rollout variant",
+                            ["variant"], buckets=_LATENCY_BUCKETS)
+        self._variants = {v: (requests.labels(v), latency.labels(v)) for v in VARIANTS}
+        comparisons = counter("fluxo_shadow_comparisons", "Mirrored instances by outcome against the champion",
+                              ["outcome"])
+        self._outcomes = {o: comparisons.labels(o) for o in OUTCOMES}
+        self.shadow_skipped = counter("fluxo_shadow_skipped", "Requests not mirrored: too many mirrors in flight")
+        self.challenger_info = gauge("fluxo_challenger_info", "1 for the challenger being served",
+                                     ["model_name", "model_version", "provider"], multiprocess_mode="max")
+        self.challenger_reloads = counter("fluxo_challenger_reloads", "Challenger loads by outcome", ["outcome"])
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -59,15 +92,41 @@ class Metrics:
         self.run_seconds.observe(seconds)
 
     def model_loaded(self, info: dict[str, Any], previous: dict[str, Any] | None) -> None:
-        def labels(i: dict[str, Any]) -> tuple[str, str, str]:
-            return (str(i.get("model_name")), str(i.get("model_version")), str(i.get("provider")))
-
-        if previous is not None and labels(previous) != labels(info):
-            self.model_info.labels(*labels(previous)).set(0)
-        self.model_info.labels(*labels(info)).set(1)
+        _swap_info(self.model_info, info, previous)
 
     def reload(self, outcome: str) -> None:
         self.reloads.labels(outcome).inc()
+
+    def variant(self, variant: str, seconds: float) -> None:
+        """One answer from ``variant`` (champion or challenger) that took ``seconds`` in its batcher."""
+        requests, latency = self._variants[variant]
+        requests.inc()
+        latency.observe(seconds)
+
+    def shadow(self, agree: int, disagree: int, error: int) -> None:
+        """The outcome of one mirrored batch, counted per instance."""
+        for outcome, count in (("agree", agree), ("disagree", disagree), ("error", error)):
+            if count:
+                self._outcomes[outcome].inc(count)
+
+    def challenger_loaded(self, info: dict[str, Any] | None, previous: dict[str, Any] | None) -> None:
+        """``info`` None: the challenger was dropped (it no longer fits the champion)."""
+        _swap_info(self.challenger_info, info, previous)
+
+    def challenger_reload(self, outcome: str) -> None:
+        self.challenger_reloads.labels(outcome).inc()
+
+
+def _info_labels(info: dict[str, Any]) -> tuple[str, str, str]:
+    return (str(info.get("model_name")), str(info.get("model_version")), str(info.get("provider")))
+
+
+def _swap_info(gauge: Any, info: dict[str, Any] | None, previous: dict[str, Any] | None) -> None:
+    """Set the info gauge to 1 for ``info`` (if any) and to 0 for the model it replaced."""
+    if previous is not None and (info is None or _info_labels(previous) != _info_labels(info)):
+        gauge.labels(*_info_labels(previous)).set(0)
+    if info is not None:
+        gauge.labels(*_info_labels(info)).set(1)
 
 
 _lock = threading.Lock()

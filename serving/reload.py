@@ -124,3 +124,15 @@ class PointerWatcher:
     def accept(self, model_dir: Path | str) -> None:
         """Record ``model_dir`` as live (after it loaded), so publishing it again changes nothing."""
         self.current = Path(model_dir).resolve()
+
+
+def watch_pending_root(model_root: Path | str) -> PointerWatcher:
+    """A watcher for a model root with no model loaded from it yet, whose ``current.json`` may not exist yet.
+
+    Its first poll that finds a pointer returns the pointer's target, however long
+    after start the pointer appeared (even if the root itself did not exist at
+    start): a challenger root is often published to only after the server is up.
+    """
+    watcher = PointerWatcher(model_root, model_root)  # the root itself is never a pointer's target
+    watcher._seen = None  # a pointer present already is news too
+    return watcher

@@ -188,3 +188,25 @@ class RunningServer:
         if self.process is not None:
             stop_server(self.process)
         self._log_file.close()
+
+
+def onnx_probabilities(model_dir: Path, batch: np.ndarray) -> np.ndarray:
+    """Softmax of ``model_dir``'s graph run straight in onnxruntime: the reference a served answer must match."""
+    import onnxruntime as ort
+
+    from serving.runtime import CPU, softmax
+
+    session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), providers=[CPU])
+    return softmax(session.run(None, {"input": np.asarray(batch, dtype=np.float32)})[0])
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` in a Prometheus text page whose labels include ``labels`` (0 if none)."""
+    import re
+
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
