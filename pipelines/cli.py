@@ -433,7 +433,12 @@ def schedule(
     overrides: SetOption = None,
     root: RootOption = Path("."),
 ) -> None:
-    """Serve the pipeline as a Prefect deployment on a cron schedule; runs until stopped."""
+    """Run the pipeline on a cron schedule until stopped (Ctrl-C or SIGTERM).
+
+    Without PREFECT_API_URL a local Prefect server with its scheduler is started for it (state
+    in .fluxo/prefect) and stopped with it; with PREFECT_API_URL the deployment is served
+    against that server.
+    """
     from prefect.client.schemas.schedules import CronSchedule
 
     try:
@@ -444,9 +449,12 @@ def schedule(
         _settings(config, overrides)  # fail now, not at 3 a.m.
     except _user_errors() as error:
         _fail(error)
-    from pipelines.flows import serve_on_schedule
+    from pipelines.scheduling import serve_scheduled
 
-    serve_on_schedule(cron, str(config) if config else None, overrides or [], str(root), name)
+    try:
+        serve_scheduled(cron, str(config) if config else None, overrides or [], str(Path(root).resolve()), name)
+    except _user_errors() as error:
+        _fail(error)
 
 
 @app.command()

@@ -247,10 +247,3 @@ def scheduled_deployment(cron: str, config: str | None, overrides: list[str], ro
         cron=cron,
         parameters={"config": config, "overrides": overrides, "root": str(Path(root).resolve()), "force": False},
     )
-
-
-def serve_on_schedule(cron: str, config: str | None, overrides: list[str], root: str, name: str) -> None:
-    """Register the deployment and execute its scheduled runs in this process until stopped."""
-    from prefect import serve
-
-    serve(scheduled_deployment(cron, config, overrides, root, name))

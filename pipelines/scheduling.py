@@ -1,0 +1,110 @@
+"""Scheduled runs that run: a Prefect server with its scheduler, and a runner that executes the runs.
+
+Prefect's embedded (temporary) server answers API calls but runs none of its services, so
+a deployment served against it never gets a scheduled run. ``fluxo schedule`` therefore
+starts ``prefect server start`` on a free loopback port (its database under
+``.fluxo/prefect``) unless ``PREFECT_API_URL`` names a real server, then serves the
+deployment from this process until stopped; stopping stops the server too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from pipelines.errors import FluxoError
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FluxoError(f"prefect server exited with status {process.returncode}; its log is {log_path}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise FluxoError(f"prefect server did not answer {url}/health within {timeout:.0f} s; its log is {log_path}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left: nothing may keep the port."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -> Iterator[str]:
+    """The Prefect API to schedule against: ``PREFECT_API_URL`` if set, else a local server started here."""
+    existing = os.environ.get("PREFECT_API_URL", "").strip()
+    if existing:
+        log.info("scheduling against the Prefect server at %s", existing)
+        yield existing
+        return
+    home = Path(root).resolve() / ".fluxo" / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_UI_ENABLED": "false"}
+    if scheduler_loop_seconds is not None:
+        env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_seconds)
+    log_path = home / "server.log"
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("ab") as server_log:
+        process = subprocess.Popen(command, env=env, stdout=server_log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        _wait_healthy(url, process, log_path)
+        log.info("started a Prefect server with its scheduler at %s (state in %s, log %s)", url, home, log_path)
+        yield url
+    finally:
+        _stop(process)
+        log.info("stopped the Prefect server at %s", url)
+
+
+def serve_scheduled(cron: str, config: str | None, overrides: list[str], root: str, name: str,
+                    scheduler_loop_seconds: float | None = None) -> None:
+    """Serve the pipeline deployment on ``cron`` until SIGTERM or Ctrl-C; each due run executes here."""
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.flows import scheduled_deployment
+
+    def _on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    with scheduling_server(Path(root), scheduler_loop_seconds) as url:
+        os.environ["PREFECT_API_URL"] = url  # the flow-run processes the runner starts inherit it
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                serve(scheduled_deployment(cron, config, overrides, root, name))
+            except KeyboardInterrupt:
+                log.info("stopping the scheduled deployment %s", name)

@@ -1,0 +1,55 @@
+"""`fluxo schedule` as a user starts it: nothing else running, a run within two minutes, a clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import SMOKE
+
+pytestmark = pytest.mark.e2e
+
+
+def test_schedule_alone_runs_the_pipeline_and_stops_with_everything_it_started(project: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"  # the scheduler looks every 5 s, not every 60
+    db = tmp_path / "mlflow.db"
+    fluxo = Path(sys.executable).with_name("fluxo")
+    log_path = tmp_path / "schedule.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [str(fluxo), "schedule", "--cron", "* * * * *", "--root", str(project), "--config", str(SMOKE),
+             "--set", "train.epochs=1", "--set", f"data.dvc_remote={tmp_path / 'dvc-remote'}",
+             "--set", f"tracking.tracking_uri=sqlite:///{db}"],
+            cwd=project, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline, versions = time.monotonic() + 150, []
+        while time.monotonic() < deadline and not versions:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(3)
+            if db.exists():
+                try:
+                    versions = MlflowClient(f"sqlite:///{db}").search_model_versions("name='fluxo-digits'")
+                except Exception:  # noqa: BLE001 - the store may be mid-creation
+                    versions = []
+        assert versions, "no scheduled run registered a model within 150 s:\n" + log_path.read_text()[-3000:]
+        started = psutil.Process(process.pid).children(recursive=True)
+        assert any("prefect" in " ".join(p.cmdline()) and "server" in p.cmdline() for p in started)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log_path.read_text()[-3000:]
+        _, alive = psutil.wait_procs(started, timeout=20)
+        assert not alive, f"left running after SIGTERM: {[p.cmdline() for p in alive]}"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+    assert "started a Prefect server with its scheduler" in log_path.read_text()
