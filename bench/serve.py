@@ -191,9 +191,15 @@ class Server:
         self.name, self.port, self.process, self.path, self.body_key = name, port, process, path, body_key
 
 
+def own_bentoml_home(log: Path) -> dict[str, str]:
+    """A BENTOML_HOME for one server: BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir at every server
+    start, so servers sharing one would erase each other's /metrics counters (read by --rollout)."""
+    return {"BENTOML_HOME": str(log.with_suffix(".bentoml-home"))}
+
+
 def start_fluxo(name: str, model_dir: Path, env: dict[str, str], log: Path, **rollout: Any) -> Server:
     port = free_port()
-    process = start_server(model_dir, port, env=env, log_file=log.open("wb"), **rollout)
+    process = start_server(model_dir, port, env={**own_bentoml_home(log), **env}, log_file=log.open("wb"), **rollout)
     wait_ready(f"http://127.0.0.1:{port}", timeout=180, process=process)
     return Server(name, port, process, "/predict", "instances")
 
@@ -318,7 +324,7 @@ def start_baseline(ref: str, model_dir: Path, log: Path) -> tuple[Server, str]:
     port = free_port()
     command = serve_command(model_dir, port)
     command[command.index("--working-dir") + 1] = str(tree)
-    process = subprocess.Popen(command, cwd=tree, env=serve_env(model_dir), stdout=log.open("wb"),
+    process = subprocess.Popen(command, cwd=tree, env=serve_env(model_dir, own_bentoml_home(log)), stdout=log.open("wb"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     wait_ready(f"http://127.0.0.1:{port}", timeout=180, process=process)
     if "rollout" in httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json():
@@ -397,7 +403,8 @@ def rollout_run(args: argparse.Namespace, model_dir: Path, instances: np.ndarray
         cells: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
         for round_ in range(args.rounds):
             print(f"round {round_ + 1} of {args.rounds}", flush=True)
-            for key, target in targets.items():
+            order = list(targets.items())
+            for key, target in order if round_ % 2 == 0 else reversed(order):  # no server always goes first
                 cells[key].append(target.cell(ROLLOUT_CLIENTS, args.duration))
     finally:
         for target in targets.values():
@@ -407,9 +414,27 @@ def rollout_run(args: argparse.Namespace, model_dir: Path, instances: np.ndarray
     for key in result["modes"]:  # counters of every round, for the record
         result["modes"][key]["counters_all_rounds"] = [r["counters"] for r in cells[key]]
     result["ratios"] = rollout_ratios(result["modes"])
+    result["paired_ratios"] = paired_ratios(cells)
     result["method"] = (f"all servers started first, then {args.rounds} rounds; each round measures every server once "
-                        f"for {args.duration:g} s at {ROLLOUT_CLIENTS} clients after a 1 s warm-up; per server the "
-                        "median round by throughput is kept (the upper median for an even count)")
+                        f"for {args.duration:g} s at {ROLLOUT_CLIENTS} clients after a 1 s warm-up, in the listed "
+                        "order on even rounds and the reverse on odd ones; per server the median round by "
+                        "throughput is kept (the upper median for an even count); paired_ratios divide each "
+                        "round's figure by champion-only's in the same round")
+
+
+def paired_ratios(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per round, each mode over champion-only measured minutes apart in that round: neighbours' load
+    moves both alike, so these scatter less than ratios of medians taken from different rounds."""
+    out: dict[str, Any] = {}
+    base = cells["champion"]
+    for key, rows in cells.items():
+        if key == "champion":
+            continue
+        throughput = [round(r["requests_per_s"] / b["requests_per_s"], 3) for r, b in zip(rows, base)]
+        cpu = [round(r["server_cpu_ms_per_request"] / b["server_cpu_ms_per_request"], 3) for r, b in zip(rows, base)]
+        out[key] = {"throughput": throughput, "throughput_median": statistics.median(throughput),
+                    "cpu_per_request": cpu, "cpu_per_request_median": statistics.median(cpu)}
+    return out
 
 
 def rollout_ratios(modes: dict[str, Any]) -> dict[str, float]:
@@ -441,7 +466,11 @@ def print_rollout_table(result: dict[str, Any]) -> None:
             work = "none"
         print(f"| {row['name']} | {row['concurrency']} | {row['requests_per_s']:.0f} | {rounds} | {row['p50_ms']} | "
               f"{row['p99_ms']} | {row['errors']} ({row['5xx']}) | {row['server_cpu_ms_per_request']} | {work} |")
-    print(f"\nratios: {result['ratios']}")
+    print(f"\nratios of medians: {result['ratios']}")
+    for key, paired in result["paired_ratios"].items():
+        print(f"{key} / champion only, per round: throughput {paired['throughput']} (median "
+              f"{paired['throughput_median']}), server CPU per request {paired['cpu_per_request']} "
+              f"(median {paired['cpu_per_request_median']})")
     print(f"load average at start {result['machine']['load_average_at_start']}, "
           f"at end {result['machine']['load_average_at_end']}")
 

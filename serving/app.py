@@ -23,7 +23,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -119,6 +119,9 @@ class ModelServer:
         self.source = source
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxo-model")
         self.metrics = get_metrics(config.max_batch_size)
+        self._canary = config.rollout == CANARY
+        self._shadow = config.rollout == SHADOW  # before the champion loads: its batcher mirrors in shadow mode
+        self.challenger: LiveModel | None = None
         self.live = self._load(resolve_model_dir(source))
         self.watcher = (
             PointerWatcher(source, self.live.model.model_dir) if is_model_root(source) else None
@@ -132,10 +135,8 @@ class ModelServer:
             f"watching {source}/current.json every {config.reload_interval_s:g} s" if self.watcher else "off",
         )
         self.rollout: RolloutPolicy | None = None
-        self.challenger: LiveModel | None = None
         self.challenger_watcher: PointerWatcher | None = None
         self._challenger_executor: ThreadPoolExecutor | None = None
-        self._canary = self._shadow = False
         self.shadow_book = ShadowBook(config.max_concurrency)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._shadow_error_logged: LiveModel | None = None
@@ -160,6 +161,7 @@ class ModelServer:
             max_batch_size=self.config.max_batch_size,
             max_wait_ms=self.config.batch_wait_ms,
             observe=self.metrics.batch if champion else None,  # fluxo_batch_* stay the champion's
+            on_output=self._mirror if champion and self._shadow else None,
         )
         info = public_metadata(model.metadata, model.provider)
         info["image"] = spec.as_dict() if spec else None
@@ -171,8 +173,6 @@ class ModelServer:
         """Shadow or canary: the policy, the mirror cap, and the challenger if there is one yet."""
         config = self.config
         self.rollout = RolloutPolicy(config.rollout, config.canary_share, config.shadow_sample)
-        self._canary = config.rollout == CANARY
-        self._shadow = config.rollout == SHADOW
         self._challenger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxo-challenger")
         source = config.challenger_dir
         alone = f"FLUXO_ROLLOUT={config.rollout} but"
@@ -301,29 +301,35 @@ class ModelServer:
         self.metrics.variant(live.variant, time.perf_counter() - started)
         return rows
 
-    def answered(self, live: LiveModel, batch: np.ndarray, rows: np.ndarray, response: Response) -> Response:
-        """Name the variant on the response and, in shadow mode, mirror the request to the challenger."""
+    def answered(self, live: LiveModel, response: Response) -> Response:
+        """Name the variant that answered on the response."""
         response.headers[VARIANT_HEADER] = live.variant
-        if self._shadow:
-            self.mirror(batch, rows)
         return response
 
-    def mirror(self, batch: np.ndarray, champion_rows: np.ndarray) -> None:
-        """Schedule the challenger on ``batch`` as a task of its own: the response does not wait for it."""
+    def _mirror(self, merged: np.ndarray, output: np.ndarray, sizes: Sequence[int]) -> None:
+        """Shadow: the champion's batcher hands over each run once its requests have their rows; the
+        (sampled) batch goes to the challenger as one task, so a mirrored request costs no task of its own."""
         challenger = self.challenger
-        if challenger is None or not self.rollout.mirrors():
+        if challenger is None:
             return
-        if not self.shadow_book.admit():
-            self.metrics.shadow_skipped.inc()
+        requests, rows = self.rollout.mirrored_rows(sizes)
+        if requests == 0:
             return
-        task = asyncio.get_running_loop().create_task(self._shadow_run(challenger, batch, champion_rows))
+        if rows is not None:
+            merged, output = merged[rows], output[rows]
+        if not self.shadow_book.admit(requests):
+            self.metrics.shadow_skipped.inc(requests)
+            return
+        run = self._shadow_run(challenger, merged, output, requests)
+        task = asyncio.get_running_loop().create_task(run)
         self._shadow_tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow_run(self, challenger: LiveModel, batch: np.ndarray, champion_rows: np.ndarray) -> None:
+    async def _shadow_run(self, challenger: LiveModel, batch: np.ndarray, champion_rows: np.ndarray,
+                          requests: int) -> None:
         """Run one mirrored batch on the challenger and count how it compares; never raises."""
         try:
-            await asyncio.sleep(0)  # one turn of the loop: the champion's response goes out first
+            await asyncio.sleep(0)  # one turn of the loop: the champion's responses go out first
             started = time.perf_counter()
             if batch.shape[1:] != challenger.model.input_shape:
                 raise ValueError(f"batch of shape {batch.shape} for a challenger reading {challenger.model.input_shape}")
@@ -338,8 +344,8 @@ class ModelServer:
                                challenger.version, error)
             return
         finally:
-            self.shadow_book.release()
-        self.metrics.variant(CHALLENGER, time.perf_counter() - started)
+            self.shadow_book.release(requests)
+        self.metrics.variant(CHALLENGER, time.perf_counter() - started, requests)
         self.metrics.shadow(agree, len(batch) - agree, 0)
 
     def rollout_info(self) -> dict[str, Any]:
@@ -358,6 +364,9 @@ class ModelServer:
         """Wait for queued and running model work (shutdown); mirrors get a few seconds, then are dropped."""
         if not await self.live.batcher.wait_idle(timeout):
             logger.warning("shutdown: model work still queued after %.0f s", timeout)
+        challenger = self.challenger
+        if challenger is not None and self._canary and not await challenger.batcher.wait_idle(timeout):
+            logger.warning("shutdown: challenger work still queued after %.0f s", timeout)
         if self._shadow_tasks:
             _, late = await asyncio.wait(set(self._shadow_tasks), timeout=min(timeout, 5.0))
             for task in late:
@@ -627,7 +636,7 @@ def create_app() -> FastAPI:
         if rollout is None:
             return _predictions(live, await live.batcher.submit(batch))
         rows = await server.answer(live, batch)
-        return server.answered(live, batch, rows, _predictions(live, rows))
+        return server.answered(live, _predictions(live, rows))
 
     @app.post("/predict/image", response_model=None, tags=["predict"],
               responses={200: {"model": PredictResponse}, **_ERRORS})
@@ -668,7 +677,7 @@ def create_app() -> FastAPI:
         if rollout is None:
             return _predictions(live, await live.batcher.submit(batch))
         rows = await server.answer(live, batch)
-        return server.answered(live, batch, rows, _predictions(live, rows))
+        return server.answered(live, _predictions(live, rows))
 
     @app.get("/metadata", response_model=MetadataResponse, tags=["model"])
     async def metadata(request: Request) -> Response:
@@ -724,7 +733,7 @@ def create_app() -> FastAPI:
         rows = await server.answer(live, batch)
         # Under the champion's name whichever variant answered: clients address the model, not the variant.
         answer = oip.infer_response(model_name, live.version, request_id, outputs, rows, live.model.labels)
-        return server.answered(live, batch, rows, _json(answer))
+        return server.answered(live, _json(answer))
 
     missing = {404: {"model": ErrorResponse, "description": "No such model or version."}}
 

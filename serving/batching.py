@@ -14,6 +14,10 @@ the event loop itself: handing them to the thread and back costs two GIL
 hand-overs, more than the run. Slower models, and requests larger than a
 batch, always go to the thread so the loop keeps accepting requests meanwhile.
 
+``on_output`` sees every run's merged input and output once its requests have
+their rows: shadow mode (serving/rollout.py) mirrors whole champion batches to
+the challenger from there, so a mirrored request costs no task or future of its own.
+
 It lives in the same process as the HTTP handlers on purpose. BentoML 1.4's own
 batching merges calls *into* a separate model service, which costs an extra
 HTTP hop and serialisation per call; on 2 cores that hop cost more than the
@@ -26,7 +30,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -44,6 +48,9 @@ class _Job:
 BatchObserver = Callable[[int, int, float], None]
 """Called after each model run with (instances, requests, seconds)."""
 
+OutputHook = Callable[[np.ndarray, np.ndarray, Sequence[int]], None]
+"""Called after each model run, its requests answered, with (merged input, output, instances per request)."""
+
 
 class Batcher:
     """Merge concurrent ``submit`` calls into single runs of ``run`` (instances along axis 0)."""
@@ -57,6 +64,7 @@ class Batcher:
         max_wait_ms: float = 0.0,
         inline_below_ms: float = 1.0,
         observe: BatchObserver | None = None,
+        on_output: OutputHook | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -65,6 +73,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self._observe = observe
+        self._on_output = on_output
         self.inline_below_s = inline_below_ms / 1000.0
         self._typical_run_s = float("inf")  # until measured, runs go to the thread
         self._queue: collections.deque[_Job] = collections.deque()
@@ -178,3 +187,12 @@ class Batcher:
                     job.future.set_result(rows)
             if self._observe is not None:
                 self._observe(len(merged), len(jobs), elapsed)
+            if self._on_output is not None:
+                self._hand_over(merged, output, jobs)
+
+    def _hand_over(self, merged: np.ndarray, output: np.ndarray, jobs: list[_Job]) -> None:
+        """Give ``on_output`` the run; its failure is logged, never the batcher's (its requests are answered)."""
+        try:
+            self._on_output(merged, output, [len(job.batch) for job in jobs])
+        except Exception:  # noqa: BLE001 - the drain loop must go on for the next batch
+            logger.exception("on_output hook failed for a batch of %d instances", len(merged))

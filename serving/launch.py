@@ -25,6 +25,7 @@ from serving import (
     MODEL_DIR_ENV,
     ROLLOUT_ENV,
     ROLLOUT_MODES,
+    SHADOW_SAMPLE_ENV,
     ServingConfig,
     ServingError,
 )
@@ -67,18 +68,20 @@ def serve_env(
     challenger: Path | str | None = None,
     rollout: str = "champion",
     canary_share: float | None = None,
+    shadow_sample: float | None = None,
 ) -> dict[str, str]:
     """The environment for the server: ours, plus the absolute model dir, the rollout and any FLUXO_* overrides.
 
     ``rollout`` always sets ``FLUXO_ROLLOUT`` (the caller's choice beats an inherited
-    variable); ``challenger`` and ``canary_share`` set theirs only when given. ``extra``
-    comes last and wins over all of them. A bad rollout or share raises ServingError
-    here, before anything is spawned.
+    variable); ``challenger``, ``canary_share`` and ``shadow_sample`` set theirs only
+    when given. ``extra`` comes last and wins over all of them. A bad rollout or share
+    raises ServingError here, before anything is spawned.
     """
     if rollout not in ROLLOUT_MODES:
         raise ServingError(f"rollout {rollout!r}: expected one of {', '.join(ROLLOUT_MODES)}")
-    if canary_share is not None and not 0.0 <= canary_share <= 1.0:
-        raise ServingError(f"canary share {canary_share}: must be between 0 and 1, for example 0.1")
+    for what, share, example in (("canary share", canary_share, 0.1), ("shadow sample", shadow_sample, 1.0)):
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise ServingError(f"{what} {share}: must be between 0 and 1, for example {example}")
     if challenger is not None and rollout == "champion":
         raise ServingError("a challenger was given but the rollout is 'champion', which never uses it; "
                            "choose rollout 'shadow' or 'canary'")
@@ -89,6 +92,8 @@ def serve_env(
         env[CHALLENGER_DIR_ENV] = str(Path(challenger).resolve())
     if canary_share is not None:
         env[CANARY_SHARE_ENV] = repr(float(canary_share))
+    if shadow_sample is not None:
+        env[SHADOW_SAMPLE_ENV] = repr(float(shadow_sample))
     # BentoML's usage analytics phone home; a local model server has no reason to.
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.update(extra or {})
@@ -151,22 +156,24 @@ def start_server(
     challenger: Path | str | None = None,
     rollout: str = "champion",
     canary_share: float | None = None,
+    shadow_sample: float | None = None,
 ) -> subprocess.Popen[bytes]:
     """Spawn ``bentoml serve`` for ``model_dir``; returns at once, see :func:`wait_ready`.
 
     The directory is checked first (:func:`check_model_dir`), so a broken one
     raises ServingError here instead of hanging the server. ``env`` adds
     variables such as FLUXO_MAX_BATCH_SIZE. ``rollout`` (``champion``, ``shadow``
-    or ``canary``), ``challenger`` (a model directory or model root) and
-    ``canary_share`` set FLUXO_ROLLOUT, FLUXO_CHALLENGER_DIR and FLUXO_CANARY_SHARE
-    (see :func:`serve_env`); a challenger that is already there is checked like
+    or ``canary``), ``challenger`` (a model directory or model root),
+    ``canary_share`` and ``shadow_sample`` set FLUXO_ROLLOUT, FLUXO_CHALLENGER_DIR,
+    FLUXO_CANARY_SHARE and FLUXO_SHADOW_SAMPLE (see :func:`serve_env`); a challenger that is already there is checked like
     the champion (:func:`check_rollout`). Output goes to ``log_file`` when
     given, else to this process's stdout/stderr. The server gets its own
     session, so a Ctrl+C reaches only the caller, which then calls
     :func:`stop_server` in a ``finally``.
     """
     champion = check_model_dir(model_dir)
-    server_env = serve_env(model_dir, env, challenger=challenger, rollout=rollout, canary_share=canary_share)
+    server_env = serve_env(model_dir, env, challenger=challenger, rollout=rollout, canary_share=canary_share,
+                           shadow_sample=shadow_sample)
     check_rollout(server_env, champion)
     command = serve_command(model_dir, port, host)
     logger.info("starting %s", " ".join(command))

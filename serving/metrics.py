@@ -97,11 +97,16 @@ class Metrics:
     def reload(self, outcome: str) -> None:
         self.reloads.labels(outcome).inc()
 
-    def variant(self, variant: str, seconds: float) -> None:
-        """One answer from ``variant`` (champion or challenger) that took ``seconds`` in its batcher."""
-        requests, latency = self._variants[variant]
-        requests.inc()
-        latency.observe(seconds)
+    def variant(self, variant: str, seconds: float, requests: int = 1) -> None:
+        """``requests`` answers from ``variant`` (champion or challenger), each ``seconds`` in its batcher.
+
+        A mirrored champion batch is one challenger run for several requests: each is
+        observed, so the histogram's count stays the request count for both variants.
+        """
+        counter, latency = self._variants[variant]
+        counter.inc(requests)
+        for _ in range(requests):
+            latency.observe(seconds)
 
     def shadow(self, agree: int, disagree: int, error: int) -> None:
         """The outcome of one mirrored batch, counted per instance."""

@@ -174,7 +174,11 @@ class RunningServer:
         from serving.launch import start_server, wait_ready
 
         self._log_file = self.log_path.open("wb")
-        self.process = start_server(self.model_dir, self.port, env=self.env, log_file=self._log_file)
+        # BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir whenever a server starts, so a second server
+        # on the same home (another test module, a colleague's run) would erase this one's /metrics counters.
+        home = self.log_path.parent / f"bentoml-home-{self.port}"
+        env = {"BENTOML_HOME": str(home), **self.env}
+        self.process = start_server(self.model_dir, self.port, env=env, log_file=self._log_file)
         try:
             wait_ready(self.url, timeout=self.timeout, process=self.process)
         except ServingError as error:
@@ -205,7 +209,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     import re
 
     total = 0.0
-    for match in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+    for match in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.MULTILINE):
         found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
         if all(found.get(k) == v for k, v in labels.items()):
             total += float(match.group(2))
