@@ -293,7 +293,21 @@ class _Stop(Exception):
     """SIGTERM: leave the wait below like Ctrl-C does, through the `finally` that drains the server."""
 
 
+def _start_following(root: Path, settings: FluxoSettings, name: str, champion: str | None, rollout: str):
+    """The registry follower for a served alias root; its first look publishes the current challenger."""
+    from pipelines.export.follow import RegistryFollower
+
+    tracking = settings.tracking
+    aliases = [tracking.champion_alias] + ([tracking.challenger_alias] if rollout != "champion" else [])
+    follower = RegistryFollower(root, settings, name, aliases, settings.serve.follow_interval_s or 3600.0)
+    follower.seen[tracking.champion_alias] = champion
+    follower.poll()
+    return follower.start() if settings.serve.follow_interval_s > 0 else None
+
+
 def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, port: int, name: str) -> None:
+    rollout = settings.serve.rollout
+    follower = None
     try:
         from pipelines.export.publish import materialize_model, model_root
         from serving.client import example_request
@@ -301,15 +315,24 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
         from serving.reload import publish
 
         served_dir = materialize_model(root, settings, model, name)
+        challenger = None
         if model is None:
             # Serve the champion through its model root: each later promotion republishes
             # the root and this server switches to the new version without a restart.
             served = model_root(root, settings, name)
             publish(served, served_dir.path)
+            if rollout != "champion":
+                challenger = model_root(root, settings, name, settings.tracking.challenger_alias)
+            follower = _start_following(root, settings, name, served_dir.version, rollout)
         else:
             served = served_dir.path  # an explicit model stays fixed for the server's lifetime
-        process = start_server(served, port=port, host=host)
+            if rollout != "champion":
+                raise FluxoError(f"serve.rollout={rollout} needs the registry's challenger; serve without --model")
+        process = start_server(served, port=port, host=host, challenger=challenger, rollout=rollout,
+                               canary_share=settings.serve.canary_share, shadow_sample=settings.serve.shadow_sample)
     except _user_errors() as error:
+        if follower is not None:
+            follower.stop()
         _fail(error)
 
     def _on_sigterm(signum: int, frame: object) -> None:
@@ -327,7 +350,8 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
         typer.echo(f"\nfluxo is serving {metadata['model_name']} v{metadata['model_version']} at {url}")
         typer.echo(f"  metadata: curl -s {url}/metadata\n  predict:  {example['curl']}\n")
         if model is None:
-            typer.echo("  a newly promoted champion is served within seconds, without a restart\n")
+            following = "the registry and " if follower is not None else ""
+            typer.echo(f"  following {following}local promotions: a new champion is served within seconds\n")
         process.wait()
     except _user_errors() as error:
         stop_server(process)
@@ -335,6 +359,8 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
     except (KeyboardInterrupt, _Stop):
         log.info("stopping the server")
     finally:
+        if follower is not None:
+            follower.stop()
         stop_server(process)
 
 
@@ -345,11 +371,20 @@ def serve(
     ] = None,
     host: Annotated[Optional[str], typer.Option("--host", help="Interface to bind.")] = None,
     port: Annotated[Optional[int], typer.Option("--port", help="HTTP port.")] = None,
+    rollout: Annotated[
+        Optional[str], typer.Option("--rollout", help="champion, shadow or canary (serve.rollout).")
+    ] = None,
+    canary_share: Annotated[
+        Optional[float], typer.Option("--canary-share", help="canary: share answered by the challenger (serve.canary_share).")
+    ] = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     root: RootOption = Path("."),
 ) -> None:
-    """Serve the champion model (or --model) over REST with BentoML on ONNX Runtime."""
+    """Serve the champion (or --model) over REST with BentoML on ONNX Runtime, following the registry's aliases."""
+    extra = ([f"serve.rollout={rollout}"] if rollout else []) + (
+        [f"serve.canary_share={canary_share}"] if canary_share is not None else [])
+    overrides = (overrides or []) + extra
     try:
         settings = _settings(config, overrides)
         name = _default_model_name(root, settings, config, overrides)

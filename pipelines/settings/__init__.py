@@ -211,6 +211,20 @@ class ServeSettings(_Section):
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 inside containers.")
     port: int = Field(3000, ge=1, le=65535, description="HTTP port.")
     model_cache: Path = Field(Path(".fluxo/serve"), description="Where the served model is materialised.")
+    rollout: Literal["champion", "shadow", "canary"] = Field(
+        "champion",
+        description="champion: only the champion answers; shadow: the challenger also runs on each request, off the "
+        "response path, and is measured; canary: a share of requests is answered by the challenger.",
+    )
+    canary_share: float = Field(
+        0.1, ge=0, le=1, description="canary: share of requests the challenger answers (sticky by X-Request-Key)."
+    )
+    shadow_sample: float = Field(1.0, ge=0, le=1, description="shadow: share of requests mirrored to the challenger.")
+    follow_interval_s: float = Field(
+        2.0, ge=0,
+        description="How often `fluxo serve` asks the registry whether an alias moved (0: never; then only local "
+        "promotions reach the server).",
+    )
 
 
 class FluxoSettings(BaseSettings):

@@ -1,0 +1,68 @@
+"""Follow the registry from any machine: alias moves become local publishes, within seconds.
+
+``fluxo serve`` runs one :class:`RegistryFollower` beside the server it starts. Every
+``serve.follow_interval_s`` it asks the tracking server which version holds each alias
+(``champion``, ``challenger``); when one moved, it fetches that version into the local
+model cache and republishes the alias's model root, and the running server (which
+watches the root's ``current.json``) loads it between requests. So a replica on another
+machine, with only ``MLFLOW_TRACKING_URI`` and no shared volume, follows promotions and
+rollbacks. The service itself stays free of MLflow and torch; the follower uses the
+MLflow client in the ``fluxo serve`` process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from pipelines.settings import FluxoSettings
+
+log = logging.getLogger(__name__)
+
+
+class RegistryFollower:
+    """A daemon thread that mirrors the registry's aliases of one model into local model roots."""
+
+    def __init__(self, root: Path, settings: FluxoSettings, name: str, aliases: list[str], interval_s: float) -> None:
+        self.root, self.settings, self.name, self.aliases = Path(root), settings, name, list(aliases)
+        self.interval_s = interval_s
+        self.seen: dict[str, str | None] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fluxo-registry-follower", daemon=True)
+
+    def start(self) -> RegistryFollower:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + 5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception as error:  # noqa: BLE001 - a registry hiccup must not stop the server
+                log.warning("could not check the registry for %s: %s; trying again in %.0f s",
+                            self.name, error, self.interval_s)
+
+    def poll(self) -> list[str]:
+        """Publish every alias that moved since the last look; returns the aliases republished."""
+        from mlflow.tracking import MlflowClient
+
+        from pipelines.export.publish import publish_alias
+        from pipelines.export.registry import champion_version
+
+        client, moved = MlflowClient(), []
+        for alias in self.aliases:
+            held = champion_version(client, self.name, alias)
+            version = None if held is None else str(held.version)
+            if version is None or self.seen.get(alias) == version:
+                self.seen[alias] = version
+                continue
+            publish_alias(self.root, self.settings, self.name, version, alias)
+            log.info("registry: %s@%s is v%s now; published it to the running server", self.name, alias, version)
+            self.seen[alias] = version
+            moved.append(alias)
+        return moved

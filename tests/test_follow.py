@@ -1,0 +1,132 @@
+"""A replica on another machine: only a tracking URI, no shared volume, and it follows the aliases."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import SMOKE
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def _serving_version(url: str) -> str:
+    return httpx.get(f"{url}/metadata", timeout=5).json()["model_version"]
+
+
+def test_a_server_with_only_a_tracking_uri_follows_promote_and_rollback(project: Path, tmp_path: Path) -> None:
+    from pipelines.data.ingest import ingest, version
+    from pipelines.export.aliases import promote_version, rollback
+    from pipelines.export.step import export_run
+    from pipelines.settings import load_settings
+    from pipelines.train.run import train
+
+    mlflow_port, serve_port = _free_port(), _free_port()
+    tracking = f"http://127.0.0.1:{mlflow_port}"
+    mlflow_log = tmp_path / "mlflow.log"
+    with mlflow_log.open("wb") as out:
+        mlflow_server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'registry.db'}",
+             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port),
+             "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    replica = None
+    try:
+        _wait(f"{tracking}/health", mlflow_server, mlflow_log)
+        # The pipeline machine: two runs against the tracking server; v1 champion, the worse v2 challenger.
+        base = [f"data.dvc_remote={tmp_path / 'dvc-remote'}", f"tracking.tracking_uri={tracking}"]
+        good = load_settings(SMOKE, [*base, "train.epochs=3"])
+        worse = load_settings(SMOKE, [*base, "train.epochs=1", "train.learning_rate=1e-6"])
+        ingest(project, good.data)
+        data_version = version(project, good.data)
+        assert export_run(project, good, train(project, good, data_version).run_id).promotion.alias == "champion"
+        assert export_run(project, worse, train(project, worse, data_version).run_id).promotion.alias == "challenger"
+
+        # The replica: another root (no shared .fluxo), only the tracking URI.
+        elsewhere = tmp_path / "replica"
+        elsewhere.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXO_")}
+        env.update(MLFLOW_TRACKING_URI=tracking, FLUXO_SERVE__FOLLOW_INTERVAL_S="1")
+        replica_log = tmp_path / "replica.log"
+        with replica_log.open("wb") as out:
+            replica = subprocess.Popen(
+                [str(Path(sys.executable).with_name("fluxo")), "serve", "--root", str(elsewhere),
+                 "--port", str(serve_port)],
+                cwd=elsewhere, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        url = f"http://127.0.0.1:{serve_port}"
+        _wait(f"{url}/readyz", replica, replica_log)
+        assert _serving_version(url) == "1"
+
+        failures: list[str] = []
+        versions: set[str] = set()
+        stop = threading.Event()
+
+        def clients() -> None:
+            body = {"instances": [[[[0.0] * 8] * 8]]}
+            while not stop.is_set():
+                answer = httpx.post(f"{url}/predict", json=body, timeout=10)
+                if answer.status_code != 200:
+                    failures.append(answer.text)
+                else:
+                    versions.add(answer.json()["model_version"])
+
+        sender = threading.Thread(target=clients)
+        sender.start()
+        try:
+            for action, expected in ((lambda: promote_version(project, good, "fluxo-digits", "2"), "2"),
+                                     (lambda: rollback(project, good, "fluxo-digits"), "1")):
+                action()
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and _serving_version(url) != expected:
+                    time.sleep(0.5)
+                assert _serving_version(url) == expected, replica_log.read_text()[-3000:]
+        finally:
+            stop.set()
+            sender.join(30)
+        assert not failures, failures[:3]
+        assert versions == {"1", "2"}
+        assert not (elsewhere / ".fluxo" / "export").exists()  # everything came from the registry
+    finally:
+        if replica is not None:
+            _stop(replica)
+        _stop(mlflow_server)
