@@ -52,3 +52,15 @@ def settings_for(project: Path):
         return make_settings(project, *overrides, config=config)
 
     return build
+
+
+def store_client(db: Path):
+    """A client on one SQLite store for both runs and the registry.
+
+    ``MlflowClient(tracking_uri)`` alone takes the registry from ``mlflow.set_registry_uri``,
+    which is process-global: an earlier test's store would answer the registry queries.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{db}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -18,7 +18,7 @@ from pipelines.data.versioning import read_data_version
 from pipelines.export.publish import materialize_model, model_root
 from pipelines.export.step import export_run
 from serving.reload import read_pointer
-from tests.conftest import SMOKE, make_settings
+from tests.conftest import SMOKE, make_settings, store_client
 
 pytestmark = pytest.mark.e2e
 
@@ -194,7 +194,7 @@ def test_a_transient_fault_after_registration_is_retried_and_registers_once(
             registers = [run for run in client.read_task_runs() if run.name.startswith("register")]
     assert summary["model_version"] == "1" and summary["promoted"]
     assert len(registers) == 1 and registers[0].run_count == 2
-    versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='fluxo-digits'")
+    versions = store_client(tmp_path / "mlflow.db").search_model_versions("name='fluxo-digits'")
     assert [str(v.version) for v in versions] == ["1"]
 
 
@@ -239,5 +239,5 @@ def test_an_unchanged_rerun_reuses_the_run_and_a_changed_source_retrains(project
     assert not third["unchanged"] and third["data_version"] != first["data_version"] and third["model_version"] == "2"
     assert not forced["unchanged"] and forced["run_id"] != third["run_id"] and forced["model_version"] == "3"
     assert sorted(r.state.name for r in trainings) == ["Cached", "Completed", "Completed", "Completed"]
-    versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='fluxo-walk'")
+    versions = store_client(tmp_path / "mlflow.db").search_model_versions("name='fluxo-walk'")
     assert sorted(str(v.version) for v in versions) == ["1", "2", "3"]

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, store_client
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +52,7 @@ def test_schedule_runs_the_pipeline_and_stops_with_everything_it_started(
             time.sleep(3)
             if db.exists():
                 try:
-                    versions = MlflowClient(f"sqlite:///{db}").search_model_versions("name='fluxo-digits'")
+                    versions = store_client(db).search_model_versions("name='fluxo-digits'")
                 except Exception:  # noqa: BLE001 - the store may be mid-creation
                     versions = []
         assert versions, "no scheduled run registered a model within 150 s:\n" + log_path.read_text()[-3000:]
