@@ -57,7 +57,7 @@ def latest_run_id(experiment: str) -> str:
         output_format="list",
     )
     # Tuning studies and their trials are not what a user means by "the newest run".
-    runs = [run for run in runs if "fluxo.tune.role" not in run.data.tags]
+    runs = [run for run in runs if "fluxo.tune.role" not in run.data.tags and "fluxo.kind" not in run.data.tags]
     if not runs:
         raise FluxoError(f"experiment {experiment!r} has no finished run to export; run `fluxo train` first")
     return runs[0].info.run_id

@@ -1,0 +1,249 @@
+"""Batch prediction: an input file or folder → a Parquet file of predictions, recorded in MLflow.
+
+The model runs exactly as the service runs it (``serving.runtime.OnnxModel`` on the CPU
+provider, the service's validation and image decoding in ``sources``), so a batch answer
+and a ``POST /predict`` answer for the same instance agree. Output is written chunk by
+chunk to a temporary file beside the target and renamed into place at the end: a reader
+never sees half a file, and a failed run leaves the previous one untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from pipelines.errors import FluxoError
+from pipelines.predict.sources import (
+    Chunk,
+    Contract,
+    chunks,
+    count_instances,
+    hashes_while_reading,
+    input_sha256,
+)
+from pipelines.settings import FluxoSettings
+
+log = logging.getLogger(__name__)
+
+KIND_TAG = "fluxo.kind"
+KIND = "batch-predict"
+SHOWN_ERRORS = 10
+KEPT_ERRORS = 10_000  # the sidecar's cap: enough to fix a file, bounded for a file that is all wrong
+
+OnError = Literal["skip", "fail"]
+
+
+@dataclass
+class PredictResult:
+    """What one batch prediction did; :meth:`summary` is what the CLI prints."""
+
+    output: Path
+    errors_path: Path
+    model_name: str
+    model_version: str | None
+    rows: int = 0
+    skipped: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    run_id: str | None = None
+    input_sha256: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "skipped": self.skipped,
+            "skipped_examples": self.errors[:SHOWN_ERRORS],
+            "output": str(self.output),
+            "errors_file": str(self.errors_path),
+            "model": self.model_name,
+            "version": self.model_version,
+            "seconds": round(self.seconds, 3),
+            "rows_per_s": round(self.rows / self.seconds, 1) if self.seconds > 0 else None,
+            "mlflow_run_id": self.run_id,
+        }
+
+
+def errors_path_for(output: Path) -> Path:
+    """``preds.parquet`` → ``preds.errors.json``: the skipped rows and why, beside the predictions."""
+    return output.with_name(f"{output.stem}.errors.json")
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()),
+        ("label", pa.string()),
+        ("probability", pa.float32()),
+        ("probabilities", pa.list_(pa.float32())),
+        ("model_version", pa.string()),
+    ])
+
+
+def _table(ids: list[str], probabilities: np.ndarray, labels: list[str], version: str | None) -> Any:
+    """One chunk's rows as an Arrow table; probabilities as one list column without Python floats."""
+    import pyarrow as pa
+
+    n, k = probabilities.shape
+    best = probabilities.argmax(axis=1)
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    values = pa.array(np.ascontiguousarray(probabilities, dtype=np.float32).ravel())
+    return pa.table({
+        "id": pa.array(ids, pa.string()),
+        "label": pa.array([labels[i] for i in best], pa.string()),
+        "probability": pa.array(probabilities[np.arange(n), best].astype(np.float32)),
+        "probabilities": pa.ListArray.from_arrays(offsets, values),
+        "model_version": pa.array([version] * n, pa.string()),
+    }, schema=_schema())
+
+
+def _progress(chunks_in: Iterator[Chunk], total: int | None) -> Iterator[Chunk]:
+    """A tqdm bar on a terminal; elsewhere (CI, logs) one INFO line per chunk."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    seen = 0
+    with tqdm(total=total, unit="rows", disable=not interactive, desc="predict") as bar:
+        for chunk in chunks_in:
+            size = len(chunk.ids) + len(chunk.errors)
+            seen += size
+            bar.update(size)
+            if not interactive:
+                log.info("predicted %d%s instances", seen, f"/{total}" if total else "")
+            yield chunk
+
+
+def _load_model(model_dir: Path) -> Any:
+    """The service's runtime on the CPU provider (a batch job must not take a GPU a server relies on)."""
+    from serving.runtime import CPU, OnnxModel
+
+    return OnnxModel(model_dir, threads=max(1, min(os.cpu_count() or 1, 8)), providers=[CPU])
+
+
+def _contract(model: Any, settings: FluxoSettings) -> Contract:
+    from serving.images import image_spec
+
+    return Contract(
+        input_shape=tuple(model.input_shape),
+        variable_length=bool(model.metadata.get("variable_length")),
+        image=image_spec(model.metadata),
+        label_column=settings.data.sequence.label_column,
+    )
+
+
+def _refuse(input_path: Path, errors: list[tuple[str, str]]) -> FluxoError:
+    row, reason = errors[0]
+    return FluxoError(f"{input_path}: row {row}: {reason}; fix that row or pass --on-error skip to leave such rows out")
+
+
+@dataclass
+class LoopResult:
+    """What the streaming loop did: rows written, bad rows kept for the report and counted, the input's hash."""
+
+    rows: int
+    kept: list[tuple[str, str]]
+    skipped: int
+    sha256: str
+
+
+def predict_to_parquet(
+    model: Any, contract: Contract, input_path: Path, output: Path, on_error: OnError = "skip",
+    batch_size: int = 4096,
+) -> LoopResult:
+    """The streaming loop alone (no registry, no MLflow), writing ``output`` atomically."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(handle)
+    rows, kept, skipped = 0, [], 0
+    version = model.metadata.get("model_version")
+    digest = hashlib.sha256()
+    try:
+        with pq.ParquetWriter(temporary, _schema()) as writer:
+            source = chunks(input_path, contract, batch_size, digest)
+            for chunk in _progress(source, count_instances(input_path)):
+                if chunk.errors and on_error == "fail":
+                    raise _refuse(input_path, chunk.errors)
+                skipped += len(chunk.errors)
+                kept.extend(chunk.errors[: max(0, KEPT_ERRORS - len(kept))])
+                if chunk.ids:
+                    writer.write_table(_table(chunk.ids, model.predict_proba(chunk.batch), model.labels, version))
+                    rows += len(chunk.ids)
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    sha256 = digest.hexdigest() if hashes_while_reading(input_path) else input_sha256(input_path)
+    return LoopResult(rows, kept, skipped, sha256)
+
+
+def _write_errors(path: Path, input_path: Path, skipped: int, kept: list[tuple[str, str]]) -> list[dict[str, str]]:
+    rows = [{"id": row, "reason": reason} for row, reason in kept]
+    path.write_text(json.dumps({"input": str(input_path), "skipped": skipped, "listed": len(rows), "rows": rows},
+                               indent=2) + "\n", encoding="utf-8")
+    return rows
+
+
+def _record(root: Path, settings: FluxoSettings, model: Any, result: PredictResult, input_path: Path) -> str:
+    """One MLflow run tagged ``fluxo.kind=batch-predict`` (``fluxo export`` skips such runs)."""
+    import mlflow
+    from pipelines.tracking import configure_mlflow
+
+    configure_mlflow(root, settings)
+    meta = model.metadata
+    with mlflow.start_run(run_name=f"predict-{input_path.name}", tags={KIND_TAG: KIND}) as run:
+        mlflow.log_params({
+            "model_name": result.model_name,
+            "model_version": result.model_version,
+            "model_run_id": meta.get("run_id"),
+            "data_version": meta.get("data_version"),
+            "input_path": str(input_path.resolve()),
+            "input_sha256": result.input_sha256,
+            "output_path": str(result.output.resolve()),
+        })
+        mlflow.log_metrics({"rows": result.rows, "rows_skipped": result.skipped, "seconds": result.seconds})
+        mlflow.log_artifact(str(result.errors_path))
+    return run.info.run_id
+
+
+def predict(
+    root: Path, settings: FluxoSettings, input_path: Path, output: Path, model: str | None, name: str,
+    on_error: OnError = "skip", batch_size: int = 4096, record: bool = True,
+) -> PredictResult:
+    """``fluxo predict``: resolve the model like ``fluxo serve``, stream the input, write, record."""
+    from pipelines.export.publish import materialize_model
+
+    if on_error not in ("skip", "fail"):
+        raise FluxoError(f"--on-error {on_error!r}: expected skip or fail")
+    if batch_size < 1:
+        raise FluxoError(f"--batch-size {batch_size}: must be at least 1")
+    input_path, output = Path(input_path), Path(output)
+    served = materialize_model(root, settings, model, name)
+    onnx_model = _load_model(served.path)
+    contract = _contract(onnx_model, settings)
+    started = time.perf_counter()
+    loop = predict_to_parquet(onnx_model, contract, input_path, output, on_error, batch_size)
+    seconds = time.perf_counter() - started
+    result = PredictResult(output=output, errors_path=errors_path_for(output), model_name=served.as_dict()["model_name"],
+                           model_version=served.version, rows=loop.rows, skipped=loop.skipped, seconds=seconds,
+                           input_sha256=loop.sha256)
+    result.errors = _write_errors(result.errors_path, input_path, loop.skipped, loop.kept)
+    if loop.skipped:
+        log.warning("%s: skipped %d rows (first: %s); all listed in %s", input_path, loop.skipped,
+                    "; ".join(f"{e['id']}: {e['reason']}" for e in result.errors[:3]), result.errors_path)
+    if record:
+        result.run_id = _record(root, settings, onnx_model, result, input_path)
+    return result

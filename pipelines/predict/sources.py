@@ -1,0 +1,319 @@
+"""Prediction inputs read in chunks: ``.npy``, NPZ, CSV, Parquet or an image folder.
+
+Every source yields :class:`Chunk` objects of at most ``batch_size`` instances, so a
+file larger than memory streams through: ``.npy`` is read slice by slice after its
+header (plain reads rather than a memory map, whose touched pages would count in the
+process's resident memory until the kernel evicts them), CSV through pandas'
+``chunksize``, Parquet through pyarrow's ``iter_batches``, images file by file. NPZ
+archives are compressed zip members and cannot be sliced: their ``x`` is loaded whole.
+
+Validation is the service's: rows go through ``serving.schemas.validate_instances``
+(numbers) or ``serving.images.decode_image`` (files), so a row refused here would be
+refused by ``POST /predict`` with the same sentence, and the reverse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.errors import FluxoError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+TABLE_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
+ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class Chunk:
+    """Up to ``batch_size`` instances: the valid ones as one float32 batch, the bad ones with their reason."""
+
+    ids: list[str]
+    batch: np.ndarray
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a source must know about the model to shape instances: shape, padding, image recipe, label column."""
+
+    input_shape: tuple[int, ...]
+    variable_length: bool = False
+    image: Any = None  # serving.images.ImageSpec or None
+    label_column: str = "label"
+
+
+def _service_problem(row: np.ndarray, shape: tuple[int, ...]) -> str:
+    """The service's own sentence for a row the fast check flagged (validate_instances is the judge)."""
+    from serving.schemas import InvalidInstances, validate_instances
+
+    try:
+        validate_instances([row.tolist()], shape, 1)
+    except InvalidInstances as error:
+        return str(error).replace("instances[0]", "instance", 1)
+    return "refused by the fast check but accepted by the service"  # not reached: same criteria
+
+
+def validate_rows(values: np.ndarray, ids: Sequence[str], shape: tuple[int, ...]) -> Chunk:
+    """(n, *shape) numbers → a Chunk of the finite rows, the others named with the service's reason.
+
+    The vectorised check (finite, within float32) is what ``validate_instances`` accepts for
+    numeric rows; only the rows it flags are handed to the service's validator, for its
+    message, so a million good rows never become Python lists.
+    """
+    if values.shape[1:] != shape:
+        raise ValueError(f"rows of shape {values.shape[1:]}, expected {shape}")  # sources reshape first
+    flat = values.reshape(len(values), -1)
+    if flat.dtype.kind not in "fiu":
+        raise FluxoError(f"values of type {flat.dtype} are not numbers; every value must be a number")
+    if flat.dtype.kind == "f":
+        good = np.isfinite(flat).all(axis=1) & (np.abs(flat) <= _FLOAT32_MAX).all(axis=1)
+    else:
+        good = (np.abs(flat.astype(np.float64)) <= _FLOAT32_MAX).all(axis=1)
+    errors = [(ids[i], _service_problem(values[i], shape)) for i in np.flatnonzero(~good)]
+    kept = [ids[i] for i in np.flatnonzero(good)]
+    return Chunk(kept, np.ascontiguousarray(values[good], dtype=np.float32), errors)
+
+
+# --- .npy / .npz ------------------------------------------------------------------------------
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(handle)
+            return tuple(shape), np.dtype(dtype), fortran, handle.tell()
+    except (OSError, ValueError) as error:
+        raise FluxoError(f"{path}: not a readable .npy file ({error}); save it with numpy.save") from error
+
+
+def _check_array_shape(path: Path, shape: tuple[int, ...], contract: Contract, what: str) -> None:
+    if tuple(shape[1:]) != contract.input_shape:
+        expected = ", ".join(map(str, contract.input_shape))
+        raise FluxoError(f"{path}: {what} has shape {tuple(shape)}, the model takes (N, {expected}); "
+                         "save the instances as one array of that shape")
+
+
+def npy_chunks(path: Path, contract: Contract, batch_size: int, digest: Any = None) -> Iterator[Chunk]:
+    """A (N, *input_shape) ``.npy`` read ``batch_size`` rows at a time (bounded memory for any N).
+
+    ``digest`` (a hashlib object) is fed every byte as it is read, so the input's hash
+    costs no second pass over a file that may be larger than memory.
+    """
+    shape, dtype, fortran, offset = _npy_header(path)
+    _check_array_shape(path, shape, contract, "the array")
+    if fortran or dtype.hasobject:
+        raise FluxoError(f"{path}: a Fortran-ordered or object array cannot be streamed; save a C-ordered numeric array")
+    row_items = int(np.prod(shape[1:]))
+    with path.open("rb") as handle:
+        header = handle.read(offset)
+        if digest is not None:
+            digest.update(header)
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            data = handle.read(count * row_items * dtype.itemsize)
+            if len(data) != count * row_items * dtype.itemsize:
+                raise FluxoError(f"{path}: truncated: the header promises {shape[0]} rows, the file ends near row {start}")
+            if digest is not None:
+                digest.update(data)
+            values = np.frombuffer(data, dtype=dtype)
+            ids = [str(i) for i in range(start, start + count)]
+            yield validate_rows(values.reshape(count, *shape[1:]), ids, contract.input_shape)
+
+
+def npz_chunks(path: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
+    """An NPZ with ``x`` (N, *input_shape) and optional ``ids``; loaded whole (zip members cannot be sliced)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise FluxoError(f"{path}: not a readable NPZ file ({error})") from error
+    with archive:
+        if "x" not in archive:
+            raise FluxoError(f"{path}: no array 'x'; arrays are {', '.join(archive.files)}; save the instances as 'x'")
+        x = archive["x"]
+        ids = [str(v) for v in archive["ids"]] if "ids" in archive else [str(i) for i in range(len(x))]
+    if x.ndim == len(contract.input_shape) and contract.input_shape[0] == 1:
+        x = x[:, None]  # (N, L) sequences, as the training reader accepts them
+    _check_array_shape(path, x.shape, contract, "'x'")
+    if len(ids) != len(x):
+        raise FluxoError(f"{path}: 'ids' holds {len(ids)} values for {len(x)} instances; give one id per row of 'x'")
+    for start in range(0, len(x), batch_size):
+        yield validate_rows(x[start:start + batch_size], ids[start:start + batch_size], contract.input_shape)
+
+
+# --- CSV / Parquet ----------------------------------------------------------------------------
+
+
+def _frame_chunk(frame: Any, start: int, path: Path, contract: Contract) -> Chunk:
+    """One pandas frame of wide rows (a column per step) → a Chunk; the label column, if any, is ignored."""
+    import pandas as pd
+
+    frame = frame.drop(columns=[c for c in (contract.label_column,) if c in frame.columns])
+    ids = frame.pop("id").astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(start, start + len(frame))]
+    text = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if text:
+        raise FluxoError(f"{path}: non-numeric columns {', '.join(text[:10])}; every step must be a number "
+                         "(an `id` column, and the label column, are allowed)")
+    width = int(np.prod(contract.input_shape))
+    if frame.shape[1] != width:
+        raise FluxoError(f"{path}: {frame.shape[1]} value columns, the model takes {width} "
+                         f"(input shape {list(contract.input_shape)}); keep the training data's columns")
+    rows = frame.to_numpy(dtype=np.float64)
+    problems: list[tuple[str, str]] = []
+    if contract.variable_length:
+        from pipelines.data.sequence_file import (
+            _from_rows,  # the training reader's padding, not a copy
+        )
+
+        padded, _ = _from_rows(rows)
+        rows = padded.reshape(len(rows), -1).astype(np.float64)
+    else:
+        short = _short_rows(rows)
+        problems = [(ids[i], f"has {n} values, expected {width} (the model takes fixed-length rows)")
+                    for i, n in short.items()]
+    chunk = validate_rows(rows.reshape(len(rows), *contract.input_shape), ids, contract.input_shape)
+    if problems:
+        reasons = dict(problems)
+        chunk.errors = [(i, reasons.get(i, why)) for i, why in chunk.errors]
+    return chunk
+
+
+def _short_rows(rows: np.ndarray) -> dict[int, int]:
+    """Rows whose trailing cells are empty (a short line in the file): index → values present."""
+    present = ~np.isnan(rows)
+    lengths = np.where(present.any(1), rows.shape[1] - np.argmax(present[:, ::-1], axis=1), 0)
+    return {int(i): int(lengths[i]) for i in np.flatnonzero(lengths < rows.shape[1])}
+
+
+def csv_chunks(path: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
+    """A wide CSV (one row per instance) read ``batch_size`` rows at a time with pandas."""
+    import pandas as pd
+
+    start = 0
+    try:
+        for frame in pd.read_csv(path, chunksize=batch_size):
+            yield _frame_chunk(frame, start, path, contract)
+            start += len(frame)
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise FluxoError(f"{path}: cannot be read as CSV after row {start} ({error}); "
+                         "every line needs the header's number of fields") from error
+
+
+def parquet_chunks(path: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
+    """A wide Parquet file read ``batch_size`` rows at a time with pyarrow."""
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+    except Exception as error:
+        raise FluxoError(f"{path}: not a readable Parquet file ({error})") from error
+    start = 0
+    for batch in reader.iter_batches(batch_size=batch_size):
+        frame = batch.to_pandas()
+        yield _frame_chunk(frame, start, path, contract)
+        start += len(frame)
+
+
+# --- image folders ----------------------------------------------------------------------------
+
+
+def image_files(folder: Path) -> list[Path]:
+    """PNG/JPEG files anywhere below ``folder``, in a stable order (their relative paths are the ids)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_chunks(folder: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
+    """Files decoded one by one with the service's upload path (serving.images.decode_image)."""
+    from serving.images import InvalidImage, decode_image
+
+    if contract.image is None:
+        raise FluxoError(f"{folder}: an image folder, but the model takes no images (input shape "
+                         f"{list(contract.input_shape)}); pass a .npy, NPZ, CSV or Parquet file")
+    files = image_files(folder)
+    if not files:
+        raise FluxoError(f"{folder}: no PNG or JPEG file below it")
+    for start in range(0, len(files), batch_size):
+        ids, arrays, errors = [], [], []
+        for file in files[start:start + batch_size]:
+            name = file.relative_to(folder).as_posix()
+            try:
+                arrays.append(decode_image(file.read_bytes(), contract.image, name))
+                ids.append(name)
+            except InvalidImage as error:
+                errors.append((name, str(error).removeprefix(f"{name}: ")))
+            except OSError as error:
+                errors.append((name, f"cannot be read ({error.strerror or error})"))
+        batch = np.stack(arrays) if arrays else np.zeros((0, *contract.input_shape), dtype=np.float32)
+        yield Chunk(ids, batch, errors)
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+
+def chunks(path: Path, contract: Contract, batch_size: int, digest: Any = None) -> Iterator[Chunk]:
+    """The reader for ``path`` by its kind: a folder of images, or a file by its suffix.
+
+    Readers that see the bytes in file order (``.npy``) feed ``digest`` as they go; for the
+    others the caller hashes with :func:`input_sha256` (``hashes_while_reading`` says which).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return image_chunks(path, contract, batch_size)
+    if not path.is_file():
+        raise FluxoError(f"{path}: no such file or folder; pass an image folder or a .npy, .npz, .csv or .parquet file")
+    suffix = path.suffix.lower()
+    readers = {".npy": npy_chunks, ".npz": npz_chunks, ".csv": csv_chunks, ".parquet": parquet_chunks,
+               ".pq": parquet_chunks}
+    if suffix not in readers:
+        raise FluxoError(f"{path}: {suffix or 'no suffix'} is not an input fluxo reads; "
+                         "pass an image folder or a .npy, .npz, .csv or .parquet file")
+    if suffix == ".npy":
+        return npy_chunks(path, contract, batch_size, digest)
+    return readers[suffix](path, contract, batch_size)
+
+
+def hashes_while_reading(path: Path) -> bool:
+    """True when :func:`chunks` feeds its ``digest`` with the whole file (a single streamed pass)."""
+    return Path(path).is_file() and Path(path).suffix.lower() == ".npy"
+
+
+def count_instances(path: Path) -> int | None:
+    """How many instances ``path`` holds, when that is cheap to know (for the progress bar); else None."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return len(image_files(path))
+        if path.suffix.lower() == ".npy":
+            return _npy_header(path)[0][0]
+        if path.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+    except (FluxoError, OSError, ValueError):
+        return None
+    return None
+
+
+def input_sha256(path: Path, block: int = 1 << 20) -> str:
+    """SHA-256 of the input, streamed; for a folder, of each image's relative path and bytes in order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [(p.relative_to(path).as_posix(), p) for p in image_files(path)] if path.is_dir() else [(None, path)]
+    for name, file in files:
+        if name is not None:
+            digest.update(name.encode() + b"\0")
+        with file.open("rb") as handle:
+            while data := handle.read(block):
+                digest.update(data)
+    return digest.hexdigest()
