@@ -6,6 +6,8 @@
     .venv/bin/python bench/serve.py --inprocess-only     # ONNX Runtime vs PyTorch latency only
     .venv/bin/python bench/serve.py --rollout --model DIR [--challenger DIR] [--baseline REF]
                                                          # champion-only vs shadow vs canary at 32 clients
+    .venv/bin/python bench/serve.py --payload-log --model DIR
+                                                         # champion-only, payload log off vs 100% sampled
 
 The model is the registry champion of the preset (or --model), served three ways
 from the same ONNX file on free loopback ports, one server at a time:
@@ -31,8 +33,12 @@ REF`` also the champion-only service as it was at git REF (``git archive``, no
 checkout), to show what champion mode pays for the rollout code. Every answer
 checked is compared with the output of the model version it names.
 
+``--payload-log`` serves champion-only twice, payload logging off and at 100%
+sampling into a temporary directory (serving/payload_log.py), started together and
+measured in interleaved rounds at 32 clients; it counts the records the files hold.
+
 Prints tables and writes bench/results/serve.json (serve_sweep.json for --sweep,
-serve_rollout.json for --rollout).
+serve_rollout.json for --rollout, serve_payload.json for --payload-log).
 Bounded: every cell has a fixed duration, every server a start timeout.
 """
 
@@ -475,6 +481,66 @@ def print_rollout_table(result: dict[str, Any]) -> None:
           f"at end {result['machine']['load_average_at_end']}")
 
 
+# --- payload logging ---------------------------------------------------------------------------
+
+def payload_counters(port: int) -> dict[str, float]:
+    """fluxo_payload_* on /metrics, summed over workers."""
+    import re
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {key: sum(float(v) for v in re.findall(rf"^fluxo_payload_{key}_total (\S+)$", text, re.MULTILINE))
+            for key in ("records", "dropped", "files")}
+
+
+def payload_run(args: argparse.Namespace, model_dir: Path, instances: np.ndarray, expected: list[str],
+                logs: Path, result: dict[str, Any]) -> None:
+    """Champion only with payload logging off and at 100%, started together, measured in interleaved rounds."""
+    from serving.payload_log import read_payloads
+
+    directory = logs / "payloads"
+    targets = {}
+    try:
+        targets["off"] = Target(start_fluxo("fluxo, payload log off", model_dir, {}, logs / "off.log"),
+                                instances, expected, [])
+        targets["on"] = Target(start_fluxo("fluxo, payload log 100%", model_dir, {}, logs / "on.log",
+                                           payload_log=directory, payload_sample=1.0), instances, expected, [])
+        cells: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
+        for round_ in range(args.rounds):
+            print(f"round {round_ + 1} of {args.rounds}", flush=True)
+            order = list(targets.items())
+            for key, target in order if round_ % 2 == 0 else reversed(order):
+                cells[key].append(target.cell(ROLLOUT_CLIENTS, args.duration))
+        result["payload_counters"] = payload_counters(targets["on"].server.port)
+    finally:
+        for target in targets.values():
+            stop_server(target.server.process)
+    result["payload_rows_in_files"] = len(read_payloads(directory))
+    result["payload_bytes_on_disk"] = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    result["modes"] = {key: {"name": targets[key].server.name, **median_row(rows)} for key, rows in cells.items()}
+    paired = [round(a["requests_per_s"] / b["requests_per_s"], 3) for a, b in zip(cells["on"], cells["off"])]
+    cpu = [round(a["server_cpu_ms_per_request"] / b["server_cpu_ms_per_request"], 3)
+           for a, b in zip(cells["on"], cells["off"])]
+    result["paired_ratios"] = {"on": {"throughput": paired, "throughput_median": statistics.median(paired),
+                                      "cpu_per_request": cpu, "cpu_per_request_median": statistics.median(cpu)}}
+    result["ratio_on_over_off"] = round(result["modes"]["on"]["requests_per_s"]
+                                        / result["modes"]["off"]["requests_per_s"], 3)
+
+
+def print_payload_table(result: dict[str, Any]) -> None:
+    print("\n| payload log | clients | req/s (median) | all rounds | p50 ms | p99 ms | errors (5xx) | server CPU ms/req |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for row in result["modes"].values():
+        rounds = ", ".join(f"{r['requests_per_s']:.0f}" for r in row["repeats"])
+        print(f"| {row['name']} | {row['concurrency']} | {row['requests_per_s']:.0f} | {rounds} | {row['p50_ms']} | "
+              f"{row['p99_ms']} | {row['errors']} ({row['5xx']}) | {row['server_cpu_ms_per_request']} |")
+    paired = result["paired_ratios"]["on"]
+    print(f"\non / off throughput, ratio of medians: {result['ratio_on_over_off']}; per round {paired['throughput']} "
+          f"(median {paired['throughput_median']}); server CPU per request per round {paired['cpu_per_request']} "
+          f"(median {paired['cpu_per_request_median']})")
+    print(f"counters {result['payload_counters']}, rows in files {result['payload_rows_in_files']}, "
+          f"{result['payload_bytes_on_disk']} bytes on disk")
+
+
 # --- in-process model latency ------------------------------------------------------------------
 
 
@@ -607,6 +673,8 @@ def main() -> None:
                         help="--rollout: the challenger's model dir (default: the champion's graph as the next version)")
     parser.add_argument("--baseline", default=None,
                         help="--rollout: also serve champion-only with serving/ as committed at this git ref")
+    parser.add_argument("--payload-log", action="store_true",
+                        help=f"champion only, payload log off vs 100%% sampled, at {ROLLOUT_CLIENTS} clients")
     parser.add_argument("--repeat", type=int, default=2000, help="in-process timing repetitions")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -633,6 +701,13 @@ def main() -> None:
         "duration_s_per_cell": args.duration,
     }
     print(f"machine: {result['machine']}\nmodel: {result['model']}\nserver logs: {logs}", flush=True)
+
+    if args.payload_log:
+        payload_run(args, model_dir, instances, expected, logs, result)
+        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        write(result, args.out or ROOT / "bench" / "results" / "serve_payload.json")
+        print_payload_table(result)
+        return
 
     if args.rollout:
         rollout_run(args, model_dir, instances, labels, logs, result)

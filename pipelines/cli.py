@@ -329,7 +329,8 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
             if rollout != "champion":
                 raise FluxoError(f"serve.rollout={rollout} needs the registry's challenger; serve without --model")
         process = start_server(served, port=port, host=host, challenger=challenger, rollout=rollout,
-                               canary_share=settings.serve.canary_share, shadow_sample=settings.serve.shadow_sample)
+                               canary_share=settings.serve.canary_share, shadow_sample=settings.serve.shadow_sample,
+                               payload_log=settings.serve.payload_log, payload_sample=settings.serve.payload_sample)
     except _user_errors() as error:
         if follower is not None:
             follower.stop()
@@ -561,6 +562,37 @@ def ui(
         _fail(error)
     typer.echo(f"MLflow UI on {runs_url(host, port, experiment_id)} for {uri}")
     raise typer.Exit(code=run_ui(uri, host, port))
+
+
+@app.command()
+def predict(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="Image folder (PNG/JPEG), or a .npy, .npz, .csv or .parquet file.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write: id, label, probability, ...")],
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or an export directory; "
+                                                    "default the champion.")
+    ] = None,
+    on_error: Annotated[
+        str, typer.Option("--on-error", help="Bad rows (wrong shape, NaN, unreadable image): skip (listed) or fail.")
+    ] = "skip",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Instances read and run per chunk.")] = 4096,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Predict a whole file or folder offline with the served model; writes Parquet and records an MLflow run."""
+    try:
+        settings = _settings(config, overrides)
+        # Only the champion needs the default name; working it out reads data/ (and loads scikit-learn).
+        name = _default_model_name(root, settings, config, overrides) if model is None else ""
+        from pipelines.predict.run import predict as predict_step
+
+        result = predict_step(root, settings, input_path, output, model, name, on_error, batch_size)  # type: ignore[arg-type]
+    except _user_errors() as error:
+        _fail(error)
+    _echo_json(result.summary())
 
 
 if __name__ == "__main__":

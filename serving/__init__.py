@@ -19,6 +19,8 @@ CHALLENGER_DIR_ENV = "FLUXO_CHALLENGER_DIR"
 CANARY_SHARE_ENV = "FLUXO_CANARY_SHARE"
 SHADOW_SAMPLE_ENV = "FLUXO_SHADOW_SAMPLE"
 ROLLOUT_MODES = ("champion", "shadow", "canary")
+PAYLOAD_LOG_ENV = "FLUXO_PAYLOAD_LOG"
+PAYLOAD_SAMPLE_ENV = "FLUXO_PAYLOAD_SAMPLE"
 
 
 class ServingError(Exception):
@@ -66,6 +68,19 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...], environ: Mapp
     if raw not in choices:
         raise ServingError(f"environment variable {name}={raw!r}: expected one of {', '.join(choices)}")
     return raw
+
+
+def _env_payload_dir(environ: Mapping[str, str]) -> Path | None:
+    """``FLUXO_PAYLOAD_LOG``: a local directory; object-store URLs are refused until supported."""
+    raw = environ.get(PAYLOAD_LOG_ENV, "").strip()
+    if not raw:
+        return None
+    if "://" in raw:
+        raise ServingError(
+            f"environment variable {PAYLOAD_LOG_ENV}={raw!r}: only a local directory is supported yet "
+            "(s3:// and other URLs are not); log to a local or mounted volume and sync it"
+        )
+    return Path(raw)
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,20 @@ class ServingConfig:
     shadow_sample: float = 1.0
     """``FLUXO_SHADOW_SAMPLE``: share of requests (0..1) mirrored to the challenger in shadow mode."""
 
+    payload_log: Path | None = None
+    """``FLUXO_PAYLOAD_LOG``: a local directory for the payload log (serving/payload_log.py); off when unset.
+    ``s3://`` URLs are refused for now."""
+    payload_sample: float = 1.0
+    """``FLUXO_PAYLOAD_SAMPLE``: share of answered requests (0..1) written to the payload log."""
+    payload_rotate_mb: float = 64.0
+    """``FLUXO_PAYLOAD_ROTATE_MB``: a payload file is sealed into ``.parquet`` once its journal is this big."""
+    payload_rotate_s: float = 300.0
+    """``FLUXO_PAYLOAD_ROTATE_S``: ... or once it is this old (seconds)."""
+    payload_queue: int = 10_000
+    """``FLUXO_PAYLOAD_QUEUE``: records waiting for the writer thread per worker; beyond, records are dropped."""
+    payload_flush_s: float = 1.0
+    """``FLUXO_PAYLOAD_FLUSH_S``: the writer appends what it has at least this often; a crash loses at most this."""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingConfig:
         """Read the settings; a malformed value raises :class:`ServingError` naming the variable.
@@ -150,6 +179,12 @@ class ServingConfig:
             challenger_dir=Path(raw_challenger) if raw_challenger else None,
             canary_share=_env_fraction(CANARY_SHARE_ENV, cls.canary_share, env),
             shadow_sample=_env_fraction(SHADOW_SAMPLE_ENV, cls.shadow_sample, env),
+            payload_log=_env_payload_dir(env),
+            payload_sample=_env_fraction(PAYLOAD_SAMPLE_ENV, cls.payload_sample, env),
+            payload_rotate_mb=_env_float("FLUXO_PAYLOAD_ROTATE_MB", cls.payload_rotate_mb, 0.001, env),
+            payload_rotate_s=_env_float("FLUXO_PAYLOAD_ROTATE_S", cls.payload_rotate_s, 0.01, env),
+            payload_queue=_env_int("FLUXO_PAYLOAD_QUEUE", cls.payload_queue, 1, env),
+            payload_flush_s=_env_float("FLUXO_PAYLOAD_FLUSH_S", cls.payload_flush_s, 0.01, env),
         )
 
     def require_model_dir(self) -> Path:
@@ -163,6 +198,6 @@ class ServingConfig:
 
 
 __all__ = [
-    "API_KEY_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "MODEL_DIR_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
+    "API_KEY_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "MODEL_DIR_ENV", "PAYLOAD_LOG_ENV", "PAYLOAD_SAMPLE_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
     "SHADOW_SAMPLE_ENV", "ServingConfig", "ServingError",
 ]

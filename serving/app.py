@@ -45,6 +45,7 @@ from serving.contract import is_model_dir
 from serving.docs import add_docs
 from serving.images import ImageSpec, InvalidImage, UnsupportedImage, decode_image, image_spec
 from serving.metrics import get_metrics
+from serving.payload_log import REQUEST_ID_HEADER, PayloadLogger, new_request_id
 from serving.reload import PointerWatcher, is_model_root, resolve_model_dir, watch_pending_root
 from serving.rollout import (
     CANARY,
@@ -72,6 +73,7 @@ from serving.schemas import (
 logger = logging.getLogger(__name__)
 
 JSON_TYPES = ("application/json", "text/json")
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode("latin-1")
 IMAGE_TYPES = ("image/png", "image/jpeg")
 
 
@@ -134,6 +136,7 @@ class ModelServer:
             config.max_batch_size, config.batch_wait_ms, config.max_instances, config.max_body_bytes,
             f"watching {source}/current.json every {config.reload_interval_s:g} s" if self.watcher else "off",
         )
+        self.payload = _payload_logger(config)
         self.rollout: RolloutPolicy | None = None
         self.challenger_watcher: PointerWatcher | None = None
         self._challenger_executor: ThreadPoolExecutor | None = None
@@ -306,6 +309,17 @@ class ModelServer:
         response.headers[VARIANT_HEADER] = live.variant
         return response
 
+    def log_payload(self, request: Request, route: str, live: LiveModel, batch: np.ndarray, rows: np.ndarray,
+                    started: float, response: Response) -> Response:
+        """Payload logging on (``self.payload`` set): echo or mint ``X-Request-Id``, queue the sampled record."""
+        payload = self.payload
+        request_id = request.headers.get("x-request-id") or new_request_id()
+        response.raw_headers.append((_REQUEST_ID_KEY, request_id.encode("latin-1")))  # no MutableHeaders scan
+        if payload.sampled():
+            payload.record(request_id, route, live.name, live.version, live.variant,
+                           (time.perf_counter() - started) * 1000.0, batch, rows, live.model.labels)
+        return response
+
     def _mirror(self, merged: np.ndarray, output: np.ndarray, sizes: Sequence[int]) -> None:
         """Shadow: the champion's batcher hands over each run once its requests have their rows; the
         (sampled) batch goes to the challenger as one task, so a mirrored request costs no task of its own."""
@@ -373,11 +387,36 @@ class ModelServer:
                 task.cancel()
             if late:
                 logger.warning("shutdown: dropped %d shadow runs still in progress", len(late))
+        if self.payload is not None:
+            await asyncio.to_thread(self.payload.close)  # the last records, and the open file sealed
 
     def close(self) -> None:
+        if self.payload is not None:
+            self.payload.close()
         self._executor.shutdown(wait=True)
         if self._challenger_executor is not None:
             self._challenger_executor.shutdown(wait=True)
+
+
+def _payload_logger(config: ServingConfig) -> PayloadLogger | None:
+    """This worker's payload logger, or None (off: each route pays one attribute check)."""
+    if config.payload_log is None:
+        return None
+    logger.info("payload log: %.0f%% of answers to %s", config.payload_sample * 100, config.payload_log)
+    return PayloadLogger(config.payload_log, config.payload_sample, config.payload_rotate_mb, config.payload_rotate_s,
+                         config.payload_queue, flush_s=config.payload_flush_s)
+
+
+async def _respond(server: ModelServer, request: Request, route: str, live: LiveModel, batch: np.ndarray,
+                   started: float, build: Callable[[np.ndarray], Response]) -> Response:
+    """The slow path of a prediction route (rollout or payload log on): answer, name the variant, log."""
+    rows = await server.answer(live, batch) if server.rollout is not None else await live.batcher.submit(batch)
+    response = build(rows)
+    if server.rollout is not None:
+        server.answered(live, response)
+    if server.payload is not None:
+        server.log_payload(request, route, live, batch, rows, started, response)
+    return response
 
 
 # --- request helpers ---------------------------------------------------------------------
@@ -619,6 +658,7 @@ def create_app() -> FastAPI:
     async def predict(request: Request) -> Response:
         """Classify instances: each a nested list shaped like GET /metadata's input_shape, raw values."""
         server = _server(request)
+        started = time.perf_counter() if server.payload is not None else 0.0
         require_api_key(request, server)
         _require_json(request)
         body = parse_json(await read_body(request, server.config.max_body_bytes))
@@ -633,16 +673,16 @@ def create_app() -> FastAPI:
             batch = validate_instances(body["instances"], live.model.input_shape, server.config.max_instances)
         except InvalidInstances as error:
             raise _invalid(error) from None
-        if rollout is None:
+        if rollout is None and server.payload is None:
             return _predictions(live, await live.batcher.submit(batch))
-        rows = await server.answer(live, batch)
-        return server.answered(live, _predictions(live, rows))
+        return await _respond(server, request, "/predict", live, batch, started, lambda rows: _predictions(live, rows))
 
     @app.post("/predict/image", response_model=None, tags=["predict"],
               responses={200: {"model": PredictResponse}, **_ERRORS})
     async def predict_image(request: Request) -> Response:
         """Classify PNG/JPEG files: multipart/form-data (one or more files), or one raw image/png|jpeg body."""
         server = _server(request)
+        started = time.perf_counter() if server.payload is not None else 0.0
         require_api_key(request, server)
         rollout = server.rollout
         live = server.live if rollout is None else server.pick(request.headers)
@@ -674,10 +714,10 @@ def create_app() -> FastAPI:
             raise ApiError(415, str(error)) from None
         except InvalidImage as error:
             raise ApiError(400, str(error)) from None
-        if rollout is None:
+        if rollout is None and server.payload is None:
             return _predictions(live, await live.batcher.submit(batch))
-        rows = await server.answer(live, batch)
-        return server.answered(live, _predictions(live, rows))
+        return await _respond(server, request, "/predict/image", live, batch, started,
+                              lambda rows: _predictions(live, rows))
 
     @app.get("/metadata", response_model=MetadataResponse, tags=["model"])
     async def metadata(request: Request) -> Response:
@@ -712,6 +752,7 @@ def create_app() -> FastAPI:
 
     async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
         server = _server(request)
+        started = time.perf_counter() if server.payload is not None else 0.0
         require_api_key(request, server)
         rollout = server.rollout
         live = _live_named(server, model_name, model_version, pinnable=rollout is not None)
@@ -726,14 +767,14 @@ def create_app() -> FastAPI:
             batch = oip_tensor(tensor, live, server.config.max_instances)
         except InvalidInstances as error:
             raise _invalid(error) from None
-        if rollout is None:
+        if rollout is None and server.payload is None:
             probabilities = await live.batcher.submit(batch)
             return _json(oip.infer_response(live.name, live.version, request_id, outputs, probabilities,
                                             live.model.labels))
-        rows = await server.answer(live, batch)
         # Under the champion's name whichever variant answered: clients address the model, not the variant.
-        answer = oip.infer_response(model_name, live.version, request_id, outputs, rows, live.model.labels)
-        return server.answered(live, _json(answer))
+        return await _respond(server, request, "/v2/models/{model_name}/infer", live, batch, started,
+                              lambda rows: _json(oip.infer_response(model_name, live.version, request_id, outputs,
+                                                                    rows, live.model.labels)))
 
     missing = {404: {"model": ErrorResponse, "description": "No such model or version."}}
 

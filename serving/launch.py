@@ -23,6 +23,8 @@ from serving import (
     CANARY_SHARE_ENV,
     CHALLENGER_DIR_ENV,
     MODEL_DIR_ENV,
+    PAYLOAD_LOG_ENV,
+    PAYLOAD_SAMPLE_ENV,
     ROLLOUT_ENV,
     ROLLOUT_MODES,
     SHADOW_SAMPLE_ENV,
@@ -69,17 +71,21 @@ def serve_env(
     rollout: str = "champion",
     canary_share: float | None = None,
     shadow_sample: float | None = None,
+    payload_log: Path | str | None = None,
+    payload_sample: float | None = None,
 ) -> dict[str, str]:
     """The environment for the server: ours, plus the absolute model dir, the rollout and any FLUXO_* overrides.
 
     ``rollout`` always sets ``FLUXO_ROLLOUT`` (the caller's choice beats an inherited
     variable); ``challenger``, ``canary_share`` and ``shadow_sample`` set theirs only
-    when given. ``extra`` comes last and wins over all of them. A bad rollout or share
+    when given, as do ``payload_log`` (FLUXO_PAYLOAD_LOG, made absolute) and ``payload_sample``
+    (FLUXO_PAYLOAD_SAMPLE). ``extra`` comes last and wins over all of them. A bad rollout or share
     raises ServingError here, before anything is spawned.
     """
     if rollout not in ROLLOUT_MODES:
         raise ServingError(f"rollout {rollout!r}: expected one of {', '.join(ROLLOUT_MODES)}")
-    for what, share, example in (("canary share", canary_share, 0.1), ("shadow sample", shadow_sample, 1.0)):
+    for what, share, example in (("canary share", canary_share, 0.1), ("shadow sample", shadow_sample, 1.0),
+                                 ("payload sample", payload_sample, 1.0)):
         if share is not None and not 0.0 <= share <= 1.0:
             raise ServingError(f"{what} {share}: must be between 0 and 1, for example {example}")
     if challenger is not None and rollout == "champion":
@@ -94,6 +100,11 @@ def serve_env(
         env[CANARY_SHARE_ENV] = repr(float(canary_share))
     if shadow_sample is not None:
         env[SHADOW_SAMPLE_ENV] = repr(float(shadow_sample))
+    if payload_log is not None:
+        raw = str(payload_log)
+        env[PAYLOAD_LOG_ENV] = raw if "://" in raw else str(Path(raw).resolve())  # a URL is refused by from_env
+    if payload_sample is not None:
+        env[PAYLOAD_SAMPLE_ENV] = repr(float(payload_sample))
     # BentoML's usage analytics phone home; a local model server has no reason to.
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.update(extra or {})
@@ -157,6 +168,8 @@ def start_server(
     rollout: str = "champion",
     canary_share: float | None = None,
     shadow_sample: float | None = None,
+    payload_log: Path | str | None = None,
+    payload_sample: float | None = None,
 ) -> subprocess.Popen[bytes]:
     """Spawn ``bentoml serve`` for ``model_dir``; returns at once, see :func:`wait_ready`.
 
@@ -165,7 +178,8 @@ def start_server(
     variables such as FLUXO_MAX_BATCH_SIZE. ``rollout`` (``champion``, ``shadow``
     or ``canary``), ``challenger`` (a model directory or model root),
     ``canary_share`` and ``shadow_sample`` set FLUXO_ROLLOUT, FLUXO_CHALLENGER_DIR,
-    FLUXO_CANARY_SHARE and FLUXO_SHADOW_SAMPLE (see :func:`serve_env`); a challenger that is already there is checked like
+    FLUXO_CANARY_SHARE and FLUXO_SHADOW_SAMPLE, ``payload_log`` and ``payload_sample`` FLUXO_PAYLOAD_LOG and
+    FLUXO_PAYLOAD_SAMPLE (see :func:`serve_env`); a challenger that is already there is checked like
     the champion (:func:`check_rollout`). Output goes to ``log_file`` when
     given, else to this process's stdout/stderr. The server gets its own
     session, so a Ctrl+C reaches only the caller, which then calls
@@ -173,7 +187,7 @@ def start_server(
     """
     champion = check_model_dir(model_dir)
     server_env = serve_env(model_dir, env, challenger=challenger, rollout=rollout, canary_share=canary_share,
-                           shadow_sample=shadow_sample)
+                           shadow_sample=shadow_sample, payload_log=payload_log, payload_sample=payload_sample)
     check_rollout(server_env, champion)
     command = serve_command(model_dir, port, host)
     logger.info("starting %s", " ".join(command))

@@ -26,7 +26,10 @@ In shadow and canary mode (serving/rollout.py), also:
 - ``fluxo_challenger_info{model_name, model_version, provider}`` and
   ``fluxo_challenger_reloads_total{outcome}``: the challenger's twins of the two above.
 
-These are created in every mode but only touched in shadow and canary, so
+With ``FLUXO_PAYLOAD_LOG`` set (serving/payload_log.py): ``fluxo_payload_records_total``,
+``fluxo_payload_dropped_total`` (the bounded queue was full) and ``fluxo_payload_files_total``.
+
+The rollout series are created in every mode but only touched in shadow and canary, so
 champion mode pays nothing for them per request.
 """
 
@@ -65,6 +68,9 @@ class Metrics:
                                 ["model_name", "model_version", "provider"], multiprocess_mode="max")
         self.reloads = Counter("fluxo_model_reloads", "Hot reloads by outcome", ["outcome"])
         self._rollout_metrics(Counter, Gauge, Histogram)
+        self.payload_records = Counter("fluxo_payload_records", "Payload records written to the payload log")
+        self.payload_dropped = Counter("fluxo_payload_dropped", "Payload records dropped: the log's queue was full")
+        self.payload_files = Counter("fluxo_payload_files", "Payload log files completed (.parquet)")
 
     def _rollout_metrics(self, counter: Any, gauge: Any, histogram: Any) -> None:
         """Per-variant and shadow series; children bound once, so a request does no label lookup."""

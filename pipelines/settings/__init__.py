@@ -220,6 +220,12 @@ class ServeSettings(_Section):
         0.1, ge=0, le=1, description="canary: share of requests the challenger answers (sticky by X-Request-Key)."
     )
     shadow_sample: float = Field(1.0, ge=0, le=1, description="shadow: share of requests mirrored to the challenger.")
+    payload_log: str | None = Field(
+        None,
+        description="Directory for the payload log (every sampled request and answer as Parquet, "
+        "serving/payload_log.py); unset: off.",
+    )
+    payload_sample: float = Field(1.0, ge=0, le=1, description="Share of answered requests written to the payload log.")
     follow_interval_s: float = Field(
         2.0, ge=0,
         description="How often `fluxo serve` asks the registry whether an alias moved (0: never; then only local "
