@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -787,7 +787,7 @@ def ratios(servers: dict[str, Any]) -> dict[str, float]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\n| server | clients | req/s | p50 ms | p99 ms | errors (5xx) | server CPU ms/req |")
+    print("\n| server | clients | req/s | p50 ms | p99 ms | errors (5xx) | server CPU ms/req |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for server in result["servers"].values():
         for row in server["rows"]:

@@ -249,7 +249,7 @@ MALFORMED: dict[str, tuple[str, str | None, bytes | str, int, str]] = {
     "v2-too-many": (INFER, JSON, _v2(shape=[MAX_INSTANCES + 1, 1, 8, 8], data=FLAT * (MAX_INSTANCES + 1)), 413,
                     f"limit of {MAX_INSTANCES}"),
     "v2-binary-extension": (INFER, "application/octet-stream", b"\x00" * 256, 415, "binary tensor extension"),
-    "v2-unknown-model": (f"/v2/models/nope/infer", JSON, _v2(), 404, "unknown model 'nope'"),
+    "v2-unknown-model": ("/v2/models/nope/infer", JSON, _v2(), 404, "unknown model 'nope'"),
     "v2-unknown-version": (f"/v2/models/{MODEL}/versions/9/infer", JSON, _v2(), 404, "no version '9'"),
 }
 
