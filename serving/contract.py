@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -35,6 +36,9 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 FORMAT_VERSION = 1
 FIX = "re-run the export step (or `fluxo serve`) to rewrite the model directory"
+# What two models must share to stand in for each other: the gate refuses a champion with
+# another contract, and a server refuses such a challenger beside its champion.
+CONTRACT_FIELDS = ("kind", "input_shape", "input_dtype", "labels", "image")
 
 
 class Normalization(BaseModel):
@@ -115,14 +119,22 @@ class ModelMetadata(BaseModel):
         return None if value is None else str(value)
 
     def input_contract(self) -> dict[str, Any]:
-        """What a client (and a challenger) must agree with: kind, shape, dtype, labels, upload recipe."""
-        return {
-            "kind": self.kind,
-            "input_shape": list(self.input_shape),
-            "input_dtype": self.input_dtype,
-            "labels": list(self.labels),
-            "image": self.preprocessing.image,
-        }
+        """The :data:`CONTRACT_FIELDS`: what a client (and a challenger) must agree with."""
+        values = {"kind": self.kind, "input_shape": list(self.input_shape), "input_dtype": self.input_dtype,
+                  "labels": list(self.labels), "image": self.preprocessing.image}
+        return {field: values[field] for field in CONTRACT_FIELDS}
+
+
+def contract_mismatch(reference: Mapping[str, Any], other: Mapping[str, Any]) -> str | None:
+    """Why ``other`` cannot stand in for ``reference`` (the first :data:`CONTRACT_FIELDS` that differs), or None.
+
+    Both are mappings holding the fields, e.g. :meth:`ModelMetadata.input_contract` or the
+    service's ``/metadata`` info (where ``image`` is the resolved upload recipe).
+    """
+    for key in CONTRACT_FIELDS:
+        if reference.get(key) != other.get(key):
+            return f"its {key} is {other.get(key)!r}, the champion's is {reference.get(key)!r}"
+    return None
 
 
 class RegistryEntry(BaseModel):
@@ -284,8 +296,8 @@ def materialize(source: Path | str, target: Path | str, entry: RegistryEntry) ->
 
 
 __all__ = [
-    "FIX", "INPUT_NAME", "METADATA_FILE", "MODEL_FILE", "OUTPUT_NAME", "REGISTRY_FILE",
+    "CONTRACT_FIELDS", "FIX", "INPUT_NAME", "METADATA_FILE", "MODEL_FILE", "OUTPUT_NAME", "REGISTRY_FILE",
     "ModelDir", "ModelMetadata", "Preprocessing", "Normalization", "RegistryEntry",
-    "is_model_dir", "materialize", "read_metadata", "read_model_dir", "read_registry",
+    "contract_mismatch", "is_model_dir", "materialize", "read_metadata", "read_model_dir", "read_registry",
     "replace_dir", "staging_dir", "write_metadata",
 ]

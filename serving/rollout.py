@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from serving import ROLLOUT_MODES
+from serving.contract import contract_mismatch  # noqa: F401 - the rollout checks challengers with it
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -111,22 +111,6 @@ def agreements(champion: np.ndarray, challenger: np.ndarray) -> int:
     if champion.shape != challenger.shape:
         raise ValueError(f"answers of shape {champion.shape} and {challenger.shape} cannot be compared")
     return int(np.count_nonzero(champion.argmax(axis=1) == challenger.argmax(axis=1)))
-
-
-_CONTRACT = ("input_shape", "input_dtype", "labels", "image")
-
-
-def contract_mismatch(champion: Mapping[str, Any], challenger: Mapping[str, Any]) -> str | None:
-    """Why the challenger cannot stand in for the champion (other inputs or labels), or None.
-
-    Requests are validated once, against the champion's contract, and the
-    challenger's answer is compared label by label, so both must read the same
-    inputs and name the same labels in the same order.
-    """
-    for key in _CONTRACT:
-        if champion.get(key) != challenger.get(key):
-            return f"its {key} is {challenger.get(key)!r}, the champion's is {champion.get(key)!r}"
-    return None
 
 
 class ShadowBook:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import FluxoError
-from serving.contract import METADATA_FILE, MODEL_FILE, ModelMetadata
+from serving.contract import METADATA_FILE, MODEL_FILE, ModelMetadata, contract_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,11 @@ def check_contract(client: Any, name: str, alias: str, metadata: ModelMetadata, 
         return
     theirs = json.loads(champion.tags[CONTRACT_TAG])
     ours = metadata.input_contract()
-    if theirs == ours:
+    if contract_mismatch(theirs, ours) is None:
         return
-    differing = ", ".join(key for key in ours if ours.get(key) != theirs.get(key))
     raise FluxoError(
         f"{name}: the {alias} v{champion.version} takes {_describe(theirs)}, this model (run {metadata.run_id}) takes "
-        f"{_describe(ours)} ({differing} differ); a model with another input contract can never take the "
+        f"{_describe(ours)} ({contract_mismatch(theirs, ours)}); a model with another input contract can never take the "
         f"{alias!r} alias, since every server following it would break: register it under its own name with "
         "--set tracking.registered_model=NAME when training"
     )
