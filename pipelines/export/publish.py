@@ -112,10 +112,3 @@ def publish_alias(
     publish(model_root(root, settings, name, alias), served.path)
     log.info("published %s v%s as the live %s under %s", name, version, alias, model_root(root, settings, name, alias))
     return served
-
-
-def publish_champion(
-    root: Path, settings: FluxoSettings, name: str, version: str, local: Path | None = None
-) -> ModelDir:
-    """Make ``name`` v``version`` the live champion of every server following the name."""
-    return publish_alias(root, settings, name, version, settings.tracking.champion_alias, local)
