@@ -328,9 +328,18 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
             served = served_dir.path  # an explicit model stays fixed for the server's lifetime
             if rollout != "champion":
                 raise FluxoError(f"serve.rollout={rollout} needs the registry's challenger; serve without --model")
+        from pipelines.monitor.status import status_path
+        from serving import DRIFT_STATUS_ENV
+
+        # The verdicts of `fluxo monitor` for this model become the server's fluxo_drift_* gauges.
+        drift_status = os.environ.get(DRIFT_STATUS_ENV) or str(status_path(Path(root).resolve(), name))
+        payload_log = settings.serve.payload_log
+        if payload_log and "://" not in payload_log and not Path(payload_log).is_absolute():
+            payload_log = str(Path(root) / payload_log)  # where `fluxo monitor --root` looks for it
         process = start_server(served, port=port, host=host, challenger=challenger, rollout=rollout,
                                canary_share=settings.serve.canary_share, shadow_sample=settings.serve.shadow_sample,
-                               payload_log=settings.serve.payload_log, payload_sample=settings.serve.payload_sample)
+                               payload_log=payload_log, payload_sample=settings.serve.payload_sample,
+                               env={DRIFT_STATUS_ENV: drift_status})
     except _user_errors() as error:
         if follower is not None:
             follower.stop()
@@ -463,34 +472,96 @@ def status(
 
 @app.command()
 def schedule(
-    cron: Annotated[str, typer.Option("--cron", help='Cron expression, e.g. "0 3 * * *".')],
+    cron: Annotated[
+        Optional[str], typer.Option("--cron", help='Cron expression for the pipeline, e.g. "0 3 * * *".')
+    ] = None,
     name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "scheduled",
+    monitor_cron: Annotated[
+        Optional[str], typer.Option("--monitor-cron", help='Also run `fluxo monitor` on this cron, e.g. "0 * * * *".')
+    ] = None,
+    retrain_on_drift: Annotated[
+        bool, typer.Option("--retrain-on-drift", help="Run the pipeline on every drift event of the served model.")
+    ] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
     root: RootOption = Path("."),
 ) -> None:
-    """Run the pipeline on a cron schedule until stopped (Ctrl-C or SIGTERM).
+    """Run the pipeline on a cron schedule (and the drift check, and retraining on drift) until stopped.
 
-    Without PREFECT_API_URL a local Prefect server with its scheduler is started for it (state
-    in .fluxo/prefect) and stopped with it; with PREFECT_API_URL the deployment is served
-    against that server.
+    Without PREFECT_API_URL a local Prefect server with its scheduler and triggers is started
+    for it (state in .fluxo/prefect) and stopped with it (Ctrl-C or SIGTERM); with
+    PREFECT_API_URL the deployments are served against that server.
     """
     from prefect.client.schemas.schedules import CronSchedule
 
+    if not (cron or monitor_cron or retrain_on_drift):
+        _fail(FluxoError("nothing to schedule: give --cron, --monitor-cron or --retrain-on-drift"))
+    for option, value in (("--cron", cron), ("--monitor-cron", monitor_cron)):
+        if value is None:
+            continue
+        try:
+            CronSchedule(cron=value)
+        except ValueError:
+            _fail(FluxoError(f'{option} {value!r}: not a cron expression; five fields, e.g. "0 3 * * *" for 03:00 daily'))
     try:
-        CronSchedule(cron=cron)
-    except ValueError:
-        _fail(FluxoError(f'--cron {cron!r}: not a cron expression; five fields, e.g. "0 3 * * *" for 03:00 daily'))
-    try:
-        _settings(config, overrides)  # fail now, not at 3 a.m.
+        settings = _settings(config, overrides)  # fail now, not at 3 a.m.
+        model_name = (_default_model_name(root, settings, config, overrides)
+                      if (monitor_cron or retrain_on_drift) else None)
     except _user_errors() as error:
         _fail(error)
     from pipelines.scheduling import serve_scheduled
 
     try:
-        serve_scheduled(cron, str(config) if config else None, overrides or [], str(Path(root).resolve()), name)
+        serve_scheduled(cron, str(config) if config else None, overrides or [], str(Path(root).resolve()), name,
+                        monitor_cron=monitor_cron, retrain_on_drift=model_name if retrain_on_drift else None,
+                        model_name=model_name)
     except _user_errors() as error:
         _fail(error)
+
+
+@app.command()
+def monitor(
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or an export directory; "
+                                                    "default the champion.")
+    ] = None,
+    window_hours: Annotated[
+        Optional[float], typer.Option("--window-hours", help="How far back to read the payload log; default "
+                                                             "monitor.window_hours.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON only.")] = False,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Compare the live model's logged inputs and answers with its training data version (a Prefect flow).
+
+    Logs a drift report (HTML and metrics) to MLflow, updates the service's fluxo_drift_* gauges and,
+    on drift, emits the Prefect event `fluxo.drift.detected` (see `fluxo schedule --retrain-on-drift`).
+    Exit status 0 either way; the verdict is `drift_detected` (null: too few logged requests).
+    """
+    try:
+        settings = _settings(config, overrides)
+        name = _default_model_name(root, settings, config, overrides) if model is None else None
+        from pipelines.flows import monitor_flow, stop_temporary_server
+
+        try:
+            summary = monitor_flow(config=str(config) if config else None, overrides=overrides or [],
+                                   root=str(root), model=model, name=name, window_hours=window_hours)
+        finally:
+            stop_temporary_server()
+    except _user_errors() as error:
+        _fail(error)
+    if as_json:
+        _echo_json(summary)
+        return
+    verdict = {True: "drift detected", False: "no drift", None: "no decision"}[summary["drift_detected"]]
+    typer.echo(f"{summary['model']} v{summary['model_version']}: {verdict}; window {summary['window']['start']} .. "
+               f"{summary['window']['end']}, {summary['window']['instances']} instances")
+    for name_of_signal, score in summary["scores"].items():
+        typer.echo(f"  {name_of_signal:<10} MMD {score['statistic']:.5f}  p={score['p_value']:.3g}  (level {score['level']:.3g})")
+    if summary.get("reason"):
+        typer.echo(f"  {summary['reason']}")
 
 
 @app.command()

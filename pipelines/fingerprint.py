@@ -16,7 +16,7 @@ from pipelines.settings import FluxoSettings
 
 _PACKAGES = ("models", "pipelines", "serving")
 # Settings that change where or how a model is served, not what is trained.
-_IGNORED_SECTIONS = {"serve"}
+_IGNORED_SECTIONS = {"serve", "monitor"}
 
 
 @lru_cache(maxsize=1)

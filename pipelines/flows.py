@@ -240,10 +240,50 @@ def pipeline_flow(
     return {"unchanged": False, **summary}
 
 
-def scheduled_deployment(cron: str, config: str | None, overrides: list[str], root: str, name: str):
-    """The pipeline as a Prefect deployment that runs on ``cron`` with these parameters."""
-    return pipeline_flow.to_deployment(
-        name=name,
-        cron=cron,
-        parameters={"config": config, "overrides": overrides, "root": str(Path(root).resolve()), "force": False},
-    )
+@task(name="drift-check", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def drift_task(root: Path, settings: FluxoSettings, model: str | None, name: str,
+               window_hours: float | None) -> dict[str, Any]:
+    from pipelines.monitor.run import monitor
+
+    return monitor(root, settings, model, name, window_hours).summary
+
+
+@flow(name="fluxo-monitor", log_prints=False)
+def monitor_flow(config: str | None = None, overrides: list[str] | None = None, root: str = ".",
+                 model: str | None = None, name: str | None = None,
+                 window_hours: float | None = None) -> dict[str, Any]:
+    """Payload window vs the model's reference; on drift, the ``fluxo.drift.detected`` event a trigger can act on."""
+    from pipelines.monitor.events import emit_drift_event
+
+    quiet_user_errors()
+    project = Path(root).resolve()
+    settings = load_settings(Path(config) if config else None, overrides or [])
+    summary = drift_task(project, settings, model, name or settings.registered_model_name(), window_hours)
+    if summary["drift_detected"]:
+        summary["event_id"] = emit_drift_event(summary)
+    return summary
+
+
+def _parameters(config: str | None, overrides: list[str], root: str) -> dict[str, Any]:
+    return {"config": config, "overrides": overrides, "root": str(Path(root).resolve())}
+
+
+def scheduled_deployment(cron: str | None, config: str | None, overrides: list[str], root: str, name: str,
+                         retrain_on_drift: str | None = None):
+    """The pipeline as a Prefect deployment that runs on ``cron`` (if given) with these parameters.
+
+    ``retrain_on_drift`` (a registered model name) adds a trigger: each drift event of
+    that model starts one pipeline run.
+    """
+    from pipelines.monitor.events import retrain_trigger
+
+    parameters = {**_parameters(config, overrides, root), "force": False}
+    triggers = [retrain_trigger(retrain_on_drift, parameters)] if retrain_on_drift else None
+    return pipeline_flow.to_deployment(name=name, cron=cron, parameters=parameters, triggers=triggers)
+
+
+def monitor_deployment(cron: str, config: str | None, overrides: list[str], root: str, name: str,
+                       model_name: str):
+    """``fluxo monitor`` as a Prefect deployment on ``cron``."""
+    return monitor_flow.to_deployment(name=f"{name}-monitor", cron=cron,
+                                      parameters={**_parameters(config, overrides, root), "name": model_name})

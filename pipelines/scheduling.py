@@ -89,13 +89,19 @@ def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -
         log.info("stopped the Prefect server at %s", url)
 
 
-def serve_scheduled(cron: str, config: str | None, overrides: list[str], root: str, name: str,
-                    scheduler_loop_seconds: float | None = None) -> None:
-    """Serve the pipeline deployment on ``cron`` until SIGTERM or Ctrl-C; each due run executes here."""
+def serve_scheduled(cron: str | None, config: str | None, overrides: list[str], root: str, name: str,
+                    scheduler_loop_seconds: float | None = None, monitor_cron: str | None = None,
+                    retrain_on_drift: str | None = None, model_name: str | None = None) -> None:
+    """Serve the deployments until SIGTERM or Ctrl-C; each due or triggered run executes here.
+
+    The pipeline deployment runs on ``cron`` and, with ``retrain_on_drift`` (a model name), on
+    every drift event of that model; ``monitor_cron`` adds the drift check as a second
+    deployment on its own schedule.
+    """
     from prefect import serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from pipelines.flows import scheduled_deployment
+    from pipelines.flows import monitor_deployment, scheduled_deployment
 
     def _on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -104,7 +110,11 @@ def serve_scheduled(cron: str, config: str | None, overrides: list[str], root: s
     with scheduling_server(Path(root), scheduler_loop_seconds) as url:
         os.environ["PREFECT_API_URL"] = url  # the flow-run processes the runner starts inherit it
         with temporary_settings(updates={PREFECT_API_URL: url}):
+            deployments = [scheduled_deployment(cron, config, overrides, root, name, retrain_on_drift)]
+            if monitor_cron:
+                deployments.append(monitor_deployment(monitor_cron, config, overrides, root, name,
+                                                      model_name or retrain_on_drift or ""))
             try:
-                serve(scheduled_deployment(cron, config, overrides, root, name))
+                serve(*deployments)
             except KeyboardInterrupt:
                 log.info("stopping the scheduled deployment %s", name)

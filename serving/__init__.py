@@ -21,6 +21,7 @@ SHADOW_SAMPLE_ENV = "FLUXO_SHADOW_SAMPLE"
 ROLLOUT_MODES = ("champion", "shadow", "canary")
 PAYLOAD_LOG_ENV = "FLUXO_PAYLOAD_LOG"
 PAYLOAD_SAMPLE_ENV = "FLUXO_PAYLOAD_SAMPLE"
+DRIFT_STATUS_ENV = "FLUXO_DRIFT_STATUS"
 
 
 class ServingError(Exception):
@@ -149,6 +150,9 @@ class ServingConfig:
     """``FLUXO_PAYLOAD_QUEUE``: records waiting for the writer thread per worker; beyond, records are dropped."""
     payload_flush_s: float = 1.0
     """``FLUXO_PAYLOAD_FLUSH_S``: the writer appends what it has at least this often; a crash loses at most this."""
+    drift_status: Path | None = None
+    """``FLUXO_DRIFT_STATUS``: the JSON file ``fluxo monitor`` writes its verdict to; shown as the
+    ``fluxo_drift_*`` gauges on /metrics (serving/drift_status.py). Unset: no drift gauges."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingConfig:
@@ -185,6 +189,7 @@ class ServingConfig:
             payload_rotate_s=_env_float("FLUXO_PAYLOAD_ROTATE_S", cls.payload_rotate_s, 0.01, env),
             payload_queue=_env_int("FLUXO_PAYLOAD_QUEUE", cls.payload_queue, 1, env),
             payload_flush_s=_env_float("FLUXO_PAYLOAD_FLUSH_S", cls.payload_flush_s, 0.01, env),
+            drift_status=Path(env[DRIFT_STATUS_ENV].strip()) if env.get(DRIFT_STATUS_ENV, "").strip() else None,
         )
 
     def require_model_dir(self) -> Path:
@@ -198,6 +203,6 @@ class ServingConfig:
 
 
 __all__ = [
-    "API_KEY_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "MODEL_DIR_ENV", "PAYLOAD_LOG_ENV", "PAYLOAD_SAMPLE_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
+    "API_KEY_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "DRIFT_STATUS_ENV", "MODEL_DIR_ENV", "PAYLOAD_LOG_ENV", "PAYLOAD_SAMPLE_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
     "SHADOW_SAMPLE_ENV", "ServingConfig", "ServingError",
 ]

@@ -605,6 +605,19 @@ def _live_named(server: ModelServer, model_name: str, model_version: str | None 
     return live
 
 
+async def _watch_drift(path: Path, interval_s: float = 5.0) -> None:
+    """Keep the ``fluxo_drift_*`` gauges at the last verdict ``fluxo monitor`` wrote (serving/drift_status.py)."""
+    from serving.drift_status import DriftStatus
+
+    status = DriftStatus(path)
+    while True:
+        try:
+            status.refresh()
+        except Exception:  # noqa: BLE001 - the gauges must never take the server down
+            logger.exception("drift status: could not read %s", path)
+        await asyncio.sleep(interval_s)
+
+
 def create_app() -> FastAPI:
     """The API; ``app.state.server`` must hold a :class:`ModelServer` before requests arrive."""
 
@@ -619,11 +632,16 @@ def create_app() -> FastAPI:
         gc.freeze()
         if server is not None and server.watching:
             watcher = asyncio.create_task(server.watch(), name="fluxo-hot-reload")
+        drift = None
+        if server is not None and server.config.drift_status is not None:
+            drift = asyncio.create_task(_watch_drift(server.config.drift_status, server.config.reload_interval_s or 5.0),
+                                        name="fluxo-drift-status")
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in (watcher, drift):
+                if task is not None:
+                    task.cancel()
             if server is not None:
                 await server.drain()
 

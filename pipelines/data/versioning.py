@@ -131,3 +131,37 @@ def read_data_version(dvc_file: Path) -> DataVersion:
         raise FluxoError(f"{dvc_file}: missing; run `fluxo data ingest` to version the data") from error
     except (yaml.YAMLError, KeyError, IndexError, TypeError) as error:
         raise FluxoError(f"{dvc_file}: not a DVC file with one output ({error}); run `fluxo data ingest`") from error
+
+
+def checkout_version(root: Path, md5: str, target: Path, remote: str, endpoint_url: str | None = None) -> Path:
+    """The dataset of data version ``md5`` in ``target`` (from the DVC cache, else pulled from the remote).
+
+    A model is judged against the data it was trained on, which ``data/`` may no longer
+    hold after new data arrived. A ``.dvc`` file naming that md5 is written beside
+    ``target`` and pulled: DVC links the files from its cache, fetching what is missing.
+    """
+    root = Path(root).resolve()
+    target = Path(target).resolve()
+    if (target / "dataset.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    dvc_file = target.with_name(target.name + ".dvc")
+    # "hash: md5" marks a DVC 3 entry; without it DVC looks the md5 up in its 2.x (dos2unix) cache.
+    dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": target.name}]}), encoding="utf-8")
+    repo = _open_repo(root, _local_remote(remote), endpoint_url)
+    try:
+        with _quiet_dvc():
+            repo.pull(targets=[str(dvc_file)])
+    except Exception as error:  # DVC raises many types; the user needs the version and the remote.
+        if _is_transient(error):
+            raise
+        raise FluxoError(
+            f"data version {md5} is neither in the DVC cache nor on the remote {remote} ({error}); "
+            "the model's training data cannot be found, so there is no reference to compare with"
+        ) from error
+    finally:
+        repo.close()
+    if not (target / "dataset.json").is_file():
+        raise FluxoError(f"data version {md5}: pulled into {target}, but it holds no dataset.json")
+    log.info("checked out data version %s into %s", md5, target)
+    return target

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.errors import FluxoError
 from pipelines.settings.augment import AugmentSettings
+from pipelines.settings.monitor import MonitorSettings
 from pipelines.settings.tune import TuneSettings
 
 
@@ -247,6 +248,7 @@ class FluxoSettings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     tune: TuneSettings = Field(default_factory=TuneSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
     @field_validator("data")
     @classmethod

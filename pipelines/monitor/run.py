@@ -1,0 +1,121 @@
+"""``fluxo monitor``: does what the live model sees still look like what it was trained for?
+
+The newest window of the payload log (the instances one model version answered) is
+compared with validation samples of the data version that version was trained on, on
+two signals (pipelines/monitor/detect.py). The result is an MLflow run (metrics, the
+HTML report, the summary), a status file the service turns into Prometheus gauges
+(``fluxo_drift_*``), and, from the Prefect flow, an event that can trigger retraining.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import FluxoError
+from pipelines.monitor.detect import drift_tests
+from pipelines.monitor.embedding import Embedder
+from pipelines.monitor.reference import load_reference
+from pipelines.monitor.report import drift_report
+from pipelines.monitor.status import write_status
+from pipelines.monitor.window import read_window
+from pipelines.settings import FluxoSettings
+
+log = logging.getLogger(__name__)
+
+KIND_TAG = "fluxo.kind"
+KIND = "drift-monitor"
+
+
+def payload_dir(root: Path, settings: FluxoSettings) -> Path:
+    configured = settings.monitor.payload_log or settings.serve.payload_log
+    if not configured:
+        raise FluxoError("no payload log to monitor: set serve.payload_log (where the service writes, e.g. "
+                         "--set serve.payload_log=.fluxo/payloads) or monitor.payload_log")
+    if "://" in configured:
+        raise FluxoError(f"monitor.payload_log={configured!r}: fluxo monitor reads a local directory; sync the "
+                         "bucket to one (e.g. `aws s3 sync`) and point monitor.payload_log at it")
+    path = Path(configured)
+    return path if path.is_absolute() else Path(root) / path
+
+
+@dataclass
+class MonitorResult:
+    summary: dict[str, Any]
+    report_html: str | None
+
+
+def monitor(root: Path, settings: FluxoSettings, model: str | None, name: str, window_hours: float | None = None,
+            now: datetime | None = None, record: bool = True) -> MonitorResult:
+    """Test the window against the reference; record it (MLflow, status file) unless ``record`` is False."""
+    from pipelines.export.publish import materialize_model
+
+    root = Path(root).resolve()
+    hours = window_hours if window_hours is not None else settings.monitor.window_hours
+    if hours <= 0:
+        raise FluxoError(f"--window-hours {hours}: must be above 0")
+    served = materialize_model(root, settings, model, name)
+    metadata = served.as_dict()
+    model_name, version = str(metadata["model_name"]), served.version
+    shape = tuple(int(s) for s in metadata["input_shape"])
+    window = read_window(payload_dir(root, settings), model_name, version, shape, hours,
+                         settings.monitor.max_instances, now)
+    summary: dict[str, Any] = {
+        "model": model_name, "model_version": version, "data_version": metadata.get("data_version"),
+        "alpha": settings.monitor.alpha, "window": window.as_dict(), "reference_size": 0,
+        "drift_detected": None, "scores": {},
+    }
+    if len(window) < settings.monitor.min_instances:
+        summary["reason"] = (f"{len(window)} instances of {model_name} v{version} logged in the last {hours:g} h; "
+                             f"at least monitor.min_instances={settings.monitor.min_instances} are needed to test")
+        log.warning(summary["reason"])
+        if record:
+            write_status(root, model_name, summary)
+        return MonitorResult(summary, None)
+    embedder = Embedder(served.onnx_path)
+    reference = load_reference(root, settings, metadata, embedder)
+    current = embedder(window.inputs)
+    tests = drift_tests(reference.inputs, reference.embedded.embeddings, reference.embedded.probabilities,
+                        window.inputs, current.embeddings, window.probabilities, settings.monitor.alpha)
+    summary["reference_size"] = len(reference.inputs)
+    summary["scores"] = {signal: test.as_dict() for signal, test in tests.items()}
+    summary["drift_detected"] = any(test.drift for test in tests.values())
+    summary["embedding"] = "head input" if embedder.has_head else "logits"
+    report = drift_report(summary, tests, reference.embedded.embeddings, current.embeddings,
+                          reference.embedded.probabilities, window.probabilities, list(metadata["labels"]))
+    verdict = "DRIFT" if summary["drift_detected"] else "no drift"
+    log.info("%s v%s: %s over %d instances (p-values %s; level %.3g each)", model_name, version, verdict,
+             len(window), ", ".join(f"{t.signal} {t.p_value:.3g}" for t in tests.values()), tests["input"].level)
+    if record:
+        summary["mlflow_run_id"] = _record(root, settings, summary, report)
+        write_status(root, model_name, summary)
+    return MonitorResult(summary, report)
+
+
+def _record(root: Path, settings: FluxoSettings, summary: dict[str, Any], report: str) -> str:
+    """One MLflow run tagged ``fluxo.kind=drift-monitor``: parameters, scores, the report and the summary."""
+    import mlflow
+
+    from pipelines.tracking import configure_mlflow
+
+    configure_mlflow(root, settings)
+    tags = {KIND_TAG: KIND, "fluxo.drift_detected": str(summary["drift_detected"]).lower()}
+    with mlflow.start_run(run_name=f"monitor-{summary['model']}-v{summary['model_version']}", tags=tags) as run:
+        mlflow.log_params({
+            "model_name": summary["model"], "model_version": summary["model_version"],
+            "data_version": summary["data_version"], "window_start": summary["window"]["start"],
+            "window_end": summary["window"]["end"], "alpha": summary["alpha"],
+            "reference_size": summary["reference_size"],
+        })
+        metrics = {"window_instances": summary["window"]["instances"], "window_requests": summary["window"]["requests"],
+                   "drift_detected": float(bool(summary["drift_detected"]))}
+        for signal, score in summary["scores"].items():
+            metrics[f"drift_{signal}_statistic"] = score["statistic"]
+            metrics[f"drift_{signal}_p_value"] = score["p_value"]
+        mlflow.log_metrics(metrics)
+        mlflow.log_text(report, "drift_report.html")
+        mlflow.log_dict(summary, "drift_summary.json")
+    return run.info.run_id
