@@ -8,6 +8,7 @@ test data is measured and must stay under the configured alpha.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,12 +38,17 @@ def _trained(factory: pytest.TempPathFactory, name: str, *overrides: str):
     root = factory.mktemp(name) / "project"
     root.mkdir()
     subprocess.run(["git", "init", "-q", str(root)], check=True)
-    settings = make_settings(root, *overrides, config=None)
-    ingest(root, settings.data)
-    data_version = version(root, settings.data)
-    result = train(root, settings, data_version)
-    export_run(root, settings, result.run_id, result.checkpoint)
-    served = materialize_model(root, settings, None, settings.registered_model_name())
+    # A module fixture is set up before the autouse per-test isolation (conftest.py), so it clears
+    # the variables itself: an MLFLOW_TRACKING_URI left by an earlier test would take the registry elsewhere.
+    with pytest.MonkeyPatch.context() as env:
+        for key in [k for k in os.environ if k.startswith("FLUXO_") or k == "MLFLOW_TRACKING_URI"]:
+            env.delenv(key)
+        settings = make_settings(root, *overrides, config=None)
+        ingest(root, settings.data)
+        data_version = version(root, settings.data)
+        result = train(root, settings, data_version)
+        export_run(root, settings, result.run_id, result.checkpoint)
+        served = materialize_model(root, settings, None, settings.registered_model_name())
     return root, settings, served
 
 
@@ -194,3 +200,65 @@ def test_the_reference_comes_from_the_models_data_version_even_after_data_change
     assert checked_out != copy / "data" and (checked_out / "dataset.json").is_file()
     original = read_dataset(root / "data", mmap=False).splits["val"]
     np.testing.assert_array_equal(read_dataset(checked_out, mmap=False).splits["val"].x, original.x)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_drift_event_starts_a_retraining_run_through_the_deployment_trigger(mnist) -> None:
+    """`fluxo schedule --retrain-on-drift` against a real `prefect server start`; `fluxo monitor` finds drift."""
+    import os
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.scheduling import scheduling_server
+    from serving.payload_log import PayloadLogger
+
+    root, settings, served = mnist
+    meta = served.as_dict()
+    test = read_dataset(root / "data", mmap=False).splits["test"].x
+    x = IMAGE_SHIFTS["inverted"](test[np.random.default_rng(3).permutation(len(test))[:300]], None, 1.0)
+    log = PayloadLogger(root.parent / "payloads", start=False)
+    probabilities = Embedder(served.onnx_path)(x).probabilities
+    for i in range(0, len(x), 10):
+        log.record(f"t{i}", "/predict", meta["model_name"], served.version, "champion", 1.0, x[i:i + 10],
+                   probabilities[i:i + 10], meta["labels"])
+    log.close()
+    with scheduling_server(root.parent / "prefect-home") as url:
+        env = {**os.environ, "PREFECT_API_URL": url}
+        stores = root.parent
+        schedule = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", "schedule", "--retrain-on-drift", "--root", str(root),
+             "--set", "data.dataset=mnist", "--set", "train.epochs=1",
+             "--set", f"tracking.tracking_uri=sqlite:///{stores / 'mlflow.db'}",
+             "--set", f"data.dvc_remote={stores / 'dvc-remote'}"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(stores / "schedule.log", "wb"),
+            start_new_session=True)
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 120
+                deployment = None
+                while deployment is None and time.monotonic() < deadline:
+                    try:
+                        deployment = client.read_deployment_by_name("fluxo-pipeline/scheduled")
+                    except Exception:  # noqa: BLE001 - not registered yet
+                        time.sleep(1)
+                assert deployment is not None, (stores / "schedule.log").read_text()[-3000:]
+                monitored = _fluxo(root, "monitor", "--json", env=env)
+                assert monitored.returncode == 0, monitored.stderr
+                assert json.loads(monitored.stdout)["drift_detected"] is True
+                only_ours = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+                deadline = time.monotonic() + 300
+                runs = []
+                while time.monotonic() < deadline:
+                    runs = client.read_flow_runs(deployment_filter=only_ours)
+                    if runs and runs[0].state is not None and runs[0].state.is_final():
+                        break
+                    time.sleep(2)
+                assert runs, "the drift event started no pipeline run"
+                assert runs[0].state.is_completed(), (runs[0].state, (stores / "schedule.log").read_text()[-3000:])
+        finally:
+            os.killpg(schedule.pid, signal.SIGTERM)
+            schedule.wait(timeout=60)
