@@ -333,12 +333,9 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
 
         # The verdicts of `fluxo monitor` for this model become the server's fluxo_drift_* gauges.
         drift_status = os.environ.get(DRIFT_STATUS_ENV) or str(status_path(Path(root).resolve(), name))
-        payload_log = settings.serve.payload_log
-        if payload_log and "://" not in payload_log and not Path(payload_log).is_absolute():
-            payload_log = str(Path(root) / payload_log)  # where `fluxo monitor --root` looks for it
         process = start_server(served, port=port, host=host, challenger=challenger, rollout=rollout,
                                canary_share=settings.serve.canary_share, shadow_sample=settings.serve.shadow_sample,
-                               payload_log=payload_log, payload_sample=settings.serve.payload_sample,
+                               payload_log=settings.serve.payload_log_under(root), payload_sample=settings.serve.payload_sample,
                                env={DRIFT_STATUS_ENV: drift_status})
     except _user_errors() as error:
         if follower is not None:
@@ -542,6 +539,9 @@ def monitor(
     """
     try:
         settings = _settings(config, overrides)
+        from pipelines.monitor.run import payload_dir
+
+        payload_dir(root, settings)  # no log configured: say so now, not after Prefect has started
         name = _default_model_name(root, settings, config, overrides) if model is None else None
         from pipelines.flows import monitor_flow, stop_temporary_server
 

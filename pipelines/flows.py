@@ -283,7 +283,7 @@ def scheduled_deployment(cron: str | None, config: str | None, overrides: list[s
 
 
 def monitor_deployment(cron: str, config: str | None, overrides: list[str], root: str, name: str,
-                       model_name: str):
-    """``fluxo monitor`` as a Prefect deployment on ``cron``."""
+                       model_name: str | None):
+    """``fluxo monitor`` as a Prefect deployment on ``cron`` (``model_name`` None: the settings' registered name)."""
     return monitor_flow.to_deployment(name=f"{name}-monitor", cron=cron,
                                       parameters={**_parameters(config, overrides, root), "name": model_name})

@@ -112,8 +112,7 @@ def serve_scheduled(cron: str | None, config: str | None, overrides: list[str], 
         with temporary_settings(updates={PREFECT_API_URL: url}):
             deployments = [scheduled_deployment(cron, config, overrides, root, name, retrain_on_drift)]
             if monitor_cron:
-                deployments.append(monitor_deployment(monitor_cron, config, overrides, root, name,
-                                                      model_name or retrain_on_drift or ""))
+                deployments.append(monitor_deployment(monitor_cron, config, overrides, root, name, model_name))
             try:
                 serve(*deployments)
             except KeyboardInterrupt:

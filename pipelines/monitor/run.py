@@ -31,7 +31,7 @@ KIND = "drift-monitor"
 
 
 def payload_dir(root: Path, settings: FluxoSettings) -> Path:
-    configured = settings.monitor.payload_log or settings.serve.payload_log
+    configured = settings.monitor.payload_log or settings.serve.payload_log_under(root)
     if not configured:
         raise FluxoError("no payload log to monitor: set serve.payload_log (where the service writes, e.g. "
                          "--set serve.payload_log=.fluxo/payloads) or monitor.payload_log")
@@ -39,7 +39,7 @@ def payload_dir(root: Path, settings: FluxoSettings) -> Path:
         raise FluxoError(f"monitor.payload_log={configured!r}: fluxo monitor reads a local directory; sync the "
                          "bucket to one (e.g. `aws s3 sync`) and point monitor.payload_log at it")
     path = Path(configured)
-    return path if path.is_absolute() else Path(root) / path
+    return path if path.is_absolute() else Path(root) / path  # monitor.payload_log, like serve's, under the root
 
 
 @dataclass

@@ -60,6 +60,8 @@ def read_window(directory: Path, model_name: str, model_version: str | None, inp
     inputs, probabilities, times, requests = [], [], [], 0
     kept = 0
     for batch in table.to_batches():
+        if kept >= max_instances:
+            break
         for row_inputs, shape, row_probabilities, when in zip(
                 batch["inputs"].to_numpy(zero_copy_only=False), batch["input_shape"].to_numpy(zero_copy_only=False),
                 batch["probabilities"].to_numpy(zero_copy_only=False), batch["time"].to_pylist()):

@@ -233,6 +233,16 @@ class ServeSettings(_Section):
         "promotions reach the server).",
     )
 
+    def payload_log_under(self, root: Path) -> str | None:
+        """``payload_log`` with a relative directory taken under the project ``root`` (URLs unchanged).
+
+        The service writes there and ``fluxo monitor --root`` reads there, whatever the working directory.
+        """
+        log = self.payload_log
+        if log and "://" not in log and not Path(log).is_absolute():
+            return str(Path(root) / log)
+        return log
+
 
 class FluxoSettings(BaseSettings):
     """All settings of one pipeline run."""
