@@ -53,6 +53,10 @@ def configure_logging(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # The embedded Prefect server and BentoML report usage home; offline, that only logs errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its embedded server 20 s to start; on a busy 2-core machine (a training run
+    # beside it, a test suite) it can need more, and "Timed out while attempting to connect to
+    # ephemeral Prefect API server" would end a run that had nothing wrong with it.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from pipelines.locks import exclusive_lock
 from pipelines.settings import FluxoSettings
 
 log = logging.getLogger(__name__)
@@ -43,10 +46,28 @@ def _configure(root: Path, settings: FluxoSettings) -> tuple[str, str]:
         artifacts = None
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    experiment_id = _ensure_experiment(settings.tracking.experiment, artifacts)
+    with sqlite_store_lock(uri):
+        experiment_id = _ensure_experiment(settings.tracking.experiment, artifacts)
     mlflow.set_experiment(experiment_id=experiment_id)
     log.debug("MLflow tracking at %s, experiment %s", uri, settings.tracking.experiment)
     return uri, experiment_id
+
+
+@contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.lock`` while a SQLite store is first opened (a no-op for other stores).
+
+    MLflow creates a new SQLite store by running its migrations on first open; two processes
+    opening one fresh store at once (a scheduled run and ``fluxo serve``, two flow runs) both
+    migrate and the second fails with ``table _alembic_tmp_tags already exists``. So the first
+    open, and the experiment's creation, happen under the lock; once migrated, a later open
+    finds every table and runs nothing.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with exclusive_lock(Path(uri.removeprefix("sqlite:///") + ".lock")):
+        yield
 
 
 def _ensure_experiment(name: str, artifacts: Path | None) -> str:

@@ -62,5 +62,10 @@ def store_client(db: Path):
     """
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking import sqlite_store_lock
+
     uri = f"sqlite:///{db}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with sqlite_store_lock(uri):  # a store fluxo is creating right now is opened once it is migrated
+        client.search_experiments(max_results=1)
+    return client

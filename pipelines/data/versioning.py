@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.errors import FluxoError
+from pipelines.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,19 @@ def version_data(
     if not target.is_dir():
         raise FluxoError(f"{target}: no dataset to version; run `fluxo data ingest` first")
     remote = _local_remote(remote)
-    repo = _open_repo(root, remote, endpoint_url)
-    try:
-        with _quiet_dvc():
-            repo.add(str(target))
-            pushed = repo.push() if push else 0
-    except Exception as error:  # DVC raises many types; the user needs the remote and the cause.
-        raise FluxoError(f"DVC failed to version {target} (remote {remote}): {error}") from error
-    finally:
-        repo.close()
-    version = read_data_version(target.with_name(target.name + ".dvc"))
+    # The ranks of a torchrun (and two runs of one project) version the same data at once; DVC's own
+    # lock does not cover the remote written into .dvc/config.local, so one process at a time.
+    with exclusive_lock(root / ".fluxo" / "dvc.lock"):
+        repo = _open_repo(root, remote, endpoint_url)
+        try:
+            with _quiet_dvc():
+                repo.add(str(target))
+                pushed = repo.push() if push else 0
+        except Exception as error:  # DVC raises many types; the user needs the remote and the cause.
+            raise FluxoError(f"DVC failed to version {target} (remote {remote}): {error}") from error
+        finally:
+            repo.close()
+        version = read_data_version(target.with_name(target.name + ".dvc"))
     version = DataVersion(version.md5, version.nfiles, version.size, version.dvc_file, int(pushed or 0))
     pushed_note = f", pushed {version.pushed} objects" if push else ""
     log.info("data version %s (%d files%s)", version.md5, version.nfiles, pushed_note)
