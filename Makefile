@@ -8,7 +8,16 @@ CONFIG ?= configs/digits-cnn.yaml
 
 .PHONY: setup run serve test test-slow ui clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.browser
+
+# The report test renders GET /report in a real headless Chromium (driven by playwright, no
+# browser download): the Debian package where this machine can install it, else that test skips.
+$(VENV)/.browser: $(VENV)/.installed
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; }; } || \
+		echo "note: no chromium here (install the Debian package 'chromium'); the report's browser test will skip"
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

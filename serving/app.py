@@ -36,12 +36,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serving import ServingConfig, ServingError
 from serving import v2 as oip
 from serving.batching import Batcher
-from serving.contract import is_model_dir
+from serving.contract import REPORT_FILE, is_model_dir
 from serving.docs import add_docs
 from serving.images import ImageSpec, InvalidImage, UnsupportedImage, decode_image, image_spec
 from serving.metrics import get_metrics
@@ -591,6 +591,26 @@ _REQUEST_BODIES: dict[str, dict[str, Any]] = {
 }
 
 
+# A report is a static page with inline styles and data: images; it may load nothing else and run nothing.
+REPORT_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'",
+                  "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+async def _report(server: ModelServer, variant: str) -> Response:
+    if variant not in (CHAMPION, CHALLENGER):
+        raise ApiError(400, f"variant={variant!r}: use {CHAMPION!r} (the default) or {CHALLENGER!r}")
+    live = server.live if variant == CHAMPION else server.challenger
+    if live is None:
+        raise ApiError(404, "no challenger is loaded (FLUXO_ROLLOUT=champion); GET /report shows the champion's")
+    path = live.model.model_dir / REPORT_FILE
+    try:
+        page = await asyncio.to_thread(path.read_bytes)
+    except FileNotFoundError:
+        raise ApiError(404, f"{live.name} v{live.version or '?'} has no report: it was exported before fluxo wrote "
+                            f"them; re-export its run with `fluxo export --run-id {live.info.get('run_id')}`") from None
+    return Response(page, media_type="text/html; charset=utf-8", headers={**REPORT_HEADERS, VARIANT_HEADER: live.variant})
+
+
 def _live_named(server: ModelServer, model_name: str, model_version: str | None = None,
                 pinnable: bool = False) -> LiveModel:
     """The model a v2 route names; ``pinnable``: in canary mode the challenger's version may be named too."""
@@ -743,6 +763,16 @@ def create_app() -> FastAPI:
         and the rollout (mode, shares, and the challenger's metadata or null)."""
         server = _server(request)
         return _json({**server.live.info, "rollout": server.rollout_info()})
+
+    @app.get("/report", response_class=HTMLResponse, tags=["model"],
+             responses={200: {"content": {"text/html": {}}, "description": "The model report (self-contained HTML)."},
+                        404: {"model": ErrorResponse, "description": "No report for this model or variant."},
+                        400: {"model": ErrorResponse, "description": "Unknown variant."}})
+    async def report(request: Request, variant: str = CHAMPION) -> Response:
+        """The live model's report, written at export: test metrics with intervals, per-class table,
+        confusion matrix, calibration, confident mistakes, parity, latency, data, learning curves and
+        the comparison with the champion it replaced. ``?variant=challenger`` for the challenger's."""
+        return await _report(_server(request), variant)
 
     # --- Open Inference Protocol ---------------------------------------------------------
 

@@ -31,6 +31,8 @@ from serving import ServingError
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+REPORT_FILE = "report.html"
+"""Optional: the model's report (pipelines/export/report.py), served at ``GET /report``."""
 REGISTRY_FILE = "registry.json"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -287,6 +289,8 @@ def materialize(source: Path | str, target: Path | str, entry: RegistryEntry) ->
     try:
         for name in (MODEL_FILE, METADATA_FILE):
             shutil.copy2(source / name, staging / name)
+        if (source / REPORT_FILE).is_file():
+            shutil.copy2(source / REPORT_FILE, staging / REPORT_FILE)
         _write_json(staging / REGISTRY_FILE, entry.model_dump(mode="json"))
         replace_dir(staging, target)
     except BaseException:
@@ -297,6 +301,7 @@ def materialize(source: Path | str, target: Path | str, entry: RegistryEntry) ->
 
 __all__ = [
     "CONTRACT_FIELDS", "FIX", "INPUT_NAME", "METADATA_FILE", "MODEL_FILE", "OUTPUT_NAME", "REGISTRY_FILE",
+    "REPORT_FILE",
     "ModelDir", "ModelMetadata", "Preprocessing", "Normalization", "RegistryEntry",
     "contract_mismatch", "is_model_dir", "materialize", "read_metadata", "read_model_dir", "read_registry",
     "replace_dir", "staging_dir", "write_metadata",

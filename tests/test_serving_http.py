@@ -325,6 +325,14 @@ def test_docs_is_our_swagger_ui_with_its_files_served_locally(server: Server) ->
         assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200, path
 
 
+def test_a_model_without_a_report_answers_404_with_the_fix_and_an_unknown_variant_400(server: Server) -> None:
+    missing = httpx.get(f"{server.url}/report", timeout=10)  # open like /metadata: no key needed
+    assert missing.status_code == 404
+    assert "has no report" in missing.json()["error"] and "fluxo export --run-id" in missing.json()["error"]
+    unknown = httpx.get(f"{server.url}/report", params={"variant": "shadow"}, timeout=10)
+    assert unknown.status_code == 400 and "'champion'" in unknown.json()["error"]
+
+
 # --- metadata, protocol routes, metrics ----------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Export + parity: a run's best checkpoint → a complete model directory, or nothing at all.
 
 The directory is built in a staging folder beside its target (``model.onnx``, the parity
-check on the test split, ``metadata.json``) and renamed into place only when parity
+check on the test split, ``metadata.json``, ``report.html``) and renamed into place only when parity
 passes, so ``.fluxo/export/<run id>/`` is always a consistent pair or absent, and a
 failed check leaves the previous directory exactly as it was.
 """
@@ -23,6 +23,7 @@ from pipelines.identity import RunIdentity, fetch_run, run_identity
 from pipelines.export.image_recipe import image_recipe
 from pipelines.export.onnx_export import export_onnx, servable
 from pipelines.export.parity import ParityReport, check_parity, served_accuracy
+from pipelines.export.report_step import report_step
 from pipelines.settings import FluxoSettings
 from pipelines.tracking import configure_mlflow
 from pipelines.train.checkpoint import load_checkpoint, rebuild_model
@@ -169,6 +170,7 @@ def export_model(
             if leftover.name != MODEL_FILE:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         write_metadata(staging, metadata)
+        report_step(root, settings, staging, metadata, dataset, parity)
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
