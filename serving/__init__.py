@@ -21,6 +21,7 @@ SHADOW_SAMPLE_ENV = "FLUXO_SHADOW_SAMPLE"
 ROLLOUT_MODES = ("champion", "shadow", "canary")
 PAYLOAD_LOG_ENV = "FLUXO_PAYLOAD_LOG"
 PAYLOAD_SAMPLE_ENV = "FLUXO_PAYLOAD_SAMPLE"
+PAYLOAD_SPOOL_ENV = "FLUXO_PAYLOAD_SPOOL"
 DRIFT_STATUS_ENV = "FLUXO_DRIFT_STATUS"
 
 
@@ -71,17 +72,30 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...], environ: Mapp
     return raw
 
 
-def _env_payload_dir(environ: Mapping[str, str]) -> Path | None:
-    """``FLUXO_PAYLOAD_LOG``: a local directory; object-store URLs are refused until supported."""
+def _env_payload_log(environ: Mapping[str, str]) -> tuple[Path | None, str | None]:
+    """``FLUXO_PAYLOAD_LOG``: (local directory written to, ``s3://`` URL sealed files go to, or None).
+
+    For a URL the directory is the spool, ``FLUXO_PAYLOAD_SPOOL`` or one under the system's
+    temporary directory named after the URL (serving/payload_store.py).
+    """
     raw = environ.get(PAYLOAD_LOG_ENV, "").strip()
     if not raw:
-        return None
-    if "://" in raw:
+        return None, None
+    if "://" not in raw:
+        return Path(raw), None
+    if not raw.startswith("s3://") or not raw[len("s3://"):].strip("/"):
         raise ServingError(
-            f"environment variable {PAYLOAD_LOG_ENV}={raw!r}: only a local directory is supported yet "
-            "(s3:// and other URLs are not); log to a local or mounted volume and sync it"
+            f"environment variable {PAYLOAD_LOG_ENV}={raw!r}: give a local directory or an s3://bucket/prefix URL "
+            "(AWS_ENDPOINT_URL for MinIO and other S3-compatible stores)"
         )
-    return Path(raw)
+    spool = environ.get(PAYLOAD_SPOOL_ENV, "").strip()
+    if not spool:
+        import re
+        import tempfile
+
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", raw[len("s3://"):].strip("/"))
+        spool = str(Path(tempfile.gettempdir()) / "fluxo-payload-spool" / name)
+    return Path(spool), raw
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,11 @@ class ServingConfig:
     """``FLUXO_SHADOW_SAMPLE``: share of requests (0..1) mirrored to the challenger in shadow mode."""
 
     payload_log: Path | None = None
-    """``FLUXO_PAYLOAD_LOG``: a local directory for the payload log (serving/payload_log.py); off when unset.
-    ``s3://`` URLs are refused for now."""
+    """``FLUXO_PAYLOAD_LOG``: the local directory the payload log is written to (serving/payload_log.py); off
+    when unset. With an ``s3://bucket/prefix`` URL this is the spool (``FLUXO_PAYLOAD_SPOOL``) and sealed files
+    are uploaded to :attr:`payload_upload`."""
+    payload_upload: str | None = None
+    """The ``s3://`` URL of ``FLUXO_PAYLOAD_LOG``, when it is one (serving/payload_store.py)."""
     payload_sample: float = 1.0
     """``FLUXO_PAYLOAD_SAMPLE``: share of answered requests (0..1) written to the payload log."""
     payload_rotate_mb: float = 64.0
@@ -165,6 +182,7 @@ class ServingConfig:
         raw_dir = env.get(MODEL_DIR_ENV, "").strip()
         api_key = env.get(API_KEY_ENV, "")
         raw_challenger = env.get(CHALLENGER_DIR_ENV, "").strip()
+        payload_log, payload_upload = _env_payload_log(env)
         return cls(
             model_dir=Path(raw_dir) if raw_dir else None,
             workers=_env_int("FLUXO_WORKERS", cls.workers, 1, env),
@@ -183,7 +201,8 @@ class ServingConfig:
             challenger_dir=Path(raw_challenger) if raw_challenger else None,
             canary_share=_env_fraction(CANARY_SHARE_ENV, cls.canary_share, env),
             shadow_sample=_env_fraction(SHADOW_SAMPLE_ENV, cls.shadow_sample, env),
-            payload_log=_env_payload_dir(env),
+            payload_log=payload_log,
+            payload_upload=payload_upload,
             payload_sample=_env_fraction(PAYLOAD_SAMPLE_ENV, cls.payload_sample, env),
             payload_rotate_mb=_env_float("FLUXO_PAYLOAD_ROTATE_MB", cls.payload_rotate_mb, 0.001, env),
             payload_rotate_s=_env_float("FLUXO_PAYLOAD_ROTATE_S", cls.payload_rotate_s, 0.01, env),
@@ -203,6 +222,6 @@ class ServingConfig:
 
 
 __all__ = [
-    "API_KEY_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "DRIFT_STATUS_ENV", "MODEL_DIR_ENV", "PAYLOAD_LOG_ENV", "PAYLOAD_SAMPLE_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
+    "API_KEY_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "DRIFT_STATUS_ENV", "MODEL_DIR_ENV", "PAYLOAD_LOG_ENV", "PAYLOAD_SAMPLE_ENV", "PAYLOAD_SPOOL_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
     "SHADOW_SAMPLE_ENV", "ServingConfig", "ServingError",
 ]

@@ -402,9 +402,17 @@ def _payload_logger(config: ServingConfig) -> PayloadLogger | None:
     """This worker's payload logger, or None (off: each route pays one attribute check)."""
     if config.payload_log is None:
         return None
-    logger.info("payload log: %.0f%% of answers to %s", config.payload_sample * 100, config.payload_log)
+    upload = None
+    if config.payload_upload is not None:
+        from serving.payload_store import S3Upload
+
+        upload = S3Upload(config.payload_upload, config.payload_log)
+        logger.info("payload log: %.0f%% of answers to %s (spooled in %s)", config.payload_sample * 100,
+                    config.payload_upload, config.payload_log)
+    else:
+        logger.info("payload log: %.0f%% of answers to %s", config.payload_sample * 100, config.payload_log)
     return PayloadLogger(config.payload_log, config.payload_sample, config.payload_rotate_mb, config.payload_rotate_s,
-                         config.payload_queue, flush_s=config.payload_flush_s)
+                         config.payload_queue, flush_s=config.payload_flush_s, upload=upload)
 
 
 async def _respond(server: ModelServer, request: Request, route: str, live: LiveModel, batch: np.ndarray,

@@ -102,7 +102,7 @@ def serve_env(
         env[SHADOW_SAMPLE_ENV] = repr(float(shadow_sample))
     if payload_log is not None:
         raw = str(payload_log)
-        env[PAYLOAD_LOG_ENV] = raw if "://" in raw else str(Path(raw).resolve())  # a URL is refused by from_env
+        env[PAYLOAD_LOG_ENV] = raw if "://" in raw else str(Path(raw).resolve())
     if payload_sample is not None:
         env[PAYLOAD_SAMPLE_ENV] = repr(float(payload_sample))
     # BentoML's usage analytics phone home; a local model server has no reason to.

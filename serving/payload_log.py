@@ -14,6 +14,8 @@ and at shutdown it is converted with ``pyarrow.parquet.ParquetWriter`` into
 ``….parquet.tmp``, renamed to ``….parquet`` (atomic) and the journal removed. A
 reader listing ``*.parquet`` therefore never sees a torn Parquet file, and
 :func:`read_payloads` also reads every complete batch of a ``.partial`` a crash left.
+With an ``s3://`` payload log the directory is a local spool and each sealed file is
+then uploaded (serving/payload_store.py).
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from serving.payload_store import PARTIAL, S3Upload, parquet_files
+
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
-PARTIAL = ".parquet.partial"
 COLUMNS = ("request_id", "time", "route", "model_name", "model_version", "variant", "latency_ms",
            "inputs", "input_shape", "probabilities", "labels")
 
@@ -67,8 +70,9 @@ class PayloadLogger:
 
     def __init__(self, directory: Path | str, sample: float = 1.0, rotate_mb: float = 64.0, rotate_s: float = 300.0,
                  queue_size: int = 10_000, flush_records: int = 1000, flush_s: float = 1.0,
-                 start: bool = True) -> None:
+                 start: bool = True, upload: S3Upload | None = None) -> None:
         self.directory = Path(directory)
+        self.upload = upload
         self.sample = sample
         self.rotate_bytes = int(rotate_mb * 1024 * 1024)
         self.rotate_s = rotate_s
@@ -121,6 +125,8 @@ class PayloadLogger:
         request, taken from the event loop. Polling lets a ``put`` find no waiter (cheap)
         and moves records in bulk.
         """
+        if self.upload is not None:  # what a crashed or disconnected worker left in the spool
+            self._upload_safely(lambda: self.upload.recover(seal_journal))
         buffer: list[tuple[Any, ...]] = []
         last_flush = time.monotonic()
         poll = min(self.flush_s, 0.1)
@@ -178,6 +184,15 @@ class PayloadLogger:
             self.counters.files.inc()
         except Exception:
             logger.exception("payload log: could not convert %s to Parquet", journal.path)
+        if self.upload is not None:
+            self._upload_safely(self.upload.upload_pending)  # this file, and any an earlier failure kept
+
+    def _upload_safely(self, send: Any) -> None:
+        try:
+            send()
+        except Exception:
+            logger.exception("payload log: uploading to %s failed; the files stay in %s", self.upload.url,
+                             self.directory)
 
     def _finish(self) -> None:
         self._seal()
@@ -213,19 +228,26 @@ class _Journal:
         self._sink.flush()  # into the OS: survives SIGKILL of the process
 
     def seal(self) -> Path:
-        """Convert into ``<name>.parquet`` via a ``.parquet.tmp`` and an atomic rename; remove the journal."""
-        import pyarrow.parquet as pq
-
         self._writer.close()
         self._sink.close()
-        table = _read_stream(self.path)
-        final = self.path.with_name(self.path.name[: -len(".partial")])
-        tmp = final.with_suffix(".parquet.tmp")
-        with pq.ParquetWriter(tmp, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, final)
-        self.path.unlink()
-        return final
+        return seal_journal(self.path)
+
+
+def seal_journal(path: Path) -> Path:
+    """Convert a closed journal into ``<name>.parquet`` via ``.parquet.tmp`` and an atomic rename; remove it.
+
+    Also used on the journals a dead worker left: their complete batches are kept, a torn tail dropped.
+    """
+    import pyarrow.parquet as pq
+
+    table = _read_stream(path)
+    final = path.with_name(path.name[: -len(".partial")])
+    tmp = final.with_suffix(".parquet.tmp")
+    with pq.ParquetWriter(tmp, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(tmp, final)
+    path.unlink()
+    return final
 
 
 def _batch(rows: list[tuple[Any, ...]]) -> Any:
@@ -301,18 +323,19 @@ def _read_stream(path: Path) -> Any:
     return pa.Table.from_batches(batches, schema=_schema())
 
 
-def read_payloads(directory: Path | str) -> Any:
-    """All logged records under ``directory`` as a ``pyarrow.Table`` (``.to_pandas()`` for a DataFrame).
+def read_payloads(location: Path | str, since: date | None = None) -> Any:
+    """All logged records of a payload log (a directory or an ``s3://`` URL) as a ``pyarrow.Table``.
 
-    Reads every ``*.parquet`` and recovers the complete batches of each ``*.parquet.partial``
-    a crashed worker left (skipped when its ``.parquet`` exists: a crash between rename and unlink).
+    Reads every ``*.parquet`` (of the day folders from ``since`` on, when given) and, locally,
+    recovers the complete batches of each ``*.parquet.partial`` a crashed worker left (skipped
+    when its ``.parquet`` exists: a crash between rename and unlink).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root = Path(directory)
-    tables = [pq.read_table(path) for path in sorted(root.glob("*/*.parquet"))]
-    for path in sorted(root.glob(f"*/*{PARTIAL}")):
+    filesystem, sealed, journals = parquet_files(location, since)
+    tables = [pq.read_table(path, filesystem=filesystem) for path in sealed]
+    for path in map(Path, journals):
         if not path.with_name(path.name[: -len(".partial")]).exists():
             tables.append(_read_stream(path))
     if not tables:
@@ -320,4 +343,4 @@ def read_payloads(directory: Path | str) -> Any:
     return pa.concat_tables([t.cast(_schema()) for t in tables])
 
 
-__all__ = ["REQUEST_ID_HEADER", "PayloadLogger", "new_request_id", "read_payloads"]
+__all__ = ["REQUEST_ID_HEADER", "PayloadLogger", "new_request_id", "read_payloads", "seal_journal"]

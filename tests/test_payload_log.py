@@ -50,7 +50,7 @@ def test_payload_settings_from_env(tmp_path: Path) -> None:
     ("name", "value"),
     [("FLUXO_PAYLOAD_SAMPLE", "1.5"), ("FLUXO_PAYLOAD_SAMPLE", "some"), ("FLUXO_PAYLOAD_SAMPLE", "nan"),
      ("FLUXO_PAYLOAD_ROTATE_MB", "0"), ("FLUXO_PAYLOAD_ROTATE_S", "soon"), ("FLUXO_PAYLOAD_QUEUE", "0"),
-     ("FLUXO_PAYLOAD_QUEUE", "1.5"), ("FLUXO_PAYLOAD_LOG", "s3://bucket/prefix")],
+     ("FLUXO_PAYLOAD_QUEUE", "1.5"), ("FLUXO_PAYLOAD_LOG", "gs://bucket/prefix"), ("FLUXO_PAYLOAD_LOG", "s3://")],
 )
 def test_bad_payload_settings_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ServingError, match=rf"environment variable {name}="):

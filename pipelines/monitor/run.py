@@ -30,14 +30,16 @@ KIND_TAG = "fluxo.kind"
 KIND = "drift-monitor"
 
 
-def payload_dir(root: Path, settings: FluxoSettings) -> Path:
+def payload_dir(root: Path, settings: FluxoSettings) -> Path | str:
+    """The payload log to read: a local directory (relative ones under the root) or an ``s3://`` URL."""
     configured = settings.monitor.payload_log or settings.serve.payload_log_under(root)
     if not configured:
         raise FluxoError("no payload log to monitor: set serve.payload_log (where the service writes, e.g. "
                          "--set serve.payload_log=.fluxo/payloads) or monitor.payload_log")
     if "://" in configured:
-        raise FluxoError(f"monitor.payload_log={configured!r}: fluxo monitor reads a local directory; sync the "
-                         "bucket to one (e.g. `aws s3 sync`) and point monitor.payload_log at it")
+        if not configured.startswith("s3://"):
+            raise FluxoError(f"payload log {configured!r}: fluxo reads a local directory or an s3:// URL")
+        return configured
     path = Path(configured)
     return path if path.is_absolute() else Path(root) / path  # monitor.payload_log, like serve's, under the root
 

@@ -34,9 +34,11 @@ class Window:
                 "first_logged": text(self.first_seen), "last_logged": text(self.last_seen)}
 
 
-def read_window(directory: Path, model_name: str, model_version: str | None, input_shape: tuple[int, ...],
+def read_window(location: Path | str, model_name: str, model_version: str | None, input_shape: tuple[int, ...],
                 hours: float, max_instances: int, now: datetime | None = None) -> Window:
     """The newest ``max_instances`` instances of ``model_name`` v``model_version`` logged in the last ``hours``.
+
+    ``location`` is the payload log: a local directory or the ``s3://`` URL the service uploads to.
 
     Only the champion variant's answers count: a challenger's (canary) answers come from
     another model, so their probabilities are not this model's.
@@ -45,13 +47,15 @@ def read_window(directory: Path, model_name: str, model_version: str | None, inp
 
     from serving.payload_log import read_payloads
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FluxoError(f"{directory}: no payload log there; serve with --set serve.payload_log={directory} "
+    if "://" not in str(location) and not Path(location).is_dir():
+        raise FluxoError(f"{location}: no payload log there; serve with --set serve.payload_log={location} "
                          "(or point monitor.payload_log at the directory the service writes)")
     end = now or datetime.now(UTC)
     start = end - timedelta(hours=hours)
-    table = read_payloads(directory)
+    try:
+        table = read_payloads(location, since=start.date())  # day folders before the window are not read
+    except OSError as error:
+        raise FluxoError(str(error)) from error
     keep = pc.and_(pc.equal(table["model_name"], model_name), pc.greater_equal(table["time"], start))
     keep = pc.and_(keep, pc.not_equal(table["variant"], "challenger"))
     if model_version is not None:

@@ -223,8 +223,9 @@ class ServeSettings(_Section):
     shadow_sample: float = Field(1.0, ge=0, le=1, description="shadow: share of requests mirrored to the challenger.")
     payload_log: str | None = Field(
         None,
-        description="Directory for the payload log (every sampled request and answer as Parquet, "
-        "serving/payload_log.py); unset: off.",
+        description="Where the payload log goes (every sampled request and answer as Parquet, "
+        "serving/payload_log.py): a directory (relative: under the project root) or s3://bucket/prefix "
+        "(AWS_* variables, AWS_ENDPOINT_URL_S3 for MinIO); unset: off.",
     )
     payload_sample: float = Field(1.0, ge=0, le=1, description="Share of answered requests written to the payload log.")
     follow_interval_s: float = Field(
