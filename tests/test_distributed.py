@@ -95,6 +95,7 @@ def _crash(launcher: subprocess.Popen) -> None:
     launcher.wait(timeout=30)
 
 
+@pytest.mark.slow  # 40 s: a SIGKILLed two-process run resumed; test_two_processes_match_one covers DDP by default
 def test_resume_with_two_processes_matches_an_uninterrupted_run(project: Path, settings_for, tmp_path: Path) -> None:
     settings = settings_for()
     ingest(project, settings.data)
