@@ -287,3 +287,34 @@ def test_predict_help_never_imports_torch_or_the_heavy_stack() -> None:
     from tests.test_imports import CLI, _loaded_after
 
     assert _loaded_after(CLI.format(args=["predict", "--help"])) == set()
+
+
+def test_the_fast_row_check_flags_exactly_what_the_service_refuses() -> None:
+    """float32 rows are screened by their sums; a sum that overflows on good values must not refuse them."""
+    from pipelines.predict.sources import validate_rows
+    from serving.schemas import InvalidInstances, validate_instances
+
+    big = np.finfo(np.float32).max
+    rows = np.zeros((7, 1, 2, 2), dtype=np.float32)
+    rows[1, 0, 0, 0] = np.nan
+    rows[2, 0, 1, 1] = np.inf
+    rows[3, 0, 0, 1] = -np.inf
+    rows[4, 0] = big  # finite, but the row's sum overflows to inf
+    rows[5, 0, 0] = [big, -big]  # finite, sums to 0
+    rows[6, 0, 0] = [np.inf, -np.inf]  # sums to NaN
+    ids = [f"r{i}" for i in range(7)]
+
+    def accepted(row: np.ndarray) -> bool:
+        try:
+            validate_instances([row.tolist()], (1, 2, 2), 1)
+        except InvalidInstances:
+            return False
+        return True
+
+    for values in (rows, rows.astype(np.float64)):
+        chunk = validate_rows(values, ids, (1, 2, 2))
+        assert chunk.ids == [ids[i] for i in range(7) if accepted(rows[i])] == ["r0", "r4", "r5"]
+        assert [row for row, _ in chunk.errors] == ["r1", "r2", "r3", "r6"]
+        np.testing.assert_array_equal(chunk.batch, rows[[0, 4, 5]])
+    too_big = np.full((1, 1, 2, 2), 1e39)  # float64 beyond float32's range
+    assert validate_rows(too_big, ["x"], (1, 2, 2)).ids == []

@@ -75,13 +75,30 @@ def validate_rows(values: np.ndarray, ids: Sequence[str], shape: tuple[int, ...]
     flat = values.reshape(len(values), -1)
     if flat.dtype.kind not in "fiu":
         raise FluxoError(f"values of type {flat.dtype} are not numbers; every value must be a number")
-    if flat.dtype.kind == "f":
-        good = np.isfinite(flat).all(axis=1) & (np.abs(flat) <= _FLOAT32_MAX).all(axis=1)
-    else:
-        good = (np.abs(flat.astype(np.float64)) <= _FLOAT32_MAX).all(axis=1)
+    good = _good_rows(flat)
+    if good.all():  # the common case: no per-row copy, no second list of ids
+        return Chunk(list(ids), np.ascontiguousarray(values, dtype=np.float32), [])
     errors = [(ids[i], _service_problem(values[i], shape)) for i in np.flatnonzero(~good)]
     kept = [ids[i] for i in np.flatnonzero(good)]
     return Chunk(kept, np.ascontiguousarray(values[good], dtype=np.float32), errors)
+
+
+def _good_rows(flat: np.ndarray) -> np.ndarray:
+    """Rows the service accepts: every value finite and within float32's range.
+
+    A float32 row is screened by its sum, one pass with no (rows, values) temporary: NaN and
+    ±inf make the sum non-finite, and only rows whose sum is not finite (bad values, or large
+    ones that overflowed the sum) get the exact element-wise check.
+    """
+    if flat.dtype == np.float32:
+        good = np.isfinite(flat.sum(axis=1, dtype=np.float32))
+        suspects = np.flatnonzero(~good)
+        if len(suspects):
+            good[suspects] = np.isfinite(flat[suspects]).all(axis=1)
+        return good
+    if flat.dtype.kind == "f":
+        return np.isfinite(flat).all(axis=1) & (np.abs(flat) <= _FLOAT32_MAX).all(axis=1)
+    return (np.abs(flat.astype(np.float64)) <= _FLOAT32_MAX).all(axis=1)
 
 
 # --- .npy / .npz ------------------------------------------------------------------------------
