@@ -7,6 +7,7 @@ it) loads inside the command that needs it, so ``fluxo --help``, ``fluxo serve``
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -71,6 +72,19 @@ def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, and tracebacks of errors.")] = False,
 ) -> None:
     configure_logging(verbose)
+    atexit.register(_freeze_before_teardown)
+
+
+def _freeze_before_teardown() -> None:
+    """Registered first, so it runs after every other exit handler (MLflow, Prefect, logging).
+
+    With MLflow, pandas and onnxruntime loaded, the interpreter's final garbage collections
+    walk millions of objects: 0.65 s of a 3.3 s `fluxo predict` (measured, 2 CPUs). Frozen
+    objects are skipped by those walks; nothing else of the exit changes.
+    """
+    import gc
+
+    gc.freeze()
 
 
 def _settings(config: Path | None, overrides: list[str] | None) -> FluxoSettings:

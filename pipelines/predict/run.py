@@ -261,15 +261,12 @@ def predict(
     if batch_size < 1:
         raise FluxoError(f"--batch-size {batch_size}: must be at least 1")
     input_path, output = Path(input_path), Path(output)
-    served = materialize_model(root, settings, model, name)
-    onnx_model = _load_model(served.path)
-    contract = _contract(onnx_model, settings)
-    import pyarrow.parquet  # noqa: F401 - the loop's imports happen before the tracking thread's
-    import tqdm  # noqa: F401
-
     tracking = _InBackground(lambda: _open_tracking(root, settings)) if record else None
-    started = time.perf_counter()
     try:
+        served = materialize_model(root, settings, model, name)
+        onnx_model = _load_model(served.path)
+        contract = _contract(onnx_model, settings)
+        started = time.perf_counter()
         loop = predict_to_parquet(onnx_model, contract, input_path, output, on_error, batch_size)
         seconds = time.perf_counter() - started
     finally:
