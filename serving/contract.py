@@ -60,6 +60,11 @@ class Preprocessing(BaseModel):
     image: dict[str, Any] | None = Field(
         None, description="Upload recipe for /predict/image (serving.images.ImageSpec); None: no uploads."
     )
+    upload_background: Literal["light", "dark"] | None = Field(
+        None, description="The background uploads are drawn on, as the training images were: an upload of the "
+        "other polarity (white ink on black for a dark-on-light recipe) is flipped before the recipe; None: no "
+        "check (models exported before it). Not part of the input contract: the tensors do not change.",
+    )
 
 
 class ModelMetadata(BaseModel):

@@ -62,6 +62,10 @@ class ImageSpec:
     low: float = 0.0
     high: float = 1.0
     fit: str | None = None  # image folders: "resize", "pad" or "crop" on 8-bit pixels (fit_pixels)
+    background: str | None = None
+    """"light" or "dark": the background uploads are expected on (metadata's ``preprocessing.upload_background``);
+    an upload whose border says the other polarity is flipped first. Not in :meth:`as_dict`, which is the
+    input contract: the tensors a correct upload becomes do not change."""
 
     @property
     def channels(self) -> int:
@@ -84,9 +88,11 @@ class ImageSpec:
 
 
 # scikit-learn's digits: ink counted in 4x4 blocks of a 32x32 black-on-white bitmap, 0..16.
-DIGITS_IMAGE = ImageSpec(mode="L", height=8, width=8, resample="box", invert=True, low=0.0, high=16.0)
+DIGITS_IMAGE = ImageSpec(mode="L", height=8, width=8, resample="box", invert=True, low=0.0, high=16.0,
+                         background="light")
 # MNIST stores ink as 255 on a black background; uploads are dark ink on a light background.
-MNIST_IMAGE = ImageSpec(mode="L", height=28, width=28, resample="bilinear", invert=True, low=0.0, high=255.0)
+MNIST_IMAGE = ImageSpec(mode="L", height=28, width=28, resample="bilinear", invert=True, low=0.0, high=255.0,
+                        background="light")
 # Recipes of the built-in image datasets, by manifest name.
 BUILTIN_IMAGE_RECIPES = {"digits": DIGITS_IMAGE, "mnist": MNIST_IMAGE}
 
@@ -115,9 +121,13 @@ def image_spec(metadata: Mapping[str, Any]) -> ImageSpec | None:
             low=low,
             high=high,
             fit=None if raw.get("fit") is None else str(raw["fit"]),
+            background=(metadata.get("preprocessing") or {}).get("upload_background"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ServingError(f"{where}: {raw!r} is not a valid recipe ({error}); re-run the export step") from error
+    if spec.background not in (None, "light", "dark"):
+        raise ServingError(f"metadata.json preprocessing.upload_background: {spec.background!r} must be "
+                           "'light', 'dark' or null")
     if spec.mode not in ("L", "RGB"):
         raise ServingError(f"{where}: mode {spec.mode!r} must be 'L' or 'RGB'")
     if spec.resample not in _RESAMPLE:
@@ -197,14 +207,55 @@ def _to_range(values: np.ndarray, spec: ImageSpec) -> np.ndarray:
     return (np.float32(spec.low) + values * scale).astype(np.float32)
 
 
+# An upload's border is "light" above this share of white, "dark" below the other one; between, it is left
+# alone. A drawing or scan is mostly background, so a flipped one sits near 0 or 1: an ink-heavy border (a
+# digit touching its frame) stays near the middle and is never mistaken for the other polarity.
+_LIGHT, _DARK = 0.75, 0.25
+
+
+def border_brightness(pixels: np.ndarray) -> float | None:
+    """Mean of the outermost ring of pixels (height, width[, channels]) as a share of 255; None under 3x3."""
+    if pixels.shape[0] < 3 or pixels.shape[1] < 3:
+        return None
+    ring = np.concatenate([pixels[0].ravel(), pixels[-1].ravel(), pixels[1:-1, 0].ravel(), pixels[1:-1, -1].ravel()])
+    return float(ring.mean()) / 255.0
+
+
+def flipped_polarity(image: Any, spec: ImageSpec) -> bool:
+    """True when an upright, opaque ``spec.mode`` image is drawn on the other background than ``spec.background``.
+
+    A photo or scan of a digit is mostly background, so its border says which polarity it
+    has: white ink on black (as MNIST files are) for a recipe that expects dark ink on white.
+    """
+    if spec.background is None:
+        return False
+    brightness = border_brightness(np.asarray(image))
+    if brightness is None:
+        return False
+    return brightness < _DARK if spec.background == "light" else brightness > _LIGHT
+
+
+def to_training_polarity(image: Any, spec: ImageSpec) -> Any:
+    """The upright, opaque image with its polarity brought to the training images' (flipped when needed)."""
+    if not flipped_polarity(image, spec):
+        return image
+    from PIL import ImageOps
+
+    return ImageOps.invert(image)
+
+
 def image_to_array(image: Any, spec: ImageSpec) -> np.ndarray:
-    """A decoded PIL image → float32 array of ``spec.shape``, values mapped onto ``spec.range``."""
+    """A decoded PIL image → float32 array of ``spec.shape``, values mapped onto ``spec.range``.
+
+    An upload of the other polarity than the training images is flipped first (see
+    :func:`flipped_polarity`); a model exported without ``upload_background`` is not checked.
+    """
     from PIL import Image
 
+    image = to_training_polarity(_upright_opaque(image, spec.mode), spec)
     if spec.fit is not None:
         pixels = fit_pixels(image, spec.mode, (spec.height, spec.width), spec.fit)
         return _to_range(pixels.astype(np.float32), spec)
-    image = _upright_opaque(image, spec.mode)
     pixels = np.asarray(image, dtype=np.float32)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]

@@ -68,6 +68,7 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
     assert metadata["model_name"] == "fluxo-digits" and metadata["run_id"] == result.run_id
     # /predict/image preprocesses uploads the way scikit-learn made the digits.
     assert metadata["preprocessing"]["image"] == DIGITS
+    assert metadata["preprocessing"]["upload_background"] == "light"  # a white-on-black upload is flipped first
     assert metadata["served_test_accuracy"] is None  # fixed-size inputs: served exactly as tested
     assert "model_version" not in metadata  # the registry's number lives in registry.json, beside it
     # The promotion published v1 as the live champion for running servers: the exported files

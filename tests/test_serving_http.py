@@ -117,6 +117,25 @@ def test_json_image_and_v2_give_the_same_answer(server: Server) -> None:
     np.testing.assert_allclose(probabilities(raw), expected[:1], atol=1e-5)
 
 
+def test_a_white_on_black_upload_gets_the_answer_of_its_black_on_white_original(server: Server) -> None:
+    """MNIST files are white ink on black; the digits recipe expects black on white: the service flips them."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    counts = sample_instances(2, seed=8)
+    counts[:, :, [0, -1], :] = 0
+    counts[:, :, :, [0, -1]] = 0  # a digit inside its frame, as drawings are
+    inverted = []
+    for row in counts:
+        buffer = io.BytesIO()
+        ImageOps.invert(Image.open(io.BytesIO(digit_png(row))).convert("L")).save(buffer, format="PNG")
+        inverted.append(("file", (f"{len(inverted)}.png", buffer.getvalue(), "image/png")))
+    answer = httpx.post(f"{server.url}/predict/image", files=inverted, headers=AUTH, timeout=30)
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose(probabilities(answer), server.expected(counts), atol=1e-5)
+
+
 def test_jpeg_upload_is_decoded_like_training_images(server: Server) -> None:
     """JPEG is lossy, so the answer is close to, not equal to, the PNG's; the label agrees."""
     counts = sample_instances(1, seed=5)

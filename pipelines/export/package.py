@@ -20,7 +20,7 @@ from pipelines.data.store import Dataset, read_dataset
 from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError
 from pipelines.identity import RunIdentity, fetch_run, run_identity
-from pipelines.export.image_recipe import image_recipe
+from pipelines.export.image_recipe import image_recipe, upload_background
 from pipelines.export.onnx_export import export_onnx, servable
 from pipelines.export.parity import ParityReport, check_parity, served_accuracy
 from pipelines.export.report_step import report_step
@@ -99,7 +99,7 @@ def _served_accuracy_if_padded(
 
 def build_metadata(
     spec: dict[str, Any], identity: RunIdentity, test_metrics: dict[str, float], opset: int,
-    image: dict[str, Any] | None, parity: ParityReport, served: float | None,
+    image: dict[str, Any] | None, parity: ParityReport, served: float | None, upload_background: str | None = None,
 ) -> ModelMetadata:
     """What the service needs beside the ONNX file, from the run's own record (serving/contract.py)."""
     return ModelMetadata(
@@ -112,7 +112,8 @@ def build_metadata(
         data_version=identity.data_version,
         input_shape=list(spec["input_shape"]),
         labels=[str(label) for label in spec["labels"]],
-        preprocessing=Preprocessing(normalize=Normalization(mean=spec["mean"], std=spec["std"]), image=image),
+        preprocessing=Preprocessing(normalize=Normalization(mean=spec["mean"], std=spec["std"]), image=image,
+                                    upload_background=upload_background),
         test_metrics=test_metrics,
         onnx_opset=opset,
         variable_length=served is not None,
@@ -164,8 +165,9 @@ def export_model(
                 f"(allowed export.parity_atol={parity.atol:.0e}), argmax agreement {parity.argmax_agreement:.4f}; "
                 f"nothing was registered and {target} is unchanged"
             )
-        metadata = build_metadata(spec, identity, test_metrics, settings.export.opset, image_recipe(dataset.manifest),
-                                  parity, served)
+        recipe = image_recipe(dataset.manifest)
+        metadata = build_metadata(spec, identity, test_metrics, settings.export.opset, recipe, parity, served,
+                                  upload_background(recipe, dataset.splits["train"].x))
         for leftover in staging.iterdir():  # a downloaded checkpoint is not part of the model directory
             if leftover.name != MODEL_FILE:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
