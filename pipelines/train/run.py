@@ -114,6 +114,24 @@ def _retrain_on_train_val(settings, dataset, spec, config, result, batches, task
     return model
 
 
+def _baseline(settings: FluxoSettings, dataset: Dataset, task: Task, result: Any, mean: float, std: float,
+              tracker: Tracker) -> None:
+    """Fit the MLP baseline (pipelines/train/baseline.py) and log it beside the model's best validation accuracy."""
+    from pipelines.train.baseline import BASELINE, compare, fit_baseline
+
+    epochs = settings.train.baseline_epochs
+    if epochs == 0 or settings.model.name == BASELINE or task.name not in ("multiclass", "binary"):
+        return
+    best = next((r for r in result.history if r["epoch"] == result.best_epoch), None)
+    if best is None or "val_accuracy" not in best:
+        return
+    score = fit_baseline(dataset, mean, std, settings.train.seed, epochs)
+    beaten = compare(settings.model.name, best["val_accuracy"], score)
+    tracker.log_metrics({"baseline_val_accuracy": score.val_accuracy, "baseline_seconds": score.seconds,
+                         "best_val_accuracy": best["val_accuracy"]})
+    tracker.set_tags({"fluxo.baseline": "beaten" if beaten else "not beaten"})
+
+
 def git_commit(root: Path) -> str:
     """The code version a run was trained with (``-dirty`` when uncommitted changes exist), or "unknown"."""
     import subprocess
@@ -296,6 +314,8 @@ def train_and_evaluate(
         extra_state=extra_state,
         on_epoch=on_epoch,
     )
+    if ranks.rank == 0:
+        _baseline(settings, dataset, task, result, mean, std, tracker)
     if settings.train.retrain_on_train_val:
         model = _retrain_on_train_val(settings, dataset, spec, config, result, batches, task, augmenter, tracker, device)
         save_checkpoint(best_path, {**model_payload(model, spec), "epoch": result.best_epoch})

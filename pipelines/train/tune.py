@@ -248,6 +248,8 @@ def _train_trial(
     from pipelines.train.run import train_and_evaluate
     from pipelines.train.tracker import MLflowTracker
 
+    # The baseline answers "is this model worth it?" once per run, not once per trial.
+    settings = settings.model_copy(update={"train": settings.train.model_copy(update={"baseline_epochs": 0})})
     return train_and_evaluate(root, settings, data_version, MLflowTracker(), run_key=run_id, on_epoch=on_epoch)
 
 
