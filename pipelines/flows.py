@@ -273,10 +273,15 @@ def scheduled_deployment(cron: str | None, config: str | None, overrides: list[s
     """The pipeline as a Prefect deployment that runs on ``cron`` (if given) with these parameters.
 
     ``retrain_on_drift`` (a registered model name) adds a trigger: each drift event of
-    that model starts one pipeline run.
+    that model starts one pipeline run. A scheduled retrain starts from the champion's
+    weights when they fit (``train.init_from=champion``) unless the preset or an override
+    says otherwise (``train.init_from=scratch``).
     """
     from pipelines.monitor.events import retrain_trigger
+    from pipelines.settings import load_settings
 
+    if load_settings(Path(config) if config else None, overrides).train.init_from is None:
+        overrides = [*overrides, "train.init_from=champion"]
     parameters = {**_parameters(config, overrides, root), "force": False}
     triggers = [retrain_trigger(retrain_on_drift, parameters)] if retrain_on_drift else None
     return pipeline_flow.to_deployment(name=name, cron=cron, parameters=parameters, triggers=triggers)

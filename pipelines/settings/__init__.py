@@ -145,6 +145,18 @@ class TrainSettings(_Section):
         description="torch.compile mode for the model: reduce-overhead replays CUDA graphs on the GPU, "
         "removing the per-step launch cost that dominates small models.",
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from another model's weights (pipelines/train/warm_start.py): 'champion' (this "
+        "dataset's registered champion when its architecture, model.params and input shape match, else from "
+        "scratch; scheduled runs default to it), models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id "
+        "(these must match); labels that differ replace the head. 'scratch' or unset: random weights.",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Layers whose weights stay fixed, by name prefix in the model (e.g. features; "
+        "`fluxo models show` lists them); usually with init_from.",
+    )
     baseline_epochs: int = Field(
         10, ge=0,
         description="Epochs of the MLP baseline fitted beside every classification run (CPU, no augmentation, at "

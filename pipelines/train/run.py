@@ -222,6 +222,17 @@ def train_and_evaluate(
         inner = build_model(settings.model.name, dataset.input_shape, spec["num_outputs"], **settings.model.params)
     except (TypeError, ValueError) as error:
         raise FluxoError(f"model.params for {settings.model.name!r}: {error}") from error
+    started_from = None
+    if resume is None and distributed.current().rank == 0:  # DDP hands rank 0's weights to the others
+        from pipelines.train.warm_start import warm_start
+
+        registered = default_registered_model(settings.tracking.registered_model, dataset.manifest["name"])
+        started_from = warm_start(root, settings, inner, spec, registered)
+    if settings.train.freeze:
+        from pipelines.train.warm_start import freeze
+
+        frozen = freeze(inner, settings.train.freeze)
+        log.info("frozen: %d parameter tensors under %s", len(frozen), ", ".join(settings.train.freeze))
     model = Standardized(inner, mean, std).to(device)
     parameters = sum(p.numel() for p in model.parameters())
 
@@ -249,6 +260,10 @@ def train_and_evaluate(
         }
     )
     tracker.log_dict(spec, "model_spec.json")
+    if started_from is not None:
+        tracker.set_tags({"fluxo.init_from": started_from.source, "fluxo.init_from_run": started_from.run_id})
+        tracker.log_dict({"source": started_from.source, "run_id": started_from.run_id, "loaded": started_from.loaded,
+                          "replaced": started_from.replaced, "frozen": settings.train.freeze}, "warm_start.json")
     validation = read_validation(Path(root) / settings.data.data_dir)
     if validation is not None:
         tracker.log_dict(validation, "data/validation.json")
