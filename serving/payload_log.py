@@ -11,7 +11,7 @@ Crash safety (serving/README.md, "Payload logging"): the file being written is
 stream** (append-only; each flush appends one record batch and flushes it to the
 OS, so a SIGKILL loses at most the unflushed buffer). On rotation (size or age)
 and at shutdown it is converted with ``pyarrow.parquet.ParquetWriter`` into
-``….parquet.tmp``, renamed to ``….parquet`` (atomic) and the journal removed. A
+``….parquet.<pid>.tmp``, renamed to ``….parquet`` (atomic) and the journal removed. A
 reader listing ``*.parquet`` therefore never sees a torn Parquet file, and
 :func:`read_payloads` also reads every complete batch of a ``.partial`` a crash left.
 With an ``s3://`` payload log the directory is a local spool and each sealed file is
@@ -234,7 +234,7 @@ class _Journal:
 
 
 def seal_journal(path: Path) -> Path:
-    """Convert a closed journal into ``<name>.parquet`` via ``.parquet.tmp`` and an atomic rename; remove it.
+    """Convert a closed journal into ``<name>.parquet`` via ``.parquet.<pid>.tmp`` and an atomic rename; remove it.
 
     Also used on the journals a dead worker left: their complete batches are kept, a torn tail dropped.
     """
@@ -242,7 +242,7 @@ def seal_journal(path: Path) -> Path:
 
     table = _read_stream(path)
     final = path.with_name(path.name[: -len(".partial")])
-    tmp = final.with_suffix(".parquet.tmp")
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # never another process's half-written file
     with pq.ParquetWriter(tmp, table.schema) as writer:
         writer.write_table(table)
     os.replace(tmp, final)

@@ -18,9 +18,12 @@ for MinIO and other S3-compatible stores), the same ones boto3 and DVC read.
 
 from __future__ import annotations
 
+import calendar
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -64,20 +67,38 @@ def split_url(url: str) -> str:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
+def _writer_alive(path: Path) -> bool:
+    """Is the worker that opened journal ``payload-<pid>-<start>-<seq>.parquet.partial`` still running?
 
-
-def _writer_pid(path: Path) -> int | None:
-    """The pid in ``payload-<pid>-<start>-<seq>.parquet.partial``, or None for another name."""
+    A killed worker can linger as a zombie (a container whose init does not reap) and its pid
+    can be reused by a later process: neither is the writer, so neither keeps its journal from
+    being sealed. Unknown names count as alive (left alone).
+    """
     parts = path.name.split("-")
-    return int(parts[1]) if len(parts) >= 4 and parts[0] == "payload" and parts[1].isdigit() else None
+    if len(parts) < 4 or parts[0] != "payload" or not parts[1].isdigit():
+        return True
+    pid = int(parts[1])
+    try:
+        started = calendar.timegm(time.strptime(parts[2], "%Y%m%dT%H%M%S"))
+    except ValueError:
+        started = None
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - bentoml depends on psutil
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or process.create_time() <= started + 2  # a later process under a reused pid
+    except psutil.NoSuchProcess:
+        return False
 
 
 @dataclass
@@ -129,16 +150,34 @@ class S3Upload:
         return sent
 
     def recover(self, seal: Any) -> int:
-        """At start: seal the journals dead workers left (``seal(path) -> Path``), then send everything sealed."""
-        for journal in sorted(self.spool.glob(f"*/*{PARTIAL}")):
-            pid = _writer_pid(journal)
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
-                continue  # a live worker's open file
-            try:
-                seal(journal)
-            except Exception as error:  # noqa: BLE001 - a journal that cannot be read is left as it is
-                logger.warning("payload log: could not seal %s left by a dead worker (%s)", journal, error)
-        return self.upload_pending()
+        """At start: seal the journals dead workers left (``seal(path) -> Path``), then send everything sealed.
+
+        The workers of one server start together on one spool: one at a time recovers (an
+        flock on ``<spool>/.recover.lock``), the others then find nothing left to seal.
+        """
+        with _locked(self.spool / ".recover.lock"):
+            for journal in sorted(self.spool.glob(f"*/*{PARTIAL}")):
+                if _writer_alive(journal) or not journal.exists():
+                    continue  # a live worker's open file (this one's own is not open yet)
+                try:
+                    seal(journal)
+                except Exception as error:  # noqa: BLE001 - a journal that cannot be read is left as it is
+                    logger.warning("payload log: could not seal %s left by a dead worker (%s)", journal, error)
+            return self.upload_pending()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the block (none where there is no fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def parquet_files(location: str | Path, since: date | None = None) -> tuple[Any, list[str], list[str]]:

@@ -175,3 +175,24 @@ def test_a_server_logging_to_s3_sends_every_request_and_a_restart_sends_what_a_s
         while time.monotonic() < deadline and not set(more) <= set(read_payloads(s3).column("request_id").to_pylist()):
             time.sleep(0.5)
     assert set(read_payloads(s3).column("request_id").to_pylist()) == set(answers) | set(more)
+
+
+def test_a_zombie_or_a_reused_pid_is_not_the_writer(tmp_path: Path) -> None:
+    """A killed worker can linger unreaped (a container's init may not reap), or its pid go to a later process."""
+    import subprocess
+    import time as clock
+
+    from serving.payload_store import _writer_alive
+
+    zombie = subprocess.Popen(["true"])
+    deadline = clock.monotonic() + 5
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE and clock.monotonic() < deadline:
+        clock.sleep(0.05)
+    now = clock.strftime("%Y%m%dT%H%M%S", clock.gmtime())
+    try:
+        assert not _writer_alive(tmp_path / f"payload-{zombie.pid}-{now}-00001{PARTIAL}")
+    finally:
+        zombie.wait()
+    assert _writer_alive(tmp_path / f"payload-{os.getpid()}-{now}-00001{PARTIAL}")  # this process: alive
+    assert not _writer_alive(tmp_path / f"payload-{os.getpid()}-20000101T000000-00001{PARTIAL}")  # pid reused since
+    assert _writer_alive(tmp_path / "someone-elses-file.parquet.partial")  # not ours to judge: left alone
