@@ -329,6 +329,7 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
     try:
         from pipelines.export.publish import materialize_model, model_root
         from serving.client import example_request
+        from serving.contract import REPORT_FILE
         from serving.launch import start_server, stop_server, wait_ready
         from serving.reload import publish
 
@@ -373,7 +374,8 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
         instance = _example_instance(root, settings, metadata)
         example = example_request(metadata, url, instances=[instance] if instance is not None else None)
         typer.echo(f"\nfluxo is serving {metadata['model_name']} v{metadata['model_version']} at {url}")
-        typer.echo(f"  metadata: curl -s {url}/metadata\n  predict:  {example['curl']}\n")
+        report = f"\n  report:   {url}/report (open it in a browser)" if (served_dir.path / REPORT_FILE).is_file() else ""
+        typer.echo(f"  metadata: curl -s {url}/metadata\n  predict:  {example['curl']}{report}\n")
         if model is None:
             following = "the registry and " if follower is not None else ""
             typer.echo(f"  following {following}local promotions: a new champion is served within seconds\n")

@@ -27,7 +27,7 @@ from pipelines.export.report_step import report_step
 from pipelines.settings import FluxoSettings
 from pipelines.tracking import configure_mlflow
 from pipelines.train.checkpoint import load_checkpoint, rebuild_model
-from serving.contract import MODEL_FILE, ModelMetadata, Normalization, Preprocessing, replace_dir, staging_dir, write_metadata
+from serving.contract import MODEL_FILE, REPORT_FILE, ModelMetadata, Normalization, Preprocessing, replace_dir, staging_dir, write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,6 @@ def export_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("parity: max |Δlogit| %.2e, argmax agreement %.4f; model directory %s",
-             parity.max_abs_diff, parity.argmax_agreement, target)
+    log.info("parity: max |Δlogit| %.2e, argmax agreement %.4f; model directory %s (report: %s)",
+             parity.max_abs_diff, parity.argmax_agreement, target, target / REPORT_FILE)
     return ExportedModel(identity, target, metadata, parity)

@@ -185,5 +185,4 @@ def render_report(inputs: ReportInputs) -> str:
 def write_report(path: Path, inputs: ReportInputs) -> Path:
     path = Path(path)
     path.write_text(render_report(inputs), encoding="utf-8")
-    log.info("model report: %s", path)
     return path
