@@ -68,6 +68,7 @@ from serving.schemas import (
     PredictResponse,
     TooManyInstances,
     validate_instances,
+    validate_sequences,
 )
 
 logger = logging.getLogger(__name__)
@@ -347,6 +348,8 @@ class ModelServer:
             started = time.perf_counter()
             if batch.shape[1:] != challenger.model.input_shape:
                 raise ValueError(f"batch of shape {batch.shape} for a challenger reading {challenger.model.input_shape}")
+            if not challenger.model.takes_lengths:  # a champion's ragged rows are NaN-padded; it reads zeros
+                batch = np.nan_to_num(batch, nan=0.0)
             rows = await challenger.batcher.submit(batch)
             agree = agreements(champion_rows, rows)
         except Exception as error:  # noqa: BLE001 - nobody awaits this task: count, log once, move on
@@ -716,7 +719,8 @@ def create_app() -> FastAPI:
         rollout = server.rollout
         live = server.live if rollout is None else server.pick(request.headers)
         try:
-            batch = validate_instances(body["instances"], live.model.input_shape, server.config.max_instances)
+            validate = validate_sequences if live.model.takes_lengths else validate_instances
+            batch = validate(body["instances"], live.model.input_shape, server.config.max_instances)
         except InvalidInstances as error:
             raise _invalid(error) from None
         if rollout is None and server.payload is None:

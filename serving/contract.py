@@ -36,6 +36,8 @@ REPORT_FILE = "report.html"
 REGISTRY_FILE = "registry.json"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+LENGTHS_NAME = "lengths"
+"""The second input of a variable-length RNN's graph: int64 (batch,), each sequence's valid steps."""
 FORMAT_VERSION = 1
 FIX = "re-run the export step (or `fluxo serve`) to rewrite the model directory"
 # What two models must share to stand in for each other: the gate refuses a champion with
@@ -89,6 +91,10 @@ class ModelMetadata(BaseModel):
     test_metrics: dict[str, float] = Field(default_factory=dict, description="The run's test metrics.")
     onnx_opset: int | None = Field(None, description="ONNX opset of the graph.")
     variable_length: bool = Field(False, description="Sequences of varying length, served padded.")
+    takes_lengths: bool = Field(
+        False, description="The graph takes a second input, lengths (a recurrent model on variable-length data): "
+        "instances may be shorter than input_shape's last dimension and each is read to its own end, as in training.",
+    )
     served_test_accuracy: float | None = Field(None, description="Test accuracy of the graph as served.")
     parity: dict[str, Any] | None = Field(None, description="The ONNX-vs-PyTorch parity report.")
     model_version: str | None = Field(
@@ -305,7 +311,7 @@ def materialize(source: Path | str, target: Path | str, entry: RegistryEntry) ->
 
 
 __all__ = [
-    "CONTRACT_FIELDS", "FIX", "INPUT_NAME", "METADATA_FILE", "MODEL_FILE", "OUTPUT_NAME", "REGISTRY_FILE",
+    "CONTRACT_FIELDS", "FIX", "INPUT_NAME", "LENGTHS_NAME", "METADATA_FILE", "MODEL_FILE", "OUTPUT_NAME", "REGISTRY_FILE",
     "REPORT_FILE",
     "ModelDir", "ModelMetadata", "Preprocessing", "Normalization", "RegistryEntry",
     "contract_mismatch", "is_model_dir", "materialize", "read_metadata", "read_model_dir", "read_registry",

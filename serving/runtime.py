@@ -19,13 +19,44 @@ import numpy as np
 import onnxruntime as ort
 
 from serving import ServingError
-from serving.contract import FIX, METADATA_FILE, MODEL_FILE, read_model_dir
+from serving.contract import FIX, LENGTHS_NAME, METADATA_FILE, MODEL_FILE, read_model_dir
 
 logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _FIX = FIX
+
+
+def takes_lengths(session: ort.InferenceSession) -> bool:
+    """True for a variable-length RNN's graph: a second input, ``lengths`` (pipelines/export)."""
+    return any(i.name == LENGTHS_NAME for i in session.get_inputs())
+
+
+def nan_padded_lengths(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(batch with its NaN padding set to 0, valid steps of each row) for (n, C, L) sequences.
+
+    Ragged instances reach the model padded to ``L`` with NaN (serving/schemas.py): client
+    values are never NaN (validation refuses them), so NaN marks padding, and the batcher
+    merges such rows like any others. A row without NaN is ``L`` steps long.
+    """
+    nan = np.isnan(batch)
+    if not nan.any():
+        return batch, np.full(len(batch), batch.shape[-1], dtype=np.int64)
+    valid = ~nan.reshape(len(batch), -1, batch.shape[-1]).all(axis=1)  # (n, L): a step with any value
+    lengths = batch.shape[-1] - np.argmax(valid[:, ::-1], axis=1)
+    return np.where(nan, np.float32(0), batch), lengths.astype(np.int64)
+
+
+def graph_feeds(session: ort.InferenceSession, input_name: str, batch: np.ndarray,
+                lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """What one run is fed: the batch, and for a graph that takes lengths, each row's valid steps
+    (``lengths`` when given, else read from NaN padding; full length without any)."""
+    if not takes_lengths(session):
+        return {input_name: batch}
+    if lengths is None:
+        batch, lengths = nan_padded_lengths(batch)
+    return {input_name: batch, LENGTHS_NAME: np.asarray(lengths, dtype=np.int64)}
 
 
 def load_metadata(model_dir: Path | str) -> dict[str, Any]:
@@ -146,6 +177,7 @@ class OnnxModel:
                 requested[0], self.provider, self.model_dir, self.provider,
             )
         self._check_graph()
+        self.takes_lengths = takes_lengths(self.session)
         # One throwaway run pays lazy allocations (and CUDA set-up) before the first request,
         # and a graph that cannot run at all fails here, at start, not on every request.
         try:
@@ -210,7 +242,11 @@ class OnnxModel:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.shape[1:] != self.input_shape:
             raise ValueError(f"batch has shape {batch.shape}, expected (n, {', '.join(map(str, self.input_shape))})")
-        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+        if self.takes_lengths:
+            feeds = graph_feeds(self.session, self.input_name, batch)
+        else:
+            feeds = {self.input_name: batch}
+        (logits,) = self.session.run([self.output_name], feeds)
         return np.asarray(logits, dtype=np.float32)
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
@@ -237,5 +273,6 @@ def public_metadata(meta: Mapping[str, Any], provider: str) -> dict[str, Any]:
         "labels": list(meta["labels"]),
         "test_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         "onnx_opset": meta.get("onnx_opset"),
+        "takes_lengths": bool(meta.get("takes_lengths")),
         "provider": provider,
     }

@@ -71,6 +71,10 @@ class MetadataResponse(BaseModel):
     labels: list[str]
     test_metrics: dict[str, float]
     onnx_opset: int | None = None
+    takes_lengths: bool = Field(
+        False, description="true: instances may be shorter than input_shape's last dimension (ragged sequences); "
+        "each is read to its own end, as in training."
+    )
     provider: str = Field(description="ONNX Runtime execution provider in use, e.g. CPUExecutionProvider.")
     image: dict[str, Any] | None = Field(
         None, description="How POST /predict/image turns a PNG/JPEG into an instance; null when the model takes no images."
@@ -189,6 +193,38 @@ def validate_instances(instances: Any, input_shape: Sequence[int], max_instances
     if not np.isfinite(values).all() or (np.abs(values) > _FLOAT32_MAX).any():
         raise InvalidInstances(_diagnose(instances, shape))
     return values.astype(np.float32).reshape(len(instances), *shape)
+
+
+def validate_sequences(instances: Any, input_shape: Sequence[int], max_instances: int) -> np.ndarray:
+    """Like :func:`validate_instances`, for a model that takes lengths: sequences may be shorter.
+
+    Each instance is (C, l) with 1 <= l <= L of ``input_shape`` (C, L); the array comes back
+    (n, C, L) with every sequence padded by NaN to L. Client values are never NaN (they are
+    refused), so the runtime reads the padding as each sequence's length (serving/runtime.py).
+    """
+    shape = tuple(input_shape)
+    try:
+        return validate_instances(instances, shape, max_instances)  # every sequence full length: the fast path
+    except TooManyInstances:
+        raise
+    except InvalidInstances as full_length_error:
+        if not isinstance(instances, list) or not instances or len(shape) != 2:
+            raise full_length_error from None
+    channels, steps = shape
+    out = np.full((len(instances), channels, steps), np.nan, dtype=np.float32)
+    for i, instance in enumerate(instances):
+        where = f"instances[{i}]"
+        try:
+            grid = np.array(instance, dtype=object)
+        except ValueError:
+            grid = None
+        if grid is None or grid.ndim != 2 or grid.shape[0] != channels or not 1 <= grid.shape[1] <= steps:
+            got = _describe(instance) if grid is None or grid.ndim != 2 else f"shape {grid.shape}"
+            raise InvalidInstances(f"{where}: {got}; this model takes sequences of shape ({channels}, 1..{steps}): "
+                                   f"{channels} channel(s), each a list of up to {steps} numbers, all of one length")
+        values = check_values(grid.ravel(), where)
+        out[i, :, : grid.shape[1]] = values.astype(np.float32).reshape(grid.shape)
+    return out
 
 
 def check_values(flat: np.ndarray, where: str) -> np.ndarray:

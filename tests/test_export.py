@@ -122,7 +122,7 @@ def test_serving_an_unknown_model_is_explained(project: Path, trained) -> None:
 
 
 def test_variable_length_export_records_accuracy_as_served(project: Path, settings_for, tmp_path: Path) -> None:
-    """An RNN trained on packed sequences reads the padding once served: the gap is measured, not hidden."""
+    """An RNN trained on packed sequences is exported with a lengths input: served exactly as trained."""
     import pandas as pd
 
     from tests.test_ingest_sources import _sequences_csv
@@ -131,18 +131,24 @@ def test_variable_length_export_records_accuracy_as_served(project: Path, settin
     frame = pd.read_csv(path)
     frame.loc[::2, ["t8", "t9", "t10", "t11"]] = np.nan  # every other sequence is 8 steps long
     frame.to_csv(path, index=False)
-    settings = settings_for(f"data.dataset={path}", "model.name=gru", "model.params={hidden: 8}", "train.epochs=2")
+    settings = settings_for(f"data.dataset={path}", "model.name=gru", "model.params={hidden: 8, bidirectional: true}",
+                            "train.epochs=2")
     ingest(project, settings.data)
     result = train(project, settings, version(project, settings.data))
     exported = export_run(project, settings, result.run_id)
 
     test = read_dataset(project / "data").splits["test"]
     session = ort.InferenceSession(str(exported.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    as_served = float((session.run(None, {"input": np.asarray(test.x, dtype=np.float32)})[0].argmax(1) == test.y).mean())
+    assert [i.name for i in session.get_inputs()] == ["input", "lengths"]
+    feeds = {"input": np.asarray(test.x, dtype=np.float32), "lengths": np.asarray(test.lengths, dtype=np.int64)}
+    as_served = float((session.run(None, feeds)[0].argmax(1) == test.y).mean())
     run = MlflowClient().get_run(result.run_id)
     assert run.data.metrics["served_test_accuracy"] == pytest.approx(as_served)
+    assert as_served == pytest.approx(run.data.metrics["test_accuracy"])  # served exactly as trained
+    assert exported.parity.passed and exported.parity.max_abs_diff <= 1e-4  # against the packed PyTorch model
     metadata = json.loads((exported.export_dir / "metadata.json").read_text())
-    assert metadata["variable_length"] is True and metadata["served_test_accuracy"] == pytest.approx(as_served)
+    assert metadata["variable_length"] is True and metadata["takes_lengths"] is True
+    assert metadata["served_test_accuracy"] == pytest.approx(as_served)
     assert metadata["preprocessing"]["image"] is None  # sequences take no uploads
     assert exported.registered_model == "fluxo-walk"  # named after the user's file, from the run itself
 

@@ -158,14 +158,16 @@ def measure_latency(onnx_path: Path, x: np.ndarray, batch_size: int, runs: int =
 
     from serving.contract import INPUT_NAME
 
+    from serving.runtime import graph_feeds
+
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rows = np.resize(np.arange(len(x)), batch_size)  # repeats rows when the split is smaller than the batch
-    batch = np.ascontiguousarray(np.asarray(x[rows], dtype=np.float32))
+    feeds = graph_feeds(session, INPUT_NAME, np.ascontiguousarray(np.asarray(x[rows], dtype=np.float32)))
     for _ in range(warmup):
-        session.run(None, {INPUT_NAME: batch})
+        session.run(None, feeds)
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        session.run(None, {INPUT_NAME: batch})
+        session.run(None, feeds)
         times.append((time.perf_counter() - started) * 1000)
     return Latency(batch_size, float(np.median(times)), float(np.percentile(times, 95)))

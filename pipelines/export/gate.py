@@ -43,7 +43,7 @@ def served_score(onnx_path: Path, dataset: Dataset, version: str) -> ServedScore
 
     test = dataset.splits["test"]
     truth = np.asarray(test.y)
-    predicted = onnx_logits(onnx_path, test.x).argmax(1)
+    predicted = onnx_logits(onnx_path, test.x, lengths=test.lengths).argmax(1)  # lengths: only a graph that takes them
     classes = list(range(len(dataset.labels)))
     precision, recall, f1, _ = precision_recall_fscore_support(truth, predicted, labels=classes, average="macro",
                                                                zero_division=0)

@@ -21,7 +21,7 @@ from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError
 from pipelines.identity import RunIdentity, fetch_run, run_identity
 from pipelines.export.image_recipe import image_recipe, upload_background
-from pipelines.export.onnx_export import export_onnx, servable
+from pipelines.export.onnx_export import export_onnx, lengths_graph, servable
 from pipelines.export.parity import ParityReport, check_parity, served_accuracy
 from pipelines.export.report_step import report_step
 from pipelines.settings import FluxoSettings
@@ -79,13 +79,18 @@ def _checkpoint(root: Path, settings: FluxoSettings, run_id: str, given: Path | 
 
 
 def _served_accuracy_if_padded(
-    dataset: Dataset, spec: dict[str, Any], onnx_path: Path, test_metrics: dict[str, float]
+    dataset: Dataset, spec: dict[str, Any], onnx_path: Path, test_metrics: dict[str, float],
+    lengths: np.ndarray | None = None,
 ) -> float | None:
-    """For variable-length classification data: test accuracy as served (padded, no lengths), else None."""
+    """For variable-length classification data: test accuracy as served, else None.
+
+    ``lengths`` for a graph that takes them (a recurrent model: served exactly as trained);
+    without, the graph reads each sequence's zero padding and a loss is warned about.
+    """
     if not dataset.manifest.get("variable_length") or spec.get("task", "multiclass") not in ("multiclass", "binary"):
         return None
     test = dataset.splits["test"]
-    served = served_accuracy(onnx_path, test.x, np.asarray(test.y))
+    served = served_accuracy(onnx_path, test.x, np.asarray(test.y), lengths=lengths)
     trained = test_metrics.get("test_accuracy")
     if trained is not None and served < trained - 0.01:
         log.warning(
@@ -100,6 +105,7 @@ def _served_accuracy_if_padded(
 def build_metadata(
     spec: dict[str, Any], identity: RunIdentity, test_metrics: dict[str, float], opset: int,
     image: dict[str, Any] | None, parity: ParityReport, served: float | None, upload_background: str | None = None,
+    takes_lengths: bool = False,
 ) -> ModelMetadata:
     """What the service needs beside the ONNX file, from the run's own record (serving/contract.py)."""
     return ModelMetadata(
@@ -117,6 +123,7 @@ def build_metadata(
         test_metrics=test_metrics,
         onnx_opset=opset,
         variable_length=served is not None,
+        takes_lengths=takes_lengths,
         served_test_accuracy=served,
         parity=parity.as_dict(),
     )
@@ -146,13 +153,17 @@ def export_model(
     staging = staging_dir(target)
     try:
         model, spec = rebuild_model(load_checkpoint(_checkpoint(root, settings, run_id, checkpoint, staging)))
-        model = servable(model, spec.get("task"))
+        with_lengths = lengths_graph(model, bool(dataset.manifest.get("variable_length")))
+        task = spec.get("task")
+        model = servable(model, task)  # the packed network as trained: the reference parity checks against
         onnx_path = staging / MODEL_FILE
-        export_onnx(model, tuple(spec["input_shape"]), onnx_path, settings.export.opset)
+        export_onnx(servable(with_lengths, task) if with_lengths is not None else model, tuple(spec["input_shape"]),
+                    onnx_path, settings.export.opset, with_lengths=with_lengths is not None)
         test = dataset.splits["test"]
-        parity = check_parity(model, onnx_path, test.x, settings.export.parity_atol)
+        lengths = test.lengths if with_lengths is not None else None
+        parity = check_parity(model, onnx_path, test.x, settings.export.parity_atol, lengths=lengths)
         test_metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
-        served = _served_accuracy_if_padded(dataset, spec, onnx_path, test_metrics)
+        served = _served_accuracy_if_padded(dataset, spec, onnx_path, test_metrics, lengths)
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics({"parity_max_abs_diff": parity.max_abs_diff,
                                 "parity_argmax_agreement": parity.argmax_agreement})
@@ -167,7 +178,7 @@ def export_model(
             )
         recipe = image_recipe(dataset.manifest)
         metadata = build_metadata(spec, identity, test_metrics, settings.export.opset, recipe, parity, served,
-                                  upload_background(recipe, dataset.splits["train"].x))
+                                  upload_background(recipe, dataset.splits["train"].x), with_lengths is not None)
         for leftover in staging.iterdir():  # a downloaded checkpoint is not part of the model directory
             if leftover.name != MODEL_FILE:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

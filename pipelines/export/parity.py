@@ -29,42 +29,58 @@ class ParityReport:
         return {**asdict(self), "passed": self.passed}
 
 
-def _onnx_batches(onnx_path: Path, x: np.ndarray, batch_size: int) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """(rows, float32 batch, ONNX logits) over ``x``, on the CPU provider, in batches."""
+def _onnx_batches(onnx_path: Path, x: np.ndarray, batch_size: int,
+                  lengths: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """(rows, float32 batch, ONNX logits) over ``x``, on the CPU provider, in batches.
+
+    ``lengths``: each row's valid steps, fed to a graph that takes them (a variable-length RNN's).
+    """
+    from serving.runtime import graph_feeds
+
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for start in range(0, len(x), batch_size):
         rows = slice(start, start + batch_size)
         # A copy: x is usually a read-only memory map, which torch.from_numpy warns about.
         batch = np.array(x[rows], dtype=np.float32, order="C")
-        yield rows, batch, session.run(None, {INPUT_NAME: batch})[0]
+        feeds = graph_feeds(session, INPUT_NAME, batch, None if lengths is None else np.asarray(lengths)[rows])
+        yield rows, batch, session.run(None, feeds)[0]
 
 
 def check_parity(
-    model: nn.Module, onnx_path: Path, x: np.ndarray, atol: float, batch_size: int = 512
+    model: nn.Module, onnx_path: Path, x: np.ndarray, atol: float, batch_size: int = 512,
+    lengths: np.ndarray | None = None,
 ) -> ParityReport:
-    """Max abs logit difference and argmax agreement between PyTorch and ONNX Runtime (CPU)."""
+    """Max abs logit difference and argmax agreement between PyTorch and ONNX Runtime (CPU).
+
+    With ``lengths`` both run on each sequence's own length: the PyTorch model packed, as trained.
+    """
     model = model.to("cpu").eval()
     worst, agree = 0.0, 0
-    for _, batch, onnx_logits in _onnx_batches(onnx_path, x, batch_size):
+    for rows, batch, onnx_logits in _onnx_batches(onnx_path, x, batch_size, lengths):
         with torch.no_grad():
-            torch_logits = model(torch.from_numpy(batch)).numpy()
+            if lengths is None:
+                torch_logits = model(torch.from_numpy(batch)).numpy()
+            else:
+                torch_logits = model(torch.from_numpy(batch), torch.as_tensor(np.asarray(lengths)[rows])).numpy()
         worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
         agree += int((onnx_logits.argmax(1) == torch_logits.argmax(1)).sum())
     return ParityReport(len(x), worst, agree / max(len(x), 1), atol)
 
 
-def onnx_logits(onnx_path: Path, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+def onnx_logits(onnx_path: Path, x: np.ndarray, batch_size: int = 512, lengths: np.ndarray | None = None) -> np.ndarray:
     """The graph's logits for every row of ``x``, as the service computes them (CPU provider)."""
-    parts = [logits for _, _, logits in _onnx_batches(onnx_path, x, batch_size)]
+    parts = [logits for _, _, logits in _onnx_batches(onnx_path, x, batch_size, lengths)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
-def served_accuracy(onnx_path: Path, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
-    """Accuracy of the ONNX graph on padded inputs, as the service runs it (no per-sequence lengths).
+def served_accuracy(onnx_path: Path, x: np.ndarray, y: np.ndarray, batch_size: int = 512,
+                    lengths: np.ndarray | None = None) -> float:
+    """Accuracy of the ONNX graph on padded inputs, as the service runs it.
 
-    For variable-length data an RNN trained on packed sequences reads the zero
-    padding once served, so this can fall below the run's test accuracy; the export
-    step records both so the gap is visible instead of silent.
+    A variable-length RNN's graph takes ``lengths`` and stops at each sequence's own end, as
+    training did; any other model reads the zero padding as signal, so for it this can fall
+    below the run's test accuracy, and the export step records both so a gap is never silent.
     """
-    correct = sum(int((logits.argmax(1) == y[rows]).sum()) for rows, _, logits in _onnx_batches(onnx_path, x, batch_size))
+    correct = sum(int((logits.argmax(1) == y[rows]).sum())
+                  for rows, _, logits in _onnx_batches(onnx_path, x, batch_size, lengths))
     return correct / max(len(x), 1)

@@ -30,7 +30,7 @@ LATENCY_BATCHES = (1, 32)
 
 def served_evaluation(onnx_path: Path, dataset: Dataset, seed: int = 0):
     test = dataset.splits["test"]
-    probabilities = softmax(onnx_logits(onnx_path, test.x))
+    probabilities = softmax(onnx_logits(onnx_path, test.x, lengths=test.lengths))
     return evaluate(np.asarray(test.y), probabilities, len(dataset.labels), seed=seed)
 
 

@@ -74,11 +74,15 @@ class Embedder:
         self.outputs = [OUTPUT_NAME, EMBEDDING_NAME] if self.has_head else [OUTPUT_NAME]
         self.batch_size = batch_size
 
-    def __call__(self, x: np.ndarray) -> Embedded:
+    def __call__(self, x: np.ndarray, lengths: np.ndarray | None = None) -> Embedded:
+        """``lengths`` for a graph that takes them (zero-padded sequences); without, NaN padding is read as such."""
+        from serving.runtime import graph_feeds
+
         embeddings, probabilities = [], []
         for start in range(0, len(x), self.batch_size):
             batch = np.ascontiguousarray(x[start:start + self.batch_size], dtype=np.float32)
-            results = self.session.run(self.outputs, {INPUT_NAME: batch})
+            rows = None if lengths is None else np.asarray(lengths)[start:start + self.batch_size]
+            results = self.session.run(self.outputs, graph_feeds(self.session, INPUT_NAME, batch, rows))
             logits = results[0]
             embeddings.append(results[-1].reshape(len(batch), -1))
             probabilities.append(_softmax(logits))

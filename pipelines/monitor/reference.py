@@ -55,4 +55,5 @@ def load_reference(root: Path, settings: FluxoSettings, metadata: dict, embedder
     rng = np.random.default_rng(settings.monitor.seed)
     rows = np.sort(rng.choice(len(val), min(settings.monitor.reference_size, len(val)), replace=False))
     inputs = np.asarray(val.x[rows], dtype=np.float32)  # splits are stored class by class: sample, never slice
-    return Reference(str(md5), inputs, embedder(inputs), np.asarray(val.y)[rows])
+    lengths = None if val.lengths is None else np.asarray(val.lengths)[rows]
+    return Reference(str(md5), inputs, embedder(inputs, lengths), np.asarray(val.y)[rows])

@@ -9,6 +9,8 @@ HTML report, the summary), a status file the service turns into Prometheus gauge
 
 from __future__ import annotations
 
+import numpy as np
+
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -80,8 +82,11 @@ def monitor(root: Path, settings: FluxoSettings, model: str | None, name: str, w
     embedder = Embedder(served.onnx_path)
     reference = load_reference(root, settings, metadata, embedder)
     current = embedder(window.inputs)
+    # Ragged requests to a variable-length RNN were logged NaN-padded: as inputs they compare zero-padded,
+    # like the reference's stored sequences.
     tests = drift_tests(reference.inputs, reference.embedded.embeddings, reference.embedded.probabilities,
-                        window.inputs, current.embeddings, window.probabilities, settings.monitor.alpha)
+                        np.nan_to_num(window.inputs, nan=0.0), current.embeddings, window.probabilities,
+                        settings.monitor.alpha)
     summary["reference_size"] = len(reference.inputs)
     summary["scores"] = {signal: test.as_dict() for signal, test in tests.items()}
     summary["drift_detected"] = any(test.drift for test in tests.values())

@@ -136,6 +136,7 @@ def _contract(model: Any, settings: FluxoSettings) -> Contract:
     return Contract(
         input_shape=tuple(model.input_shape),
         variable_length=bool(model.metadata.get("variable_length")),
+        takes_lengths=bool(getattr(model, "takes_lengths", False)),
         image=image_spec(model.metadata),
         label_column=settings.data.sequence.label_column,
     )

@@ -48,6 +48,7 @@ class Contract:
 
     input_shape: tuple[int, ...]
     variable_length: bool = False
+    takes_lengths: bool = False  # the graph reads each sequence to its own end: padding goes in as NaN
     image: Any = None  # serving.images.ImageSpec or None
     label_column: str = "label"
 
@@ -91,7 +92,8 @@ def _good_rows(flat: np.ndarray) -> np.ndarray:
     ones that overflowed the sum) get the exact element-wise check.
     """
     if flat.dtype == np.float32:
-        good = np.isfinite(flat.sum(axis=1, dtype=np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing or inf - inf sum is what is screened
+            good = np.isfinite(flat.sum(axis=1, dtype=np.float32))
         suspects = np.flatnonzero(~good)
         if len(suspects):
             good[suspects] = np.isfinite(flat[suspects]).all(axis=1)
@@ -188,12 +190,13 @@ def _frame_chunk(frame: Any, start: int, path: Path, contract: Contract) -> Chun
                          f"(input shape {list(contract.input_shape)}); keep the training data's columns")
     rows = frame.to_numpy(dtype=np.float64)
     problems: list[tuple[str, str]] = []
+    lengths = None
     if contract.variable_length:
         from pipelines.data.sequence_file import (
             _from_rows,  # the training reader's padding, not a copy
         )
 
-        padded, _ = _from_rows(rows)
+        padded, lengths = _from_rows(rows)
         rows = padded.reshape(len(rows), -1).astype(np.float64)
     else:
         short = _short_rows(rows)
@@ -203,6 +206,11 @@ def _frame_chunk(frame: Any, start: int, path: Path, contract: Contract) -> Chun
     if problems:
         reasons = dict(problems)
         chunk.errors = [(i, reasons.get(i, why)) for i, why in chunk.errors]
+    if contract.takes_lengths and lengths is not None and chunk.ids:
+        # As the service pads ragged instances (serving/schemas.validate_sequences): NaN past each end.
+        kept = {row: i for i, row in enumerate(ids)}
+        ends = np.array([lengths[kept[row]] for row in chunk.ids])
+        chunk.batch = np.where(np.arange(chunk.batch.shape[-1]) >= ends[:, None, None], np.float32(np.nan), chunk.batch)
     return chunk
 
 

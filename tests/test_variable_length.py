@@ -1,0 +1,94 @@
+"""Variable-length sequences served exactly: a GRU's graph takes lengths, and clients send ragged instances.
+
+Real training and export (MLflow and DVC in tmp_path), real `bentoml serve`, real `fluxo predict`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.data.ingest import ingest, version
+from pipelines.data.store import read_dataset
+from pipelines.export.publish import model_root
+from pipelines.export.step import export_run
+from pipelines.predict.run import predict
+from pipelines.train.run import train
+from serving.runtime import softmax
+from tests.conftest import make_settings
+from tests.serving_fixtures import RunningServer
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def walks(tmp_path_factory: pytest.TempPathFactory):
+    """Sequences of 12 or 7 steps (trailing empty cells), a bidirectional GRU trained and exported on them."""
+    root = tmp_path_factory.mktemp("ragged") / "project"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(120, 12))
+    labels = np.where(values[:, :7].mean(1) > 0, "up", "down")
+    values[::2, 7:] = np.nan  # every other sequence is 7 steps long
+    csv = root.parent / "walk.csv"
+    frame = pd.DataFrame(values, columns=[f"t{i}" for i in range(12)])
+    frame["label"] = labels
+    frame.to_csv(csv, index=False)
+    with pytest.MonkeyPatch.context() as env:  # set up before conftest's per-test isolation: clear it here
+        for key in [k for k in os.environ if k.startswith("FLUXO_") or k == "MLFLOW_TRACKING_URI"]:
+            env.delenv(key)
+        settings = make_settings(root, f"data.dataset={csv}", "model.name=gru",
+                                 "model.params={hidden: 8, bidirectional: true}", "train.epochs=3")
+        ingest(root, settings.data)
+        result = train(root, settings, version(root, settings.data))
+        exported = export_run(root, settings, result.run_id)
+    return root, settings, csv, exported, result
+
+
+def _with_lengths(model_dir: Path, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return softmax(session.run(None, {"input": np.asarray(x, np.float32), "lengths": np.asarray(lengths, np.int64)})[0])
+
+
+def test_ragged_instances_over_http_get_the_trained_answers(walks, tmp_path: Path) -> None:
+    root, settings, _, exported, result = walks
+    test = read_dataset(root / "data").splits["test"]
+    expected = _with_lengths(exported.export_dir, test.x, test.lengths)
+    ragged = [np.asarray(x)[:, :n].tolist() for x, n in zip(test.x, test.lengths)]
+    assert {len(r[0]) for r in ragged} == {7, 12}
+    with RunningServer(model_root(root, settings, exported.registered_model), {}, tmp_path / "server.log") as server:
+        assert httpx.get(f"{server.url}/metadata", timeout=10).json()["takes_lengths"] is True
+        answer = httpx.post(f"{server.url}/predict", json={"instances": ragged}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        got = np.array([p["probabilities"] for p in answer.json()["predictions"]])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        accuracy = float((got.argmax(1) == np.asarray(test.y)).mean())
+        assert accuracy == pytest.approx(result.test_metrics["test_accuracy"])  # served exactly as trained
+        full = np.asarray(test.x[:3]).tolist()  # full-length instances still take the fast path
+        assert httpx.post(f"{server.url}/predict", json={"instances": full}, timeout=30).status_code == 200
+        for bad, where in (([[0.0] * 13], "instances[0]: shape (1, 13)"), ([[]], "instances[0]: shape (1, 0)"),
+                           ([[0.0] * 5, [0.0] * 5], "instances[0]: shape (2, 5)")):
+            refused = httpx.post(f"{server.url}/predict", json={"instances": [bad]}, timeout=10)
+            assert refused.status_code == 400 and where in refused.json()["error"], refused.text
+            assert "(1, 1..12)" in refused.json()["error"]
+
+
+def test_fluxo_predict_reads_each_row_to_its_own_end(walks, tmp_path: Path) -> None:
+    root, settings, csv, exported, _ = walks
+    result = predict(root, settings, csv, tmp_path / "preds.parquet", str(exported.export_dir), "fluxo-walk",
+                     record=False)
+    table = pq.read_table(tmp_path / "preds.parquet").to_pandas()
+    values = pd.read_csv(csv).drop(columns=["label"]).to_numpy()
+    lengths = np.where(np.isnan(values[:, 7:]).all(1), 7, 12)
+    expected = _with_lengths(exported.export_dir, np.nan_to_num(values)[:, None, :], lengths)
+    assert result.rows == len(values) == len(table)
+    np.testing.assert_allclose(np.stack(table["probabilities"].to_numpy()), expected, atol=1e-5)
