@@ -804,7 +804,7 @@ def create_app() -> FastAPI:
     async def _model_metadata(request: Request, model_name: str, model_version: str | None) -> Response:
         live = _live_named(_server(request), model_name, model_version)
         return _json(oip.model_metadata(live.name, live.version, live.model.input_name, live.model.input_shape,
-                                        len(live.model.labels)))
+                                        len(live.model.labels), live.model.takes_lengths))
 
     async def _model_ready(request: Request, model_name: str, model_version: str | None) -> Response:
         live = _live_named(_server(request), model_name, model_version)
@@ -823,8 +823,14 @@ def create_app() -> FastAPI:
         _require_json(request)
         body = parse_json(await read_body(request, server.config.max_body_bytes))
         try:
-            tensor, request_id, outputs = oip.parse_request(body)
+            tensor, lengths, request_id, outputs = oip.parse_request(body)
             batch = oip_tensor(tensor, live, server.config.max_instances)
+            if lengths is not None:
+                if not live.model.takes_lengths:
+                    raise InvalidInstances(f"inputs[1] 'lengths': model {live.name!r} takes no lengths; send only "
+                                           f"{live.model.input_name!r}")
+                steps = oip.lengths_values(lengths, len(batch), batch.shape[-1])
+                batch = np.where(np.arange(batch.shape[-1]) >= steps[:, None, None], np.float32(np.nan), batch)
         except InvalidInstances as error:
             raise _invalid(error) from None
         if rollout is None and server.payload is None:

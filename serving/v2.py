@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from serving.schemas import InvalidInstances
 
 OUTPUTS = ("probabilities", "label")
+LENGTHS = "lengths"  # the optional second input of a model that takes lengths (serving/contract.LENGTHS_NAME)
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -40,7 +41,9 @@ class InferRequest(BaseModel):
 
     id: str | None = Field(None, description="Echoed in the response.")
     parameters: dict[str, Any] | None = None
-    inputs: list[InferTensor] = Field(description="Exactly one tensor, the model's input.")
+    inputs: list[InferTensor] = Field(description="The model's input tensor; for a model that takes lengths "
+                                      "(GET /v2/models/{model_name} lists it), optionally a second, INT64 [n] "
+                                      "'lengths': each zero-padded sequence's valid steps.")
     outputs: list[RequestedOutput] | None = Field(None, description="Outputs to return; default all.")
 
 
@@ -83,12 +86,15 @@ class ServerMetadata(BaseModel):
 
 
 def model_metadata(name: str, version: str | None, input_name: str, input_shape: tuple[int, ...],
-                   n_labels: int) -> dict[str, Any]:
+                   n_labels: int, takes_lengths: bool = False) -> dict[str, Any]:
+    inputs = [{"name": input_name, "datatype": "FP32", "shape": [-1, *input_shape]}]
+    if takes_lengths:  # optional: each zero-padded sequence's valid steps
+        inputs.append({"name": LENGTHS, "datatype": "INT64", "shape": [-1]})
     return {
         "name": name,
         "versions": [version] if version is not None else [],
         "platform": PLATFORM,
-        "inputs": [{"name": input_name, "datatype": "FP32", "shape": [-1, *input_shape]}],
+        "inputs": inputs,
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, n_labels]},
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
@@ -96,15 +102,24 @@ def model_metadata(name: str, version: str | None, input_name: str, input_shape:
     }
 
 
-def parse_request(body: Any) -> tuple[Any, str | None, list[str]]:
-    """The envelope of an infer request: (the input tensor, id, requested outputs); tensor checks come later."""
+def parse_request(body: Any) -> tuple[Any, Any | None, str | None, list[str]]:
+    """The envelope of an infer request: (input tensor, ``lengths`` tensor or None, id, requested outputs).
+
+    A ``lengths`` tensor (INT64 ``[n]``) may follow the input for a model that takes lengths
+    (a recurrent model on variable-length data): each zero-padded sequence's valid steps.
+    Tensor checks come later (:func:`lengths_values`, serving/schemas.validate_tensor).
+    """
     if not isinstance(body, dict):
         raise InvalidInstances('the body must be a JSON object like {"inputs": [{"name": ..., "shape": ..., '
                                '"datatype": "FP32", "data": [...]}]}')
     inputs = body.get("inputs")
+    lengths = None
+    if isinstance(inputs, list) and len(inputs) == 2 and isinstance(inputs[1], dict) and inputs[1].get("name") == LENGTHS:
+        inputs, lengths = inputs[:1], inputs[1]
     if not isinstance(inputs, list) or len(inputs) != 1:
         found = f"{len(inputs)} tensors" if isinstance(inputs, list) else ("missing" if inputs is None else "not a list")
-        raise InvalidInstances(f"inputs must be a list holding exactly one tensor (the model has one input); it is {found}")
+        raise InvalidInstances(f"inputs must be a list holding the model's input tensor (and, for a model that takes "
+                               f"them, a second one named {LENGTHS!r}); it is {found}")
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInstances("id must be a string when given")
@@ -120,7 +135,25 @@ def parse_request(body: Any) -> tuple[Any, str | None, list[str]]:
             if name not in OUTPUTS:
                 raise InvalidInstances(f"outputs[{i}].name is {name!r}; this model's outputs are {list(OUTPUTS)}")
             names.append(name)
-    return inputs[0], request_id, names
+    return inputs[0], lengths, request_id, names
+
+
+def lengths_values(tensor: Any, count: int, steps: int) -> np.ndarray:
+    """A ``lengths`` input tensor → int64 (count,), each in 1..steps, or InvalidInstances naming the problem."""
+    where = "inputs[1]"
+    if tensor.get("datatype") not in ("INT64", "INT32"):
+        raise InvalidInstances(f"{where}.datatype is {tensor.get('datatype')!r}; lengths are INT64")
+    if tensor.get("shape") != [count]:
+        raise InvalidInstances(f"{where}.shape is {tensor.get('shape')!r}, expected [{count}]: one length per instance")
+    data = tensor.get("data")
+    if (not isinstance(data, list) or len(data) != count
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in data)):
+        raise InvalidInstances(f"{where}.data must be {count} whole numbers, the valid steps of each sequence")
+    values = np.asarray(data, dtype=np.int64)
+    bad = np.flatnonzero((values < 1) | (values > steps))
+    if len(bad):
+        raise InvalidInstances(f"{where}.data[{int(bad[0])}] is {int(values[bad[0]])}; a length lies in 1..{steps}")
+    return values
 
 
 def infer_response(model_name: str, version: str | None, request_id: str | None, outputs: list[str],

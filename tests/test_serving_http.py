@@ -262,7 +262,7 @@ MALFORMED: dict[str, tuple[str, str | None, bytes | str, int, str]] = {
     "v2-nan": (INFER, JSON, _v2(data=[float("nan")] + FLAT[1:]), 400, "inputs[0].data[0] is NaN"),
     "v2-string": (INFER, JSON, _v2(data=["1"] + FLAT[1:]), 400, "inputs[0].data[0] is a string"),
     "v2-wrong-input-name": (INFER, JSON, _v2(name="pixels"), 400, "named 'input'"),
-    "v2-two-tensors": (INFER, JSON, json.dumps({"inputs": [{}, {}]}), 400, "exactly one tensor"),
+    "v2-two-tensors": (INFER, JSON, json.dumps({"inputs": [{}, {}]}), 400, "the model's input tensor (and, for a model"),
     "v2-unknown-output": (INFER, JSON, json.dumps({**json.loads(_v2()), "outputs": [{"name": "logits"}]}), 400,
                           "outputs[0].name is 'logits'"),
     "v2-too-many": (INFER, JSON, _v2(shape=[MAX_INSTANCES + 1, 1, 8, 8], data=FLAT * (MAX_INSTANCES + 1)), 413,
@@ -342,6 +342,14 @@ def test_docs_is_our_swagger_ui_with_its_files_served_locally(server: Server) ->
     assert len(paths) == 3  # swagger-ui-bundle.js, swagger-ui.css, the favicon
     for path in [*paths, "/openapi.json"]:
         assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200, path
+
+
+def test_lengths_for_a_model_that_takes_none_is_a_400(server: Server) -> None:
+    body = v2_body(sample_instances(2, seed=4))
+    body["inputs"].append({"name": "lengths", "shape": [2], "datatype": "INT64", "data": [8, 8]})
+    answer = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, headers=AUTH, timeout=10)
+    assert answer.status_code == 400 and "takes no lengths" in answer.json()["error"]
+    assert httpx.get(f"{server.url}/metadata", timeout=10).json()["takes_lengths"] is False
 
 
 def test_a_model_without_a_report_answers_404_with_the_fix_and_an_unknown_variant_400(server: Server) -> None:

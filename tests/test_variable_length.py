@@ -73,6 +73,21 @@ def test_ragged_instances_over_http_get_the_trained_answers(walks, tmp_path: Pat
         np.testing.assert_allclose(got, expected, atol=1e-5)
         accuracy = float((got.argmax(1) == np.asarray(test.y)).mean())
         assert accuracy == pytest.approx(result.test_metrics["test_accuracy"])  # served exactly as trained
+        # The Open Inference Protocol: the zero-padded tensor plus an INT64 lengths input.
+        name = exported.registered_model
+        inputs = list(httpx.get(f"{server.url}/v2/models/{name}", timeout=10).json()["inputs"])
+        assert [i["name"] for i in inputs] == ["input", "lengths"]
+        body = {"inputs": [{"name": "input", "shape": [len(test.y), 1, 12], "datatype": "FP32",
+                            "data": np.asarray(test.x, np.float32).ravel().tolist()},
+                           {"name": "lengths", "shape": [len(test.y)], "datatype": "INT64",
+                            "data": [int(n) for n in test.lengths]}]}
+        v2 = httpx.post(f"{server.url}/v2/models/{name}/infer", json=body, timeout=30)
+        assert v2.status_code == 200, v2.text
+        out = next(o for o in v2.json()["outputs"] if o["name"] == "probabilities")
+        np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), expected, atol=1e-5)
+        body["inputs"][1]["data"][0] = 13
+        refused = httpx.post(f"{server.url}/v2/models/{name}/infer", json=body, timeout=30)
+        assert refused.status_code == 400 and "inputs[1].data[0] is 13; a length lies in 1..12" in refused.text
         full = np.asarray(test.x[:3]).tolist()  # full-length instances still take the fast path
         assert httpx.post(f"{server.url}/predict", json={"instances": full}, timeout=30).status_code == 200
         for bad, where in (([[0.0] * 13], "instances[0]: shape (1, 13)"), ([[]], "instances[0]: shape (1, 0)"),
