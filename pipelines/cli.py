@@ -119,8 +119,14 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="Retrain even when data, settings and code equal an earlier run's.")
     ] = False,
+    auto: Annotated[bool, typer.Option("--auto", help="model.name=auto: race a portfolio of models (the MLP "
+                                       "baseline among them) on the validation split, then train the winner.")] = False,
+    budget: Annotated[Optional[float], typer.Option("--budget", min=0.1, help="With --auto: minutes for the race "
+                                                    "(auto.budget_minutes, 5).")] = None,
 ) -> None:
     """Run the whole pipeline as one Prefect flow: ingest → push → train → export → register → promote → publish."""
+    overrides = [*(overrides or []), *(["model.name=auto"] if auto else []),
+                 *([f"auto.budget_minutes={budget}"] if budget is not None else [])]
     try:
         settings = _settings(config, overrides)  # a mistake in the settings fails before Prefect starts
         from pipelines.flows import pipeline_flow, stop_temporary_server

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.errors import FluxoError
 from pipelines.settings.augment import AugmentSettings
+from pipelines.settings.auto import AutoSettings
 from pipelines.settings.monitor import MonitorSettings
 from pipelines.settings.tune import TuneSettings
 
@@ -88,7 +89,8 @@ class DataSettings(_Section):
 class ModelSettings(_Section):
     """Which registered architecture to build, and its constructor arguments."""
 
-    name: str = Field("cnn2d", description="Model name in the models registry.")
+    name: str = Field("cnn2d", description="Model name in the models registry (`fluxo models`), or auto: race a "
+                      "portfolio of them on the validation split and train the winner (auto.*).")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model builder.")
 
 
@@ -277,6 +279,7 @@ class FluxoSettings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     tune: TuneSettings = Field(default_factory=TuneSettings)
+    auto: AutoSettings = Field(default_factory=AutoSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
     @field_validator("data")

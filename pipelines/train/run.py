@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pipelines.data.store import Dataset, Split, read_dataset, read_validation
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
 from pipelines.identity import REGISTERED_MODEL_TAG, default_registered_model
+from pipelines.train.auto import AUTO
 from pipelines.train.checkpoint import model_payload, save_checkpoint
 from pipelines.train import distributed
 from pipelines.train.batches import batches_for
@@ -382,6 +384,14 @@ def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> Tra
     from pipelines.tracking import configure_mlflow
 
     dataset = read_dataset(Path(root) / settings.data.data_dir)
+    search = None
+    if settings.model.name == AUTO:  # race a portfolio first (pipelines/train/auto.py); the winner trains here
+        from pipelines.train.auto import choose
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise FluxoError("model.name=auto runs in one process; drop --nproc, or name a model to train with DDP")
+        configure_mlflow(root, settings)
+        settings, search = choose(root, settings, data_version, dataset)
     check_trainable(settings, dataset)
     ranks = distributed.init_distributed()
     try:
@@ -408,6 +418,8 @@ def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> Tra
             mlflow.log_input(source, context="training")
             # The run's identity: export, registry and promotion read it from here, not from a preset.
             mlflow.set_tags({"world_size": str(ranks.world), REGISTERED_MODEL_TAG: registered})
+            if search is not None:
+                mlflow.set_tags({"fluxo.auto.search": search})
             # Held while training, so a `--resume` of this run from another process is refused.
             with training_lock(Path(root) / settings.train.checkpoint_dir / run.info.run_id, run.info.run_id):
                 _, test_metrics, checkpoint, result = train_and_evaluate(

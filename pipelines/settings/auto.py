@@ -1,0 +1,38 @@
+"""``model.name: auto`` settings: the portfolio ``fluxo run --auto`` races, and for how long."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# What each registered model is tried as: a small width search, per input kind. The MLP is
+# always in the race: it is the baseline the winner has to beat.
+PORTFOLIO: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "image": [("mlp", {"hidden": 128}), ("mlp", {"hidden": 512}), ("cnn2d", {"channels": 16}),
+              ("cnn2d", {"channels": 32}), ("lenet", {"batch_norm": True}), ("resnet_small", {"channels": 16})],
+    "sequence": [("mlp", {"hidden": 128}), ("mlp", {"hidden": 512}), ("cnn1d", {"channels": 25}),
+                 ("cnn1d", {"channels": 64}), ("resnet1d", {"channels": 32}), ("gru", {"hidden": 64}),
+                 ("lstm", {"hidden": 64})],
+}
+
+
+class AutoSettings(BaseModel):
+    """The race behind ``model.name: auto`` (pipelines/train/auto.py): successive halving on validation accuracy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget_minutes: float = Field(
+        5.0, gt=0, description="Wall time for the race; the winner's full training comes after it. Sized for 2 CPU "
+        "cores: more hardware finishes more rungs, with the same candidates and the same code path.",
+    )
+    models: list[str] | None = Field(
+        None, description="Registered models to race (the MLP is always added); unset: every one in the portfolio "
+        "that takes the dataset's input kind.",
+    )
+    learning_rates: list[float] = Field([1e-3, 3e-3], description="Adam learning rates tried for each model.")
+    first_epochs: int = Field(1, ge=1, description="Epochs of every candidate in the first rung.")
+    eta: int = Field(3, ge=2, description="Each rung keeps the best 1/eta of the candidates and trains them eta times longer.")
+    with_augmentation: bool = Field(
+        True, description="Also try each candidate with the preset's augment section (when it has one) and without."
+    )

@@ -1,0 +1,208 @@
+"""``model.name: auto``: race a portfolio of models on the validation split, then train the winner.
+
+The portfolio (pipelines/settings/auto.py) is every registered model that takes the
+dataset's input kind, at a couple of widths, times ``auto.learning_rates``, with and without
+the preset's augmentation: the MLP baseline is always in it, so the leaderboard says what
+the deep models add. The race is successive halving: every candidate trains
+``auto.first_epochs`` epochs, the best ``1/eta`` (validation accuracy) go on for ``eta`` times
+as many, until one is left or the budget is spent; a rung the budget interrupts ranks the
+candidates it finished beside the higher rung's. Candidates are trained in a fixed order with
+the run's seed, so for a seed the race is the same whenever the budget does not bind; a
+faster machine finishes more rungs, nothing else changes.
+
+Every candidate is a nested MLflow run under one parent (tagged ``fluxo.kind=auto-search``,
+so ``fluxo export`` never takes either); the leaderboard goes to the terminal and to the
+parent as ``auto/leaderboard.json``. The winner's settings (model, width, learning rate,
+augmentation) then go through the ordinary training run, export and gate.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.data.store import Dataset
+from pipelines.data.versioning import DataVersion
+from pipelines.errors import FluxoError
+from pipelines.settings import FluxoSettings
+from pipelines.settings.auto import PORTFOLIO
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+KIND_TAG = "fluxo.kind"
+SEARCH, CANDIDATE = "auto-search", "auto-candidate"
+BASELINE = "mlp"
+
+
+@dataclass
+class Candidate:
+    model: str
+    params: dict[str, Any]
+    learning_rate: float
+    augment: bool
+    scores: dict[int, float] = field(default_factory=dict)  # rung epochs → best validation accuracy
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        width = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.model}({width}) lr={self.learning_rate:g}{' +aug' if self.augment else ''}"
+
+    def best(self) -> tuple[int, float]:
+        """(highest rung reached, its score): how candidates of different rungs rank."""
+        epochs = max(self.scores)
+        return epochs, self.scores[epochs]
+
+
+def portfolio(settings: FluxoSettings, dataset: Dataset) -> list[Candidate]:
+    """The candidates for this dataset, in the fixed order they are trained."""
+    from models import MODEL_REGISTRY
+
+    kind = dataset.kind
+    if kind not in PORTFOLIO:
+        raise FluxoError(f"model.name=auto: no portfolio for {kind} data; name a model (`fluxo models`)")
+    wanted = settings.auto.models
+    if wanted is not None:
+        unknown = [m for m in wanted if m not in MODEL_REGISTRY]
+        if unknown:
+            raise FluxoError(f"auto.models: {', '.join(unknown)} not registered; choose from "
+                             f"{', '.join(sorted(MODEL_REGISTRY))}")
+    entries = [(m, p) for m, p in PORTFOLIO[kind] if wanted is None or m in wanted or m == BASELINE]
+    augmented = (False, True) if settings.auto.with_augmentation and _augments(settings, kind) else (False,)
+    return [Candidate(model, dict(params), lr, aug) for model, params in entries
+            for lr in settings.auto.learning_rates for aug in augmented]
+
+
+def _augments(settings: FluxoSettings, kind: str) -> bool:
+    from pipelines.data.augment import build_augmenter
+
+    return build_augmenter(settings.augment, kind, 2) is not None
+
+
+def candidate_settings(settings: FluxoSettings, candidate: Candidate, epochs: int) -> FluxoSettings:
+    """The run's settings with the candidate's model, width, learning rate and augmentation."""
+    from pipelines.settings import AugmentSettings
+
+    train = settings.train.model_copy(update={"learning_rate": candidate.learning_rate, "optimizer": "adam",
+                                              "epochs": epochs, "baseline_epochs": 0, "init_from": None,
+                                              "freeze": [], "monitor": "val_accuracy",
+                                              "patience": max(epochs, settings.train.patience)})
+    return settings.model_copy(update={
+        "model": settings.model.model_copy(update={"name": candidate.model, "params": dict(candidate.params)}),
+        "train": train,
+        "augment": copy.deepcopy(settings.augment) if candidate.augment else AugmentSettings(),
+    })
+
+
+def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset) -> list[Candidate]:
+    """Successive halving over the portfolio inside one parent MLflow run; candidates best first."""
+    import mlflow
+
+    from pipelines.train.run import train_and_evaluate
+    from pipelines.train.tracker import MLflowTracker
+
+    candidates = portfolio(settings, dataset)
+    budget = settings.auto.budget_minutes * 60
+    started = time.perf_counter()
+    alive, epochs = list(candidates), settings.auto.first_epochs
+    with mlflow.start_run(run_name=f"auto-{dataset.manifest['name']}", tags={KIND_TAG: SEARCH}) as parent:
+        mlflow.log_params({"auto.candidates": len(candidates), "auto.budget_minutes": settings.auto.budget_minutes,
+                           "auto.eta": settings.auto.eta, "auto.first_epochs": settings.auto.first_epochs})
+        out_of_time = False
+        while alive and not out_of_time:
+            for candidate in alive:
+                if time.perf_counter() - started > budget and any(c.scores for c in candidates):
+                    out_of_time = True
+                    break
+                with mlflow.start_run(run_name=f"{candidate.label} {epochs}ep", nested=True,
+                                      tags={KIND_TAG: CANDIDATE}) as run:
+                    mlflow.log_params({"auto.model": candidate.model, "auto.params": candidate.params,
+                                       "auto.learning_rate": candidate.learning_rate,
+                                       "auto.augment": candidate.augment, "auto.epochs": epochs})
+                    with _quiet("pipelines.train.run", "pipelines.train.engine"):  # one line per candidate
+                        _, _, _, fit = train_and_evaluate(root, candidate_settings(settings, candidate, epochs),
+                                                          data_version, MLflowTracker(), run_key=run.info.run_id,
+                                                          dataset=dataset)
+                    candidate.scores[epochs] = max(r["val_accuracy"] for r in fit.history)
+                    candidate.run_ids.append(run.info.run_id)
+                log.info("auto: %-44s %2d epochs: val accuracy %.4f", candidate.label, epochs, candidate.scores[epochs])
+            finished = [c for c in alive if epochs in c.scores]
+            if len(finished) <= 1 or out_of_time:
+                break
+            finished.sort(key=lambda c: -c.scores[epochs])
+            alive, epochs = finished[: max(1, math.ceil(len(finished) / settings.auto.eta))], epochs * settings.auto.eta
+        ranked = sorted((c for c in candidates if c.scores), key=lambda c: (-c.best()[0], -c.best()[1]))
+        board = leaderboard(ranked)
+        mlflow.log_dict({"leaderboard": board, "seconds": round(time.perf_counter() - started, 1)},
+                        "auto/leaderboard.json")
+        mlflow.log_metrics({"auto_best_val_accuracy": ranked[0].best()[1],
+                            "auto_baseline_val_accuracy": _baseline(ranked).best()[1],
+                            "auto_seconds": time.perf_counter() - started})
+        mlflow.set_tags({"fluxo.auto.winner": ranked[0].label})
+    log.info("auto leaderboard (%d candidates, %.0f s):\n%s", len(ranked), time.perf_counter() - started,
+             format_leaderboard(board))
+    for candidate in ranked:
+        candidate.run_ids = [parent.info.run_id, *candidate.run_ids]
+    return ranked
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Loggers at WARNING for the block: a candidate's epochs and test line are in its MLflow run."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _baseline(ranked: list[Candidate]) -> Candidate:
+    return next(c for c in ranked if c.model == BASELINE)
+
+
+def leaderboard(ranked: list[Candidate]) -> list[dict[str, Any]]:
+    baseline = _baseline(ranked)
+    rows = []
+    for place, candidate in enumerate(ranked, 1):
+        epochs, score = candidate.best()
+        role = "winner" if place == 1 else "baseline" if candidate is baseline else ""
+        rows.append({"rank": place, "candidate": candidate.label, "epochs": epochs, "val_accuracy": round(score, 4),
+                     "role": role if candidate is not baseline or place != 1 else "winner (the baseline)"})
+    return rows
+
+
+def format_leaderboard(rows: list[dict[str, Any]]) -> str:
+    width = max(len(r["candidate"]) for r in rows)
+    lines = [f"  {'#':>2}  {'candidate'.ljust(width)}  epochs  val acc"]
+    for r in rows:
+        lines.append(f"  {r['rank']:>2}  {r['candidate'].ljust(width)}  {r['epochs']:>6}  {r['val_accuracy']:.4f}"
+                     f"  {r['role']}")
+    return "\n".join(lines)
+
+
+def choose(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset) -> tuple[FluxoSettings, str]:
+    """Run the race; (the winner's settings for a full training run, the search's parent run id)."""
+    if dataset.task == "regression" or settings.train.task in ("regression", "multilabel"):
+        raise FluxoError("model.name=auto races on validation accuracy: it needs a classification dataset; "
+                         "name a model for this one (`fluxo models`)")
+    ranked = race(root, settings, data_version, dataset)
+    winner = ranked[0]
+    chosen = candidate_settings(settings, winner, settings.train.epochs)
+    # The winner trains as the run was asked to (its epochs, patience, monitor), in its own configuration.
+    chosen = chosen.model_copy(update={"train": chosen.train.model_copy(update={
+        "monitor": settings.train.monitor, "patience": settings.train.patience,
+        "baseline_epochs": settings.train.baseline_epochs})})
+    log.info("auto: training the winner, %s, for up to %d epochs", winner.label, settings.train.epochs)
+    return chosen, winner.run_ids[0]
