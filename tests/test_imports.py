@@ -84,7 +84,8 @@ def test_layers_import_one_way() -> None:
             assert not {t for t in targets if t.startswith(("pipelines", "serving"))}, module
         if module == "pipelines.settings" or module.startswith("pipelines.settings."):
             assert targets <= {"pipelines.errors", "pipelines.settings", "pipelines.settings.augment",
-                               "pipelines.settings.monitor", "pipelines.settings.tune"}, (module, targets)
+                               "pipelines.settings.auto", "pipelines.settings.monitor",
+                               "pipelines.settings.tune"}, (module, targets)
 
 
 def _loaded_after(code: str) -> set[str]:

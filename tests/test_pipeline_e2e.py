@@ -127,8 +127,9 @@ def test_schedule_builds_a_cron_deployment(tmp_path: Path) -> None:
     deployment = scheduled_deployment("0 3 * * *", str(SMOKE), ["train.epochs=1"], str(tmp_path), "nightly")
     assert deployment.name == "nightly"
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
-    assert deployment.parameters == {"config": str(SMOKE), "overrides": ["train.epochs=1"], "root": str(tmp_path.resolve()),
-                                     "force": False}
+    # A scheduled retrain starts from a compatible champion's weights (pipelines/train/warm_start.py).
+    assert deployment.parameters == {"config": str(SMOKE), "overrides": ["train.epochs=1", "train.init_from=champion"],
+                                     "root": str(tmp_path.resolve()), "force": False}
     assert json.dumps(deployment.parameters)  # a deployment's parameters must be JSON
 
 

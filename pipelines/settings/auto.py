@@ -6,6 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+AUTO = "auto"
+"""The ``model.name`` that races the portfolio instead of naming one model."""
+
 # What each registered model is tried as: a small width search, per input kind. The MLP is
 # always in the race: it is the baseline the winner has to beat.
 PORTFOLIO: dict[str, list[tuple[str, dict[str, Any]]]] = {

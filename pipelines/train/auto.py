@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +32,9 @@ from pipelines.data.store import Dataset
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
 from pipelines.settings import FluxoSettings
-from pipelines.settings.auto import PORTFOLIO
+from pipelines.settings.auto import AUTO, PORTFOLIO  # noqa: F401 - AUTO re-exported
 
 log = logging.getLogger(__name__)
-
-AUTO = "auto"
 KIND_TAG = "fluxo.kind"
 SEARCH, CANDIDATE = "auto-search", "auto-candidate"
 BASELINE = "mlp"
@@ -102,11 +100,14 @@ def candidate_settings(settings: FluxoSettings, candidate: Candidate, epochs: in
     })
 
 
-def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset) -> list[Candidate]:
-    """Successive halving over the portfolio inside one parent MLflow run; candidates best first."""
+def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset,
+         train_and_evaluate: Callable[..., Any]) -> list[Candidate]:
+    """Successive halving over the portfolio inside one parent MLflow run; candidates best first.
+
+    ``train_and_evaluate`` is pipelines.train.run's, handed in (run.py calls this module).
+    """
     import mlflow
 
-    from pipelines.train.run import train_and_evaluate
     from pipelines.train.tracker import MLflowTracker
 
     candidates = portfolio(settings, dataset)
@@ -192,12 +193,13 @@ def format_leaderboard(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def choose(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset) -> tuple[FluxoSettings, str]:
+def choose(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset,
+           train_and_evaluate: Callable[..., Any]) -> tuple[FluxoSettings, str]:
     """Run the race; (the winner's settings for a full training run, the search's parent run id)."""
     if dataset.task == "regression" or settings.train.task in ("regression", "multilabel"):
         raise FluxoError("model.name=auto races on validation accuracy: it needs a classification dataset; "
                          "name a model for this one (`fluxo models`)")
-    ranked = race(root, settings, data_version, dataset)
+    ranked = race(root, settings, data_version, dataset, train_and_evaluate)
     winner = ranked[0]
     chosen = candidate_settings(settings, winner, settings.train.epochs)
     # The winner trains as the run was asked to (its epochs, patience, monitor), in its own configuration.

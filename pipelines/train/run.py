@@ -18,12 +18,12 @@ import torch
 from models import MODEL_REGISTRY, build_model
 from models.preprocess import Standardized
 from pipelines.settings import FluxoSettings
+from pipelines.settings.auto import AUTO
 from pipelines.data.augment import augmentation_grid, build_augmenter
 from pipelines.data.store import Dataset, Split, read_dataset, read_validation
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
 from pipelines.identity import REGISTERED_MODEL_TAG, default_registered_model
-from pipelines.train.auto import AUTO
 from pipelines.train.checkpoint import model_payload, save_checkpoint
 from pipelines.train import distributed
 from pipelines.train.batches import batches_for
@@ -391,7 +391,7 @@ def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> Tra
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise FluxoError("model.name=auto runs in one process; drop --nproc, or name a model to train with DDP")
         configure_mlflow(root, settings)
-        settings, search = choose(root, settings, data_version, dataset)
+        settings, search = choose(root, settings, data_version, dataset, train_and_evaluate)
     check_trainable(settings, dataset)
     ranks = distributed.init_distributed()
     try:
