@@ -59,6 +59,17 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=5.0, help="minutes for each race")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "auto.json"))
     args = parser.parse_args()
+    if len(args.datasets) > 1:  # one process per dataset: each its own MLflow store, nothing cached across
+        merged: dict = {}
+        for dataset in args.datasets:
+            part = Path(tempfile.mkdtemp()) / f"{dataset}.json"
+            subprocess.run([sys.executable, __file__, "--datasets", dataset, "--seeds", *map(str, args.seeds),
+                            "--budget", str(args.budget), "--out", str(part)], check=True)
+            merged = {**json.loads(part.read_text()), "datasets": {**merged.get("datasets", {}),
+                                                                   **json.loads(part.read_text())["datasets"]}}
+        Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
+        _print(merged, args.out)
+        return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("pipelines.train.auto").setLevel(logging.INFO)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -111,7 +122,13 @@ def main() -> None:
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
            "budget_minutes": args.budget, "seeds": args.seeds, "datasets": results}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nmodel.name=auto, race budget {args.budget:g} min, seeds {args.seeds}, {os.cpu_count()} CPUs: test accuracy")
+    _print(out, args.out)
+
+
+def _print(out: dict, path: str) -> None:
+    results = out["datasets"]
+    print(f"\nmodel.name=auto, race budget {out['budget_minutes']:g} min, seeds {out['seeds']}, "
+          f"{out['machine']['cpus']} CPUs: test accuracy")
     print(f"{'dataset':9} {'auto':>16} {'mlp baseline':>16} {'best preset (recorded)':>26}  winners")
     for dataset, row in results.items():
         presets = row["presets_recorded"]
@@ -120,7 +137,7 @@ def main() -> None:
         winners = ", ".join(sorted({r["winner"] for r in row["auto"]["runs"]}))
         print(f"{dataset:9} {row['auto']['mean']:.4f} ± {row['auto']['std']:.4f} "
               f"{row['mlp_baseline']['mean']:.4f} ± {row['mlp_baseline']['std']:.4f} {best_text:>26}  {winners}")
-    print(f"wrote {Path(args.out).relative_to(ROOT) if Path(args.out).is_relative_to(ROOT) else args.out}")
+    print(f"wrote {Path(path).relative_to(ROOT) if Path(path).is_relative_to(ROOT) else path}")
 
 
 if __name__ == "__main__":
