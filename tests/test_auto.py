@@ -17,11 +17,11 @@ from pipelines.train.auto import portfolio
 from pipelines.train.run import train
 
 SHRUNK = ("model.name=auto", "train.epochs=4", "auto.models=[cnn2d]", "auto.learning_rates=[0.003]",
-          "auto.first_epochs=1", "auto.eta=2")
+          "auto.first_epochs=1", "auto.eta=2", "auto.with_presets=false")
 
 
 def test_the_portfolio_fits_the_input_kind_and_always_holds_the_baseline(project: Path, settings_for) -> None:
-    settings = settings_for("auto.models=[cnn2d]", "auto.learning_rates=[0.001, 0.003]")
+    settings = settings_for("auto.models=[cnn2d]", "auto.learning_rates=[0.001, 0.003]", "auto.with_presets=false")
     ingest(project, settings.data)
     dataset = read_dataset(project / "data")
     candidates = portfolio(settings, dataset)
@@ -29,6 +29,17 @@ def test_the_portfolio_fits_the_input_kind_and_always_holds_the_baseline(project
     assert len(candidates) == 4 * 2  # 2 widths each x 2 learning rates; the smoke preset does not augment
     every = portfolio(settings_for(), dataset)
     assert {c.model for c in every} == {"mlp", "cnn2d", "lenet", "resnet_small"}  # image models only
+    # The shipped image presets race too, each with its own recipe; smoke and tuning presets do not.
+    presets = {c.name: c for c in every if c.preset is not None}
+    assert set(presets) == {"digits-cnn.yaml", "mnist-cnn.yaml", "mnist-lenet.yaml"}
+    assert presets["mnist-cnn.yaml"].augment and presets["mnist-cnn.yaml"].preset["train"]["scheduler"] == "onecycle"
+    from pipelines.train.auto import candidate_settings
+
+    raced = candidate_settings(settings, presets["mnist-lenet.yaml"], 2)
+    assert (raced.model.name, raced.train.epochs, raced.train.learning_rate) == ("lenet", 2, 0.002)
+    assert raced.augment.image.rotation == (-10.0, 10.0)  # the preset's own augmentation (rotation: 10)
+    final = candidate_settings(settings, presets["mnist-lenet.yaml"], None)
+    assert (final.train.epochs, final.train.patience) == (40, 8)  # the winner trains to the preset's end
     with pytest.raises(FluxoError, match="auto.models: nope not registered"):
         portfolio(settings_for("auto.models=[nope]"), dataset)
 

@@ -39,3 +39,7 @@ class AutoSettings(BaseModel):
     with_augmentation: bool = Field(
         True, description="Also try each candidate with the preset's augment section (when it has one) and without."
     )
+    with_presets: bool = Field(
+        True, description="Also race the shipped presets (configs/*.yaml, not smoke or tuning ones) whose model takes "
+        "the dataset's inputs, each with its own training recipe and augmentation.",
+    )

@@ -40,17 +40,27 @@ SEARCH, CANDIDATE = "auto-search", "auto-candidate"
 BASELINE = "mlp"
 
 
+PRESETS = Path(__file__).resolve().parents[2] / "configs"
+# Presets that are not a training recipe of their own: the smoke test's, and tuning studies (their
+# training sections repeat the preset they search around).
+NOT_RECIPES = ("smoke.yaml", "*-tune.yaml")
+
+
 @dataclass
 class Candidate:
     model: str
     params: dict[str, Any]
     learning_rate: float
     augment: bool
+    preset: dict[str, Any] | None = None  # a shipped preset's model/train/augment sections, raced as they are
+    name: str = ""  # the preset's file name
     scores: dict[int, float] = field(default_factory=dict)  # rung epochs → best validation accuracy
     run_ids: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
+        if self.preset is not None:
+            return f"preset {self.name} ({self.model})"
         width = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.model}({width}) lr={self.learning_rate:g}{' +aug' if self.augment else ''}"
 
@@ -75,8 +85,36 @@ def portfolio(settings: FluxoSettings, dataset: Dataset) -> list[Candidate]:
                              f"{', '.join(sorted(MODEL_REGISTRY))}")
     entries = [(m, p) for m, p in PORTFOLIO[kind] if wanted is None or m in wanted or m == BASELINE]
     augmented = (False, True) if settings.auto.with_augmentation and _augments(settings, kind) else (False,)
-    return [Candidate(model, dict(params), lr, aug) for model, params in entries
-            for lr in settings.auto.learning_rates for aug in augmented]
+    candidates = [Candidate(model, dict(params), lr, aug) for model, params in entries
+                  for lr in settings.auto.learning_rates for aug in augmented]
+    return candidates + (preset_candidates(kind, wanted) if settings.auto.with_presets else [])
+
+
+def preset_candidates(kind: str, wanted: list[str] | None, folder: Path = PRESETS) -> list[Candidate]:
+    """The shipped presets whose model takes ``kind`` inputs, each raced with its own recipe.
+
+    A preset is a tuned recipe (schedule, augmentation, regularisation) that the grid above
+    does not reproduce; in the race, the best of them is always a candidate to beat.
+    """
+    import yaml
+
+    from models import MODEL_REGISTRY
+
+    if not folder.is_dir():
+        return []
+    skipped = {path for pattern in NOT_RECIPES for path in folder.glob(pattern)}
+    out = []
+    for path in sorted(set(folder.glob("*.yaml")) - skipped):
+        recipe = yaml.safe_load(path.read_text()) or {}
+        model = (recipe.get("model") or {}).get("name")
+        spec = MODEL_REGISTRY.get(model)
+        if spec is None or spec.input_kind not in (kind, "any") or (wanted is not None and model not in wanted):
+            continue
+        sections = {key: recipe.get(key) or {} for key in ("model", "train", "augment")}
+        train = sections["train"]
+        out.append(Candidate(model, dict(sections["model"].get("params") or {}),
+                             float(train.get("learning_rate", 1e-3)), bool(sections["augment"]), sections, path.name))
+    return out
 
 
 def _augments(settings: FluxoSettings, kind: str) -> bool:
@@ -85,14 +123,26 @@ def _augments(settings: FluxoSettings, kind: str) -> bool:
     return build_augmenter(settings.augment, kind, 2) is not None
 
 
-def candidate_settings(settings: FluxoSettings, candidate: Candidate, epochs: int) -> FluxoSettings:
-    """The run's settings with the candidate's model, width, learning rate and augmentation."""
-    from pipelines.settings import AugmentSettings
+def candidate_settings(settings: FluxoSettings, candidate: Candidate, epochs: int | None) -> FluxoSettings:
+    """The run's settings with the candidate's model, width, learning rate and augmentation.
 
-    train = settings.train.model_copy(update={"learning_rate": candidate.learning_rate, "optimizer": "adam",
-                                              "epochs": epochs, "baseline_epochs": 0, "init_from": None,
-                                              "freeze": [], "monitor": "val_accuracy",
-                                              "patience": max(epochs, settings.train.patience)})
+    ``epochs`` for a rung of the race; None for the winner's full training (a preset's own epochs,
+    patience and schedule; the run's ``train.epochs`` for a grid candidate).
+    """
+    from pipelines.settings import AugmentSettings, ModelSettings, TrainSettings
+
+    race = {"baseline_epochs": 0, "init_from": None, "freeze": [], "monitor": "val_accuracy"}
+    if candidate.preset is not None:
+        recipe = candidate.preset
+        train = TrainSettings.model_validate({**settings.train.model_dump(), **recipe["train"]})
+        if epochs is not None:
+            train = train.model_copy(update={**race, "epochs": epochs, "patience": max(epochs, train.patience)})
+        return settings.model_copy(update={
+            "model": ModelSettings.model_validate({"name": candidate.model, "params": dict(candidate.params)}),
+            "train": train, "augment": AugmentSettings.model_validate(recipe["augment"])})
+    train = settings.train.model_copy(update={"learning_rate": candidate.learning_rate, "optimizer": "adam"})
+    if epochs is not None:
+        train = train.model_copy(update={**race, "epochs": epochs, "patience": max(epochs, settings.train.patience)})
     return settings.model_copy(update={
         "model": settings.model.model_copy(update={"name": candidate.model, "params": dict(candidate.params)}),
         "train": train,
@@ -127,7 +177,8 @@ def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset
                                       tags={KIND_TAG: CANDIDATE}) as run:
                     mlflow.log_params({"auto.model": candidate.model, "auto.params": candidate.params,
                                        "auto.learning_rate": candidate.learning_rate,
-                                       "auto.augment": candidate.augment, "auto.epochs": epochs})
+                                       "auto.augment": candidate.augment, "auto.epochs": epochs,
+                                       "auto.preset": candidate.name or None})
                     with _quiet("pipelines.train.run", "pipelines.train.engine"):  # one line per candidate
                         _, _, _, fit = train_and_evaluate(root, candidate_settings(settings, candidate, epochs),
                                                           data_version, MLflowTracker(), run_key=run.info.run_id,
@@ -201,10 +252,6 @@ def choose(root: Path, settings: FluxoSettings, data_version: DataVersion, datas
                          "name a model for this one (`fluxo models`)")
     ranked = race(root, settings, data_version, dataset, train_and_evaluate)
     winner = ranked[0]
-    chosen = candidate_settings(settings, winner, settings.train.epochs)
-    # The winner trains as the run was asked to (its epochs, patience, monitor), in its own configuration.
-    chosen = chosen.model_copy(update={"train": chosen.train.model_copy(update={
-        "monitor": settings.train.monitor, "patience": settings.train.patience,
-        "baseline_epochs": settings.train.baseline_epochs})})
-    log.info("auto: training the winner, %s, for up to %d epochs", winner.label, settings.train.epochs)
+    chosen = candidate_settings(settings, winner, None)  # trained to completion, as the run (or preset) says
+    log.info("auto: training the winner, %s, for up to %d epochs", winner.label, chosen.train.epochs)
     return chosen, winner.run_ids[0]
