@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pipelines.locks import exclusive_lock
 from pipelines.settings import FluxoSettings
@@ -89,3 +89,15 @@ def _ensure_experiment(name: str, artifacts: Path | None) -> str:
     if EXPERIMENT_KIND_TAG not in experiment.tags and experiment.lifecycle_stage == "active":
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def registry_version(client: Any, uri: str) -> tuple[str, Any, str | None]:
+    """(name, model version, alias or None) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+
+    Raises MLflow's exception when the registry has no such version; callers say what to do.
+    """
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    if alias:
+        return name, client.get_model_version_by_alias(name, alias), alias
+    name, _, number = name.partition("/")
+    return name, client.get_model_version(name, number), None

@@ -59,7 +59,7 @@ from serving.rollout import (
     agreements,
     contract_mismatch,
 )
-from serving.runtime import OnnxModel, providers_for, public_metadata
+from serving.runtime import OnnxModel, nan_padded, providers_for, public_metadata
 from serving.schemas import (
     ErrorResponse,
     InvalidInstances,
@@ -830,7 +830,7 @@ def create_app() -> FastAPI:
                     raise InvalidInstances(f"inputs[1] 'lengths': model {live.name!r} takes no lengths; send only "
                                            f"{live.model.input_name!r}")
                 steps = oip.lengths_values(lengths, len(batch), batch.shape[-1])
-                batch = np.where(np.arange(batch.shape[-1]) >= steps[:, None, None], np.float32(np.nan), batch)
+                batch = nan_padded(batch, steps)
         except InvalidInstances as error:
             raise _invalid(error) from None
         if rollout is None and server.payload is None:

@@ -48,6 +48,13 @@ def nan_padded_lengths(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(nan, np.float32(0), batch), lengths.astype(np.int64)
 
 
+def nan_padded(batch: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(n, C, L) sequences with every step past each row's length set to NaN: the inverse of
+    :func:`nan_padded_lengths`, for callers that know the lengths (v2's lengths input, a CSV's rows)."""
+    past = np.arange(batch.shape[-1]) >= np.asarray(lengths)[:, None, None]
+    return np.where(past, np.float32(np.nan), batch)
+
+
 def graph_feeds(session: ort.InferenceSession, input_name: str, batch: np.ndarray,
                 lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """What one run is fed: the batch, and for a graph that takes lengths, each row's valid steps
@@ -242,10 +249,9 @@ class OnnxModel:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.shape[1:] != self.input_shape:
             raise ValueError(f"batch has shape {batch.shape}, expected (n, {', '.join(map(str, self.input_shape))})")
-        if self.takes_lengths:
-            feeds = graph_feeds(self.session, self.input_name, batch)
-        else:
-            feeds = {self.input_name: batch}
+        feeds = {self.input_name: batch}
+        if self.takes_lengths:  # decided once at load: no graph inspection per batch
+            feeds[self.input_name], feeds[LENGTHS_NAME] = nan_padded_lengths(batch)
         (logits,) = self.session.run([self.output_name], feeds)
         return np.asarray(logits, dtype=np.float32)
 

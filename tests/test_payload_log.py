@@ -187,16 +187,21 @@ def test_sampling_logs_its_share(tmp_path: Path) -> None:
     assert abs(len(table) - 0.3 * n) <= 4 * np.sqrt(n * 0.3 * 0.7)
 
 
+def kill_server(running: RunningServer) -> None:
+    """SIGKILL the server and every worker at once, after five flush intervals (every record is in a journal)."""
+    time.sleep(1.0)
+    workers = psutil.Process(running.process.pid).children(recursive=True)
+    for process in [psutil.Process(running.process.pid), *workers]:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(workers, timeout=10)
+    running.process.wait(10)
+
+
 def test_sigkill_leaves_readable_files_with_everything_flushed(tmp_path: Path) -> None:
     running = _server(tmp_path)
     with running:
         answers = _load(running.url, threads=4, per_thread=25)
-        time.sleep(1.0)  # five flush intervals: every record is in a journal
-        workers = psutil.Process(running.process.pid).children(recursive=True)
-        for process in [psutil.Process(running.process.pid), *workers]:
-            process.send_signal(signal.SIGKILL)
-        psutil.wait_procs(workers, timeout=10)
-        running.process.wait(10)
+        kill_server(running)
     table = read_payloads(tmp_path / "payloads")
     assert set(table.column("request_id").to_pylist()) == set(answers)
     assert list((tmp_path / "payloads").glob(f"*/*{PARTIAL}"))  # nothing sealed them: recovered from journals

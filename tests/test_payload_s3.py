@@ -22,7 +22,7 @@ from serving import ServingConfig, ServingError
 from serving.payload_log import PARTIAL, PayloadLogger, read_payloads
 from serving.payload_store import S3Upload, s3_filesystem
 from tests.serving_fixtures import free_port
-from tests.test_payload_log import _load, _record, _server
+from tests.test_payload_log import _load, _record, _server, kill_server
 
 BUCKET = "fluxo-payloads"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
@@ -162,12 +162,7 @@ def test_a_server_logging_to_s3_sends_every_request_and_a_restart_sends_what_a_s
     killed = _server(tmp_path, **env)
     with killed:
         more = _load(killed.url, threads=4, per_thread=10)
-        time.sleep(1.0)  # five flush intervals: every record is in a journal
-        workers = psutil.Process(killed.process.pid).children(recursive=True)
-        for process in [psutil.Process(killed.process.pid), *workers]:
-            process.send_signal(signal.SIGKILL)
-        psutil.wait_procs(workers, timeout=10)
-        killed.process.wait(10)
+        kill_server(killed)
     assert list((tmp_path / "spool").glob(f"*/*{PARTIAL}"))  # nothing reached the bucket
     assert set(read_payloads(s3).column("request_id").to_pylist()) == set(answers)
     with _server(tmp_path, **env):  # the next start seals the dead workers' journals and sends them

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipelines.errors import FluxoError
 from pipelines.settings import FluxoSettings
-from pipelines.tracking import configure_mlflow
+from pipelines.tracking import configure_mlflow, registry_version
 from serving.contract import ModelDir, RegistryEntry, is_model_dir, materialize, read_model_dir
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,8 @@ def _resolve(client, uri: str):
 
     if not uri.startswith("models:/"):
         raise FluxoError(f"--model {uri!r}: expected an export directory or models:/NAME@ALIAS or models:/NAME/VERSION")
-    name, _, alias = uri.removeprefix("models:/").partition("@")
     try:
-        if alias:
-            return name, client.get_model_version_by_alias(name, alias), alias
-        name, _, number = name.partition("/")
-        return name, client.get_model_version(name, number), None
+        return registry_version(client, uri)
     except MlflowException as error:
         raise FluxoError(
             f"{uri}: not in the model registry at {mlflow.get_tracking_uri()} ({error.message}); "

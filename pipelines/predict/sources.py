@@ -208,9 +208,10 @@ def _frame_chunk(frame: Any, start: int, path: Path, contract: Contract) -> Chun
         chunk.errors = [(i, reasons.get(i, why)) for i, why in chunk.errors]
     if contract.takes_lengths and lengths is not None and chunk.ids:
         # As the service pads ragged instances (serving/schemas.validate_sequences): NaN past each end.
+        from serving.runtime import nan_padded
+
         kept = {row: i for i, row in enumerate(ids)}
-        ends = np.array([lengths[kept[row]] for row in chunk.ids])
-        chunk.batch = np.where(np.arange(chunk.batch.shape[-1]) >= ends[:, None, None], np.float32(np.nan), chunk.batch)
+        chunk.batch = nan_padded(chunk.batch, np.array([lengths[kept[row]] for row in chunk.ids]))
     return chunk
 
 

@@ -57,14 +57,11 @@ def _run_of(client: Any, value: str, alias_name: str | None) -> tuple[str, str] 
         except MlflowException:
             return None
         return f"models:/{name}/{version.version} (@{alias})", version.run_id
+    from pipelines.tracking import registry_version
+
     try:
         if value.startswith("models:/"):
-            name, _, alias = value.removeprefix("models:/").partition("@")
-            if alias:
-                version = client.get_model_version_by_alias(name, alias)
-            else:
-                name, _, number = name.partition("/")
-                version = client.get_model_version(name, number)
+            name, version, _ = registry_version(client, value)
             return f"models:/{name}/{version.version}", version.run_id
         client.get_run(value)
         return f"run {value}", value
