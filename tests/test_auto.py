@@ -73,3 +73,57 @@ def test_auto_is_deterministic_for_a_seed(project: Path, settings_for) -> None:
     first = train(project, settings, data_version)
     second = train(project, settings, data_version)
     assert first.test_metrics == second.test_metrics
+
+
+def _candidate(model: str, preset: bool = False, scores: dict[int, float] | None = None,
+               full: tuple[int, float] | None = None):
+    from pipelines.train.auto import Candidate
+
+    return Candidate(model, {}, 1e-3, False, preset={"model": {}, "train": {}, "augment": {}} if preset else None,
+                     name=f"{model}.yaml" if preset else "", scores=scores or {}, full=full)
+
+
+def test_the_ranking_meets_finished_presets_with_the_grid_leader_and_a_tie_goes_to_the_preset() -> None:
+    from pipelines.train.auto import rank
+
+    baseline = _candidate("mlp", scores={1: 0.80})
+    leader = _candidate("cnn2d", scores={1: 0.85, 3: 0.90}, full=(12, 0.95))
+    runner_up = _candidate("lenet", scores={1: 0.86, 3: 0.89})
+    preset = _candidate("resnet_small", preset=True, full=(30, 0.95))
+    unfinished_preset = _candidate("gru", preset=True)  # the budget ran out before it trained
+    ranked = rank([baseline, leader, runner_up, preset, unfinished_preset])
+    assert ranked == [preset, leader, runner_up, baseline]  # a tie: the tuned recipe stays
+    better = _candidate("cnn2d", scores={1: 0.85, 3: 0.90}, full=(12, 0.96))
+    assert rank([baseline, better, runner_up, preset])[:2] == [better, preset]
+    # A budget that binds before the leader finishes: it competes with the rung it reached.
+    stopped = _candidate("cnn2d", scores={1: 0.85, 3: 0.97})
+    assert rank([baseline, stopped, preset])[0] is stopped
+    # Within the grid, a higher rung ranks first even at a lower score: the rest follow the contenders.
+    early = _candidate("lenet", scores={1: 0.99})
+    assert rank([baseline, early, stopped]) == [stopped, early, baseline]
+
+
+def test_a_preset_in_the_race_trains_its_own_recipe_to_completion(project: Path, settings_for, monkeypatch) -> None:
+    import yaml
+
+    import pipelines.train.auto as auto
+
+    presets = project / "presets"
+    presets.mkdir()
+    (presets / "tiny-cnn.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "cnn2d", "params": {"channels": 8}},
+        "train": {"epochs": 3, "patience": 3, "learning_rate": 0.004, "scheduler": "onecycle"}}))
+    monkeypatch.setattr(auto, "PRESETS", presets)
+    settings = settings_for(*SHRUNK, "train.epochs=2", "auto.with_presets=true")
+    ingest(project, settings.data)
+    result = train(project, settings, version(project, settings.data))
+    client = MlflowClient()
+    search = client.get_run(client.get_run(result.run_id).data.tags["fluxo.auto.search"])
+    nested = client.search_runs([search.info.experiment_id], f"tags.mlflow.parentRunId = '{search.info.run_id}'")
+    raced = [r for r in nested if r.data.params.get("auto.preset") == "tiny-cnn.yaml"]
+    assert len(raced) == 1  # trained once, never cut at the first rung
+    assert raced[0].data.params["auto.epochs"] == "full" and raced[0].data.params["train.epochs"] == "3"
+    assert raced[0].data.params["train.scheduler"] == "onecycle"
+    board = json.loads(Path(client.download_artifacts(search.info.run_id, "auto/leaderboard.json")).read_text())
+    row = next(r for r in board["leaderboard"] if "tiny-cnn" in r["candidate"])
+    assert row["finished"] and row["epochs"] == 3

@@ -3,17 +3,28 @@
 The portfolio (pipelines/settings/auto.py) is every registered model that takes the
 dataset's input kind, at a couple of widths, times ``auto.learning_rates``, with and without
 the preset's augmentation: the MLP baseline is always in it, so the leaderboard says what
-the deep models add. The race is successive halving: every candidate trains
+the deep models add. That grid races by successive halving: every candidate trains
 ``auto.first_epochs`` epochs, the best ``1/eta`` (validation accuracy) go on for ``eta`` times
-as many, until one is left or the budget is spent; a rung the budget interrupts ranks the
-candidates it finished beside the higher rung's. Candidates are trained in a fixed order with
-the run's seed, so for a seed the race is the same whenever the budget does not bind; a
-faster machine finishes more rungs, nothing else changes.
+as many, until one is left; that one then trains to completion (``train.epochs`` with early
+stopping), as the winner would.
+
+The shipped presets for the input kind (``auto.with_presets``) do not enter the halving: a
+tuned recipe (a one-cycle schedule, augmentation, a long patience) is built to be good at
+its end, not after one epoch, and early rungs cut exactly those. So each preset trains its
+own recipe to completion once, right after the grid's first rung; the finished grid leader
+and the finished presets are then compared on equal terms, the best validation accuracy
+winning and a preset winning a tie (it is the prior: a grid candidate must do better to
+displace it). When the budget runs out first, whatever finished is ranked, and the grid's
+leader competes with the rung it reached.
+
+Candidates are trained in a fixed order with the run's seed, so for a seed the race is the
+same whenever the budget does not bind; a faster machine finishes more, nothing else changes.
 
 Every candidate is a nested MLflow run under one parent (tagged ``fluxo.kind=auto-search``,
 so ``fluxo export`` never takes either); the leaderboard goes to the terminal and to the
 parent as ``auto/leaderboard.json``. The winner's settings (model, width, learning rate,
-augmentation) then go through the ordinary training run, export and gate.
+augmentation, or the preset's whole recipe) then go through the ordinary training run,
+export and gate.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ class Candidate:
     preset: dict[str, Any] | None = None  # a shipped preset's model/train/augment sections, raced as they are
     name: str = ""  # the preset's file name
     scores: dict[int, float] = field(default_factory=dict)  # rung epochs → best validation accuracy
+    full: tuple[int, float] | None = None  # trained to completion: (epochs run, best validation accuracy)
     run_ids: list[str] = field(default_factory=list)
 
     @property
@@ -64,8 +76,14 @@ class Candidate:
         width = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.model}({width}) lr={self.learning_rate:g}{' +aug' if self.augment else ''}"
 
+    @property
+    def trained(self) -> bool:
+        return bool(self.scores) or self.full is not None
+
     def best(self) -> tuple[int, float]:
-        """(highest rung reached, its score): how candidates of different rungs rank."""
+        """(epochs, score) of the furthest this candidate got: its full training, else its highest rung."""
+        if self.full is not None:
+            return self.full
         epochs = max(self.scores)
         return epochs, self.scores[epochs]
 
@@ -90,7 +108,7 @@ def portfolio(settings: FluxoSettings, dataset: Dataset) -> list[Candidate]:
     return candidates + (preset_candidates(kind, wanted) if settings.auto.with_presets else [])
 
 
-def preset_candidates(kind: str, wanted: list[str] | None, folder: Path = PRESETS) -> list[Candidate]:
+def preset_candidates(kind: str, wanted: list[str] | None, folder: Path | None = None) -> list[Candidate]:
     """The shipped presets whose model takes ``kind`` inputs, each raced with its own recipe.
 
     A preset is a tuned recipe (schedule, augmentation, regularisation) that the grid above
@@ -100,6 +118,7 @@ def preset_candidates(kind: str, wanted: list[str] | None, folder: Path = PRESET
 
     from models import MODEL_REGISTRY
 
+    folder = folder or PRESETS
     if not folder.is_dir():
         return []
     skipped = {path for pattern in NOT_RECIPES for path in folder.glob(pattern)}
@@ -123,75 +142,80 @@ def _augments(settings: FluxoSettings, kind: str) -> bool:
     return build_augmenter(settings.augment, kind, 2) is not None
 
 
-def candidate_settings(settings: FluxoSettings, candidate: Candidate, epochs: int | None) -> FluxoSettings:
+def candidate_settings(settings: FluxoSettings, candidate: Candidate, epochs: int | None,
+                       in_race: bool = False) -> FluxoSettings:
     """The run's settings with the candidate's model, width, learning rate and augmentation.
 
-    ``epochs`` for a rung of the race; None for the winner's full training (a preset's own epochs,
-    patience and schedule; the run's ``train.epochs`` for a grid candidate).
+    ``epochs`` for a rung of the race (monitoring validation accuracy, no early stop before
+    the rung's end); None for training to completion (a preset's own epochs, patience and
+    schedule; the run's ``train.epochs`` and patience for a grid candidate). ``in_race``: a
+    candidate of the race, so no MLP baseline beside it and no warm start.
     """
     from pipelines.settings import AugmentSettings, ModelSettings, TrainSettings
 
-    race = {"baseline_epochs": 0, "init_from": None, "freeze": [], "monitor": "val_accuracy"}
+    race = {"baseline_epochs": 0, "init_from": None, "freeze": []} if in_race or epochs is not None else {}
+    if epochs is not None:
+        race.update({"monitor": "val_accuracy", "epochs": epochs})
     if candidate.preset is not None:
         recipe = candidate.preset
         train = TrainSettings.model_validate({**settings.train.model_dump(), **recipe["train"]})
-        if epochs is not None:
-            train = train.model_copy(update={**race, "epochs": epochs, "patience": max(epochs, train.patience)})
-        return settings.model_copy(update={
-            "model": ModelSettings.model_validate({"name": candidate.model, "params": dict(candidate.params)}),
-            "train": train, "augment": AugmentSettings.model_validate(recipe["augment"])})
-    train = settings.train.model_copy(update={"learning_rate": candidate.learning_rate, "optimizer": "adam"})
+        model = ModelSettings.model_validate({"name": candidate.model, "params": dict(candidate.params)})
+        augment = AugmentSettings.model_validate(recipe["augment"])
+    else:
+        train = settings.train.model_copy(update={"learning_rate": candidate.learning_rate, "optimizer": "adam"})
+        model = settings.model.model_copy(update={"name": candidate.model, "params": dict(candidate.params)})
+        augment = copy.deepcopy(settings.augment) if candidate.augment else AugmentSettings()
     if epochs is not None:
-        train = train.model_copy(update={**race, "epochs": epochs, "patience": max(epochs, settings.train.patience)})
-    return settings.model_copy(update={
-        "model": settings.model.model_copy(update={"name": candidate.model, "params": dict(candidate.params)}),
-        "train": train,
-        "augment": copy.deepcopy(settings.augment) if candidate.augment else AugmentSettings(),
-    })
+        race["patience"] = max(epochs, train.patience)
+    return settings.model_copy(update={"model": model, "train": train.model_copy(update=race), "augment": augment})
 
 
 def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset,
          train_and_evaluate: Callable[..., Any]) -> list[Candidate]:
-    """Successive halving over the portfolio inside one parent MLflow run; candidates best first.
+    """The race inside one parent MLflow run (see the module docstring); candidates best first.
 
     ``train_and_evaluate`` is pipelines.train.run's, handed in (run.py calls this module).
     """
     import mlflow
 
-    from pipelines.train.tracker import MLflowTracker
-
     candidates = portfolio(settings, dataset)
+    grid = [c for c in candidates if c.preset is None]
+    presets = [c for c in candidates if c.preset is not None]
     budget = settings.auto.budget_minutes * 60
     started = time.perf_counter()
-    alive, epochs = list(candidates), settings.auto.first_epochs
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - started > budget and any(c.trained for c in candidates)
+
     with mlflow.start_run(run_name=f"auto-{dataset.manifest['name']}", tags={KIND_TAG: SEARCH}) as parent:
         mlflow.log_params({"auto.candidates": len(candidates), "auto.budget_minutes": settings.auto.budget_minutes,
                            "auto.eta": settings.auto.eta, "auto.first_epochs": settings.auto.first_epochs})
-        out_of_time = False
-        while alive and not out_of_time:
+        trainer = _Trainer(root, settings, data_version, dataset, train_and_evaluate)
+        alive, epochs, presets_done = list(grid), settings.auto.first_epochs, False
+        while alive and not out_of_time():
+            top = epochs >= settings.train.epochs  # the top rung is training to completion
             for candidate in alive:
-                if time.perf_counter() - started > budget and any(c.scores for c in candidates):
-                    out_of_time = True
+                if out_of_time():
                     break
-                with mlflow.start_run(run_name=f"{candidate.label} {epochs}ep", nested=True,
-                                      tags={KIND_TAG: CANDIDATE}) as run:
-                    mlflow.log_params({"auto.model": candidate.model, "auto.params": candidate.params,
-                                       "auto.learning_rate": candidate.learning_rate,
-                                       "auto.augment": candidate.augment, "auto.epochs": epochs,
-                                       "auto.preset": candidate.name or None})
-                    with _quiet("pipelines.train.run", "pipelines.train.engine"):  # one line per candidate
-                        _, _, _, fit = train_and_evaluate(root, candidate_settings(settings, candidate, epochs),
-                                                          data_version, MLflowTracker(), run_key=run.info.run_id,
-                                                          dataset=dataset)
-                    candidate.scores[epochs] = max(r["val_accuracy"] for r in fit.history)
-                    candidate.run_ids.append(run.info.run_id)
-                log.info("auto: %-44s %2d epochs: val accuracy %.4f", candidate.label, epochs, candidate.scores[epochs])
-            finished = [c for c in alive if epochs in c.scores]
-            if len(finished) <= 1 or out_of_time:
+                if top:
+                    trainer.complete(candidate)
+                else:
+                    trainer.rung(candidate, epochs)
+            if not presets_done:  # every grid candidate has a score: now the tuned recipes, each to its end
+                presets_done = True
+                for candidate in presets:
+                    if out_of_time():
+                        break
+                    trainer.complete(candidate)
+            finished = sorted((c for c in alive if epochs in c.scores), key=lambda c: -c.scores[epochs])
+            if top or not finished:
                 break
-            finished.sort(key=lambda c: -c.scores[epochs])
+            if len(finished) == 1:
+                if not out_of_time():
+                    trainer.complete(finished[0])  # the grid's leader, trained as the winner would be
+                break
             alive, epochs = finished[: max(1, math.ceil(len(finished) / settings.auto.eta))], epochs * settings.auto.eta
-        ranked = sorted((c for c in candidates if c.scores), key=lambda c: (-c.best()[0], -c.best()[1]))
+        ranked = rank(candidates)
         board = leaderboard(ranked)
         mlflow.log_dict({"leaderboard": board, "seconds": round(time.perf_counter() - started, 1)},
                         "auto/leaderboard.json")
@@ -204,6 +228,57 @@ def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset
     for candidate in ranked:
         candidate.run_ids = [parent.info.run_id, *candidate.run_ids]
     return ranked
+
+
+def rank(candidates: list[Candidate]) -> list[Candidate]:
+    """Best first: the finished presets and the grid's leader by validation accuracy, then the rest.
+
+    Within the grid a higher rung ranks first (a candidate stopped at a lower rung lost to those
+    above at that rung). The grid's leader, finished or at its highest rung, then meets the
+    finished presets on score alone, a preset winning a tie.
+    """
+    grid = sorted((c for c in candidates if c.preset is None and c.trained),
+                  key=lambda c: (0, 0, -c.full[1]) if c.full is not None else (1, -max(c.scores), -c.best()[1]))
+    finished_presets = [c for c in candidates if c.preset is not None and c.full is not None]
+    contenders = sorted(grid[:1] + finished_presets, key=lambda c: (-c.best()[1], c.preset is None))
+    return contenders + grid[1:]
+
+
+@dataclass
+class _Trainer:
+    """Trains one candidate as a nested MLflow run, at a rung of the race or to completion."""
+
+    root: Path
+    settings: FluxoSettings
+    data_version: DataVersion
+    dataset: Dataset
+    train_and_evaluate: Callable[..., Any]
+
+    def rung(self, candidate: Candidate, epochs: int) -> None:
+        candidate.scores[epochs] = self._fit(candidate, epochs)[1]
+        log.info("auto: %-44s %3d epochs: val accuracy %.4f", candidate.label, epochs, candidate.scores[epochs])
+
+    def complete(self, candidate: Candidate) -> None:
+        candidate.full = self._fit(candidate, None)
+        log.info("auto: %-44s %3d epochs (to completion): val accuracy %.4f", candidate.label, *candidate.full)
+
+    def _fit(self, candidate: Candidate, epochs: int | None) -> tuple[int, float]:
+        import mlflow
+
+        from pipelines.train.tracker import MLflowTracker
+
+        length = f"{epochs}ep" if epochs is not None else "full"
+        with mlflow.start_run(run_name=f"{candidate.label} {length}", nested=True, tags={KIND_TAG: CANDIDATE}) as run:
+            mlflow.log_params({"auto.model": candidate.model, "auto.params": candidate.params,
+                               "auto.learning_rate": candidate.learning_rate, "auto.augment": candidate.augment,
+                               "auto.epochs": epochs if epochs is not None else "full",
+                               "auto.preset": candidate.name or None})
+            with _quiet("pipelines.train.run", "pipelines.train.engine"):  # one line per candidate
+                _, _, _, fit = self.train_and_evaluate(
+                    self.root, candidate_settings(self.settings, candidate, epochs, in_race=True),
+                    self.data_version, MLflowTracker(), run_key=run.info.run_id, dataset=self.dataset)
+            candidate.run_ids.append(run.info.run_id)
+        return len(fit.history), max(r["val_accuracy"] for r in fit.history)
 
 
 @contextmanager
@@ -230,7 +305,8 @@ def leaderboard(ranked: list[Candidate]) -> list[dict[str, Any]]:
     for place, candidate in enumerate(ranked, 1):
         epochs, score = candidate.best()
         role = "winner" if place == 1 else "baseline" if candidate is baseline else ""
-        rows.append({"rank": place, "candidate": candidate.label, "epochs": epochs, "val_accuracy": round(score, 4),
+        rows.append({"rank": place, "candidate": candidate.label, "epochs": epochs, "finished": candidate.full is not None,
+                     "val_accuracy": round(score, 4),
                      "role": role if candidate is not baseline or place != 1 else "winner (the baseline)"})
     return rows
 
@@ -239,8 +315,10 @@ def format_leaderboard(rows: list[dict[str, Any]]) -> str:
     width = max(len(r["candidate"]) for r in rows)
     lines = [f"  {'#':>2}  {'candidate'.ljust(width)}  epochs  val acc"]
     for r in rows:
-        lines.append(f"  {r['rank']:>2}  {r['candidate'].ljust(width)}  {r['epochs']:>6}  {r['val_accuracy']:.4f}"
+        epochs = f"{r['epochs']}{'*' if r['finished'] else ''}"
+        lines.append(f"  {r['rank']:>2}  {r['candidate'].ljust(width)}  {epochs:>6}  {r['val_accuracy']:.4f}"
                      f"  {r['role']}")
+    lines.append("  (* trained to completion, early stopping included)")
     return "\n".join(lines)
 
 
