@@ -4,9 +4,10 @@
 
 For each dataset and seed, in one temporary project (SQLite MLflow, local DVC remote):
 ``train()`` with ``model.name=auto`` (the race within ``--budget`` minutes, then the winner
-trained for the dataset's preset epochs) and, as the baseline, the registry's ``mlp`` trained
-with the same epochs. The presets' numbers come from bench/results/accuracy.json (their own
-run of bench/accuracy.py, same machine kind), shown beside. Prints mean ± spread of test
+trained to completion), as the baseline the registry's ``mlp`` trained with the same epochs,
+and every shipped preset for the dataset trained as ``bench/accuracy.py`` trains it (its own
+config, the same seed, the same data version). The presets' numbers recorded in
+bench/results/accuracy.json are kept beside as a reference. Prints mean ± spread of test
 accuracy and writes bench/results/auto.json.
 """
 
@@ -78,7 +79,8 @@ def main() -> None:
 
     from pipelines.data.ingest import ingest, version
     from pipelines.settings import load_settings
-    from pipelines.train.run import train
+    from pipelines.train.run import train, train_and_evaluate
+    from pipelines.train.tracker import NullTracker
 
     results: dict[str, dict] = {}
     for dataset in args.datasets:
@@ -98,6 +100,7 @@ def main() -> None:
             ingest(root, base.data)
             data_version = version(root, base.data)
             auto_rows, mlp_rows = [], []
+            preset_rows: dict[str, list[dict]] = {name: [] for name in PRESETS[dataset]}
             for seed in args.seeds:
                 started = time.perf_counter()
                 chosen = train(root, settings("model.name=auto", f"auto.budget_minutes={args.budget}",
@@ -111,12 +114,23 @@ def main() -> None:
                                   "race_seconds": round(search.data.metrics["auto_seconds"], 1)})
                 baseline = train(root, settings("model.name=mlp", f"train.seed={seed}"), data_version)
                 mlp_rows.append({"seed": seed, "test_accuracy": round(baseline.test_metrics["test_accuracy"], 4)})
+                for name, rows in preset_rows.items():
+                    recipe = load_settings(ROOT / "configs" / f"{name}.yaml", [
+                        f"data.dvc_remote={work / 'remote'}", f"train.seed={seed}",
+                        f"train.checkpoint_dir={work / 'checkpoints'}"])
+                    _, metrics, _, fit = train_and_evaluate(root, recipe, data_version, NullTracker(),
+                                                            run_key=f"{name}-seed{seed}")
+                    rows.append({"seed": seed, "test_accuracy": round(metrics["test_accuracy"], 4),
+                                 "train_seconds": round(fit.seconds, 1)})
+                presets_text = ", ".join(f"{name} {rows[-1]['test_accuracy']:.4f}" for name, rows in preset_rows.items())
                 print(f"{dataset} seed {seed}: auto {auto_rows[-1]['test_accuracy']:.4f} "
-                      f"({auto_rows[-1]['winner']}, {seconds:.0f} s), mlp {mlp_rows[-1]['test_accuracy']:.4f}",
-                      flush=True)
+                      f"({auto_rows[-1]['winner']}, {seconds:.0f} s), mlp {mlp_rows[-1]['test_accuracy']:.4f}, "
+                      f"{presets_text}", flush=True)
             results[dataset] = {
                 "auto": {**_spread([r["test_accuracy"] for r in auto_rows]), "runs": auto_rows},
                 "mlp_baseline": {**_spread([r["test_accuracy"] for r in mlp_rows]), "runs": mlp_rows},
+                "presets": {name: {**_spread([r["test_accuracy"] for r in rows]), "runs": rows}
+                            for name, rows in preset_rows.items()},
                 "presets_recorded": recorded_presets(dataset),
             }
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -129,14 +143,18 @@ def _print(out: dict, path: str) -> None:
     results = out["datasets"]
     print(f"\nmodel.name=auto, race budget {out['budget_minutes']:g} min, seeds {out['seeds']}, "
           f"{out['machine']['cpus']} CPUs: test accuracy")
-    print(f"{'dataset':9} {'auto':>16} {'mlp baseline':>16} {'best preset (recorded)':>26}  winners")
+    print(f"{'dataset':9} {'auto':>16} {'mlp baseline':>16} {'best preset (this run)':>33} "
+          f"{'(recorded)':>10}  winners")
     for dataset, row in results.items():
-        presets = row["presets_recorded"]
+        presets = row.get("presets") or {}
         best = max(presets.items(), key=lambda kv: kv[1]["mean"]) if presets else None
-        best_text = f"{best[0]} {best[1]['mean']:.4f}" if best else "—"
-        winners = ", ".join(sorted({r["winner"] for r in row["auto"]["runs"]}))
+        best_text = f"{best[0]} {best[1]['mean']:.4f} ± {best[1]['std']:.4f}" if best else "—"
+        recorded = row["presets_recorded"].get(best[0]) if best else None
+        recorded_text = f"{recorded['mean']:.4f}" if recorded else "—"
+        winners = "; ".join(sorted({r["winner"] for r in row["auto"]["runs"]}))
         print(f"{dataset:9} {row['auto']['mean']:.4f} ± {row['auto']['std']:.4f} "
-              f"{row['mlp_baseline']['mean']:.4f} ± {row['mlp_baseline']['std']:.4f} {best_text:>26}  {winners}")
+              f"{row['mlp_baseline']['mean']:.4f} ± {row['mlp_baseline']['std']:.4f} {best_text:>33} "
+              f"{recorded_text:>10}  {winners}")
     print(f"wrote {Path(path).relative_to(ROOT) if Path(path).is_relative_to(ROOT) else path}")
 
 

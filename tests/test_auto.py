@@ -114,7 +114,7 @@ def test_a_preset_in_the_race_trains_its_own_recipe_to_completion(project: Path,
         "model": {"name": "cnn2d", "params": {"channels": 8}},
         "train": {"epochs": 3, "patience": 3, "learning_rate": 0.004, "scheduler": "onecycle"}}))
     monkeypatch.setattr(auto, "PRESETS", presets)
-    settings = settings_for(*SHRUNK, "train.epochs=2", "auto.with_presets=true")
+    settings = settings_for(*SHRUNK, "train.epochs=2", "train.clip_norm=5", "auto.with_presets=true")
     ingest(project, settings.data)
     result = train(project, settings, version(project, settings.data))
     client = MlflowClient()
@@ -124,6 +124,7 @@ def test_a_preset_in_the_race_trains_its_own_recipe_to_completion(project: Path,
     assert len(raced) == 1  # trained once, never cut at the first rung
     assert raced[0].data.params["auto.epochs"] == "full" and raced[0].data.params["train.epochs"] == "3"
     assert raced[0].data.params["train.scheduler"] == "onecycle"
+    assert raced[0].data.params["train.clip_norm"] == "None"  # the recipe's, not the run's: as `--config` trains it
     board = json.loads(Path(client.download_artifacts(search.info.run_id, "auto/leaderboard.json")).read_text())
     row = next(r for r in board["leaderboard"] if "tiny-cnn" in r["candidate"])
     assert row["finished"] and row["epochs"] == 3

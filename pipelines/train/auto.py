@@ -55,6 +55,11 @@ PRESETS = Path(__file__).resolve().parents[2] / "configs"
 # Presets that are not a training recipe of their own: the smoke test's, and tuning studies (their
 # training sections repeat the preset they search around).
 NOT_RECIPES = ("smoke.yaml", "*-tune.yaml")
+# The train fields a preset's recipe owns: a preset raced is trained as `fluxo run --config` trains it,
+# so these start from their defaults, not from the run's values; the rest (seed, device, task,
+# checkpoints, precision, train+val retraining) stay the run's.
+RECIPE_FIELDS = ("epochs", "batch_size", "optimizer", "learning_rate", "momentum", "nesterov", "scheduler",
+                 "scheduler_options", "weight_decay", "l1", "clip_norm", "patience", "monitor")
 
 
 @dataclass
@@ -158,7 +163,9 @@ def candidate_settings(settings: FluxoSettings, candidate: Candidate, epochs: in
         race.update({"monitor": "val_accuracy", "epochs": epochs})
     if candidate.preset is not None:
         recipe = candidate.preset
-        train = TrainSettings.model_validate({**settings.train.model_dump(), **recipe["train"]})
+        defaults = TrainSettings().model_dump()
+        train = TrainSettings.model_validate({**settings.train.model_dump(),
+                                              **{key: defaults[key] for key in RECIPE_FIELDS}, **recipe["train"]})
         model = ModelSettings.model_validate({"name": candidate.model, "params": dict(candidate.params)})
         augment = AugmentSettings.model_validate(recipe["augment"])
     else:
