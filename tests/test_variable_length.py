@@ -107,3 +107,36 @@ def test_fluxo_predict_reads_each_row_to_its_own_end(walks, tmp_path: Path) -> N
     expected = _with_lengths(exported.export_dir, np.nan_to_num(values)[:, None, :], lengths)
     assert result.rows == len(values) == len(table)
     np.testing.assert_allclose(np.stack(table["probabilities"].to_numpy()), expected, atol=1e-5)
+
+
+def test_fluxo_predict_reads_npz_lengths_and_parquet_lists_like_the_csv(walks, tmp_path: Path) -> None:
+    """The training reader's two other variable-length layouts: NPZ ``lengths``, one Parquet list column."""
+    root, settings, csv, exported, _ = walks
+    values = pd.read_csv(csv).drop(columns=["label"]).to_numpy()
+    lengths = np.where(np.isnan(values[:, 7:]).all(1), 7, 12)
+    expected = _with_lengths(exported.export_dir, np.nan_to_num(values)[:, None, :], lengths)
+    np.savez(tmp_path / "walk.npz", x=np.nan_to_num(values, nan=99.0), lengths=lengths)  # padding is never read
+    sequences = [list(v[:n]) for v, n in zip(values, lengths)]
+    ids = [f"w{i}" for i in range(len(sequences))]
+    pd.DataFrame({"id": ids + ["long", "empty"], "steps": sequences + [[0.5] * 13, []]}).to_parquet(
+        tmp_path / "walk.parquet")
+    for source, want_ids in (("walk.npz", [str(i) for i in range(len(values))]), ("walk.parquet", ids)):
+        out = tmp_path / f"{source}.preds.parquet"
+        result = predict(root, settings, tmp_path / source, out, str(exported.export_dir), "fluxo-walk", record=False)
+        table = pq.read_table(out).to_pandas()
+        assert table["id"].tolist() == want_ids and result.rows == len(values)
+        np.testing.assert_allclose(np.stack(table["probabilities"].to_numpy()), expected, atol=1e-5)
+    reasons = {e["id"]: e["reason"] for e in result.errors}
+    assert reasons == {"long": "has 13 values, the model takes at most 12",
+                       "empty": "has no values; give at least one step"}
+
+
+def test_a_fixed_length_model_refuses_short_npz_rows_by_name(tmp_path: Path) -> None:
+    from pipelines.predict.sources import Contract, npz_chunks
+
+    np.savez(tmp_path / "short.npz", x=np.ones((3, 1, 5)), lengths=np.array([5, 3, 5]))
+    [chunk] = list(npz_chunks(tmp_path / "short.npz", Contract(input_shape=(1, 5)), 10))
+    assert chunk.ids == ["0", "2"] and chunk.errors == [("1", "has 3 values, expected 5 (the model takes fixed-length rows)")]
+    np.savez(tmp_path / "bad.npz", x=np.ones((2, 1, 5)), lengths=np.array([5, 6]))
+    with pytest.raises(Exception, match=r"bad.npz: lengths\[1\] is 6; a length lies in 1..5"):
+        list(npz_chunks(tmp_path / "bad.npz", Contract(input_shape=(1, 5)), 10))

@@ -152,7 +152,13 @@ def npy_chunks(path: Path, contract: Contract, batch_size: int, digest: Any = No
 
 
 def npz_chunks(path: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
-    """An NPZ with ``x`` (N, *input_shape) and optional ``ids``; loaded whole (zip members cannot be sliced)."""
+    """An NPZ with ``x`` (N, *input_shape), optional ``ids`` and ``lengths``; loaded whole (zip
+    members cannot be sliced).
+
+    ``lengths`` is the training reader's (pipelines/data/sequence_file.py): each sequence's valid
+    steps, the rest of its row being padding. A variable-length model gets each row to its own end;
+    a fixed-length one refuses the short rows by name.
+    """
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -162,24 +168,78 @@ def npz_chunks(path: Path, contract: Contract, batch_size: int) -> Iterator[Chun
             raise FluxoError(f"{path}: no array 'x'; arrays are {', '.join(archive.files)}; save the instances as 'x'")
         x = archive["x"]
         ids = [str(v) for v in archive["ids"]] if "ids" in archive else [str(i) for i in range(len(x))]
+        lengths = archive["lengths"] if "lengths" in archive else None
     if x.ndim == len(contract.input_shape) and contract.input_shape[0] == 1:
         x = x[:, None]  # (N, L) sequences, as the training reader accepts them
     _check_array_shape(path, x.shape, contract, "'x'")
     if len(ids) != len(x):
         raise FluxoError(f"{path}: 'ids' holds {len(ids)} values for {len(x)} instances; give one id per row of 'x'")
+    if lengths is not None:
+        lengths = _checked_lengths(path, lengths, len(x), x.shape[-1])
     for start in range(0, len(x), batch_size):
-        yield validate_rows(x[start:start + batch_size], ids[start:start + batch_size], contract.input_shape)
+        part, part_ids = x[start:start + batch_size], ids[start:start + batch_size]
+        if lengths is None:
+            yield validate_rows(part, part_ids, contract.input_shape)
+            continue
+        steps = lengths[start:start + batch_size]
+        part = np.where(np.arange(x.shape[-1]) >= steps[:, None, None], 0, part)  # padding is not read
+        yield _sequences_chunk(part, part_ids, steps, contract)
+
+
+def _checked_lengths(path: Path, lengths: np.ndarray, rows: int, steps: int) -> np.ndarray:
+    if lengths.shape != (rows,) or lengths.dtype.kind not in "iu":
+        raise FluxoError(f"{path}: 'lengths' has shape {lengths.shape} and type {lengths.dtype}; "
+                         f"give one integer per row of 'x' ({rows})")
+    bad = np.flatnonzero((lengths < 1) | (lengths > steps))
+    if len(bad):
+        raise FluxoError(f"{path}: lengths[{bad[0]}] is {lengths[bad[0]]}; a length lies in 1..{steps} "
+                         f"({len(bad)} such value(s))")
+    return lengths.astype(np.int64)
+
+
+def _sequences_chunk(values: np.ndarray, ids: Sequence[str], lengths: np.ndarray, contract: Contract,
+                     problems: dict[int, str] | None = None) -> Chunk:
+    """(n, C, L) zero-padded sequences with their lengths → a Chunk shaped for the model.
+
+    A variable-length model that takes lengths gets NaN past each end, as the service pads
+    ragged instances (serving/schemas.validate_sequences); one trained on zero padding gets the
+    zeros it was trained on. A fixed-length model refuses the short rows. ``problems``: rows
+    (by position) refused before, whatever their values.
+    """
+    problems = dict(problems or {})
+    full = contract.input_shape[-1]
+    for row, steps in enumerate(lengths):
+        if row in problems:
+            continue
+        if steps < 1:
+            problems[row] = "has no values; give at least one step"
+        elif not contract.variable_length and steps < full:
+            problems[row] = f"has {steps} values, expected {full} (the model takes fixed-length rows)"
+    # Validated by position, so that repeated ids cannot mix up rows and their lengths.
+    checked = validate_rows(values, [str(i) for i in range(len(ids))], contract.input_shape)
+    kept = np.array([int(i) for i in checked.ids], dtype=np.int64)
+    errors = {int(i): why for i, why in checked.errors} | problems
+    accepted = np.array([row not in problems for row in kept], dtype=bool)
+    kept, batch = kept[accepted], checked.batch[accepted]
+    if contract.takes_lengths and len(kept):
+        from serving.runtime import nan_padded
+
+        batch = nan_padded(batch, lengths[kept])
+    return Chunk([ids[i] for i in kept], batch, [(ids[i], errors[i]) for i in sorted(errors)])
 
 
 # --- CSV / Parquet ----------------------------------------------------------------------------
 
 
 def _frame_chunk(frame: Any, start: int, path: Path, contract: Contract) -> Chunk:
-    """One pandas frame of wide rows (a column per step) → a Chunk; the label column, if any, is ignored."""
+    """One pandas frame → a Chunk: wide rows (a column per step, trailing empty cells as padding)
+    or, from Parquet, one list column holding each sequence; the label column, if any, is ignored."""
     import pandas as pd
 
     frame = frame.drop(columns=[c for c in (contract.label_column,) if c in frame.columns])
     ids = frame.pop("id").astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(start, start + len(frame))]
+    if _is_list_column(frame):
+        return _list_chunk(frame.iloc[:, 0], ids, path, contract)
     text = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if text:
         raise FluxoError(f"{path}: non-numeric columns {', '.join(text[:10])}; every step must be a number "
@@ -189,30 +249,50 @@ def _frame_chunk(frame: Any, start: int, path: Path, contract: Contract) -> Chun
         raise FluxoError(f"{path}: {frame.shape[1]} value columns, the model takes {width} "
                          f"(input shape {list(contract.input_shape)}); keep the training data's columns")
     rows = frame.to_numpy(dtype=np.float64)
-    problems: list[tuple[str, str]] = []
-    lengths = None
     if contract.variable_length:
         from pipelines.data.sequence_file import (
             _from_rows,  # the training reader's padding, not a copy
         )
 
         padded, lengths = _from_rows(rows)
-        rows = padded.reshape(len(rows), -1).astype(np.float64)
-    else:
-        short = _short_rows(rows)
-        problems = [(ids[i], f"has {n} values, expected {width} (the model takes fixed-length rows)")
-                    for i, n in short.items()]
+        if lengths is None:
+            lengths = np.full(len(rows), rows.shape[1], dtype=np.int64)
+        return _sequences_chunk(padded.reshape(len(rows), *contract.input_shape), ids, lengths, contract)
+    problems = {ids[i]: f"has {n} values, expected {width} (the model takes fixed-length rows)"
+                for i, n in _short_rows(rows).items()}
     chunk = validate_rows(rows.reshape(len(rows), *contract.input_shape), ids, contract.input_shape)
-    if problems:
-        reasons = dict(problems)
-        chunk.errors = [(i, reasons.get(i, why)) for i, why in chunk.errors]
-    if contract.takes_lengths and lengths is not None and chunk.ids:
-        # As the service pads ragged instances (serving/schemas.validate_sequences): NaN past each end.
-        from serving.runtime import nan_padded
-
-        kept = {row: i for i, row in enumerate(ids)}
-        chunk.batch = nan_padded(chunk.batch, np.array([lengths[kept[row]] for row in chunk.ids]))
+    chunk.errors = [(i, problems.get(i, why)) for i, why in chunk.errors]
     return chunk
+
+
+def _is_list_column(frame: Any) -> bool:
+    """One column whose cells are sequences (Parquet's list type), as the training reader takes them."""
+    if frame.shape[1] != 1 or frame.iloc[:, 0].dtype != object:
+        return False
+    first = next((v for v in frame.iloc[:, 0] if v is not None), None)
+    return isinstance(first, (list, tuple, np.ndarray))
+
+
+def _list_chunk(column: Any, ids: list[str], path: Path, contract: Contract) -> Chunk:
+    """A list column → zero-padded (n, 1, L) rows and their lengths; a longer sequence is refused by id."""
+    if len(contract.input_shape) != 2 or contract.input_shape[0] != 1:
+        raise FluxoError(f"{path}: a list column holds one-channel sequences, the model takes input shape "
+                         f"{list(contract.input_shape)}; write one column per value instead")
+    steps = contract.input_shape[1]
+    values = np.zeros((len(ids), 1, steps), dtype=np.float64)
+    lengths = np.zeros(len(ids), dtype=np.int64)
+    problems: dict[int, str] = {}
+    for i, cell in enumerate(column):
+        try:
+            sequence = np.asarray([] if cell is None else cell, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            problems[i] = "holds values that are not numbers; every step must be a number"
+            continue
+        if len(sequence) > steps:
+            problems[i] = f"has {len(sequence)} values, the model takes at most {steps}"
+            continue
+        values[i, 0, :len(sequence)], lengths[i] = sequence, len(sequence)
+    return _sequences_chunk(values, ids, lengths, contract, problems)
 
 
 def _short_rows(rows: np.ndarray) -> dict[int, int]:
