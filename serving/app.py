@@ -299,7 +299,14 @@ class ModelServer:
         return self.live
 
     async def answer(self, live: LiveModel, batch: np.ndarray) -> np.ndarray:
-        """``live``'s rows for ``batch``, counted and timed per variant."""
+        """``live``'s rows for ``batch``, counted and timed per variant.
+
+        Requests are validated against the champion's contract (the one ``/metadata`` states):
+        a champion that takes lengths admits ragged instances, NaN-padded; a challenger trained
+        on zero padding gets the zeros it was trained on, as in shadow mode.
+        """
+        if live is not self.live and self.live.model.takes_lengths and not live.model.takes_lengths:
+            batch = np.nan_to_num(batch, nan=0.0)
         started = time.perf_counter()
         rows = await live.batcher.submit(batch)
         self.metrics.variant(live.variant, time.perf_counter() - started)
@@ -718,8 +725,8 @@ def create_app() -> FastAPI:
             raise ApiError(400, 'the body has no "instances": send {"instances": [x1, x2, ...]}' + hint)
         rollout = server.rollout
         live = server.live if rollout is None else server.pick(request.headers)
-        try:
-            validate = validate_sequences if live.model.takes_lengths else validate_instances
+        try:  # the champion's contract, whichever variant answers (ModelServer.answer)
+            validate = validate_sequences if server.live.model.takes_lengths else validate_instances
             batch = validate(body["instances"], live.model.input_shape, server.config.max_instances)
         except InvalidInstances as error:
             raise _invalid(error) from None
@@ -826,7 +833,8 @@ def create_app() -> FastAPI:
             tensor, lengths, request_id, outputs = oip.parse_request(body)
             batch = oip_tensor(tensor, live, server.config.max_instances)
             if lengths is not None:
-                if not live.model.takes_lengths:
+                addressed = live if model_version is not None else server.live  # a pinned version, or the champion's contract
+                if not addressed.model.takes_lengths:
                     raise InvalidInstances(f"inputs[1] 'lengths': model {live.name!r} takes no lengths; send only "
                                            f"{live.model.input_name!r}")
                 steps = oip.lengths_values(lengths, len(batch), batch.shape[-1])

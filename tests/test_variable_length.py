@@ -140,3 +140,30 @@ def test_a_fixed_length_model_refuses_short_npz_rows_by_name(tmp_path: Path) -> 
     np.savez(tmp_path / "bad.npz", x=np.ones((2, 1, 5)), lengths=np.array([5, 6]))
     with pytest.raises(Exception, match=r"bad.npz: lengths\[1\] is 6; a length lies in 1..5"):
         list(npz_chunks(tmp_path / "bad.npz", Contract(input_shape=(1, 5)), 10))
+
+
+def test_a_canary_on_zero_padding_answers_the_ragged_requests_the_champion_admits(walks, tmp_path: Path) -> None:
+    """The champion's contract (lengths) is the service's; a cnn1d challenger gets the zeros it trained on."""
+    root, settings, csv, exported, _ = walks
+    padded = make_settings(root, f"data.dataset={csv}", "model.name=cnn1d", "train.epochs=2")
+    challenger = export_run(root, padded, train(root, padded, version(root, padded.data)).run_id)
+    test = read_dataset(root / "data").splits["test"]
+    ragged = [np.asarray(x)[:, :n].tolist() for x, n in zip(test.x, test.lengths)]
+    session = ort.InferenceSession(str(challenger.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    expected = softmax(session.run(None, {"input": np.asarray(test.x, np.float32)})[0])  # zero-padded, as trained
+    env = {"FLUXO_ROLLOUT": "canary", "FLUXO_CANARY_SHARE": "1", "FLUXO_CHALLENGER_DIR": str(challenger.export_dir)}
+    with RunningServer(exported.export_dir, env, tmp_path / "server.log") as server:
+        answer = httpx.post(f"{server.url}/predict", json={"instances": ragged}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-fluxo-variant"] == "challenger"
+        got = np.array([p["probabilities"] for p in answer.json()["predictions"]])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        body = {"inputs": [{"name": "input", "shape": [len(test.y), 1, 12], "datatype": "FP32",
+                            "data": np.asarray(test.x, np.float32).ravel().tolist()},
+                           {"name": "lengths", "shape": [len(test.y)], "datatype": "INT64",
+                            "data": [int(n) for n in test.lengths]}]}
+        v2 = httpx.post(f"{server.url}/v2/models/{exported.registered_model}/infer", json=body, timeout=30)
+        assert v2.status_code == 200, v2.text
+        out = next(o for o in v2.json()["outputs"] if o["name"] == "probabilities")
+        np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), expected, atol=1e-5)
