@@ -113,6 +113,8 @@ def test_a_preset_in_the_race_trains_its_own_recipe_to_completion(project: Path,
     (presets / "tiny-cnn.yaml").write_text(yaml.safe_dump({
         "model": {"name": "cnn2d", "params": {"channels": 8}},
         "train": {"epochs": 3, "patience": 3, "learning_rate": 0.004, "scheduler": "onecycle"}}))
+    (presets / "digits-tiny.yaml").write_text(yaml.safe_dump({  # tuned for this run's dataset
+        "data": {"dataset": "digits"}, "model": {"name": "cnn2d", "params": {"channels": 4}}, "train": {"epochs": 2}}))
     monkeypatch.setattr(auto, "PRESETS", presets)
     settings = settings_for(*SHRUNK, "train.epochs=2", "train.clip_norm=5", "auto.with_presets=true")
     ingest(project, settings.data)
@@ -125,6 +127,12 @@ def test_a_preset_in_the_race_trains_its_own_recipe_to_completion(project: Path,
     assert raced[0].data.params["auto.epochs"] == "full" and raced[0].data.params["train.epochs"] == "3"
     assert raced[0].data.params["train.scheduler"] == "onecycle"
     assert raced[0].data.params["train.clip_norm"] == "None"  # the recipe's, not the run's: as `--config` trains it
+    # This dataset's preset right after the grid's first rung; one tuned elsewhere after the halving.
+    order = [r.data.params.get("auto.preset") if r.data.params.get("auto.preset") != "None"
+             else f"grid {r.data.params['auto.epochs']}" for r in sorted(nested, key=lambda r: r.info.start_time)]
+    first_rung = order.count("grid 1")
+    assert order[:first_rung] == ["grid 1"] * first_rung and order[first_rung] == "digits-tiny.yaml"
+    assert order[-1] == "tiny-cnn.yaml" and "grid full" in order[first_rung + 1:-1], order
     board = json.loads(Path(client.download_artifacts(search.info.run_id, "auto/leaderboard.json")).read_text())
     row = next(r for r in board["leaderboard"] if "tiny-cnn" in r["candidate"])
     assert row["finished"] and row["epochs"] == 3
