@@ -123,6 +123,9 @@ class ServingConfig:
     batch_wait_ms: float = 0.0
     """``FLUXO_BATCH_WAIT_MS``: longest the first request of a batch waits for company while the model
     is idle. Requests that arrive while the model runs are merged anyway, so 0 adds no latency."""
+    warmup_runs: int = 3
+    """``FLUXO_WARMUP_RUNS``: runs of each warmup batch (1 row and ``FLUXO_MAX_BATCH_SIZE`` rows) a freshly
+    loaded session makes before the server reports ready or a hot reload switches to it; 0 turns it off."""
     max_instances: int = 1024
     """``FLUXO_MAX_INSTANCES``: most instances (or image files) accepted in one request."""
     max_body_bytes: int = 4 * 1024 * 1024
@@ -190,6 +193,7 @@ class ServingConfig:
             provider=_env_choice("FLUXO_PROVIDER", cls.provider, ("auto", "cpu", "cuda"), env),
             max_batch_size=_env_int("FLUXO_MAX_BATCH_SIZE", cls.max_batch_size, 1, env),
             batch_wait_ms=_env_float("FLUXO_BATCH_WAIT_MS", cls.batch_wait_ms, 0.0, env),
+            warmup_runs=_env_int("FLUXO_WARMUP_RUNS", cls.warmup_runs, 0, env),
             max_instances=_env_int("FLUXO_MAX_INSTANCES", cls.max_instances, 1, env),
             max_body_bytes=_env_int("FLUXO_MAX_BODY_BYTES", cls.max_body_bytes, 1024, env),
             max_concurrency=_env_int("FLUXO_MAX_CONCURRENCY", cls.max_concurrency, 1, env),

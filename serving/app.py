@@ -156,6 +156,10 @@ class ModelServer:
             providers=providers_for(self.config.provider),
             strict=self.config.provider == "cuda",
         )
+        if self.config.warmup_runs:  # before it answers anyone: at start (readiness waits) or before a reload switches
+            seconds = model.warmup(sorted({1, self.config.max_batch_size}), self.config.warmup_runs)
+            self.metrics.warmup(variant, seconds)
+            logger.info("warmed up %s (%s) in %.0f ms", model_dir, variant, seconds * 1000)
         spec = image_spec(model.metadata)
         champion = variant == CHAMPION
         batcher = Batcher(

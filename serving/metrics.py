@@ -67,6 +67,8 @@ class Metrics:
         self.model_info = Gauge("fluxo_model_info", "1 for the model being served",
                                 ["model_name", "model_version", "provider"], multiprocess_mode="max")
         self.reloads = Counter("fluxo_model_reloads", "Hot reloads by outcome", ["outcome"])
+        self.warmup_seconds = Gauge("fluxo_warmup_seconds", "Warmup of the last session loaded, per rollout variant "
+                                    "(FLUXO_WARMUP_RUNS), before it answered", ["variant"], multiprocess_mode="max")
         self._rollout_metrics(Counter, Gauge, Histogram)
         self.payload_records = Counter("fluxo_payload_records", "Payload records written to the payload log")
         self.payload_dropped = Counter("fluxo_payload_dropped", "Payload records dropped: the log's queue was full")
@@ -99,6 +101,9 @@ class Metrics:
 
     def model_loaded(self, info: dict[str, Any], previous: dict[str, Any] | None) -> None:
         _swap_info(self.model_info, info, previous)
+
+    def warmup(self, variant: str, seconds: float) -> None:
+        self.warmup_seconds.labels(variant).set(seconds)
 
     def reload(self, outcome: str) -> None:
         self.reloads.labels(outcome).inc()

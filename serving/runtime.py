@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,26 @@ class OnnxModel:
                 f"({error}); {_FIX}"
             ) from error
         logger.debug("loaded %s on %s", self.model_dir, self.provider)
+
+    def warmup(self, batch_sizes: Sequence[int], runs: int) -> float:
+        """Run each batch size ``runs`` times on made-up rows, through :meth:`predict_proba`; seconds spent.
+
+        The check run above only covers one row. ONNX Runtime sizes its memory arena and
+        its kernels' buffers on the first runs of each batch shape, so without this the
+        first full batch after a start or a hot reload is the slow one (bench/warmup.py
+        has the numbers). The server calls this before it reports ready, or before it
+        switches a reload over, so no client pays it. A lengths-taking graph also gets
+        rows padded short, to warm the path that reads ragged instances.
+        """
+        started = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for size in batch_sizes:
+            batch = rng.standard_normal((size, *self.input_shape)).astype(np.float32)
+            if self.takes_lengths and len(self.input_shape) == 2:
+                batch[::2, :, max(1, self.input_shape[-1] // 2):] = np.nan
+            for _ in range(runs):
+                self.predict_proba(batch)
+        return time.perf_counter() - started
 
     def describe(self) -> str:
         """One line for logs: which model, from where, on which provider."""

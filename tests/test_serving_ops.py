@@ -95,6 +95,13 @@ def test_a_published_model_is_picked_up_without_dropping_requests(
     assert re.search(r'^fluxo_model_info\{model_name="fluxo",model_version="1",provider="\w+"\} 0.0', metrics, re.M)
     assert re.search(r'^fluxo_model_reloads_total\{outcome="ok"\} [1-9]', metrics, re.M)
 
+    # Warmup: the new session ran its warmup batches before the switch, the first one before ready.
+    log = reloading.log()
+    warmed = log.find(f"warmed up {models['2']} (champion)")
+    assert warmed != -1 and warmed < log.find("hot reload: now serving"), log[-3000:]
+    assert f"warmed up {models['1']} (champion)" in log  # in the worker's set-up, which /readyz waits for
+    assert re.search(r'^fluxo_warmup_seconds\{variant="champion"\} [0-9.e-]+$', metrics, re.M)
+
 
 def test_a_broken_publish_keeps_the_live_model(reloading: RunningServer, models: dict[str, Path]) -> None:
     broken = build_model_dir(models["root"] / "fluxo-v3", model_version="3")

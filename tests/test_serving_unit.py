@@ -333,3 +333,31 @@ def test_a_silent_provider_fallback_is_reported(tmp_path: Path, caplog: pytest.L
     assert "asked ONNX Runtime for CUDAExecutionProvider but it fell back to CPUExecutionProvider" in caplog.text
     with pytest.raises(ServingError, match="asked ONNX Runtime for CUDAExecutionProvider but it runs on"):
         OnnxModel(model_dir, providers=[CUDA, CPU], strict=True)
+
+
+def test_warmup_runs_each_batch_size_and_the_server_warms_every_session_it_loads(tmp_path: Path) -> None:
+    from serving.app import ModelServer
+    from serving.runtime import OnnxModel
+
+    model = OnnxModel(build_model_dir(tmp_path / "m"))
+    seen: list[tuple[int, ...]] = []
+    real = model.predict_proba
+    model.predict_proba = lambda batch: seen.append(batch.shape) or real(batch)  # type: ignore[method-assign]
+    assert model.warmup([1, 8], 2) > 0
+    assert seen == [(1, 1, 8, 8)] * 2 + [(8, 1, 8, 8)] * 2
+    warmed: list[str] = []
+    original = OnnxModel.warmup
+
+    def spy(self: OnnxModel, sizes: list[int], runs: int) -> float:
+        warmed.append(f"{sizes} x{runs}")
+        return original(self, sizes, runs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(OnnxModel, "warmup", spy)
+        ModelServer(ServingConfig(model_dir=tmp_path / "m", provider="cpu", max_batch_size=16)).close()
+        assert warmed == ["[1, 16] x3"]
+        ModelServer(ServingConfig(model_dir=tmp_path / "m", provider="cpu", warmup_runs=0)).close()
+        assert warmed == ["[1, 16] x3"]  # FLUXO_WARMUP_RUNS=0: off
+    assert ServingConfig.from_env({"FLUXO_WARMUP_RUNS": "0"}).warmup_runs == 0
+    with pytest.raises(ServingError, match="FLUXO_WARMUP_RUNS"):
+        ServingConfig.from_env({"FLUXO_WARMUP_RUNS": "-1"})
