@@ -15,7 +15,9 @@ from the same ONNX file on free loopback ports, one server at a time:
 (c) `mlflow models serve -m models:/NAME/VERSION --env-manager local`, the peer a
 user would run instead, in this environment (uvicorn with httptools and uvloop,
 which fluxo's dependencies bring) and (d) the same with uvicorn's pure-Python
-h11 parser and asyncio loop, as `pip install mlflow` alone installs it. Each request carries one held-out test instance. The
+h11 parser and asyncio loop, as `pip install mlflow` alone installs it. Beside them,
+(e) the ceiling: bench/ceiling_app.py, a bare uvicorn app that parses the body and answers
+a constant, with fluxo's worker count; the table gives every server's share of it. Each request carries one held-out test instance. The
 load client is a closed loop of N keep-alive connections (one asyncio process
 writing each request in one packet) on the same machine, so it shares the cores
 with the server, as the issue's reference measurement did. Every response's
@@ -210,6 +212,21 @@ def start_fluxo(name: str, model_dir: Path, env: dict[str, str], log: Path, **ro
     return Server(name, port, process, "/predict", "instances")
 
 
+def start_ceiling(log: Path, workers: int) -> Server:
+    """bench/ceiling_app.py under uvicorn (httptools, uvloop), ``workers`` processes: the ceiling column."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "ceiling_app:app",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--http", "httptools",
+               "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout=60, process=process)
+    except Exception:
+        stop_server(process)
+        raise
+    return Server(f"ceiling: bare uvicorn, orjson, {workers} workers", port, process, "/predict", "instances")
+
+
 def start_mlflow(model_uri: str, tracking_uri: str, log: Path, plain: bool = False) -> Server:
     """`mlflow models serve` in this environment; ``plain`` forces uvicorn's pure-Python HTTP parser and
     asyncio loop, which is what `pip install mlflow` alone gives (no httptools, no uvloop)."""
@@ -261,12 +278,15 @@ def mlflow_label_reader(labels: list[str]) -> Any:
 class Target:
     """A started server with its pre-built requests, measured cell by cell."""
 
-    def __init__(self, server: Server, instances: np.ndarray, expected: list[str], labels: list[str]) -> None:
+    def __init__(self, server: Server, instances: np.ndarray, expected: list[str], labels: list[str],
+                 constant: bool = False) -> None:
         self.server = server
         bodies = [json.dumps({server.body_key: [x.tolist()]}, separators=(",", ":")).encode() for x in instances]
         requests = [http_request(server.port, server.path, b) for b in bodies]
         label_of = fluxo_label if server.body_key == "instances" else mlflow_label_reader(labels)
-        self.load = Load(server.port, requests, expected, label_of)
+        # The ceiling answers a constant: its answers are checked for their form only.
+        check = (lambda body, k: isinstance(fluxo_label(body), str)) if constant else None
+        self.load = Load(server.port, requests, expected, label_of, check)
 
     def cell(self, concurrency: int, seconds: float, warmup: float = 1.0) -> dict[str, Any]:
         if warmup:
@@ -661,7 +681,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="models:/ URI or export dir; default the champion")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per cell")
     parser.add_argument("--concurrency", default="1,8,32,64")
-    parser.add_argument("--servers", default="batched,unbatched,mlflow,mlflow-plain")
+    parser.add_argument("--servers", default="ceiling,batched,unbatched,mlflow,mlflow-plain")
     parser.add_argument("--long", type=float, default=0.0, help="also a run this long at 32 clients, batched")
     parser.add_argument("--sweep", action="store_true", help="compare serving settings at --sweep-concurrency")
     parser.add_argument("--sweep-concurrency", type=int, default=32)
@@ -745,6 +765,7 @@ def main() -> None:
 
     model_uri = f"models:/{metadata['model_name']}/{metadata['model_version']}"
     plan = {
+        "ceiling": lambda: start_ceiling(logs / "ceiling.log", int(os.environ.get("FLUXO_WORKERS", "2"))),
         "batched": lambda: start_fluxo("fluxo, adaptive batching", model_dir, {}, logs / "batched.log"),
         "unbatched": lambda: start_fluxo("fluxo, no batching", model_dir, {"FLUXO_MAX_BATCH_SIZE": "1"},
                                          logs / "unbatched.log"),
@@ -754,7 +775,7 @@ def main() -> None:
     targets: dict[str, Target] = {}
     try:
         for key in args.servers.split(","):
-            targets[key] = Target(plan[key](), instances, expected, labels)
+            targets[key] = Target(plan[key](), instances, expected, labels, constant=key == "ceiling")
         cells: dict[str, list[list[dict[str, Any]]]] = {key: [[] for _ in concurrencies] for key in targets}
         for round_ in range(args.rounds):
             for i, concurrency in enumerate(concurrencies):
@@ -782,16 +803,22 @@ def ratios(servers: dict[str, Any]) -> dict[str, float]:
     at = {key: next((r for r in s["rows"] if r["concurrency"] == 32), None) for key, s in servers.items()}
     if not at.get("batched"):
         return {}
-    return {f"batched_over_{key}": round(at["batched"]["requests_per_s"] / row["requests_per_s"], 2)
-            for key, row in at.items() if key != "batched" and row and row["requests_per_s"]}
+    out = {f"batched_over_{key}": round(at["batched"]["requests_per_s"] / row["requests_per_s"], 2)
+           for key, row in at.items() if key != "batched" and row and row["requests_per_s"]}
+    if "batched_over_ceiling" in out:  # below 1: the share of the machine's HTTP capacity fluxo reaches
+        out["batched_share_of_ceiling"] = out.pop("batched_over_ceiling")
+    return out
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print("\n| server | clients | req/s | p50 ms | p99 ms | errors (5xx) | server CPU ms/req |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    ceiling = {r["concurrency"]: r["requests_per_s"] for r in result["servers"].get("ceiling", {}).get("rows", [])}
+    print("\n| server | clients | req/s | of ceiling | p50 ms | p99 ms | errors (5xx) | server CPU ms/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for server in result["servers"].values():
         for row in server["rows"]:
-            print(f"| {server['name']} | {row['concurrency']} | {row['requests_per_s']:.0f} | {row['p50_ms']} | "
+            top = ceiling.get(row["concurrency"])
+            share = f"{row['requests_per_s'] / top:.0%}" if top else "-"
+            print(f"| {server['name']} | {row['concurrency']} | {row['requests_per_s']:.0f} | {share} | {row['p50_ms']} | "
                   f"{row['p99_ms']} | {row['errors']} ({row['5xx']}) | {row['server_cpu_ms_per_request']} |")
     if "long_run" in result:
         row = result["long_run"]
