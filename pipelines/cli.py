@@ -361,7 +361,7 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
         process = start_server(served, port=port, host=host, challenger=challenger, rollout=rollout,
                                canary_share=settings.serve.canary_share, shadow_sample=settings.serve.shadow_sample,
                                payload_log=settings.serve.payload_log_under(root), payload_sample=settings.serve.payload_sample,
-                               env={DRIFT_STATUS_ENV: drift_status})
+                               env={DRIFT_STATUS_ENV: drift_status, "FLUXO_VARIANT": settings.serve.variant})
     except _user_errors() as error:
         if follower is not None:
             follower.stop()
@@ -410,13 +410,17 @@ def serve(
     canary_share: Annotated[
         Optional[float], typer.Option("--canary-share", help="canary: share answered by the challenger (serve.canary_share).")
     ] = None,
+    variant: Annotated[
+        Optional[str], typer.Option("--variant", help="auto, fp32, int8 or fp16: the precision served (serve.variant).")
+    ] = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
     root: RootOption = Path("."),
 ) -> None:
     """Serve the champion (or --model) over REST with BentoML on ONNX Runtime, following the registry's aliases."""
     extra = ([f"serve.rollout={rollout}"] if rollout else []) + (
-        [f"serve.canary_share={canary_share}"] if canary_share is not None else [])
+        [f"serve.canary_share={canary_share}"] if canary_share is not None else []) + (
+        [f"serve.variant={variant}"] if variant else [])
     overrides = (overrides or []) + extra
     try:
         settings = _settings(config, overrides)

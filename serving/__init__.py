@@ -118,6 +118,9 @@ class ServingConfig:
     provider: str = "auto"
     """``FLUXO_PROVIDER``: ``auto`` (CUDA when a GPU and the CUDA provider exist, else CPU), ``cpu`` or
     ``cuda`` (refuse to start without it)."""
+    variant: str = "auto"
+    """``FLUXO_VARIANT``: which precision of the model runs: ``auto`` (the fastest variant export's gate kept for
+    this provider, else fp32), ``fp32``, ``int8`` or ``fp16``; one that was not kept refuses to load, saying why."""
     max_batch_size: int = 32
     """``FLUXO_MAX_BATCH_SIZE``: most instances merged into one model run; 1 turns batching off."""
     batch_wait_ms: float = 0.0
@@ -191,6 +194,7 @@ class ServingConfig:
             workers=_env_int("FLUXO_WORKERS", cls.workers, 1, env),
             ort_threads=_env_int("FLUXO_ORT_THREADS", cls.ort_threads, 1, env),
             provider=_env_choice("FLUXO_PROVIDER", cls.provider, ("auto", "cpu", "cuda"), env),
+            variant=_env_choice("FLUXO_VARIANT", cls.variant, ("auto", "fp32", "int8", "fp16"), env),
             max_batch_size=_env_int("FLUXO_MAX_BATCH_SIZE", cls.max_batch_size, 1, env),
             batch_wait_ms=_env_float("FLUXO_BATCH_WAIT_MS", cls.batch_wait_ms, 0.0, env),
             warmup_runs=_env_int("FLUXO_WARMUP_RUNS", cls.warmup_runs, 0, env),

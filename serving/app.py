@@ -155,6 +155,7 @@ class ModelServer:
             threads=self.config.ort_threads,
             providers=providers_for(self.config.provider),
             strict=self.config.provider == "cuda",
+            variant=self.config.variant,
         )
         if self.config.warmup_runs:  # before it answers anyone: at start (readiness waits) or before a reload switches
             seconds = model.warmup(sorted({1, self.config.max_batch_size}), self.config.warmup_runs)
@@ -171,7 +172,7 @@ class ModelServer:
             observe=self.metrics.batch if champion else None,  # fluxo_batch_* stay the champion's
             on_output=self._mirror if champion and self._shadow else None,
         )
-        info = public_metadata(model.metadata, model.provider)
+        info = public_metadata(model.metadata, model.provider, model.variant)
         info["image"] = spec.as_dict() if spec else None
         return LiveModel(model, batcher, spec, info, variant)
 

@@ -30,6 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serving import ServingError
 
 MODEL_FILE = "model.onnx"
+VARIANTS = ("fp32", "int8", "fp16")
+"""Precisions a model directory may hold: fp32 is ``model.onnx``; the others ``model.<variant>.onnx``,
+present only when export's gate kept them (pipelines/export/variants.py)."""
 METADATA_FILE = "metadata.json"
 REPORT_FILE = "report.html"
 """Optional: the model's report (pipelines/export/report.py), served at ``GET /report``."""
@@ -97,6 +100,10 @@ class ModelMetadata(BaseModel):
     )
     served_test_accuracy: float | None = Field(None, description="Test accuracy of the graph as served.")
     parity: dict[str, Any] | None = Field(None, description="The ONNX-vs-PyTorch parity report.")
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Each lower-precision variant export tried (int8, fp16) and the gate's "
+        "decision: kept, reason, test accuracy, accuracy drop, latency at batch 1 and 32, speedup, provider.",
+    )
     model_version: str | None = Field(
         None, description="Only in directories written before registry.json existed; read, never written."
     )
@@ -136,6 +143,11 @@ class ModelMetadata(BaseModel):
         values = {"kind": self.kind, "input_shape": list(self.input_shape), "input_dtype": self.input_dtype,
                   "labels": list(self.labels), "image": self.preprocessing.image}
         return {field: values[field] for field in CONTRACT_FIELDS}
+
+
+def variant_file(variant: str) -> str:
+    """The file of ``variant`` in a model directory."""
+    return MODEL_FILE if variant == "fp32" else f"model.{variant}.onnx"
 
 
 def contract_mismatch(reference: Mapping[str, Any], other: Mapping[str, Any]) -> str | None:

@@ -140,6 +140,7 @@ def check_rollout(env: Mapping[str, str], champion: Mapping[str, Any]) -> None:
     from serving.rollout import contract_mismatch
 
     config = ServingConfig.from_env(env)  # names the variable of a malformed value
+    check_variant(config, champion)
     source = config.challenger_dir
     if config.rollout == "champion" or source is None or not (is_model_root(source) or is_model_dir(source)):
         return
@@ -147,6 +148,17 @@ def check_rollout(env: Mapping[str, str], champion: Mapping[str, Any]) -> None:
     problem = contract_mismatch(_contract(champion), _contract(challenger))
     if problem is not None:
         raise ServingError(f"challenger {source} cannot stand in for the champion: {problem}")
+
+
+def check_variant(config: ServingConfig, champion: Mapping[str, Any]) -> None:
+    """``FLUXO_VARIANT`` against the champion's kept variants, before anything is spawned (the workers
+    would refuse it the same way, in a log instead of the terminal)."""
+    from serving.reload import resolve_model_dir
+    from serving.runtime import choose_variant, providers_for
+
+    if config.variant in ("auto", "fp32") or config.model_dir is None:
+        return
+    choose_variant(champion, config.variant, providers_for(config.provider)[0], resolve_model_dir(config.model_dir))
 
 
 def _contract(metadata: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving import ServingError
-from serving.contract import FIX, LENGTHS_NAME, METADATA_FILE, MODEL_FILE, read_model_dir
+from serving.contract import FIX, LENGTHS_NAME, METADATA_FILE, MODEL_FILE, VARIANTS, read_model_dir, variant_file
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,42 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return exp / np.sum(exp, axis=axis, keepdims=True)
 
 
+def choose_variant(meta: Mapping[str, Any], requested: str, provider: str, model_dir: Path) -> str:
+    """The precision to load: ``requested``, or for ``auto`` the fastest variant kept for ``provider``.
+
+    A variant is usable when export's gate kept it (metadata ``variants``), its file is in
+    the directory, and it was measured on the provider about to run it: an int8 graph that
+    was fast on the CPU says nothing about CUDA. Asking for an unusable one is a
+    ServingError that says why it is not there; ``auto`` falls back to fp32.
+    """
+    if requested not in ("auto", *VARIANTS):
+        raise ServingError(f"FLUXO_VARIANT={requested}: expected auto or one of {', '.join(VARIANTS)}")
+    decisions: Mapping[str, Any] = meta.get("variants") or {}
+
+    def usable(name: str) -> bool:
+        decision = decisions.get(name) or {}
+        return (bool(decision.get("kept")) and decision.get("provider", CPU) == provider
+                and (model_dir / variant_file(name)).is_file())
+
+    if requested in ("fp32", "auto"):
+        kept = [name for name in VARIANTS[1:] if usable(name)] if requested == "auto" else []
+        return max(kept, key=lambda name: float(decisions[name].get("speedup") or 0)) if kept else "fp32"
+    if usable(requested):
+        return requested
+    decision = decisions.get(requested)
+    if decision is None:
+        why = "export did not build one (export.variants off, or a model exported before variants existed)"
+    elif decision.get("kept") and decision.get("provider", CPU) != provider:
+        why = f"it was measured and kept on {decision.get('provider')}, and this server runs {provider}"
+    elif decision.get("kept"):
+        why = f"{variant_file(requested)} is missing from the directory"
+    else:
+        why = f"export's gate refused it: {decision.get('reason')}"
+    usable_ones = ["fp32", *(name for name in VARIANTS[1:] if usable(name))]
+    raise ServingError(f"FLUXO_VARIANT={requested}: {model_dir} has no usable {requested} variant, {why}; "
+                       f"usable here: {', '.join(usable_ones)}; set FLUXO_VARIANT=auto or fp32")
+
+
 class OnnxModel:
     """A model directory loaded into an ONNX Runtime session, checked against its metadata."""
 
@@ -161,6 +197,7 @@ class OnnxModel:
         threads: int = 1,
         providers: Sequence[str] | None = None,
         strict: bool = False,
+        variant: str = "fp32",
     ) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
@@ -171,6 +208,7 @@ class OnnxModel:
         self.input_name: str = self.metadata["input_name"]
         self.output_name: str = self.metadata["output_name"]
         requested = list(providers) if providers else choose_providers()
+        self.variant: str = choose_variant(self.metadata, variant, requested[0], self.model_dir)
         self.session = self._open_session(threads, requested)
         self.provider: str = self.session.get_providers()[0]
         if self.provider != requested[0]:
@@ -221,12 +259,12 @@ class OnnxModel:
         """One line for logs: which model, from where, on which provider."""
         return (
             f"{self.metadata.get('model_name', 'model')} version {self.metadata.get('model_version')} "
-            f"from {self.model_dir} on {self.provider} (ONNX Runtime {ort.__version__}, "
+            f"({self.variant}) from {self.model_dir} on {self.provider} (ONNX Runtime {ort.__version__}, "
             f"{self.session.get_session_options().intra_op_num_threads} intra-op threads)"
         )
 
     def _open_session(self, threads: int, providers: list[str]) -> ort.InferenceSession:
-        path = self.model_dir / MODEL_FILE
+        path = self.model_dir / variant_file(self.variant)
         if not path.is_file():
             raise ServingError(
                 f"{path}: no such file; a model directory needs {MODEL_FILE} and {METADATA_FILE}; {_FIX}"
@@ -282,11 +320,11 @@ class OnnxModel:
 
     def info(self) -> dict[str, Any]:
         """What ``GET /metadata`` reports: identity, data version, contract, metrics, provider."""
-        return public_metadata(self.metadata, self.provider)
+        return public_metadata(self.metadata, self.provider, self.variant)
 
 
-def public_metadata(meta: Mapping[str, Any], provider: str) -> dict[str, Any]:
-    """The metadata fields a client may rely on, plus the provider actually running."""
+def public_metadata(meta: Mapping[str, Any], provider: str, variant: str = "fp32") -> dict[str, Any]:
+    """The metadata fields a client may rely on, plus the provider and the variant actually running."""
     metrics = meta.get("test_metrics") or {}
     return {
         "model_name": meta.get("model_name"),
@@ -302,4 +340,7 @@ def public_metadata(meta: Mapping[str, Any], provider: str) -> dict[str, Any]:
         "onnx_opset": meta.get("onnx_opset"),
         "takes_lengths": bool(meta.get("takes_lengths")),
         "provider": provider,
+        "variant": variant,
+        "variants": {name: {k: v for k, v in decision.items() if k != "file"}
+                     for name, decision in (meta.get("variants") or {}).items()},
     }

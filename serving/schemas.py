@@ -76,6 +76,12 @@ class MetadataResponse(BaseModel):
         "each is read to its own end, as in training."
     )
     provider: str = Field(description="ONNX Runtime execution provider in use, e.g. CPUExecutionProvider.")
+    variant: str = Field("fp32", description="The precision running: fp32, or an int8/fp16 variant export's gate "
+                         "kept (FLUXO_VARIANT).")
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Each variant export tried and the gate's decision: kept, reason, test "
+        "accuracy, accuracy drop in points, latency at batch 1 and 32, speedup, provider.",
+    )
     image: dict[str, Any] | None = Field(
         None, description="How POST /predict/image turns a PNG/JPEG into an instance; null when the model takes no images."
     )

@@ -361,3 +361,54 @@ def test_warmup_runs_each_batch_size_and_the_server_warms_every_session_it_loads
     assert ServingConfig.from_env({"FLUXO_WARMUP_RUNS": "0"}).warmup_runs == 0
     with pytest.raises(ServingError, match="FLUXO_WARMUP_RUNS"):
         ServingConfig.from_env({"FLUXO_WARMUP_RUNS": "-1"})
+
+
+def _with_variants(path: Path, **variants: dict[str, Any]) -> Path:
+    """A model directory whose metadata records ``variants``; a kept one gets its own graph (another seed)."""
+    model_dir = build_model_dir(path, variants=variants)
+    import onnx
+
+    for name, decision in variants.items():
+        if decision.get("kept"):
+            onnx.save(tiny_classifier((1, 8, 8), 10, seed=7), str(model_dir / f"model.{name}.onnx"))
+    return model_dir
+
+
+def test_the_served_variant_is_the_fastest_kept_one_and_an_unkept_one_is_refused_saying_why(tmp_path: Path) -> None:
+    from serving.runtime import OnnxModel
+
+    plain = OnnxModel(build_model_dir(tmp_path / "plain"), variant="auto")
+    assert plain.variant == "fp32" and plain.info()["variant"] == "fp32" and plain.info()["variants"] == {}
+    kept = {"kept": True, "provider": "CPUExecutionProvider", "speedup": 1.6, "reason": "kept"}
+    model_dir = _with_variants(tmp_path / "kept", int8=kept)
+    model = OnnxModel(model_dir, variant="auto")
+    assert model.variant == "int8" and "(int8)" in model.describe()
+    batch = sample_instances(4, seed=1)
+    int8_graph = ort.InferenceSession(str(model_dir / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(model.predict_logits(batch), int8_graph.run(None, {"input": batch})[0], rtol=1e-6)
+    assert model.info()["variants"]["int8"]["speedup"] == 1.6
+    assert OnnxModel(model_dir, variant="fp32").variant == "fp32"
+
+    refused = {"kept": False, "reason": "speedup 1.05x at batch 32 is below export.min_speedup 1.2x"}
+    with pytest.raises(ServingError, match=r"FLUXO_VARIANT=int8: .* export's gate refused it: speedup 1.05x .*"
+                                           r"usable here: fp32; set FLUXO_VARIANT=auto or fp32"):
+        OnnxModel(_with_variants(tmp_path / "refused", int8=refused), variant="int8")
+    with pytest.raises(ServingError, match="export did not build one"):
+        OnnxModel(model_dir, variant="fp16")
+    elsewhere = _with_variants(tmp_path / "cuda", fp16={**kept, "provider": "CUDAExecutionProvider"})
+    assert OnnxModel(elsewhere, variant="auto").variant == "fp32"  # measured on CUDA says nothing about the CPU
+    with pytest.raises(ServingError, match="measured and kept on CUDAExecutionProvider"):
+        OnnxModel(elsewhere, variant="fp16")
+    assert ServingConfig.from_env({"FLUXO_VARIANT": "INT8"}).variant == "int8"
+    with pytest.raises(ServingError, match="FLUXO_VARIANT"):
+        ServingConfig.from_env({"FLUXO_VARIANT": "int4"})
+
+
+def test_the_launcher_refuses_a_variant_that_was_not_kept_before_spawning(tmp_path: Path) -> None:
+    from serving.launch import check_model_dir, check_rollout
+
+    model_dir = build_model_dir(tmp_path / "m")
+    env = serve_env(model_dir, {"FLUXO_VARIANT": "int8"})
+    with pytest.raises(ServingError, match="FLUXO_VARIANT=int8: .* export did not build one"):
+        check_rollout(env, check_model_dir(model_dir))
+    check_rollout(serve_env(model_dir, {"FLUXO_VARIANT": "auto"}), check_model_dir(model_dir))

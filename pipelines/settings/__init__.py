@@ -232,6 +232,10 @@ class ServeSettings(_Section):
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 inside containers.")
     port: int = Field(3000, ge=1, le=65535, description="HTTP port.")
     model_cache: Path = Field(Path(".fluxo/serve"), description="Where the served model is materialised.")
+    variant: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto", description="The precision served: auto (the fastest variant export's gate kept for the provider, "
+        "else fp32), fp32, int8 or fp16; asking for one the gate did not keep is an error that says why.",
+    )
     rollout: Literal["champion", "shadow", "canary"] = Field(
         "champion",
         description="champion: only the champion answers; shadow: the challenger also runs on each request, off the "
