@@ -153,8 +153,9 @@ class PayloadLogger:
 
     def _write_safely(self, rows: list[tuple[Any, ...]]) -> None:
         try:
+            batch = _batch(rows)  # before the file: a worker killed meanwhile leaves no empty journal behind
             journal = self._file or self._open()
-            journal.append(_batch(rows))
+            journal.append(batch)
             self.counters.records.inc(len(rows))
             self._rotate_if_due()
         except Exception:

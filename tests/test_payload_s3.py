@@ -117,7 +117,10 @@ log = PayloadLogger(sys.argv[1], flush_s=0.05)
 for i in range(4):
     log.record(f"dead{i}", "/predict", "fluxo", "1", "champion", 1.0, np.zeros((1, 1, 8, 8), np.float32),
                np.full((1, 10), 0.1, np.float32), [str(d) for d in range(10)])
-time.sleep(0.5)
+# Killed once the records are in the journal (a busy machine can take longer than any fixed sleep).
+deadline = time.monotonic() + 60
+while log.counters.records._value.get() < 4 and time.monotonic() < deadline:
+    time.sleep(0.02)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
