@@ -36,7 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from serving import ServingConfig, ServingError
 from serving import v2 as oip
@@ -44,7 +44,7 @@ from serving.batching import Batcher
 from serving.contract import REPORT_FILE, is_model_dir
 from serving.docs import add_docs
 from serving.images import ImageSpec, InvalidImage, UnsupportedImage, decode_image, image_spec
-from serving.metrics import get_metrics
+from serving.metrics import exposition, get_metrics
 from serving.payload_log import REQUEST_ID_HEADER, PayloadLogger, new_request_id
 from serving.reload import PointerWatcher, is_model_root, resolve_model_dir, watch_pending_root
 from serving.rollout import (
@@ -59,7 +59,7 @@ from serving.rollout import (
     agreements,
     contract_mismatch,
 )
-from serving.runtime import OnnxModel, nan_padded, providers_for, public_metadata
+from serving.runtime import CPU, OnnxModel, nan_padded, providers_for, public_metadata
 from serving.schemas import (
     ErrorResponse,
     InvalidInstances,
@@ -67,6 +67,7 @@ from serving.schemas import (
     PredictRequest,
     PredictResponse,
     TooManyInstances,
+    only_numbers,
     validate_instances,
     validate_sequences,
 )
@@ -169,6 +170,8 @@ class ModelServer:
             self._executor if champion else self._challenger_executor,
             max_batch_size=self.config.max_batch_size,
             max_wait_ms=self.config.batch_wait_ms,
+            # One-thread CPU runs are judged by their CPU time (serving/batching.py): preemption is not model cost.
+            cost_clock=time.thread_time if model.provider == CPU and self.config.ort_threads == 1 else time.perf_counter,
             observe=self.metrics.batch if champion else None,  # fluxo_batch_* stay the champion's
             on_output=self._mirror if champion and self._shadow else None,
         )
@@ -322,11 +325,11 @@ class ModelServer:
         response.headers[VARIANT_HEADER] = live.variant
         return response
 
-    def log_payload(self, request: Request, route: str, live: LiveModel, batch: np.ndarray, rows: np.ndarray,
-                    started: float, response: Response) -> Response:
+    def log_payload(self, headers: Mapping[str, str], route: str, live: LiveModel, batch: np.ndarray,
+                    rows: np.ndarray, started: float, response: Response) -> Response:
         """Payload logging on (``self.payload`` set): echo or mint ``X-Request-Id``, queue the sampled record."""
         payload = self.payload
-        request_id = request.headers.get("x-request-id") or new_request_id()
+        request_id = headers.get("x-request-id") or new_request_id()
         response.raw_headers.append((_REQUEST_ID_KEY, request_id.encode("latin-1")))  # no MutableHeaders scan
         if payload.sampled():
             payload.record(request_id, route, live.name, live.version, live.variant,
@@ -430,7 +433,7 @@ def _payload_logger(config: ServingConfig) -> PayloadLogger | None:
                          config.payload_queue, flush_s=config.payload_flush_s, upload=upload)
 
 
-async def _respond(server: ModelServer, request: Request, route: str, live: LiveModel, batch: np.ndarray,
+async def _respond(server: ModelServer, headers: Mapping[str, str], route: str, live: LiveModel, batch: np.ndarray,
                    started: float, build: Callable[[np.ndarray], Response]) -> Response:
     """The slow path of a prediction route (rollout or payload log on): answer, name the variant, log."""
     rows = await server.answer(live, batch) if server.rollout is not None else await live.batcher.submit(batch)
@@ -438,8 +441,35 @@ async def _respond(server: ModelServer, request: Request, route: str, live: Live
     if server.rollout is not None:
         server.answered(live, response)
     if server.payload is not None:
-        server.log_payload(request, route, live, batch, rows, started, response)
+        server.log_payload(headers, route, live, batch, rows, started, response)
     return response
+
+
+async def predict_response(server: ModelServer, headers: Mapping[str, str], chunks: AsyncIterator[bytes]) -> Response:
+    """``POST /predict``, whole: the FastAPI route and the fast path (serving/fastpath.py) both answer with this.
+
+    ``chunks`` is the body as it arrives; nothing is read before the key and the content type pass.
+    """
+    started = time.perf_counter() if server.payload is not None else 0.0
+    require_api_key(headers, server)
+    _require_json(headers)
+    raw = await read_limited(chunks, headers.get("content-length"), server.config.max_body_bytes)
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise ApiError(400, 'the body must be a JSON object like {"instances": [x1, x2, ...]}')
+    if "instances" not in body:
+        hint = " (Open Inference Protocol requests go to POST /v2/models/{name}/infer)" if "inputs" in body else ""
+        raise ApiError(400, 'the body has no "instances": send {"instances": [x1, x2, ...]}' + hint)
+    rollout = server.rollout
+    live = server.live if rollout is None else server.pick(headers)
+    try:  # the champion's contract, whichever variant answers (ModelServer.answer)
+        validate = validate_sequences if server.live.model.takes_lengths else validate_instances
+        batch = validate(body["instances"], live.model.input_shape, server.config.max_instances, only_numbers(raw))
+    except InvalidInstances as error:
+        raise _invalid(error) from None
+    if rollout is None and server.payload is None:
+        return _predictions(live, await live.batcher.submit(batch))
+    return await _respond(server, headers, "/predict", live, batch, started, lambda rows: _predictions(live, rows))
 
 
 # --- request helpers ---------------------------------------------------------------------
@@ -452,13 +482,13 @@ def _server(request: Request) -> ModelServer:
     return server
 
 
-def _media_type(request: Request) -> str | None:
-    raw = request.headers.get("content-type")
+def _media_type(headers: Mapping[str, str]) -> str | None:
+    raw = headers.get("content-type")
     return raw.split(";", 1)[0].strip().lower() if raw else None
 
 
-def _require_json(request: Request) -> None:
-    media = _media_type(request)
+def _require_json(headers: Mapping[str, str]) -> None:
+    media = _media_type(headers)
     if media is None or media in JSON_TYPES or media.endswith("+json"):
         return
     hint = " (images go to POST /predict/image)" if media.startswith(("image/", "multipart/")) else ""
@@ -467,8 +497,12 @@ def _require_json(request: Request) -> None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body of a routed request; see :func:`read_limited`."""
+    return await read_limited(request.stream(), request.headers.get("content-length"), limit)
+
+
+async def read_limited(chunks: AsyncIterator[bytes], declared: str | None, limit: int) -> bytes:
     """The whole body, or 413 as soon as it is known to exceed ``limit`` (before reading it when declared)."""
-    declared = request.headers.get("content-length")
     if declared is not None:
         try:
             size = int(declared)
@@ -477,15 +511,15 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise ApiError(413, f"request body is {size} bytes, more than the limit of {limit} bytes "
                                 "(FLUXO_MAX_BODY_BYTES); send fewer instances per request")
-    chunks = []
+    received: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"request body is more than the limit of {limit} bytes (FLUXO_MAX_BODY_BYTES); "
                                 "send fewer instances per request")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        received.append(chunk)
+    return received[0] if len(received) == 1 else b"".join(received)
 
 
 def parse_json(body: bytes) -> Any:
@@ -526,7 +560,7 @@ SECURITY_SCHEMES = {
 }
 
 
-def require_api_key(request: Request, server: ModelServer) -> None:
+def require_api_key(headers: Mapping[str, str], server: ModelServer) -> None:
     """Prediction routes need the key when FLUXO_API_KEY is set; compared in constant time.
 
     A plain call rather than a FastAPI dependency: dependency resolution cost
@@ -535,7 +569,6 @@ def require_api_key(request: Request, server: ModelServer) -> None:
     expected = server.config.api_key
     if expected is None:
         return
-    headers = request.headers
     given = headers.get("x-api-key")
     if given is None:
         scheme, _, credentials = headers.get("authorization", "").partition(" ")
@@ -551,8 +584,27 @@ def require_api_key(request: Request, server: ModelServer) -> None:
 # --- metrics middleware ------------------------------------------------------------------
 
 
-class RouteMetrics:
-    """Count and time each request by route template (never by raw path, which clients control)."""
+METRICS_ROUTE = "/metrics"
+
+
+def over_capacity(metrics: Any, server: ModelServer | None) -> Response | None:
+    """The 429 for a request beyond ``FLUXO_MAX_CONCURRENCY`` in this worker, else None.
+
+    fluxo's own limit, not BentoML's ``MaxConcurrencyMiddleware``: that one is an asyncio
+    semaphore whose ``locked()`` scans its waiters on every request; this is one integer
+    compare (serving/README.md, "Request path"). Probes never reach the app, and
+    ``/metrics`` is not limited, as with BentoML's.
+    """
+    if server is None or metrics.in_flight < server.config.max_concurrency:
+        return None
+    return Response(orjson.dumps({"error": f"Too many requests: this worker is answering {metrics.in_flight} "
+                                           "already (FLUXO_MAX_CONCURRENCY); retry shortly"}),
+                    status_code=429, headers={"Retry-After": "1"}, media_type="application/json")
+
+
+class RequestAccounting:
+    """Every request of the app: admitted or 429 (:func:`over_capacity`), counted in progress while it
+    runs, then counted and timed by route template (never by raw path, which clients control)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -563,6 +615,15 @@ class RouteMetrics:
             return
         started = time.perf_counter()
         status = 500
+        metrics = get_metrics()
+        counted = scope["path"] != METRICS_ROUTE  # a scrape is neither limited nor counted in progress
+        if counted:
+            refused = over_capacity(metrics, getattr(scope["app"].state, "server", None))
+            if refused is not None:
+                await refused(scope, receive, send)
+                metrics.request("limited", scope["method"], 429, time.perf_counter() - started)
+                return
+            metrics.enter()
 
         async def record_status(message: dict[str, Any]) -> None:
             nonlocal status
@@ -576,8 +637,10 @@ class RouteMetrics:
             status = 499  # the client or the timeout gave up; nginx's name for it
             raise
         finally:
+            if counted:
+                metrics.leave()
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            get_metrics().request(route, scope["method"], status, time.perf_counter() - started)
+            metrics.request(route, scope["method"], status, time.perf_counter() - started)
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -697,7 +760,7 @@ def create_app() -> FastAPI:
         openapi_url="/openapi.json",
         lifespan=lifespan,
     )
-    app.add_middleware(RouteMetrics)
+    app.add_middleware(RequestAccounting)
     add_docs(app)
 
     @app.exception_handler(ApiError)
@@ -718,26 +781,7 @@ def create_app() -> FastAPI:
               responses={200: {"model": PredictResponse}, **_ERRORS})
     async def predict(request: Request) -> Response:
         """Classify instances: each a nested list shaped like GET /metadata's input_shape, raw values."""
-        server = _server(request)
-        started = time.perf_counter() if server.payload is not None else 0.0
-        require_api_key(request, server)
-        _require_json(request)
-        body = parse_json(await read_body(request, server.config.max_body_bytes))
-        if not isinstance(body, dict):
-            raise ApiError(400, 'the body must be a JSON object like {"instances": [x1, x2, ...]}')
-        if "instances" not in body:
-            hint = " (Open Inference Protocol requests go to POST /v2/models/{name}/infer)" if "inputs" in body else ""
-            raise ApiError(400, 'the body has no "instances": send {"instances": [x1, x2, ...]}' + hint)
-        rollout = server.rollout
-        live = server.live if rollout is None else server.pick(request.headers)
-        try:  # the champion's contract, whichever variant answers (ModelServer.answer)
-            validate = validate_sequences if server.live.model.takes_lengths else validate_instances
-            batch = validate(body["instances"], live.model.input_shape, server.config.max_instances)
-        except InvalidInstances as error:
-            raise _invalid(error) from None
-        if rollout is None and server.payload is None:
-            return _predictions(live, await live.batcher.submit(batch))
-        return await _respond(server, request, "/predict", live, batch, started, lambda rows: _predictions(live, rows))
+        return await predict_response(_server(request), request.headers, request.stream())
 
     @app.post("/predict/image", response_model=None, tags=["predict"],
               responses={200: {"model": PredictResponse}, **_ERRORS})
@@ -745,13 +789,13 @@ def create_app() -> FastAPI:
         """Classify PNG/JPEG files: multipart/form-data (one or more files), or one raw image/png|jpeg body."""
         server = _server(request)
         started = time.perf_counter() if server.payload is not None else 0.0
-        require_api_key(request, server)
+        require_api_key(request.headers, server)
         rollout = server.rollout
         live = server.live if rollout is None else server.pick(request.headers)
         if live.image is None:
             raise ApiError(400, f"model {live.name!r} takes no images (input shape {list(live.model.input_shape)}); "
                                 "send numbers to POST /predict")
-        media = _media_type(request)
+        media = _media_type(request.headers)
         if media != "multipart/form-data" and media not in IMAGE_TYPES:
             raise ApiError(415, f"Content-Type {media!r} is not accepted here; upload files as multipart/form-data "
                                 "or send one image with Content-Type image/png or image/jpeg")
@@ -778,8 +822,16 @@ def create_app() -> FastAPI:
             raise ApiError(400, str(error)) from None
         if rollout is None and server.payload is None:
             return _predictions(live, await live.batcher.submit(batch))
-        return await _respond(server, request, "/predict/image", live, batch, started,
+        return await _respond(server, request.headers, "/predict/image", live, batch, started,
                               lambda rows: _predictions(live, rows))
+
+    @app.get(METRICS_ROUTE, response_class=PlainTextResponse, tags=["operations"],
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+    async def metrics() -> Response:
+        """Prometheus metrics summed over the workers (serving/metrics.py lists them)."""
+        get_metrics().tally.flush()  # this worker's numbers as of now; the others' are at most FLUSH_S old
+        text, content_type = await asyncio.to_thread(exposition)
+        return Response(text, media_type=content_type)
 
     @app.get("/metadata", response_model=MetadataResponse, tags=["model"])
     async def metadata(request: Request) -> Response:
@@ -825,14 +877,15 @@ def create_app() -> FastAPI:
     async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
         server = _server(request)
         started = time.perf_counter() if server.payload is not None else 0.0
-        require_api_key(request, server)
+        require_api_key(request.headers, server)
         rollout = server.rollout
         live = _live_named(server, model_name, model_version, pinnable=rollout is not None)
         if rollout is not None and model_version is None:
             live = server.pick(request.headers)
-        if _media_type(request) == "application/octet-stream" or "inference-header-content-length" in request.headers:
+        if (_media_type(request.headers) == "application/octet-stream"
+                or "inference-header-content-length" in request.headers):
             raise ApiError(415, "the binary tensor extension is not supported; send the tensors as JSON")
-        _require_json(request)
+        _require_json(request.headers)
         body = parse_json(await read_body(request, server.config.max_body_bytes))
         try:
             tensor, lengths, request_id, outputs = oip.parse_request(body)
@@ -851,7 +904,7 @@ def create_app() -> FastAPI:
             return _json(oip.infer_response(live.name, live.version, request_id, outputs, probabilities,
                                             live.model.labels))
         # Under the champion's name whichever variant answered: clients address the model, not the variant.
-        return await _respond(server, request, "/v2/models/{model_name}/infer", live, batch, started,
+        return await _respond(server, request.headers, "/v2/models/{model_name}/infer", live, batch, started,
                               lambda rows: _json(oip.infer_response(model_name, live.version, request_id, outputs,
                                                                     rows, live.model.labels)))
 

@@ -13,6 +13,10 @@ Runs that typically take under ``inline_below_ms`` (a small CNN on a CPU) run on
 the event loop itself: handing them to the thread and back costs two GIL
 hand-overs, more than the run. Slower models, and requests larger than a
 batch, always go to the thread so the loop keeps accepting requests meanwhile.
+"Typically" is measured with ``cost_clock``: the server passes the thread's CPU time
+for a one-thread CPU session, so a run the OS preempted on a busy machine does not
+read as a slow model and send the next runs through the thread (wall time otherwise:
+a GPU run's wait is time the loop would be blocked).
 
 ``on_output`` sees every run's merged input and output once its requests have
 their rows: shadow mode (serving/rollout.py) mirrors whole champion batches to
@@ -63,6 +67,7 @@ class Batcher:
         max_batch_size: int,
         max_wait_ms: float = 0.0,
         inline_below_ms: float = 1.0,
+        cost_clock: Callable[[], float] = time.perf_counter,
         observe: BatchObserver | None = None,
         on_output: OutputHook | None = None,
     ) -> None:
@@ -75,6 +80,7 @@ class Batcher:
         self._observe = observe
         self._on_output = on_output
         self.inline_below_s = inline_below_ms / 1000.0
+        self._cost_clock = cost_clock
         self._typical_run_s = float("inf")  # until measured, runs go to the thread
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_instances = 0
@@ -143,11 +149,11 @@ class Batcher:
             size += len(job.batch)
         return jobs
 
-    def _timed_run(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        """The model's own time, without the hand-over to and from the thread."""
-        started = time.perf_counter()
+    def _timed_run(self, batch: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The output, the model's own wall time (without the hand-over to and from the thread) and its cost."""
+        started, cost_started = time.perf_counter(), self._cost_clock()
         output = self._run(batch)
-        return output, time.perf_counter() - started
+        return output, time.perf_counter() - started, self._cost_clock() - cost_started
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -166,9 +172,9 @@ class Batcher:
                 if len(merged) <= self.max_batch_size and self._typical_run_s < self.inline_below_s:
                     # A sub-millisecond run costs less than handing it to a thread and back
                     # (each hand-over waits for the GIL), so it runs right here.
-                    output, elapsed = self._timed_run(merged)
+                    output, elapsed, cost = self._timed_run(merged)
                 else:
-                    output, elapsed = await loop.run_in_executor(self._executor, self._timed_run, merged)
+                    output, elapsed, cost = await loop.run_in_executor(self._executor, self._timed_run, merged)
             except Exception as error:  # noqa: BLE001 - every waiting request must hear about it
                 logger.exception("model run failed for a batch of %d instances", len(merged))
                 for job in jobs:
@@ -177,7 +183,7 @@ class Batcher:
                 continue
             finally:
                 self.running = 0
-            per_run = elapsed if self._typical_run_s == float("inf") else 0.8 * self._typical_run_s + 0.2 * elapsed
+            per_run = cost if self._typical_run_s == float("inf") else 0.8 * self._typical_run_s + 0.2 * cost
             self._typical_run_s = per_run
             offset = 0
             for job in jobs:

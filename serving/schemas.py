@@ -165,14 +165,41 @@ def _diagnose(instances: list[Any], shape: tuple[int, ...]) -> str:
     return f"instances do not fit shape {_shape_str(shape)}"  # not reached: the fast path had a reason
 
 
-def validate_instances(instances: Any, input_shape: Sequence[int], max_instances: int) -> np.ndarray:
+# What a JSON body holds besides strings and the literals true, false, null, NaN, Infinity.
+_NUMBER_SYNTAX = b"0123456789.eE+-[]{}:, \t\r\n"
+
+
+def only_numbers(body: bytes) -> bool:
+    """True when the JSON ``body``'s one string is the key ``"instances"`` and it has no literal: every value a number.
+
+    Two C-level passes over the bytes (about 0.5 us for a digit). It lets
+    :func:`validate_instances` convert straight to float32 instead of checking each
+    value's type, the one thing numpy's conversion would not (it reads ``"1"`` and ``true``).
+    """
+    return body.count(b'"') == 2 and not body.replace(b'"instances"', b"", 1).translate(None, _NUMBER_SYNTAX)
+
+
+def validate_instances(instances: Any, input_shape: Sequence[int], max_instances: int,
+                       numbers_only: bool = False) -> np.ndarray:
     """Turn ``instances`` into a float32 array of shape (n, *input_shape), or raise InvalidInstances.
 
     Exactly the declared shape is accepted: 64 flat numbers for (1, 8, 8) hold
     the right count but would be reshaped silently into something the client
     never meant. Booleans and numeric strings are refused for the same reason.
+    ``numbers_only``: the caller has shown every value is a JSON number (:func:`only_numbers`);
+    the conversion then needs no per-value type check (half the time for a digit). Anything
+    it does not accept goes through the full check below, which names the problem.
     """
     shape = tuple(input_shape)
+    if numbers_only and isinstance(instances, list) and 0 < len(instances) <= max_instances:
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # a client's 1e39 is refused below, not logged
+                batch = np.array(instances, dtype=np.float32)  # beyond float32's range: inf
+                total = batch.sum()  # NaN or inf when any value is (or, rarely, a valid sum overflows: full check)
+        except (ValueError, TypeError, OverflowError):
+            batch = None
+        if batch is not None and batch.shape == (len(instances), *shape) and math.isfinite(total):
+            return batch
     if not isinstance(instances, list):
         raise InvalidInstances(f"instances must be a list of instances, got {_describe(instances)}")
     if not instances:
@@ -201,7 +228,8 @@ def validate_instances(instances: Any, input_shape: Sequence[int], max_instances
     return values.astype(np.float32).reshape(len(instances), *shape)
 
 
-def validate_sequences(instances: Any, input_shape: Sequence[int], max_instances: int) -> np.ndarray:
+def validate_sequences(instances: Any, input_shape: Sequence[int], max_instances: int,
+                       numbers_only: bool = False) -> np.ndarray:
     """Like :func:`validate_instances`, for a model that takes lengths: sequences may be shorter.
 
     Each instance is (C, l) with 1 <= l <= L of ``input_shape`` (C, L); the array comes back
@@ -210,7 +238,7 @@ def validate_sequences(instances: Any, input_shape: Sequence[int], max_instances
     """
     shape = tuple(input_shape)
     try:
-        return validate_instances(instances, shape, max_instances)  # every sequence full length: the fast path
+        return validate_instances(instances, shape, max_instances, numbers_only)  # all full length: the fast path
     except TooManyInstances:
         raise
     except InvalidInstances as full_length_error:

@@ -4,8 +4,8 @@ One service, one process per worker; each worker loads the model into its own
 ONNX Runtime session and batches concurrent requests in-process
 (serving/batching.py). The routes are a FastAPI app (serving/app.py) mounted
 at ``/``; BentoML contributes the server and its workers, ``/healthz``,
-``/livez``, ``/readyz``, ``/metrics``, the concurrency limit (429) and the
-request timeout (504). SIGTERM makes uvicorn stop accepting, finish the
+``/livez``, ``/readyz`` and the request timeout (504); ``/metrics`` and the
+concurrency limit (429) are fluxo's (serving/metrics.py, serving/app.py). SIGTERM makes uvicorn stop accepting, finish the
 requests in flight (the batcher keeps running for them), then exit.
 
 Worker count and limits are decorator arguments, so the configuration is read
@@ -20,6 +20,7 @@ import bentoml
 
 from serving import API_KEY_ENV, MODEL_DIR_ENV, ServingConfig
 from serving.app import ModelServer, create_app
+from serving.fastpath import PredictFastPath
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,15 @@ def _show_our_logs() -> None:
 
 _service_config: dict = {
     "workers": CONFIG.workers,
-    "traffic": {"timeout": CONFIG.timeout_s, "max_concurrency": CONFIG.max_concurrency * CONFIG.workers},
+    # The timeout (504) is BentoML's; the concurrency limit (429) is fluxo's own (serving/app.py, over_capacity):
+    # BentoML's took a semaphore per request. BentoML cannot turn its timeout off (it takes a positive number).
+    "traffic": {"timeout": CONFIG.timeout_s},
     # One log line per request costs more CPU than the model run on a small box; the
     # request counters and latency histograms on /metrics say the same in aggregate.
     "logging": {"access": {"enabled": False}},
+    # fluxo counts and times every request itself (serving/metrics.py, GET /metrics); BentoML's
+    # middleware counted them again at more CPU per request than the model run (serving/README.md).
+    "metrics": {"enabled": False},
 }
 if not CONFIG.trace_requests:
     # BentoML wraps every request in OpenTelemetry spans, exported nowhere unless tracing
@@ -52,7 +58,7 @@ if not CONFIG.trace_requests:
 @bentoml.service(name="fluxo", envs=[{"name": MODEL_DIR_ENV}], **_service_config)
 @bentoml.asgi_app(app, path="/")
 class Fluxo:
-    """Loads the model in each worker; the routes live in serving/app.py."""
+    """Loads the model in each worker; the routes live in serving/app.py, POST /predict's fast path in fastpath.py."""
 
     def __init__(self) -> None:
         _show_our_logs()
@@ -64,3 +70,7 @@ class Fluxo:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.server.close()
+
+
+# Inside BentoML's timeout and concurrency limit, outside its context middleware and the mount (fastpath.py).
+Fluxo.add_asgi_middleware(PredictFastPath, state=app.state)

@@ -30,6 +30,7 @@ from tests.serving_fixtures import (
     digit_png,
     metadata_for,
     sample_instances,
+    scrape,
 )
 
 pytestmark = pytest.mark.e2e
@@ -159,7 +160,7 @@ def test_v2_response_follows_the_protocol(server: Server) -> None:
 
 def _batch_counters(server: Server) -> tuple[float, float]:
     """(requests merged into model runs, model runs) so far, from fluxo_batch_requests."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    text = scrape(server.url)
     total = {}
     for kind in ("sum", "count"):
         match = re.search(rf"^fluxo_batch_requests_{kind} (\S+)$", text, re.M)
@@ -391,7 +392,7 @@ def test_v2_metadata_routes(server: Server) -> None:
 def test_metrics_per_route_batch_sizes_and_model_version(server: Server) -> None:
     post(server, "/predict", {"instances": [GOOD]})
     post(server, "/predict", {"instances": []})
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    text = scrape(server.url)
     assert re.search(r'^fluxo_requests_total\{method="POST",route="/predict",status="200"\} [1-9]', text, re.M)
     assert re.search(r'^fluxo_requests_total\{method="POST",route="/predict",status="400"\} [1-9]', text, re.M)
     assert re.search(r'^fluxo_request_duration_seconds_count\{method="POST",route="/predict"\} [1-9]', text, re.M)

@@ -194,9 +194,9 @@ def test_a_request_past_the_timeout_gets_504(slow: tuple[RunningServer, float]) 
 
 
 def in_progress(url: str) -> float:
-    """Requests the server is working on now, from BentoML's gauge (the probe itself excluded)."""
+    """Requests the server is working on now, from fluxo's gauge (the scrape itself excluded)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    match = re.search(r'^bentoml_service_request_in_progress\{endpoint="/predict"[^}]*\} (\S+)$', text, re.M)
+    match = re.search(r"^fluxo_requests_in_progress (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
 
 

@@ -1,0 +1,95 @@
+"""``POST /predict`` answered straight from the ASGI scope, below BentoML's traffic control.
+
+Profiled under load (py-spy on both workers, 32 clients, serving/README.md "Request path"):
+about 40% of a ``/predict`` request's CPU went to the layers between uvicorn and the handler,
+not to parsing, validating or the model: BentoML's ``ContextMiddleware`` (a Starlette
+``Request`` and a context manager per request), Starlette's router and ``Mount("/")``, then
+FastAPI's own ``ServerErrorMiddleware``, ``ExceptionMiddleware``, ``AsyncExitStack``,
+routing and dependency solving, each of them wrapping ``send`` once more, so every
+response message went through eight Python frames before reaching the socket.
+
+This middleware is added to the BentoML service (``add_asgi_middleware``), which places it
+inside BentoML's ``TimeoutMiddleware``, so 504 behaves as before, and outside everything
+listed above. It answers ``POST /predict`` with the route's own function
+(:func:`serving.app.predict_response`: one definition of the validation, limits, API key,
+rollout and payload log), and admits and counts it as :class:`serving.app.RequestAccounting`
+does every other request (429 beyond ``FLUXO_MAX_CONCURRENCY``, in-progress gauge, count and
+time by route). Every other request, and every request before the model is loaded, goes
+down the full stack unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
+
+from serving.app import ApiError, over_capacity, predict_response
+
+logger = logging.getLogger(__name__)
+
+ROUTE = "/predict"
+
+
+class PredictFastPath:
+    """ASGI middleware: ``POST /predict`` here, everything else to ``app``; ``state`` holds ``server``."""
+
+    def __init__(self, app: Any, state: Any) -> None:
+        self.app = app
+        self.state = state  # the FastAPI app's state: the service sets ``state.server`` once the model is loaded
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        server = getattr(self.state, "server", None)
+        if server is None or scope["type"] != "http" or scope["path"] != ROUTE or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        metrics = server.metrics
+        started = time.perf_counter()
+        refused = over_capacity(metrics, server)
+        if refused is not None:
+            await refused(scope, receive, send)
+            metrics.request(ROUTE, "POST", 429, time.perf_counter() - started)
+            return
+        status = 499  # until an answer is sent: the client went away, or the timeout cancelled us
+        metrics.enter()
+        try:
+            try:
+                response = await predict_response(server, Headers(scope=scope), _chunks(receive))
+            except ApiError as error:
+                response = _error(error.status, error.message, error.headers)
+            except ClientDisconnect:
+                return
+            except Exception:  # noqa: BLE001 - a server fault answers 500 with a sentence, and is logged
+                logger.exception("POST /predict failed")
+                response = _error(500, "internal error while answering; the server log has the cause")
+            status = response.status_code
+            await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+        finally:
+            metrics.leave()
+            metrics.request(ROUTE, "POST", status, time.perf_counter() - started)
+
+
+async def _chunks(receive: Any) -> AsyncIterator[bytes]:
+    """The request body as it arrives (what Starlette's ``Request.stream`` yields), without a Request."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body = message.get("body", b"")
+        if body:
+            yield body
+        if not message.get("more_body", False):
+            return
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import Response
+
+    return Response(orjson.dumps({"error": message}), status_code=status, headers=headers,
+                    media_type="application/json")
