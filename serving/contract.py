@@ -3,6 +3,7 @@
 A model directory holds::
 
     model.onnx      the graph: one float32 input ``input`` (batch first), one output ``logits``
+    model.int8.onnx optional, also model.fp16.onnx: a lower-precision variant export's gate kept
     metadata.json   what the model is (ModelMetadata): written once, by the export step
     registry.json   where it sits in the model registry (RegistryEntry): written by the publisher
                     when it materialises a registered version; absent for a plain export
@@ -312,8 +313,9 @@ def materialize(source: Path | str, target: Path | str, entry: RegistryEntry) ->
     try:
         for name in (MODEL_FILE, METADATA_FILE):
             shutil.copy2(source / name, staging / name)
-        if (source / REPORT_FILE).is_file():
-            shutil.copy2(source / REPORT_FILE, staging / REPORT_FILE)
+        for name in (REPORT_FILE, *(variant_file(v) for v in VARIANTS[1:])):  # optional files travel too
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
         _write_json(staging / REGISTRY_FILE, entry.model_dump(mode="json"))
         replace_dir(staging, target)
     except BaseException:

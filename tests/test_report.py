@@ -24,7 +24,7 @@ from tests.conftest import make_settings, store_client
 from tests.serving_fixtures import RunningServer
 
 SECTIONS = ["Model", "Test metrics", "Against the champion", "Per class", "Confusion matrix", "Calibration",
-            "Most confident mistakes", "Learning curves", "Parity", "Latency", "Data"]
+            "Most confident mistakes", "Learning curves", "Parity", "Latency", "Variants", "Data"]
 
 
 # --- the numbers ---------------------------------------------------------------------------

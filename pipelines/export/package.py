@@ -1,9 +1,10 @@
 """Export + parity: a run's best checkpoint → a complete model directory, or nothing at all.
 
 The directory is built in a staging folder beside its target (``model.onnx``, the parity
-check on the test split, ``metadata.json``, ``report.html``) and renamed into place only when parity
-passes, so ``.fluxo/export/<run id>/`` is always a consistent pair or absent, and a
-failed check leaves the previous directory exactly as it was.
+check on the test split, the int8/fp16 variants export's gate keeps (pipelines/export/variants.py),
+``metadata.json``, ``report.html``) and renamed into place only when parity passes, so
+``.fluxo/export/<run id>/`` is always a consistent pair or absent, and a failed check leaves
+the previous directory exactly as it was.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipelines.export.image_recipe import image_recipe, upload_background
 from pipelines.export.onnx_export import export_onnx, lengths_graph, servable
 from pipelines.export.parity import ParityReport, check_parity, served_accuracy
 from pipelines.export.report_step import report_step
+from pipelines.export.variants import as_metadata, build_variants, log_decisions
 from pipelines.settings import FluxoSettings
 from pipelines.tracking import configure_mlflow
 from pipelines.train.checkpoint import load_checkpoint, rebuild_model
@@ -182,6 +184,13 @@ def export_model(
         for leftover in staging.iterdir():  # a downloaded checkpoint is not part of the model directory
             if leftover.name != MODEL_FILE:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        # Kept variants land in staging beside model.onnx; every decision goes into metadata.json.
+        variants = build_variants(staging, dataset, settings.export, takes_lengths=with_lengths is not None,
+                                  seed=settings.train.seed)
+        metadata = metadata.model_copy(update={"variants": as_metadata(variants)})
+        if variants:
+            with mlflow.start_run(run_id=run_id):
+                log_decisions(variants)
         write_metadata(staging, metadata)
         report_step(root, settings, staging, metadata, dataset, parity)
         replace_dir(staging, target)

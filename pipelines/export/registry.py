@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import FluxoError
-from serving.contract import METADATA_FILE, MODEL_FILE, REPORT_FILE, ModelMetadata, contract_mismatch
+from serving.contract import (
+    METADATA_FILE, MODEL_FILE, REPORT_FILE, VARIANTS, ModelMetadata, contract_mismatch, variant_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def _tag_version(client: Any, name: str, version: str, metadata: ModelMetadata) 
 
 def _log_model_dir(model_dir: Path, run_id: str) -> None:
     """Log the model directory to its run as an MLflow ONNX model (so `mlflow models serve` and the UI
-    know it) whose ``model.onnx``, ``metadata.json`` and ``report.html`` are the exported files."""
+    know it) whose ``model.onnx``, ``metadata.json``, ``report.html`` and kept variants are the exported files."""
     import mlflow
     import mlflow.onnx
     import onnx
@@ -119,8 +121,10 @@ def _log_model_dir(model_dir: Path, run_id: str) -> None:
         mlflow.onnx.save_model(onnx.load(str(Path(model_dir) / MODEL_FILE)), str(flavour),
                                pip_requirements=["onnx", "onnxruntime"], save_as_external_data=False)
         shutil.copy2(Path(model_dir) / METADATA_FILE, flavour / METADATA_FILE)
-        if (Path(model_dir) / REPORT_FILE).is_file():  # replicas that download the version serve it at /report
-            shutil.copy2(Path(model_dir) / REPORT_FILE, flavour / REPORT_FILE)
+        # Replicas that download the version serve the report at /report and the kept variants (FLUXO_VARIANT).
+        for name in (REPORT_FILE, *(variant_file(v) for v in VARIANTS[1:])):
+            if (Path(model_dir) / name).is_file():
+                shutil.copy2(Path(model_dir) / name, flavour / name)
         with mlflow.start_run(run_id=run_id):
             mlflow.log_artifacts(str(flavour), ARTIFACT_PATH)
 

@@ -153,6 +153,30 @@ def _latency(inputs: ReportInputs) -> str:
               "the service adds batching and transport.</p>")
 
 
+def _variants(inputs: ReportInputs) -> str:
+    variants = inputs.metadata.variants
+    if not variants:
+        return "<p>No lower-precision variant was tried (export.variants is empty).</p>"
+
+    def ms(value: float | None) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    rows = []
+    for name, d in variants.items():
+        verdict = Markup('<span class="good">kept</span>' if d.get("kept") else '<span class="muted">not kept</span>')
+        drop = d.get("accuracy_drop")
+        rows.append((name, verdict, _pct(d.get("test_accuracy")), "—" if drop is None else f"{drop:+.2f} pts",
+                     ms(d.get("latency_ms_batch1")), ms(d.get("latency_ms_batch32")),
+                     "—" if d.get("speedup") is None else f"{d['speedup']:.2f}x"))
+    reasons = "".join(f"<li><b>{esc(name)}</b>: {esc(d.get('reason', ''))}</li>" for name, d in variants.items())
+    return (table(("variant", "decision", "test accuracy", "drop vs fp32", "batch 1 ms", "batch 32 ms",
+                   "speedup (batch 32)"), rows, left=2)
+            + f"<ul>{reasons}</ul>"
+            + '<p class="muted">Each variant is timed against the fp32 graph in the same process, runs alternated, on '
+              "the provider that serves it; kept when it loses at most export.max_accuracy_drop points and reaches "
+              "export.min_speedup. The service runs the fastest kept one unless FLUXO_VARIANT says otherwise.</p>")
+
+
 def _data(inputs: ReportInputs) -> str:
     rows = [(split, f"{count:,}") for split, count in inputs.split_sizes.items()]
     return (f"<p>Data version <code>{esc(inputs.metadata.data_version)}</code> "
@@ -177,6 +201,7 @@ def render_report(inputs: ReportInputs) -> str:
         ("Learning curves", _curves(inputs)),
         ("Parity", _parity(inputs)),
         ("Latency", _latency(inputs)),
+        ("Variants", _variants(inputs)),
         ("Data", _data(inputs)),
     ]
     return page(f"{m.model_name} — model report", subtitle, sections)

@@ -219,11 +219,31 @@ class GateSettings(_Section):
 
 
 class ExportSettings(_Section):
-    """ONNX export and the parity check against PyTorch."""
+    """ONNX export, the parity check against PyTorch, and the lower-precision variants' gate."""
 
     export_dir: Path = Field(Path(".fluxo/export"), description="Where model.onnx and metadata.json are written.")
     opset: int = Field(18, ge=13, description="ONNX opset version.")
     parity_atol: float = Field(1e-4, gt=0, description="Max abs logit difference allowed between ONNX and PyTorch.")
+    variants: list[Literal["int8", "fp16"]] = Field(
+        ["int8", "fp16"],
+        description="Lower-precision graphs export tries beside model.onnx (pipelines/export/variants.py): int8 "
+        "(static quantization calibrated on training samples) and fp16 (only where a CUDA device serves); each is "
+        "kept only when it passes the two limits below. [] turns variants off.",
+    )
+    max_accuracy_drop: float = Field(
+        0.5, ge=0, le=100,
+        description="Most test-accuracy points a variant may lose against the fp32 graph (0.5: 98.0% → 97.5%).",
+    )
+    min_speedup: float = Field(
+        1.2, ge=0,
+        description="Least speedup over the fp32 graph a variant must show at batch 32 (the batcher's default size) "
+        "on the provider that will serve it; 0 keeps any variant accurate enough.",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 class ServeSettings(_Section):
