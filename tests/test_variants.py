@@ -36,7 +36,7 @@ from serving.runtime import CPU, OnnxModel
 from tests.conftest import make_settings
 from tests.serving_fixtures import RunningServer
 
-KEPT = ("export.min_speedup=0", "export.max_accuracy_drop=100")  # a gate every int8 graph passes
+KEPT = ("export.variants=[int8,fp16]", "export.min_speedup=0", "export.max_accuracy_drop=100")  # every int8 passes
 DECISION_KEYS = {"kept", "reason", "provider", "test_accuracy", "accuracy_drop", "latency_ms_batch1",
                  "latency_ms_batch32", "speedup"}
 
