@@ -2,7 +2,9 @@
 #   worker   fluxo schedule --cron "..."        (Prefect-served pipeline, runs the flows itself)
 #   serving  fluxo serve --host 0.0.0.0 --port 3000
 # Every setting comes from the environment (FLUXO_*, MLFLOW_TRACKING_URI, PREFECT_API_URL,
-# AWS_*), so the same image runs anywhere.
+# AWS_*), so the same image runs anywhere. Secrets come as files at run time, never baked in:
+# MLFLOW_TRACKING_PASSWORD_FILE, PREFECT_API_AUTH_STRING_FILE, FLUXO_API_KEY_FILE and
+# AWS_SHARED_CREDENTIALS_FILE (.dockerignore keeps deploy/secrets/ out of the build context).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

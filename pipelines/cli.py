@@ -24,7 +24,38 @@ from pipelines.errors import FluxoError
 if TYPE_CHECKING:
     from pipelines.settings import FluxoSettings
 
-app = typer.Typer(help="fluxo: versioned data → tracked training → ONNX → REST.", no_args_is_help=True)
+class _App(typer.Typer):
+    """The ``fluxo`` console script: a tracking or Prefect server's refusal (401/403) is the user's to fix.
+
+    Such an error can come from deep inside a step or a flow, as MLflow's or httpx's own
+    exception; here, where every command ends, it becomes one line and exit status 2 like any
+    FluxoError, never a traceback (unless -v) and never a retry.
+    """
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as error:
+            refused = _refusal(error)
+            if refused is None:
+                raise
+            log.debug("the error in full", exc_info=error)
+            typer.secho(f"error: {refused}", fg=typer.colors.RED, err=True)
+            raise SystemExit(2) from None
+
+
+def _refusal(error: BaseException) -> FluxoError | None:
+    from pipelines.tracking import tracking_refusal
+
+    refused = tracking_refusal(error)
+    if refused is None and "httpx" in sys.modules:
+        from pipelines.scheduling import prefect_refusal
+
+        refused = prefect_refusal(error)
+    return refused
+
+
+app = _App(help="fluxo: versioned data → tracked training → ONNX → REST.", no_args_is_help=True)
 data_app = typer.Typer(help="Dataset steps.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -73,6 +104,12 @@ def main(
 ) -> None:
     configure_logging(verbose)
     atexit.register(_freeze_before_teardown)
+    from pipelines.secret_files import load_client_secrets
+
+    try:
+        load_client_secrets()  # before any command imports Prefect, which reads its settings once
+    except FluxoError as error:
+        _fail(error)
 
 
 def _freeze_before_teardown() -> None:

@@ -5,6 +5,10 @@ a deployment served against it never gets a scheduled run. ``fluxo schedule`` th
 starts ``prefect server start`` on a free loopback port (its database under
 ``.fluxo/prefect``) unless ``PREFECT_API_URL`` names a real server, then serves the
 deployment from this process until stopped; stopping stops the server too.
+
+A server started with ``PREFECT_SERVER_API_AUTH_STRING`` (the compose stack's) answers only
+clients that send it: ``PREFECT_API_AUTH_STRING`` or ``PREFECT_API_AUTH_STRING_FILE``. With one
+of those set, the local server started here asks for it too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from pipelines.errors import FluxoError
+from pipelines.secret_files import load_prefect_secrets
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +64,58 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
+def _auth_headers() -> dict[str, str]:
+    """The header Prefect's client sends: HTTP basic with the whole auth string as the credentials."""
+    import base64
+
+    auth = os.environ.get("PREFECT_API_AUTH_STRING", "")
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+
+
+def _refused(url: str) -> FluxoError:
+    if os.environ.get("PREFECT_API_AUTH_STRING"):
+        return FluxoError(f"the Prefect API at {url} refused PREFECT_API_AUTH_STRING (401): it is not the server's "
+                          "PREFECT_SERVER_API_AUTH_STRING; give the right one (deploy/secrets/prefect_auth_string)")
+    return FluxoError(f"the Prefect API at {url} wants an auth string (401): set PREFECT_API_AUTH_STRING or "
+                      "PREFECT_API_AUTH_STRING_FILE to the server's PREFECT_SERVER_API_AUTH_STRING")
+
+
+def check_access(url: str) -> None:
+    """Refuse now, in one line, when the server wants an auth string this process lacks (instead of mid-serve).
+
+    An unreachable server is left to Prefect's own retries and messages.
+    """
+    try:
+        answer = httpx.get(f"{url.rstrip('/')}/admin/version", headers=_auth_headers(), timeout=10)
+    except httpx.HTTPError as error:
+        log.debug("could not ask %s whether it wants an auth string: %s", url, error)
+        return
+    if answer.status_code in (401, 403):
+        raise _refused(url)
+
+
+def prefect_refusal(error: BaseException) -> FluxoError | None:
+    """A 401/403 of the Prefect API at ``PREFECT_API_URL`` (an ``httpx.HTTPStatusError`` in the chain) as a
+    one-line FluxoError, else None."""
+    api = os.environ.get("PREFECT_API_URL", "").strip().rstrip("/")
+    seen: list[BaseException] = []
+    item: BaseException | None = error
+    while api and item is not None and item not in seen:
+        seen.append(item)
+        if (isinstance(item, httpx.HTTPStatusError) and item.response.status_code in (401, 403)
+                and str(item.request.url).startswith(api)):
+            return _refused(api)
+        item = item.__cause__ or item.__context__
+    return None
+
+
 @contextlib.contextmanager
 def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -> Iterator[str]:
     """The Prefect API to schedule against: ``PREFECT_API_URL`` if set, else a local server started here."""
+    load_prefect_secrets()
     existing = os.environ.get("PREFECT_API_URL", "").strip()
     if existing:
+        check_access(existing)
         log.info("scheduling against the Prefect server at %s", existing)
         yield existing
         return
@@ -75,6 +127,8 @@ def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -
            "PREFECT_SERVER_UI_ENABLED": "false"}
     if scheduler_loop_seconds is not None:
         env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_seconds)
+    if os.environ.get("PREFECT_API_AUTH_STRING"):  # a loopback port is still open to every local user
+        env["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"]
     log_path = home / "server.log"
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("ab") as server_log:
@@ -99,9 +153,7 @@ def serve_scheduled(cron: str | None, config: str | None, overrides: list[str], 
     deployment on its own schedule.
     """
     from prefect import serve
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from pipelines.flows import monitor_deployment, scheduled_deployment
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     def _on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -109,7 +161,12 @@ def serve_scheduled(cron: str | None, config: str | None, overrides: list[str], 
     signal.signal(signal.SIGTERM, _on_sigterm)
     with scheduling_server(Path(root), scheduler_loop_seconds) as url:
         os.environ["PREFECT_API_URL"] = url  # the flow-run processes the runner starts inherit it
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        # Prefect read its settings on import, perhaps before the auth string was read from its file.
+        updates = {PREFECT_API_URL: url, **({PREFECT_API_AUTH_STRING: os.environ["PREFECT_API_AUTH_STRING"]}
+                                            if os.environ.get("PREFECT_API_AUTH_STRING") else {})}
+        with temporary_settings(updates=updates):
+            from pipelines.flows import monitor_deployment, scheduled_deployment  # torch: after the server answered
+
             deployments = [scheduled_deployment(cron, config, overrides, root, name, retrain_on_drift)]
             if monitor_cron:
                 deployments.append(monitor_deployment(monitor_cron, config, overrides, root, name, model_name))
@@ -117,3 +174,8 @@ def serve_scheduled(cron: str | None, config: str | None, overrides: list[str], 
                 serve(*deployments)
             except KeyboardInterrupt:
                 log.info("stopping the scheduled deployment %s", name)
+            except Exception as error:
+                refused = prefect_refusal(error)
+                if refused is None:
+                    raise
+                raise refused from error

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipelines.errors import FluxoError
 from pipelines.locks import exclusive_lock
+from pipelines.secret_files import load_mlflow_secrets
 from pipelines.settings import FluxoSettings
 
 log = logging.getLogger(__name__)
@@ -21,12 +26,16 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
-def configure_mlflow(root: Path, settings: FluxoSettings) -> str:
+def configure_mlflow(root: Path, settings: FluxoSettings, *, experiment: bool = True) -> str:
     """Point MLflow at the configured store (SQLite under ``mlflow/`` by default) and experiment.
 
     Called by each step rather than on import, so importing fluxo never touches a store.
+    The account comes from ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` (or
+    ``..._FILE``), read here, before any MLflow call. ``experiment=False`` is for readers of
+    the registry (``fluxo serve``): they neither need an experiment nor may create one, since on
+    a basic-auth server whoever creates the experiment manages it.
     """
-    return _configure(root, settings)[0]
+    return _configure(root, settings, experiment)[0]
 
 
 def configure_experiment(root: Path, settings: FluxoSettings) -> str:
@@ -34,7 +43,8 @@ def configure_experiment(root: Path, settings: FluxoSettings) -> str:
     return _configure(root, settings)[1]
 
 
-def _configure(root: Path, settings: FluxoSettings) -> tuple[str, str]:
+def _configure(root: Path, settings: FluxoSettings, experiment: bool = True) -> tuple[str, str]:
+    load_mlflow_secrets()
     import mlflow
 
     uri = settings.resolved_tracking_uri(Path(root))
@@ -46,6 +56,11 @@ def _configure(root: Path, settings: FluxoSettings) -> tuple[str, str]:
         artifacts = None
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if not experiment:
+        if artifacts is not None:  # a fresh SQLite store is still migrated once, under the lock
+            with sqlite_store_lock(uri):
+                mlflow.MlflowClient().search_registered_models(max_results=1)
+        return uri, ""
     with sqlite_store_lock(uri):
         experiment_id = _ensure_experiment(settings.tracking.experiment, artifacts)
     mlflow.set_experiment(experiment_id=experiment_id)
@@ -101,3 +116,73 @@ def registry_version(client: Any, uri: str) -> tuple[str, Any, str | None]:
         return name, client.get_model_version_by_alias(name, alias), alias
     name, _, number = name.partition("/")
     return name, client.get_model_version(name, number), None
+
+
+# What a refused request was trying to do, by the REST endpoint it called (MLflow's messages name
+# only the endpoint); the first match wins.
+_REFUSED_ACTIONS = (
+    ("registered-models/alias", "move or remove an alias of a registered model"),
+    ("model-versions/create", "register a model version"),
+    ("registered-models/create", "create a registered model"),
+    ("model-versions/set-tag", "tag a model version"),
+    ("model-versions/delete-tag", "untag a model version"),
+    ("registered-models/", "read or change the model registry"),
+    ("model-versions/", "read or change the model registry"),
+    ("experiments/create", "create an experiment"),
+    ("runs/create", "start a run"),
+    ("runs/", "read or write runs"),
+    ("experiments/", "read or change experiments"),
+    ("mlflow-artifacts/", "read or write artifacts"),
+    ("logged-models", "read or write logged models"),
+)
+
+
+def is_refusal(error: BaseException) -> bool:
+    """A 401 of MLflow: no account, an unknown one or a wrong password. Never read it as "no such thing".
+
+    A 403 may be read so: basic-auth answers it to non-admins for a model that does not exist, too.
+    """
+    return getattr(error, "error_code", None) == "UNAUTHENTICATED"
+
+
+def tracking_refusal(error: BaseException) -> FluxoError | None:
+    """A 401/403 of the tracking server as a one-line FluxoError (which account, what it may not do), else None.
+
+    Neither is ever retried: the same account gets the same answer. Cheap when MLflow was
+    never imported (then no MLflow error can be in flight).
+    """
+    exceptions = sys.modules.get("mlflow.exceptions")
+    seen: list[BaseException] = []
+    item: BaseException | None = error
+    while item is not None and item not in seen:
+        seen.append(item)
+        status = None
+        if exceptions is not None and isinstance(item, exceptions.MlflowException):
+            status = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}.get(item.error_code)
+        response = getattr(item, "response", None)  # requests' HTTPError (artifact downloads)
+        if status is None and getattr(response, "status_code", None) in (401, 403) and "mlflow" in str(
+                getattr(response, "url", "")):
+            status = response.status_code
+        if status is not None:
+            return _refusal(status, str(item))
+        item = item.__cause__ or item.__context__
+    return None
+
+
+def _refusal(status: int, text: str) -> FluxoError:
+    mlflow = sys.modules.get("mlflow")
+    server = mlflow.get_tracking_uri() if mlflow is not None else os.environ.get("MLFLOW_TRACKING_URI", "the server")
+    endpoint = re.search(r"(?:endpoint|url:?)\s+(\S+)", text)
+    action = next((what for path, what in _REFUSED_ACTIONS if endpoint and path in endpoint.group(1)),
+                  f"call {endpoint.group(1)}" if endpoint else "do this")
+    account = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        refused = (f"refused the account {account!r} (401: no such account, or a wrong password)" if account
+                   else "wants an account (401)")
+        return FluxoError(
+            f"MLflow at {server} {refused}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_PASSWORD_FILE) to an account of that server (deploy/README.md, 'Accounts')")
+    return FluxoError(
+        f"MLflow at {server}: the account {account or '(none)'!r} may not {action} (403, permission denied, "
+        "or no such resource: MLflow tells only admins which); use an account that may, or have an MLflow admin "
+        "grant it (deploy/README.md, 'Accounts')")

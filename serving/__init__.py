@@ -14,6 +14,7 @@ from pathlib import Path
 
 MODEL_DIR_ENV = "FLUXO_MODEL_DIR"
 API_KEY_ENV = "FLUXO_API_KEY"
+API_KEY_FILE_ENV = "FLUXO_API_KEY_FILE"
 ROLLOUT_ENV = "FLUXO_ROLLOUT"
 CHALLENGER_DIR_ENV = "FLUXO_CHALLENGER_DIR"
 CANARY_SHARE_ENV = "FLUXO_CANARY_SHARE"
@@ -70,6 +71,25 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...], environ: Mapp
     if raw not in choices:
         raise ServingError(f"environment variable {name}={raw!r}: expected one of {', '.join(choices)}")
     return raw
+
+
+def _env_api_key(environ: Mapping[str, str]) -> str | None:
+    """``FLUXO_API_KEY``, or the content of the file ``FLUXO_API_KEY_FILE`` names (trailing newline dropped)."""
+    key, path = environ.get(API_KEY_ENV, ""), environ.get(API_KEY_FILE_ENV, "").strip()
+    if not path:
+        return key or None
+    where = f"environment variable {API_KEY_FILE_ENV}={path}"
+    try:
+        from_file = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        raise ServingError(f"{where}: no such file; create it (deploy/make-secrets.sh) or unset {API_KEY_FILE_ENV}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ServingError(f"{where}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
+    if not from_file.strip():
+        raise ServingError(f"{where}: the file is empty; write the key into it")
+    if key and key != from_file:
+        raise ServingError(f"both {API_KEY_ENV} and {API_KEY_FILE_ENV} are set, to different keys; unset one of them")
+    return from_file
 
 
 def _env_payload_log(environ: Mapping[str, str]) -> tuple[Path | None, str | None]:
@@ -139,7 +159,8 @@ class ServingConfig:
     """``FLUXO_TIMEOUT_S``: a request not answered within this many seconds answers 504."""
     api_key: str | None = None
     """``FLUXO_API_KEY``: when set, prediction routes need ``Authorization: Bearer <key>`` or
-    ``X-API-Key: <key>``; health, readiness, metadata and metrics stay open."""
+    ``X-API-Key: <key>``; health, readiness, metadata and metrics stay open. ``FLUXO_API_KEY_FILE``
+    names a file holding the key instead (a compose or Kubernetes secret: not in the environment)."""
     reload_interval_s: float = 2.0
     """``FLUXO_RELOAD_INTERVAL_S``: how often a model root's ``current.json`` is checked; 0 turns it off."""
     trace_requests: bool = False
@@ -186,7 +207,7 @@ class ServingConfig:
         """
         env = os.environ if environ is None else environ
         raw_dir = env.get(MODEL_DIR_ENV, "").strip()
-        api_key = env.get(API_KEY_ENV, "")
+        api_key = _env_api_key(env)
         raw_challenger = env.get(CHALLENGER_DIR_ENV, "").strip()
         payload_log, payload_upload = _env_payload_log(env)
         return cls(
@@ -202,7 +223,7 @@ class ServingConfig:
             max_body_bytes=_env_int("FLUXO_MAX_BODY_BYTES", cls.max_body_bytes, 1024, env),
             max_concurrency=_env_int("FLUXO_MAX_CONCURRENCY", cls.max_concurrency, 1, env),
             timeout_s=_env_float("FLUXO_TIMEOUT_S", cls.timeout_s, 0.01, env),
-            api_key=api_key or None,
+            api_key=api_key,
             reload_interval_s=_env_float("FLUXO_RELOAD_INTERVAL_S", cls.reload_interval_s, 0.0, env),
             trace_requests=_env_choice("FLUXO_TRACE_REQUESTS", "0", ("0", "1", "false", "true"), env) in ("1", "true"),
             rollout=_env_choice(ROLLOUT_ENV, cls.rollout, ROLLOUT_MODES, env),
@@ -230,6 +251,6 @@ class ServingConfig:
 
 
 __all__ = [
-    "API_KEY_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "DRIFT_STATUS_ENV", "MODEL_DIR_ENV", "PAYLOAD_LOG_ENV", "PAYLOAD_SAMPLE_ENV", "PAYLOAD_SPOOL_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
+    "API_KEY_ENV", "API_KEY_FILE_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "DRIFT_STATUS_ENV", "MODEL_DIR_ENV", "PAYLOAD_LOG_ENV", "PAYLOAD_SAMPLE_ENV", "PAYLOAD_SPOOL_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
     "SHADOW_SAMPLE_ENV", "ServingConfig", "ServingError",
 ]

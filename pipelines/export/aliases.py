@@ -16,7 +16,7 @@ from typing import Any
 from pipelines.errors import FluxoError
 from pipelines.export.registry import CONTRACT_TAG, champion_version, drop_alias_if_held, move_alias
 from pipelines.settings import FluxoSettings
-from pipelines.tracking import configure_mlflow
+from pipelines.tracking import configure_mlflow, is_refusal
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,9 @@ def _version(client: Any, name: str, version: str) -> Any:
 
     try:
         return client.get_model_version(name, str(version))
-    except MlflowException:
+    except MlflowException as error:
+        if is_refusal(error):
+            raise
         import mlflow
 
         known = ", ".join(sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int))
@@ -124,7 +126,9 @@ def status(root: Path, settings: FluxoSettings, name: str, server_url: str | Non
     client = _client(root, settings)
     try:
         aliases = {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
-    except MlflowException:
+    except MlflowException as error:
+        if is_refusal(error):
+            raise
         raise FluxoError(f"{name}: not in the model registry; run `fluxo run` first, or name another with --model") from None
     versions = []
     for version in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True):

@@ -7,7 +7,10 @@ model cache and republishes the alias's model root, and the running server (whic
 watches the root's ``current.json``) loads it between requests. So a replica on another
 machine, with only ``MLFLOW_TRACKING_URI`` and no shared volume, follows promotions and
 rollbacks. The service itself stays free of MLflow and torch; the follower uses the
-MLflow client in the ``fluxo serve`` process.
+MLflow client in the ``fluxo serve`` process, with its account (``MLFLOW_TRACKING_USERNAME``,
+``MLFLOW_TRACKING_PASSWORD`` or ``..._FILE``, read by ``configure_mlflow``): reading the
+registry and its artifacts is all it needs, so on a basic-auth server it can be one that
+may not move an alias itself (deploy/README.md, 'Accounts').
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 from pathlib import Path
 
 from pipelines.settings import FluxoSettings
+from pipelines.tracking import tracking_refusal
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,19 @@ class RegistryFollower:
                             self.name, error, self.interval_s)
 
     def poll(self) -> list[str]:
-        """Publish every alias that moved since the last look; returns the aliases republished."""
+        """Publish every alias that moved since the last look; returns the aliases republished.
+
+        A refusal of the tracking server (401/403) is raised as a FluxoError that names the account.
+        """
+        try:
+            return self._poll()
+        except Exception as error:
+            refused = tracking_refusal(error)
+            if refused is None:
+                raise
+            raise refused from error
+
+    def _poll(self) -> list[str]:
         from mlflow.tracking import MlflowClient
 
         from pipelines.export.publish import publish_alias

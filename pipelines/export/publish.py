@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipelines.errors import FluxoError
 from pipelines.settings import FluxoSettings
-from pipelines.tracking import configure_mlflow, registry_version
+from pipelines.tracking import configure_mlflow, is_refusal, registry_version, tracking_refusal
 from serving.contract import ModelDir, RegistryEntry, is_model_dir, materialize, read_model_dir
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ def _resolve(client, uri: str):
     try:
         return registry_version(client, uri)
     except MlflowException as error:
+        refused = tracking_refusal(error) if is_refusal(error) else None
+        if refused is not None:
+            raise refused from None
         raise FluxoError(
             f"{uri}: not in the model registry at {mlflow.get_tracking_uri()} ({error.message}); "
             "run `fluxo run` first or pass --model"
@@ -90,7 +93,7 @@ def materialize_model(root: Path, settings: FluxoSettings, model: str | None, na
         return read_model_dir(model)
     from mlflow.tracking import MlflowClient
 
-    configure_mlflow(Path(root), settings)
+    configure_mlflow(Path(root), settings, experiment=False)  # a reader: it may not create the experiment
     uri = model or champion_uri(name, settings.tracking.champion_alias)
     name, version, alias = _resolve(MlflowClient(), uri)
     served = materialize_version(root, settings, name, str(version.version), alias)

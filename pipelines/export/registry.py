@@ -74,9 +74,13 @@ def champion_version(client: Any, name: str, alias: str) -> Any | None:
     """The model version holding ``alias``, or None when no version holds it (or no such model)."""
     from mlflow.exceptions import MlflowException
 
+    from pipelines.tracking import is_refusal
+
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as error:
+        if is_refusal(error):
+            raise  # a wrong password is not "no champion" (a follower would wait forever)
         return None
 
 
