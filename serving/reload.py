@@ -101,7 +101,10 @@ class PointerWatcher:
     def __init__(self, model_root: Path | str, current: Path | str) -> None:
         self.pointer = Path(model_root) / POINTER_FILE
         self.current = Path(current).resolve()
-        self._seen = self._signature()
+        # Not the pointer's signature now: it may have moved while ``current`` was loading and
+        # warming up (a publish during start), and that move must not pass for the one loaded.
+        # The first poll reads the pointer and compares its target with ``current``.
+        self._seen: tuple[int, int, int] | None = None
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -133,6 +136,4 @@ def watch_pending_root(model_root: Path | str) -> PointerWatcher:
     after start the pointer appeared (even if the root itself did not exist at
     start): a challenger root is often published to only after the server is up.
     """
-    watcher = PointerWatcher(model_root, model_root)  # the root itself is never a pointer's target
-    watcher._seen = None  # a pointer present already is news too
-    return watcher
+    return PointerWatcher(model_root, model_root)  # the root itself is never a pointer's target

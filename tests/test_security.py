@@ -290,7 +290,9 @@ def pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFacto
         ingest(root, settings.data)
         result = train(root, settings, version(root, settings.data))
         exported = export_run(root, settings, result.run_id)
-    assert (exported.registered_model, exported.model_version, exported.promotion.alias) == (MODEL, "1", "champion")
+        versions = [(v.version, v.run_id) for v in mlflow_server.client().search_model_versions(f"name='{MODEL}'")]
+    assert (exported.registered_model, exported.model_version, exported.promotion.alias) == (MODEL, "1", "champion"), (
+        f"this run {result.run_id}; versions on {mlflow_server.url}: {versions}")
     return Pipeline(root, settings, result.run_id)
 
 

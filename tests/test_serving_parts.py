@@ -210,6 +210,18 @@ def test_publish_points_the_root_at_a_model_dir(tmp_path: Path) -> None:
     assert not list(root.glob(".current.*")), "no temporary files left behind"
 
 
+def test_a_publish_while_the_server_loads_is_not_missed(tmp_path: Path) -> None:
+    """The server reads the pointer, loads and warms v1, then starts watching: v2 published meanwhile is news."""
+    v1 = build_model_dir(tmp_path / "models" / "v1")
+    v2 = build_model_dir(tmp_path / "models" / "v2", seed=1, model_version="4")
+    root = tmp_path / "live"
+    publish(root, v1)
+    loaded = resolve_model_dir(root)
+    publish(root, v2)  # during the load
+    watcher = PointerWatcher(root, loaded)
+    assert watcher.poll() == v2.resolve()
+
+
 def test_publish_refuses_what_is_not_a_model_dir(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ServingError, match="not a model directory"):
