@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py                      # 15 s per cell at 1, 8, 32, 64 clients
     .venv/bin/python bench/serve.py --long 60            # plus the 60 s run at 32 clients (batched)
+    .venv/bin/python bench/serve.py --baseline REF       # plus fluxo's serving/ as committed at REF (before/after)
     .venv/bin/python bench/serve.py --sweep              # batching/worker/thread settings at 32 clients
     .venv/bin/python bench/serve.py --inprocess-only     # ONNX Runtime vs PyTorch latency only
     .venv/bin/python bench/serve.py --rollout --model DIR [--challenger DIR] [--baseline REF]
@@ -17,7 +18,11 @@ user would run instead, in this environment (uvicorn with httptools and uvloop,
 which fluxo's dependencies bring) and (d) the same with uvicorn's pure-Python
 h11 parser and asyncio loop, as `pip install mlflow` alone installs it. Beside them,
 (e) the ceiling: bench/ceiling_app.py, a bare uvicorn app that parses the body and answers
-a constant, with fluxo's worker count; the table gives every server's share of it. Each request carries one held-out test instance. The
+a constant, with fluxo's worker count; the table gives every server's share of it; and (f) the
+floor: bench/bentoml_floor.py, BentoML configured as fluxo configures it, answering that
+constant from where fluxo's fast path sits: the most fluxo could serve inside BentoML.
+With a model directory that holds kept variants, "batched" serves what FLUXO_VARIANT=auto
+picks and "batched-fp32" the float graph. Each request carries one held-out test instance. The
 load client is a closed loop of N keep-alive connections (one asyncio process
 writing each request in one packet) on the same machine, so it shares the cores
 with the server, as the issue's reference measurement did. Every response's
@@ -206,9 +211,13 @@ def own_bentoml_home(log: Path) -> dict[str, str]:
 
 
 def start_fluxo(name: str, model_dir: Path, env: dict[str, str], log: Path, **rollout: Any) -> Server:
+    """fluxo on ``model_dir``; the name gains the precision it serves when the directory has variants."""
     port = free_port()
     process = start_server(model_dir, port, env={**own_bentoml_home(log), **env}, log_file=log.open("wb"), **rollout)
     wait_ready(f"http://127.0.0.1:{port}", timeout=180, process=process)
+    variant = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json().get("variant", "fp32")
+    if (model_dir / "metadata.json").is_file() and json.loads((model_dir / "metadata.json").read_text()).get("variants"):
+        name = f"{name} ({variant})"
     return Server(name, port, process, "/predict", "instances")
 
 
@@ -225,6 +234,24 @@ def start_ceiling(log: Path, workers: int) -> Server:
         stop_server(process)
         raise
     return Server(f"ceiling: bare uvicorn, orjson, {workers} workers", port, process, "/predict", "instances")
+
+
+def start_floor(log: Path, workers: int) -> Server:
+    """bench/bentoml_floor.py: BentoML with fluxo's settings answering the ceiling's constant (the floor column)."""
+    port = free_port()
+    bentoml = Path(sys.executable).with_name("bentoml")
+    command = [str(bentoml), "serve", "bentoml_floor:Floor", "--working-dir", str(ROOT / "bench"),
+               "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, **own_bentoml_home(log), "FLUXO_WORKERS": str(workers), "BENTOML_DO_NOT_TRACK": "true"}
+    process = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout=120, process=process)
+    except Exception:
+        stop_server(process)
+        raise
+    return Server(f"floor: BentoML as fluxo configures it, orjson, {workers} workers", port, process, "/predict",
+                  "instances")
 
 
 def start_mlflow(model_uri: str, tracking_uri: str, log: Path, plain: bool = False) -> Server:
@@ -338,9 +365,10 @@ def challenger_copy(model_dir: Path, into: Path) -> Path:
     return materialize(model_dir, target, entry).path
 
 
-def start_baseline(ref: str, model_dir: Path, log: Path) -> tuple[Server, str]:
+def start_baseline(ref: str, model_dir: Path, log: Path, before_rollout: bool = True) -> tuple[Server, str]:
     """The champion-only service as committed at ``ref``: its ``serving/`` from ``git archive`` (the
-    working tree is not touched), served with the same environment. Returns the server and the commit."""
+    working tree is not touched), served with the same environment. Returns the server and the commit.
+    ``before_rollout``: refuse a ref that already has the rollout code (what --rollout compares against)."""
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True,
                             check=True).stdout.strip()
     tree = Path(tempfile.mkdtemp(prefix=f"fluxo-baseline-{commit}-"))
@@ -353,7 +381,7 @@ def start_baseline(ref: str, model_dir: Path, log: Path) -> tuple[Server, str]:
     process = subprocess.Popen(command, cwd=tree, env=serve_env(model_dir, own_bentoml_home(log)), stdout=log.open("wb"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     wait_ready(f"http://127.0.0.1:{port}", timeout=180, process=process)
-    if "rollout" in httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json():
+    if before_rollout and "rollout" in httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json():
         stop_server(process)
         raise SystemExit(f"--baseline {ref} ({commit}) already has the rollout code; name an earlier commit")
     return Server(f"fluxo, champion only, code at {commit}", port, process, "/predict", "instances"), commit
@@ -681,7 +709,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="models:/ URI or export dir; default the champion")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per cell")
     parser.add_argument("--concurrency", default="1,8,32,64")
-    parser.add_argument("--servers", default="ceiling,batched,unbatched,mlflow,mlflow-plain")
+    parser.add_argument("--servers", default="ceiling,floor,batched,batched-fp32,unbatched,mlflow,mlflow-plain",
+                        help="any of ceiling, floor, batched, batched-fp32, unbatched, mlflow, mlflow-plain")
     parser.add_argument("--long", type=float, default=0.0, help="also a run this long at 32 clients, batched")
     parser.add_argument("--sweep", action="store_true", help="compare serving settings at --sweep-concurrency")
     parser.add_argument("--sweep-concurrency", type=int, default=32)
@@ -692,7 +721,8 @@ def main() -> None:
     parser.add_argument("--challenger", default=None,
                         help="--rollout: the challenger's model dir (default: the champion's graph as the next version)")
     parser.add_argument("--baseline", default=None,
-                        help="--rollout: also serve champion-only with serving/ as committed at this git ref")
+                        help="also serve fluxo (champion only) with serving/ as committed at this git ref: the "
+                             "before column of a change to the request path, or --rollout's code before rollout")
     parser.add_argument("--payload-log", action="store_true",
                         help=f"champion only, payload log off vs 100%% sampled, at {ROLLOUT_CLIENTS} clients")
     parser.add_argument("--repeat", type=int, default=2000, help="in-process timing repetitions")
@@ -766,16 +796,21 @@ def main() -> None:
     model_uri = f"models:/{metadata['model_name']}/{metadata['model_version']}"
     plan = {
         "ceiling": lambda: start_ceiling(logs / "ceiling.log", int(os.environ.get("FLUXO_WORKERS", "2"))),
+        "floor": lambda: start_floor(logs / "floor.log", int(os.environ.get("FLUXO_WORKERS", "2"))),
         "batched": lambda: start_fluxo("fluxo, adaptive batching", model_dir, {}, logs / "batched.log"),
+        "batched-fp32": lambda: start_fluxo("fluxo, adaptive batching, FLUXO_VARIANT=fp32", model_dir,
+                                            {"FLUXO_VARIANT": "fp32"}, logs / "batched-fp32.log"),
         "unbatched": lambda: start_fluxo("fluxo, no batching", model_dir, {"FLUXO_MAX_BATCH_SIZE": "1"},
                                          logs / "unbatched.log"),
         "mlflow": lambda: start_mlflow(model_uri, tracking_uri, logs / "mlflow.log"),
         "mlflow-plain": lambda: start_mlflow(model_uri, tracking_uri, logs / "mlflow-plain.log", plain=True),
+        "baseline": lambda: start_baseline(args.baseline, model_dir, logs / "baseline.log", before_rollout=False)[0],
     }
+    keys = args.servers.split(",") + (["baseline"] if args.baseline else [])
     targets: dict[str, Target] = {}
     try:
-        for key in args.servers.split(","):
-            targets[key] = Target(plan[key](), instances, expected, labels, constant=key == "ceiling")
+        for key in keys:
+            targets[key] = Target(plan[key](), instances, expected, labels, constant=key in ("ceiling", "floor"))
         cells: dict[str, list[list[dict[str, Any]]]] = {key: [[] for _ in concurrencies] for key in targets}
         for round_ in range(args.rounds):
             for i, concurrency in enumerate(concurrencies):
@@ -807,6 +842,8 @@ def ratios(servers: dict[str, Any]) -> dict[str, float]:
            for key, row in at.items() if key != "batched" and row and row["requests_per_s"]}
     if "batched_over_ceiling" in out:  # below 1: the share of the machine's HTTP capacity fluxo reaches
         out["batched_share_of_ceiling"] = out.pop("batched_over_ceiling")
+    if "batched_over_floor" in out:  # the share of what BentoML, as configured, leaves fluxo
+        out["batched_share_of_floor"] = out.pop("batched_over_floor")
     return out
 
 

@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from serving import ServingConfig, ServingError
@@ -445,15 +446,16 @@ async def _respond(server: ModelServer, headers: Mapping[str, str], route: str, 
     return response
 
 
-async def predict_response(server: ModelServer, headers: Mapping[str, str], chunks: AsyncIterator[bytes]) -> Response:
+async def predict_response(server: ModelServer, headers: Mapping[str, str],
+                           receive: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
     """``POST /predict``, whole: the FastAPI route and the fast path (serving/fastpath.py) both answer with this.
 
-    ``chunks`` is the body as it arrives; nothing is read before the key and the content type pass.
+    ``receive`` is the request's ASGI channel; nothing is read before the key and the content type pass.
     """
     started = time.perf_counter() if server.payload is not None else 0.0
     require_api_key(headers, server)
     _require_json(headers)
-    raw = await read_limited(chunks, headers.get("content-length"), server.config.max_body_bytes)
+    raw = await read_limited(receive, headers.get("content-length"), server.config.max_body_bytes)
     body = parse_json(raw)
     if not isinstance(body, dict):
         raise ApiError(400, 'the body must be a JSON object like {"instances": [x1, x2, ...]}')
@@ -498,11 +500,13 @@ def _require_json(headers: Mapping[str, str]) -> None:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body of a routed request; see :func:`read_limited`."""
-    return await read_limited(request.stream(), request.headers.get("content-length"), limit)
+    return await read_limited(request.receive, request.headers.get("content-length"), limit)
 
 
-async def read_limited(chunks: AsyncIterator[bytes], declared: str | None, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to exceed ``limit`` (before reading it when declared)."""
+async def read_limited(receive: Callable[[], Awaitable[dict[str, Any]]], declared: str | None, limit: int) -> bytes:
+    """The whole body from the ASGI ``receive``, or 413 as soon as it is known to exceed ``limit``
+    (before reading it when declared). A plain loop over ``receive``, not Starlette's ``stream()``
+    generator: this is on every request's path, and the generator's machinery cost more than the loop."""
     if declared is not None:
         try:
             size = int(declared)
@@ -513,13 +517,19 @@ async def read_limited(chunks: AsyncIterator[bytes], declared: str | None, limit
                                 "(FLUXO_MAX_BODY_BYTES); send fewer instances per request")
     received: list[bytes] = []
     size = 0
-    async for chunk in chunks:
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is more than the limit of {limit} bytes (FLUXO_MAX_BODY_BYTES); "
-                                "send fewer instances per request")
-        received.append(chunk)
-    return received[0] if len(received) == 1 else b"".join(received)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is more than the limit of {limit} bytes (FLUXO_MAX_BODY_BYTES); "
+                                    "send fewer instances per request")
+            received.append(chunk)
+        if not message.get("more_body", False):
+            return received[0] if len(received) == 1 else b"".join(received)
 
 
 def parse_json(body: bytes) -> Any:
@@ -781,7 +791,7 @@ def create_app() -> FastAPI:
               responses={200: {"model": PredictResponse}, **_ERRORS})
     async def predict(request: Request) -> Response:
         """Classify instances: each a nested list shaped like GET /metadata's input_shape, raw values."""
-        return await predict_response(_server(request), request.headers, request.stream())
+        return await predict_response(_server(request), request.headers, request.receive)
 
     @app.post("/predict/image", response_model=None, tags=["predict"],
               responses={200: {"model": PredictResponse}, **_ERRORS})

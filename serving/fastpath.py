@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -59,7 +58,7 @@ class PredictFastPath:
         metrics.enter()
         try:
             try:
-                response = await predict_response(server, Headers(scope=scope), _chunks(receive))
+                response = await predict_response(server, Headers(scope=scope), receive)
             except ApiError as error:
                 response = _error(error.status, error.message, error.headers)
             except ClientDisconnect:
@@ -73,19 +72,6 @@ class PredictFastPath:
         finally:
             metrics.leave()
             metrics.request(ROUTE, "POST", status, time.perf_counter() - started)
-
-
-async def _chunks(receive: Any) -> AsyncIterator[bytes]:
-    """The request body as it arrives (what Starlette's ``Request.stream`` yields), without a Request."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        body = message.get("body", b"")
-        if body:
-            yield body
-        if not message.get("more_body", False):
-            return
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:

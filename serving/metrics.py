@@ -132,11 +132,13 @@ class Metrics:
     def enter(self) -> None:
         """A request begins (``fluxo_requests_in_progress``)."""
         self.in_flight += 1
-        self.tally.schedule()
+        if not self.tally.scheduled:
+            self.tally.schedule()
 
     def leave(self) -> None:
         self.in_flight -= 1
-        self.tally.schedule()
+        if not self.tally.scheduled:
+            self.tally.schedule()
 
     def _publish_in_flight(self) -> None:
         self.in_progress.set(self.in_flight)
@@ -198,12 +200,12 @@ class Tally:
     def __init__(self, before_flush: Any = None) -> None:
         self._counts: dict[Any, float] = {}
         self._histograms: dict[Any, list[float]] = {}  # child -> [count per bucket..., sum]
-        self._scheduled = False
+        self.scheduled = False
         self._before_flush = before_flush
 
     def inc(self, counter: Any, amount: float = 1.0) -> None:
         self._counts[counter] = self._counts.get(counter, 0.0) + amount
-        if not self._scheduled:
+        if not self.scheduled:
             self.schedule()
 
     def observe(self, histogram: Any, value: float) -> None:
@@ -212,24 +214,24 @@ class Tally:
             pending = self._histograms[histogram] = [0.0] * (len(histogram._upper_bounds) + 1)
         pending[bisect.bisect_left(histogram._upper_bounds, value)] += 1  # the first bound >= value, as observe()
         pending[-1] += value
-        if not self._scheduled:
+        if not self.scheduled:
             self.schedule()
 
     def schedule(self) -> None:
         """Make sure a flush comes within ``FLUSH_S``."""
-        if self._scheduled:
+        if self.scheduled:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        self._scheduled = True
+        self.scheduled = True
         loop.call_later(FLUSH_S, self.flush)
 
     def flush(self) -> None:
         """Write everything pending: one ``inc`` per counter and per histogram bucket touched."""
-        self._scheduled = False
+        self.scheduled = False
         if self._before_flush is not None:
             self._before_flush()
         counts, self._counts = self._counts, {}
