@@ -43,8 +43,33 @@ def configure_experiment(root: Path, settings: FluxoSettings) -> str:
     return _configure(root, settings)[1]
 
 
+# MLflow writes what it is told into these (so that its subprocesses inherit it). fluxo reads
+# MLFLOW_TRACKING_URI as the user's choice (FluxoSettings.resolved_tracking_uri), so a second
+# project configured in the same process would silently get the first one's store.
+_MLFLOW_WRITES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+
+
+@contextmanager
+def _environment_kept(names: tuple[str, ...]) -> Iterator[None]:
+    """Undo what the block writes to ``names`` in ``os.environ`` (the process's own settings stay as they were)."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _configure(root: Path, settings: FluxoSettings, experiment: bool = True) -> tuple[str, str]:
     load_mlflow_secrets()
+    with _environment_kept(_MLFLOW_WRITES):
+        return _point_mlflow(root, settings, experiment)
+
+
+def _point_mlflow(root: Path, settings: FluxoSettings, experiment: bool) -> tuple[str, str]:
     import mlflow
 
     uri = settings.resolved_tracking_uri(Path(root))

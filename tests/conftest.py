@@ -19,7 +19,7 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     for key in list(os.environ):
-        if key.startswith("FLUXO_") or key == "MLFLOW_TRACKING_URI":
+        if key.startswith("FLUXO_") or key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

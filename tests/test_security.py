@@ -291,8 +291,14 @@ def pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFacto
         result = train(root, settings, version(root, settings.data))
         exported = export_run(root, settings, result.run_id)
         versions = [(v.version, v.run_id) for v in mlflow_server.client().search_model_versions(f"name='{MODEL}'")]
+        import mlflow
+        where = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
+                 {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "FLUXO_"))})
+    with mlflow_server.as_("admin"):
+        seen = [(v.name, v.version, v.run_id, v.source) for v in mlflow_server.client().search_model_versions()]
     assert (exported.registered_model, exported.model_version, exported.promotion.alias) == (MODEL, "1", "champion"), (
-        f"this run {result.run_id}; versions on {mlflow_server.url}: {versions}")
+        f"this run {result.run_id}; the worker sees {versions} on {mlflow_server.url}, the admin {seen}; "
+        f"tracking, registry, environment: {where}")
     return Pipeline(root, settings, result.run_id)
 
 
