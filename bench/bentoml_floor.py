@@ -17,8 +17,7 @@ import os
 from typing import Any
 
 import bentoml
-import orjson
-from ceiling_app import ANSWER, HEADERS
+from ceiling_app import parse_and_answer
 from fastapi import FastAPI
 
 app = FastAPI()
@@ -34,14 +33,7 @@ class ConstantPredict:
         if scope["type"] != "http" or scope["path"] != "/predict":
             await self.app(scope, receive, send)
             return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        orjson.loads(body)
-        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        await send({"type": "http.response.body", "body": ANSWER})
+        await parse_and_answer(receive, send)
 
 
 @bentoml.service(name="floor", workers=int(os.environ.get("FLUXO_WORKERS", "2")), traffic={"timeout": 10},

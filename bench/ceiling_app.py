@@ -26,12 +26,17 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    await parse_and_answer(receive, send, parse=scope["method"] == "POST")
+
+
+async def parse_and_answer(receive: Any, send: Any, parse: bool = True) -> None:
+    """Read the whole body, parse it with orjson, answer the constant (bench/bentoml_floor.py does the same)."""
     body, more = b"", True
     while more:
         message = await receive()
         body += message.get("body", b"")
         more = message.get("more_body", False)
-    if scope["method"] == "POST":
+    if parse:
         orjson.loads(body)
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": ANSWER})

@@ -33,7 +33,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
+
+from entrypoint import SetupError  # beside this file, in the image and in mlflow/
+from entrypoint import read_secret as _read_secret
 
 # Account → (variable prefix, grants). A grant is (resource type, permission) on every resource ('*').
 ACCOUNTS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -42,21 +44,13 @@ ACCOUNTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-class AccountError(Exception):
+class AccountError(SetupError):
     """What went wrong and what to do; printed as one line."""
 
 
 def read_secret(variable: str) -> str:
-    path = os.environ.get(variable, "").strip()
-    if not path:
-        raise AccountError(f"{variable} is not set: point it at the secret file (deploy/make-secrets.sh writes them)")
-    try:
-        value = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as error:
-        raise AccountError(f"{variable}={path}: cannot read it ({error.strerror}); run deploy/make-secrets.sh") from None
-    if not value.strip():
-        raise AccountError(f"{variable}={path}: the file is empty; run deploy/make-secrets.sh")
-    return value
+    """The secret in the file ``$variable`` names (entrypoint.read_secret: one reader for both scripts)."""
+    return _read_secret(variable, dict(os.environ))
 
 
 def required(variable: str) -> str:
@@ -197,7 +191,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         commands[command][0](*argv[1:])
-    except AccountError as error:
+    except SetupError as error:  # AccountError, or a secret file entrypoint.read_secret refused
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
