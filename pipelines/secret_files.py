@@ -23,19 +23,17 @@ PREFECT_SECRETS = ("PREFECT_API_AUTH_STRING",)
 
 
 def read_secret_file(variable: str, path: str | Path) -> str:
-    """The content of ``path`` (``variable`` names where it came from), without the trailing newline."""
-    where = f"{variable}={path}"
+    """The content of ``path`` (``variable`` names where it came from), without the trailing newline.
+
+    The service's reader (serving.read_secret_file), its refusal raised as fluxo's own error.
+    """
+    from serving import ServingError
+    from serving import read_secret_file as read
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FluxoError(f"{where}: no such file; create it (deploy/make-secrets.sh) or unset {variable}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or str(error)
-        raise FluxoError(f"{where}: cannot read it ({reason}); make it a readable UTF-8 text file") from None
-    value = text.rstrip("\r\n")
-    if not value.strip():
-        raise FluxoError(f"{where}: the file is empty; write the secret into it (deploy/make-secrets.sh)")
-    return value
+        return read(variable, path)
+    except ServingError as error:
+        raise FluxoError(str(error)) from None
 
 
 def load_secret_files(names: Iterable[str], environ: MutableMapping[str, str] | None = None) -> list[str]:

@@ -73,20 +73,32 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...], environ: Mapp
     return raw
 
 
+def read_secret_file(variable: str, path: str | Path) -> str:
+    """The secret in ``path`` without its trailing newline; ``variable`` names where the path came from.
+
+    One reader for every ``*_FILE`` variable (compose and Kubernetes mount secrets as files):
+    the service's API key here, MLflow's and Prefect's credentials in pipelines/secret_files.py.
+    """
+    where = f"{variable}={path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ServingError(f"{where}: no such file; create it (deploy/make-secrets.sh) or unset {variable}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ServingError(f"{where}: cannot read it ({reason}); make it a readable UTF-8 text file") from None
+    value = text.rstrip("\r\n")
+    if not value.strip():
+        raise ServingError(f"{where}: the file is empty; write the secret into it (deploy/make-secrets.sh)")
+    return value
+
+
 def _env_api_key(environ: Mapping[str, str]) -> str | None:
-    """``FLUXO_API_KEY``, or the content of the file ``FLUXO_API_KEY_FILE`` names (trailing newline dropped)."""
+    """``FLUXO_API_KEY``, or the content of the file ``FLUXO_API_KEY_FILE`` names."""
     key, path = environ.get(API_KEY_ENV, ""), environ.get(API_KEY_FILE_ENV, "").strip()
     if not path:
         return key or None
-    where = f"environment variable {API_KEY_FILE_ENV}={path}"
-    try:
-        from_file = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-    except FileNotFoundError:
-        raise ServingError(f"{where}: no such file; create it (deploy/make-secrets.sh) or unset {API_KEY_FILE_ENV}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ServingError(f"{where}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
-    if not from_file.strip():
-        raise ServingError(f"{where}: the file is empty; write the key into it")
+    from_file = read_secret_file(API_KEY_FILE_ENV, path)
     if key and key != from_file:
         raise ServingError(f"both {API_KEY_ENV} and {API_KEY_FILE_ENV} are set, to different keys; unset one of them")
     return from_file
@@ -252,5 +264,5 @@ class ServingConfig:
 
 __all__ = [
     "API_KEY_ENV", "API_KEY_FILE_ENV", "CANARY_SHARE_ENV", "CHALLENGER_DIR_ENV", "DRIFT_STATUS_ENV", "MODEL_DIR_ENV", "PAYLOAD_LOG_ENV", "PAYLOAD_SAMPLE_ENV", "PAYLOAD_SPOOL_ENV", "ROLLOUT_ENV", "ROLLOUT_MODES",
-    "SHADOW_SAMPLE_ENV", "ServingConfig", "ServingError",
+    "SHADOW_SAMPLE_ENV", "ServingConfig", "ServingError", "read_secret_file",
 ]

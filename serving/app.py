@@ -408,6 +408,7 @@ class ModelServer:
                 logger.warning("shutdown: dropped %d shadow runs still in progress", len(late))
         if self.payload is not None:
             await asyncio.to_thread(self.payload.close)  # the last records, and the open file sealed
+        self.metrics.tally.flush()  # the last requests' counts, before the loop (and its scheduled flush) stops
 
     def close(self) -> None:
         if self.payload is not None:

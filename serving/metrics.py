@@ -13,13 +13,6 @@ than the model run, and made up most of a 91 KB scrape. These are the service's 
   ``fluxo_request_duration_seconds{route, method}``: per route *template*
   (``/v2/models/{model_name}/infer``), so clients cannot mint label values;
 - ``fluxo_requests_in_progress``: requests the workers are answering now (``/metrics`` excluded);
-
-The per-request and per-batch series are *tallied*: the request path adds to plain Python
-numbers, and :class:`Tally` writes the sums to prometheus_client's shared files at most every
-``FLUSH_S`` (and before every scrape this worker answers, and at shutdown). In multiprocess
-mode each ``inc``/``observe`` is a lock, a ``getpid()`` and an mmap write, four to six per
-request, which profiled at about 8% of a request's CPU; a scrape sees numbers at most
-``FLUSH_S`` old, far below any scrape interval.
 - ``fluxo_batch_size`` (instances per model run), ``fluxo_batch_requests``
   (requests merged into one run) and ``fluxo_model_run_seconds``;
 - ``fluxo_model_info{model_name, model_version, provider}``: 1 for the live model;
@@ -43,6 +36,13 @@ With ``FLUXO_PAYLOAD_LOG`` set (serving/payload_log.py): ``fluxo_payload_records
 
 The rollout series are created in every mode but only touched in shadow and canary, so
 champion mode pays nothing for them per request.
+
+The per-request and per-batch series are *tallied*: the request path adds to plain Python
+numbers, and :class:`Tally` writes the sums to prometheus_client's shared files at most every
+``FLUSH_S`` (and before every scrape this worker answers, and at shutdown). In multiprocess
+mode each ``inc``/``observe`` is a lock, a ``getpid()`` and an mmap write, four to six per
+request, which profiled at about 8% of a request's CPU; a scrape sees numbers at most
+``FLUSH_S`` old, far below any scrape interval.
 """
 
 from __future__ import annotations

@@ -35,9 +35,15 @@ def _onnx_batches(onnx_path: Path, x: np.ndarray, batch_size: int,
 
     ``lengths``: each row's valid steps, fed to a graph that takes them (a variable-length RNN's).
     """
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    yield from _session_batches(session, x, batch_size, lengths)
+
+
+def _session_batches(session: ort.InferenceSession, x: np.ndarray, batch_size: int,
+                     lengths: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """(rows, float32 batch, logits) over ``x`` from an open ``session`` (any provider), in batches."""
     from serving.runtime import graph_feeds
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for start in range(0, len(x), batch_size):
         rows = slice(start, start + batch_size)
         # A copy: x is usually a read-only memory map, which torch.from_numpy warns about.
@@ -70,6 +76,13 @@ def check_parity(
 def onnx_logits(onnx_path: Path, x: np.ndarray, batch_size: int = 512, lengths: np.ndarray | None = None) -> np.ndarray:
     """The graph's logits for every row of ``x``, as the service computes them (CPU provider)."""
     parts = [logits for _, _, logits in _onnx_batches(onnx_path, x, batch_size, lengths)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+def session_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 512,
+                   lengths: np.ndarray | None = None) -> np.ndarray:
+    """:func:`onnx_logits` from a session already open on the provider that will serve (export's variants)."""
+    parts = [np.asarray(logits, dtype=np.float32) for _, _, logits in _session_batches(session, x, batch_size, lengths)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 

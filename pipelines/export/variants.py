@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.store import Dataset
+from pipelines.export.parity import session_logits
 from pipelines.settings import ExportSettings
 from serving.contract import INPUT_NAME, VARIANTS, variant_file
 from serving.runtime import CPU, CUDA, choose_providers, graph_feeds, session_options
@@ -215,17 +216,6 @@ def _session(path: Path, providers: Sequence[str]) -> Any:
     return ort.InferenceSession(str(path), sess_options=session_options(1), providers=list(providers))
 
 
-def _logits(session: Any, x: np.ndarray, lengths: np.ndarray | None, batch_size: int = 512) -> np.ndarray:
-    """The graph's logits over ``x`` fed as the export's scoring does (pipelines/export/parity.py)."""
-    parts = []
-    for start in range(0, len(x), batch_size):
-        rows = slice(start, start + batch_size)
-        batch = np.array(x[rows], dtype=np.float32, order="C")
-        feeds = graph_feeds(session, INPUT_NAME, batch, None if lengths is None else np.asarray(lengths)[rows])
-        parts.append(np.asarray(session.run(None, feeds)[0], dtype=np.float32))
-    return np.concatenate(parts)
-
-
 def paired_latency(first: Any, second: Any, x: np.ndarray, batch_size: int, budget_s: float = TIMING_BUDGET_S,
                    min_rounds: int = 20, max_rounds: int = 5000) -> tuple[float, float]:
     """Median milliseconds of one run of each session on the same ``batch_size`` rows, runs alternated.
@@ -296,7 +286,7 @@ class _Scored:
 
 def _score(path: Path, reference: _Reference, providers: Sequence[str]) -> _Scored:
     session = _session(path, providers)
-    logits = _logits(session, reference.x, reference.lengths)
+    logits = session_logits(session, reference.x, lengths=reference.lengths)
     if not np.isfinite(logits).all():
         return _Scored(path, session, logits, None, None)
     accuracy = float((logits.argmax(1) == reference.y).mean())
@@ -351,7 +341,7 @@ def _reference(fp32: Path, dataset: Dataset, providers: Sequence[str], takes_len
     x = np.asarray(test.x, dtype=np.float32)
     y = np.asarray(test.y)
     lengths = test.lengths if takes_lengths else None
-    logits = _logits(session, x, lengths)
+    logits = session_logits(session, x, lengths=lengths)
     return _Reference(fp32, session, logits, float((logits.argmax(1) == y).mean()), fp32.stat().st_size, x, y, lengths)
 
 
