@@ -27,6 +27,7 @@ from pipelines.predict.sources import (
     Chunk,
     Contract,
     chunks,
+    check_input,
     count_instances,
     hashes_while_reading,
     input_sha256,
@@ -198,42 +199,12 @@ def _write_errors(path: Path, input_path: Path, skipped: int, kept: list[tuple[s
     return rows
 
 
-class _InBackground:
-    """Run ``work`` in a thread now; :meth:`result` waits for it and raises what it raised.
-
-    ``fluxo predict`` needs MLflow only to record the run at the end, but importing it and
-    opening the store is most of the command's fixed cost (about 1.5 s of 2.3 s measured);
-    done beside the loop, whose model runs release the GIL, it no longer adds to the wall time.
-    """
-
-    def __init__(self, work: Any) -> None:
-        import threading
-
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(work,), name="fluxo-predict-tracking", daemon=True)
-        self._thread.start()
-
-    def _run(self, work: Any) -> None:
-        try:
-            work()
-        except BaseException as error:  # noqa: BLE001 - handed to the caller in result()
-            self._error = error
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def result(self) -> None:
-        self.join()
-        if self._error is not None:
-            raise self._error
-
-
 def _record(root: Path, settings: FluxoSettings, model: Any, result: PredictResult, input_path: Path) -> str:
     """One MLflow run tagged ``fluxo.kind=batch-predict`` (``fluxo export`` skips such runs)."""
     import mlflow
     from pipelines.tracking import configure_mlflow
 
-    configure_mlflow(root, settings)  # a no-op's cost when the background setup already opened the store
+    configure_mlflow(root, settings)
     meta = model.metadata
     with mlflow.start_run(run_name=f"predict-{input_path.name}", tags={KIND_TAG: KIND}) as run:
         mlflow.log_params({
@@ -262,17 +233,13 @@ def predict(
     if batch_size < 1:
         raise FluxoError(f"--batch-size {batch_size}: must be at least 1")
     input_path, output = Path(input_path), Path(output)
-    tracking = _InBackground(lambda: _open_tracking(root, settings)) if record else None
-    try:
-        served = materialize_model(root, settings, model, name)
-        onnx_model = _load_model(served.path)
-        contract = _contract(onnx_model, settings)
-        started = time.perf_counter()
-        loop = predict_to_parquet(onnx_model, contract, input_path, output, on_error, batch_size)
-        seconds = time.perf_counter() - started
-    finally:
-        if tracking is not None:
-            tracking.join()  # never exit while the store is being opened (its first open migrates it)
+    check_input(input_path)  # a missing file is the user's to fix, before any store is opened or model fetched
+    served = materialize_model(root, settings, model, name)
+    onnx_model = _load_model(served.path)
+    contract = _contract(onnx_model, settings)
+    started = time.perf_counter()
+    loop = predict_to_parquet(onnx_model, contract, input_path, output, on_error, batch_size)
+    seconds = time.perf_counter() - started
     result = PredictResult(output=output, errors_path=errors_path_for(output), model_name=served.as_dict()["model_name"],
                            model_version=served.version, rows=loop.rows, skipped=loop.skipped, seconds=seconds,
                            input_sha256=loop.sha256)
@@ -280,15 +247,7 @@ def predict(
     if loop.skipped:
         log.warning("%s: skipped %d rows (first: %s); all listed in %s", input_path, loop.skipped,
                     "; ".join(f"{e['id']}: {e['reason']}" for e in result.errors[:3]), result.errors_path)
-    if tracking is not None:
-        tracking.result()
+    if record:
         result.run_id = _record(root, settings, onnx_model, result, input_path)
     return result
 
-
-def _open_tracking(root: Path, settings: FluxoSettings) -> None:
-    import mlflow  # noqa: F401 - the import is the cost being moved off the critical path
-
-    from pipelines.tracking import configure_mlflow
-
-    configure_mlflow(root, settings)

@@ -240,14 +240,11 @@ def _frame_chunk(frame: Any, start: int, path: Path, contract: Contract) -> Chun
     ids = frame.pop("id").astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(start, start + len(frame))]
     if _is_list_column(frame):
         return _list_chunk(frame.iloc[:, 0], ids, path, contract)
-    text = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
-    if text:
-        raise FluxoError(f"{path}: non-numeric columns {', '.join(text[:10])}; every step must be a number "
-                         "(an `id` column, and the label column, are allowed)")
     width = int(np.prod(contract.input_shape))
     if frame.shape[1] != width:
         raise FluxoError(f"{path}: {frame.shape[1]} value columns, the model takes {width} "
                          f"(input shape {list(contract.input_shape)}); keep the training data's columns")
+    frame, not_numbers = _numbers_only(frame, ids)
     rows = frame.to_numpy(dtype=np.float64)
     if contract.variable_length:
         from pipelines.data.sequence_file import (
@@ -257,12 +254,35 @@ def _frame_chunk(frame: Any, start: int, path: Path, contract: Contract) -> Chun
         padded, lengths = _from_rows(rows)
         if lengths is None:
             lengths = np.full(len(rows), rows.shape[1], dtype=np.int64)
-        return _sequences_chunk(padded.reshape(len(rows), *contract.input_shape), ids, lengths, contract)
+        return _sequences_chunk(padded.reshape(len(rows), *contract.input_shape), ids, lengths, contract,
+                                not_numbers)
     problems = {ids[i]: f"has {n} values, expected {width} (the model takes fixed-length rows)"
                 for i, n in _short_rows(rows).items()}
+    problems.update({ids[i]: why for i, why in not_numbers.items()})
     chunk = validate_rows(rows.reshape(len(rows), *contract.input_shape), ids, contract.input_shape)
     chunk.errors = [(i, problems.get(i, why)) for i, why in chunk.errors]
     return chunk
+
+
+def _numbers_only(frame: Any, ids: list[str]) -> tuple[Any, dict[int, str]]:
+    """Text cells become empty, each named by row as a problem of that row alone.
+
+    pandas reads a column with one ``abc`` in it as text, so the whole file would be refused
+    for one bad cell, while ``n/a`` (read as missing) only costs its row: both are one row's
+    problem, and ``--on-error`` decides what happens to that row.
+    """
+    import pandas as pd
+
+    problems: dict[int, str] = {}
+    for column in frame.columns:
+        if pd.api.types.is_numeric_dtype(frame[column]):
+            continue
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        for i in np.flatnonzero(numbers.isna().to_numpy() & frame[column].notna().to_numpy()):
+            problems.setdefault(int(i), f"column {column!r} holds {str(frame[column].iloc[i])[:40]!r}, "
+                                        "not a number; every step must be a number")
+        frame[column] = numbers
+    return frame, problems
 
 
 def _is_list_column(frame: Any) -> bool:
@@ -367,6 +387,23 @@ def image_chunks(folder: Path, contract: Contract, batch_size: int) -> Iterator[
 # --- dispatch ---------------------------------------------------------------------------------
 
 
+_READERS = {".npy": npy_chunks, ".npz": npz_chunks, ".csv": csv_chunks, ".parquet": parquet_chunks,
+            ".pq": parquet_chunks}
+_READS = "pass an image folder or a .npy, .npz, .csv or .parquet file"
+
+
+def check_input(path: Path) -> None:
+    """Refuse a path no reader takes, by name, before a model is fetched or a store opened for it."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise FluxoError(f"{path}: no such file or folder; {_READS}")
+    suffix = path.suffix.lower()
+    if suffix not in _READERS:
+        raise FluxoError(f"{path}: {suffix or 'no suffix'} is not an input fluxo reads; {_READS}")
+
+
 def chunks(path: Path, contract: Contract, batch_size: int, digest: Any = None) -> Iterator[Chunk]:
     """The reader for ``path`` by its kind: a folder of images, or a file by its suffix.
 
@@ -374,19 +411,13 @@ def chunks(path: Path, contract: Contract, batch_size: int, digest: Any = None) 
     others the caller hashes with :func:`input_sha256` (``hashes_while_reading`` says which).
     """
     path = Path(path)
+    check_input(path)
     if path.is_dir():
         return image_chunks(path, contract, batch_size)
-    if not path.is_file():
-        raise FluxoError(f"{path}: no such file or folder; pass an image folder or a .npy, .npz, .csv or .parquet file")
     suffix = path.suffix.lower()
-    readers = {".npy": npy_chunks, ".npz": npz_chunks, ".csv": csv_chunks, ".parquet": parquet_chunks,
-               ".pq": parquet_chunks}
-    if suffix not in readers:
-        raise FluxoError(f"{path}: {suffix or 'no suffix'} is not an input fluxo reads; "
-                         "pass an image folder or a .npy, .npz, .csv or .parquet file")
     if suffix == ".npy":
         return npy_chunks(path, contract, batch_size, digest)
-    return readers[suffix](path, contract, batch_size)
+    return _READERS[suffix](path, contract, batch_size)
 
 
 def hashes_while_reading(path: Path) -> bool:
