@@ -33,14 +33,17 @@ class DataVersion:
 def _quiet_dvc():
     """DVC prints git hints to stdout; keep them in the debug log instead of the user's terminal."""
     buffer = io.StringIO()
-    hints = logging.getLogger("dvc.repo.scm_context")  # "git add data.dvc" hints, at INFO
-    level = hints.level
-    hints.setLevel(logging.WARNING)
+    # "git add data.dvc" hints and "Initialized DVC repository. You can now commit...", at INFO.
+    hints = [logging.getLogger(name) for name in ("dvc.repo.scm_context", "dvc.repo.init")]
+    levels = [logger.level for logger in hints]
+    for logger in hints:
+        logger.setLevel(logging.WARNING)
     try:
         with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
             yield
     finally:
-        hints.setLevel(level)
+        for logger, level in zip(hints, levels):
+            logger.setLevel(level)
     if buffer.getvalue().strip():
         log.debug("dvc: %s", buffer.getvalue().strip())
 
@@ -141,31 +144,61 @@ def checkout_version(root: Path, md5: str, target: Path, remote: str, endpoint_u
     """The dataset of data version ``md5`` in ``target`` (from the DVC cache, else pulled from the remote).
 
     A model is judged against the data it was trained on, which ``data/`` may no longer
-    hold after new data arrived. A ``.dvc`` file naming that md5 is written beside
-    ``target`` and pulled: DVC links the files from its cache, fetching what is missing.
+    hold after new data arrived. ``target``'s parent becomes a DVC workspace of its own,
+    without git and sharing the project's cache, and a ``.dvc`` file naming that md5 is
+    pulled there: DVC links the files from the cache, fetching what is missing. Inside the
+    project's own workspace DVC would refuse such a file wherever git ignores it (``.fluxo/``),
+    and a ``.dvc`` file where git sees it would be the user's to commit.
     """
     root = Path(root).resolve()
     target = Path(target).resolve()
     if (target / "dataset.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    dvc_file = target.with_name(target.name + ".dvc")
-    # "hash: md5" marks a DVC 3 entry; without it DVC looks the md5 up in its 2.x (dos2unix) cache.
-    dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": target.name}]}), encoding="utf-8")
-    repo = _open_repo(root, _local_remote(remote), endpoint_url)
-    try:
-        with _quiet_dvc():
-            repo.pull(targets=[str(dvc_file)])
-    except Exception as error:  # DVC raises many types; the user needs the version and the remote.
-        if _is_transient(error):
-            raise
-        raise FluxoError(
-            f"data version {md5} is neither in the DVC cache nor on the remote {remote} ({error}); "
-            "the model's training data cannot be found, so there is no reference to compare with"
-        ) from error
-    finally:
-        repo.close()
+    remote = _local_remote(remote)
+    with exclusive_lock(root / ".fluxo" / "dvc.lock"):
+        project = _open_repo(root, remote, endpoint_url)
+        try:
+            cache_dir = project.cache.local_cache_dir
+        finally:
+            project.close()
+        workspace = _checkout_workspace(target.parent, cache_dir, remote, endpoint_url)
+        dvc_file = target.with_name(target.name + ".dvc")
+        # "hash: md5" marks a DVC 3 entry; without it DVC looks the md5 up in its 2.x (dos2unix) cache.
+        dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": target.name}]}),
+                            encoding="utf-8")
+        try:
+            with _quiet_dvc():
+                workspace.pull(targets=[str(dvc_file)])
+        except Exception as error:  # DVC raises many types; the user needs the version and the remote.
+            if _is_transient(error):
+                raise
+            raise FluxoError(
+                f"data version {md5} is neither in the DVC cache nor on the remote {remote} ({error}); "
+                "the model's training data cannot be found, so there is no reference to compare with"
+            ) from error
+        finally:
+            workspace.close()
     if not (target / "dataset.json").is_file():
         raise FluxoError(f"data version {md5}: pulled into {target}, but it holds no dataset.json")
     log.info("checked out data version %s into %s", md5, target)
     return target
+
+
+def _checkout_workspace(folder: Path, cache_dir: str, remote: str, endpoint_url: str | None):
+    """A git-less DVC repository in ``folder`` whose cache and remote are the project's."""
+    from dvc.repo import Repo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with _quiet_dvc():
+        if not (folder / ".dvc").is_dir():
+            Repo.init(str(folder), no_scm=True)
+        repo = Repo(str(folder))
+        with repo.config.edit("local") as conf:
+            conf["cache"]["dir"] = str(cache_dir)
+            section = {"url": remote}
+            if endpoint_url:
+                section["endpointurl"] = endpoint_url
+            conf["remote"][REMOTE_NAME] = section
+            conf["core"]["remote"] = REMOTE_NAME
+        repo.close()
+    return Repo(str(folder))  # opened again: the cache directory is read when a repository opens
