@@ -58,7 +58,7 @@ def test_fluxo_models_lists_the_registry_and_show_prints_the_layers() -> None:
     [(["nope", "--input-shape", "1,8,8"], "unknown model 'nope'; registered: "),
      (["mlp", "--input-shape", "a,b"], "--input-shape 'a,b': give positive sizes"),
      (["gru", "--input-shape", "1,28,28"], "expects input shaped (C, L)"),
-     (["cnn2d", "--input-shape", "1,28,28", "--params", "{chanels: 8}"], "unexpected keyword argument 'chanels'"),
+     (["cnn2d", "--input-shape", "1,28,28", "--params", "{chanels: 8}"], "'chanels' (did you mean channels?)"),
      (["cnn2d", "--input-shape", "1,28,28", "--params", "[8]"], "give a mapping")],
 )
 def test_a_wrong_model_shape_or_config_is_one_line(args: list[str], message: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import inspect
 import json
 import logging
 import math
@@ -205,10 +204,8 @@ def _builder_arguments(model_name: str) -> set[str] | None:
 
     if model_name not in MODEL_REGISTRY:
         return None  # training reports the unknown model with the registered names
-    parameters = list(inspect.signature(MODEL_REGISTRY[model_name].builder).parameters.values())[2:]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return {p.name for p in parameters}
+    parameters = MODEL_REGISTRY[model_name].parameters()
+    return None if parameters is None else set(parameters)
 
 
 # ---------------------------------------------------------------- the study
