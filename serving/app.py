@@ -11,8 +11,9 @@ Three ways in, one model run and one answer:
 Every body is read against a size limit, parsed and validated before anything is
 queued for the model; every client mistake answers 4xx with ``{"error": ...}``.
 BentoML (serving/service.py) mounts this app and adds what it already does
-well: the concurrency limit (429), the timeout (504), ``/healthz``, ``/readyz``
-and ``/metrics``. The app works without BentoML too (tests drive it in-process).
+well: the timeout (504), ``/healthz``, ``/livez`` and ``/readyz``; the concurrency
+limit (429) and ``/metrics`` are this app's. The app works without BentoML too
+(tests drive it in-process).
 """
 
 from __future__ import annotations
@@ -631,15 +632,28 @@ class RequestAccounting:
         if counted:
             refused = over_capacity(metrics, getattr(scope["app"].state, "server", None))
             if refused is not None:
-                await refused(scope, receive, send)
                 metrics.request("limited", scope["method"], 429, time.perf_counter() - started)
+                await refused(scope, receive, send)
                 return
             metrics.enter()
+        accounted = False
+
+        def account() -> None:
+            nonlocal accounted
+            if accounted:
+                return
+            accounted = True
+            if counted:
+                metrics.leave()
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.request(route, scope["method"], status, time.perf_counter() - started)
 
         async def record_status(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                account()  # before the last byte goes out: a client holding its answer finds it counted
             await send(message)
 
         try:
@@ -648,10 +662,7 @@ class RequestAccounting:
             status = 499  # the client or the timeout gave up; nginx's name for it
             raise
         finally:
-            if counted:
-                metrics.leave()
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            metrics.request(route, scope["method"], status, time.perf_counter() - started)
+            account()  # an answer never completed (an error, a cancellation) is counted here
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -753,6 +764,9 @@ def create_app() -> FastAPI:
         if server is not None and server.config.drift_status is not None:
             drift = asyncio.create_task(_watch_drift(server.config.drift_status, server.config.reload_interval_s or 5.0),
                                         name="fluxo-drift-status")
+        channel = server.metrics.channel if server is not None else None
+        if channel is not None:
+            await channel.open()  # other workers' scrapes ask this one to write its counts (serving/metrics.py)
         try:
             yield
         finally:
@@ -761,6 +775,8 @@ def create_app() -> FastAPI:
                     task.cancel()
             if server is not None:
                 await server.drain()
+            if channel is not None:
+                await channel.close()  # after drain's last flush: a scrape meanwhile still got this worker's counts
 
     app = FastAPI(
         title="fluxo",
@@ -840,7 +856,7 @@ def create_app() -> FastAPI:
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
     async def metrics() -> Response:
         """Prometheus metrics summed over the workers (serving/metrics.py lists them)."""
-        get_metrics().tally.flush()  # this worker's numbers as of now; the others' are at most FLUSH_S old
+        await get_metrics().flush_all()  # every worker's counts of the requests answered before this scrape
         text, content_type = await asyncio.to_thread(exposition)
         return Response(text, media_type=content_type)
 

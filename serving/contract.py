@@ -108,6 +108,10 @@ class ModelMetadata(BaseModel):
     model_version: str | None = Field(
         None, description="Only in directories written before registry.json existed; read, never written."
     )
+    example_instance: list[Any] | None = Field(
+        None, description="One held-out test instance, raw values (a sequence to its own end): the request "
+        "`fluxo serve` prints to paste. Absent for inputs too large to paste (and in older directories).",
+    )
 
     @field_validator("input_shape", mode="before")
     @classmethod

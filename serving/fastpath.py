@@ -51,10 +51,10 @@ class PredictFastPath:
         started = time.perf_counter()
         refused = over_capacity(metrics, server)
         if refused is not None:
-            await refused(scope, receive, send)
             metrics.request(ROUTE, "POST", 429, time.perf_counter() - started)
+            await refused(scope, receive, send)
             return
-        status = 499  # until an answer is sent: the client went away, or the timeout cancelled us
+        status = 499  # until an answer is ready: the client went away, or the timeout cancelled us
         metrics.enter()
         try:
             try:
@@ -67,11 +67,13 @@ class PredictFastPath:
                 logger.exception("POST /predict failed")
                 response = _error(500, "internal error while answering; the server log has the cause")
             status = response.status_code
-            await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
-            await send({"type": "http.response.body", "body": response.body})
         finally:
+            # Counted before the answer is sent: a client holding its answer that then scrapes
+            # /metrics, on any worker, finds it counted (serving/metrics.py, FlushChannel).
             metrics.leave()
             metrics.request(ROUTE, "POST", status, time.perf_counter() - started)
+        await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:

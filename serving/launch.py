@@ -3,14 +3,26 @@
 Used by the CLI (``fluxo serve``) and the HTTP tests. The server runs as a
 child process, not in-process: BentoML spawns its own worker processes and
 owns signals, so a subprocess is the one way to start and stop it cleanly.
+
+Each server gets a Prometheus folder of its own. BentoML 1.4 ignores an inherited
+``PROMETHEUS_MULTIPROC_DIR``: every ``bentoml serve`` hands its workers
+``$BENTOML_HOME/prometheus_multiproc_dir`` (``bentoml.serving.ensure_prometheus_dir``, called by
+``_bentoml_impl.server.serving.serve_http``), one folder for every server of a user, emptied by
+each as it starts. Two servers then summed each other's requests on ``/metrics``, and a server
+started later erased an earlier one's counts. So the server runs BentoML's command line through
+this module (:func:`_bentoml`), which first sets that path in BentoML's container, as BentoML's
+own pytest plugin does: BentoML itself empties the folder, gives it to its workers, and the
+folder is removed when the server stops.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,10 +49,22 @@ logger = logging.getLogger(__name__)
 SERVICE_IMPORT = "serving.service:Fluxo"
 # The directory that holds the ``serving`` package: BentoML imports the service from here.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+METRICS_DIR_ENV = "FLUXO_PROMETHEUS_DIR"
+"""The server's own Prometheus folder, from :func:`start_server` to :func:`_bentoml` (see the module docstring)."""
+STOP_TIMEOUT_S = 15.0
+"""How long :func:`stop_server` lets the server drain before it kills what is left."""
+
+
+class ServerProcess(subprocess.Popen[bytes]):
+    """A started server, and its Prometheus folder, which :func:`stop_server` removes if the server could not."""
+
+    def __init__(self, command: list[str], metrics_dir: Path, **kwargs: Any) -> None:
+        self.metrics_dir = metrics_dir
+        super().__init__(command, **kwargs)
 
 
 def serve_command(model_dir: Path | str, port: int, host: str = "127.0.0.1") -> list[str]:
-    """The ``bentoml serve`` argv for this model directory.
+    """The ``bentoml serve`` argv for this model directory, run through :func:`_bentoml`.
 
     ``model_dir`` reaches the server through ``FLUXO_MODEL_DIR`` (see
     :func:`serve_env`), not argv: BentoML re-imports the service in each worker.
@@ -48,10 +72,10 @@ def serve_command(model_dir: Path | str, port: int, host: str = "127.0.0.1") -> 
     """
     if not Path(model_dir).is_dir():
         raise ServingError(f"model directory {model_dir}: no such directory; run the export step or `fluxo serve`")
-    bentoml = Path(sys.executable).with_name("bentoml")
-    program = [str(bentoml)] if bentoml.exists() else [sys.executable, "-m", "bentoml"]
     return [
-        *program,
+        sys.executable,
+        "-m",
+        "serving.launch",  # this module as a program: :func:`_bentoml`
         "serve",
         SERVICE_IMPORT,
         "--working-dir",
@@ -182,7 +206,7 @@ def start_server(
     shadow_sample: float | None = None,
     payload_log: Path | str | None = None,
     payload_sample: float | None = None,
-) -> subprocess.Popen[bytes]:
+) -> ServerProcess:
     """Spawn ``bentoml serve`` for ``model_dir``; returns at once, see :func:`wait_ready`.
 
     The directory is checked first (:func:`check_model_dir`), so a broken one
@@ -195,22 +219,31 @@ def start_server(
     the champion (:func:`check_rollout`). Output goes to ``log_file`` when
     given, else to this process's stdout/stderr. The server gets its own
     session, so a Ctrl+C reaches only the caller, which then calls
-    :func:`stop_server` in a ``finally``.
+    :func:`stop_server` in a ``finally``. Its Prometheus folder is its own, new and
+    empty (see the module docstring).
     """
     champion = check_model_dir(model_dir)
     server_env = serve_env(model_dir, env, challenger=challenger, rollout=rollout, canary_share=canary_share,
                            shadow_sample=shadow_sample, payload_log=payload_log, payload_sample=payload_sample)
     check_rollout(server_env, champion)
     command = serve_command(model_dir, port, host)
-    logger.info("starting %s", " ".join(command))
-    return subprocess.Popen(
-        command,
-        cwd=PROJECT_ROOT,
-        env=server_env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT if log_file is not None else None,
-        start_new_session=True,
-    )
+    # Short and under the system's temporary folder: the workers' Unix sockets live in it too (serving/metrics.py).
+    metrics_dir = Path(tempfile.mkdtemp(prefix="fluxo-metrics-"))
+    server_env[METRICS_DIR_ENV] = str(metrics_dir)
+    logger.info("starting %s (Prometheus files in %s)", " ".join(command), metrics_dir)
+    try:
+        return ServerProcess(
+            command,
+            metrics_dir,
+            cwd=PROJECT_ROOT,
+            env=server_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT if log_file is not None else None,
+            start_new_session=True,
+        )
+    except BaseException:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        raise
 
 
 def wait_ready(url: str, timeout: float = 60.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -236,11 +269,12 @@ def wait_ready(url: str, timeout: float = 60.0, process: subprocess.Popen[bytes]
     raise ServingError(f"{probe} not ready after {timeout:.0f} s (last: {last}); check the server log")
 
 
-def stop_server(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def stop_server(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
     """Stop the server and every worker it spawned; SIGKILL whatever outlives ``timeout``.
 
     SIGTERM lets each worker finish the requests in flight first (drain), so
-    ``timeout`` should exceed the slowest request.
+    ``timeout`` should exceed the slowest request. Calling it again once the server has
+    stopped does nothing more.
 
     BentoML's workers run in sessions of their own, so signalling the process
     group misses them; they are collected as descendants before the arbiter goes.
@@ -262,4 +296,31 @@ def stop_server(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None
         logger.warning("server worker %d outlived the server; killing it", worker.pid)
         worker.kill()
     psutil.wait_procs(alive, timeout=timeout / 3)
+    if isinstance(process, ServerProcess):
+        shutil.rmtree(process.metrics_dir, ignore_errors=True)  # the server removes it itself, unless it was killed
+
+
+def _bentoml(argv: list[str]) -> None:
+    """BentoML's command line in this process, with the Prometheus folder ``METRICS_DIR_ENV`` names.
+
+    BentoML reads the folder from its container when the server starts, empties it and passes
+    it to every worker as ``PROMETHEUS_MULTIPROC_DIR`` (the module docstring says why this way).
+    Without the variable it is plain ``bentoml``. The folder is removed when the server exits.
+    """
+    folder = os.environ.get(METRICS_DIR_ENV)
+    if folder:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        BentoMLContainer.prometheus_multiproc_dir.set(folder)
+    from bentoml_cli.cli import cli
+
+    try:
+        cli(args=argv, prog_name="bentoml")
+    finally:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _bentoml(sys.argv[1:])
 

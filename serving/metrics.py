@@ -39,21 +39,40 @@ champion mode pays nothing for them per request.
 
 The per-request and per-batch series are *tallied*: the request path adds to plain Python
 numbers, and :class:`Tally` writes the sums to prometheus_client's shared files at most every
-``FLUSH_S`` (and before every scrape this worker answers, and at shutdown). In multiprocess
-mode each ``inc``/``observe`` is a lock, a ``getpid()`` and an mmap write, four to six per
-request, which profiled at about 8% of a request's CPU; a scrape sees numbers at most
-``FLUSH_S`` old, far below any scrape interval.
+``FLUSH_S`` (and at shutdown). In multiprocess mode each ``inc``/``observe`` is a lock, a
+``getpid()`` and an mmap write, four to six per request, which profiled at about 8% of a
+request's CPU.
+
+A scrape must still show every request answered before it, whichever worker answered it, and
+whichever answers the scrape. So each worker listens on a Unix socket in the Prometheus folder
+(:class:`FlushChannel`, one ``flush-<pid>.sock`` per worker), and the worker answering
+``/metrics`` writes its own tally, asks every other worker over its socket to write theirs, and
+reads the files once all have acknowledged, or after ``SCRAPE_WAIT_S`` (a worker too busy to
+answer by then is read as it stands, at most ``FLUSH_S`` behind). The request path pays nothing
+for this; a scrape pays one local connection per other worker. A request is counted before its
+answer is sent (serving/app.py, serving/fastpath.py), so a client holding an answer finds it counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
+import os
 import threading
+from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 FLUSH_S = 0.25
 """Longest a tallied count waits before it is written to the shared files (see the module docstring)."""
+
+SCRAPE_WAIT_S = 1.0
+"""Longest a scrape waits for the other workers to write their tallies; bounds a scrape behind a stuck worker."""
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus_client's folder of per-process files, set by BentoML in every worker (serving/launch.py)."""
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -79,6 +98,8 @@ class Metrics:
                                  multiprocess_mode="livesum")
         self.in_flight = 0  # this worker's share of fluxo_requests_in_progress, published with each flush
         self.tally = Tally(self._publish_in_flight)
+        folder = os.environ.get(MULTIPROC_DIR_ENV)
+        self.channel = FlushChannel(Path(folder), self.tally) if folder else None
         # Children by label values, bound on first use: ``labels()`` hashes and locks on every call.
         self._route_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         batch_buckets = _powers_of_two(max(max_batch_size, 1))
@@ -142,6 +163,12 @@ class Metrics:
 
     def _publish_in_flight(self) -> None:
         self.in_progress.set(self.in_flight)
+
+    async def flush_all(self) -> None:
+        """Every worker's tally written to the shared files: this one's now, the others' on request (bounded)."""
+        self.tally.flush()
+        if self.channel is not None:
+            await self.channel.flush_others()
 
     def model_loaded(self, info: dict[str, Any], previous: dict[str, Any] | None) -> None:
         _swap_info(self.model_info, info, previous)
@@ -245,16 +272,88 @@ class Tally:
                     bucket.inc(count)
 
 
+class FlushChannel:
+    """How the worker answering a scrape gets every other worker's tally written first.
+
+    Each worker listens on ``flush-<pid>.sock`` in the Prometheus folder (the folder is the
+    server's own: serving/launch.py), so finding the others is one listing and every server
+    asks only its own workers. A request is one byte; the peer flushes on its event loop (the
+    only thread that tallies) and answers one byte, so once it has answered, every request it
+    had answered is in the files. Sockets of workers that have gone refuse at once and are skipped.
+    """
+
+    PREFIX = "flush-"
+
+    def __init__(self, folder: Path, tally: Tally) -> None:
+        self.folder = folder
+        self.tally = tally
+        self.path = folder / f"{self.PREFIX}{os.getpid()}.sock"
+        self._server: asyncio.AbstractServer | None = None
+
+    async def open(self) -> None:
+        """Start answering flush requests; on the worker's event loop, before it serves requests."""
+        try:
+            self._server = await asyncio.start_unix_server(self._answer, path=str(self.path))
+        except OSError as error:  # e.g. a folder path too long for a Unix socket: scrapes lag by FLUSH_S
+            logger.warning("metrics: cannot listen on %s (%s); a scrape may miss up to %.2f s of other "
+                           "workers' requests", self.path, error, FLUSH_S)
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        self.path.unlink(missing_ok=True)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(1):
+                self.tally.flush()
+                writer.write(b"k")
+                await writer.drain()
+        except OSError:
+            pass  # the asking worker gave up (SCRAPE_WAIT_S) or went away
+        finally:
+            writer.close()
+
+    async def flush_others(self) -> None:
+        """Ask every other worker to flush and wait for each acknowledgement, ``SCRAPE_WAIT_S`` at most."""
+        peers = [path for path in self.folder.glob(f"{self.PREFIX}*.sock") if path != self.path]
+        if not peers:
+            return
+        asks = [asyncio.ensure_future(self._ask(path)) for path in peers]
+        _, late = await asyncio.wait(asks, timeout=SCRAPE_WAIT_S)
+        for ask in late:
+            ask.cancel()
+        if late:
+            logger.warning("metrics: %d of %d other workers did not write their counts within %.1f s; "
+                           "this scrape may miss up to %.2f s of their requests", len(late), len(peers),
+                           SCRAPE_WAIT_S, FLUSH_S)
+
+    @staticmethod
+    async def _ask(path: Path) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+        except OSError:  # a worker that has stopped (refused) or a socket being removed
+            return
+        try:
+            writer.write(b"f")
+            await writer.drain()
+            await reader.readexactly(1)
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # it stopped while asked: what it wrote at shutdown is in the files
+        finally:
+            writer.close()
+
+
 def exposition() -> tuple[bytes, str]:
     """The text ``GET /metrics`` answers and its content type: every worker's numbers when multiprocess.
 
-    Reads files only, so it may run in a thread; flush this worker's :class:`Tally` first, on the loop.
+    Reads files only, so it may run in a thread; call :meth:`Metrics.flush_all` first, on the loop.
     """
-    import os
-
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get(MULTIPROC_DIR_ENV):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()

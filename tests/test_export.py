@@ -115,7 +115,7 @@ def test_export_refuses_a_run_trained_on_other_data(project: Path, trained, sett
 
 def test_serving_an_unknown_model_is_explained(project: Path, trained) -> None:
     settings, _, _ = trained
-    with pytest.raises(FluxoError, match="not in the model registry"):
+    with pytest.raises(FluxoError, match="has no model named .nope."):
         materialize_model(project, settings, "models:/nope@champion", "fluxo-digits")
     with pytest.raises(FluxoError, match="expected an export directory"):
         materialize_model(project, settings, "s3://bucket/model", "fluxo-digits")

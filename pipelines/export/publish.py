@@ -41,23 +41,68 @@ def _served_dir(root: Path, settings: FluxoSettings, name: str, version: str) ->
     return Path(root) / settings.serve.model_cache / f"{name}-v{version}"
 
 
-def _resolve(client, uri: str):
-    """(name, model version, alias or None) for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+def _resolve(client, uri: str, explicit: bool):
+    """(name, model version, alias or None) for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+
+    ``explicit``: the user named ``uri`` with ``--model``; if the registry lacks it, the error
+    says what the registry holds instead, not to pass ``--model``.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if not uri.startswith("models:/"):
         raise FluxoError(f"--model {uri!r}: expected an export directory or models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    if not alias and not name.partition("/")[2].isdigit():
+        raise FluxoError(f"--model {uri}: name an alias or a version number, e.g. "
+                         f"models:/{name.partition('/')[0]}@champion or models:/{name.partition('/')[0]}/1")
     try:
         return registry_version(client, uri)
     except MlflowException as error:
         refused = tracking_refusal(error) if is_refusal(error) else None
         if refused is not None:
             raise refused from None
+        if explicit:
+            raise FluxoError(f"--model {uri}: {_what_the_registry_holds(client, uri, error)}") from None
         raise FluxoError(
-            f"{uri}: not in the model registry at {mlflow.get_tracking_uri()} ({error.message}); "
+            f"{uri}: not in the model registry at {mlflow.get_registry_uri()} ({error.message}); "
             "run `fluxo run` first or pass --model"
         ) from None
+
+
+_LISTED = 10  # names or versions spelled out in an error before "and N more"
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:_LISTED])
+    return shown if len(items) <= _LISTED else f"{shown} and {len(items) - _LISTED} more"
+
+
+def _what_the_registry_holds(client, uri: str, error: Exception) -> str:
+    """Why ``uri`` is not there, and what is: the model's versions and aliases, else the registered models."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    registry = mlflow.get_registry_uri()
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    name, _, number = name.partition("/")
+    try:
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException:
+            names = sorted(found.name for found in client.search_registered_models(max_results=1000))
+            holds = (f"it holds {_listed(names)} (`fluxo status --model NAME` lists one's versions and aliases)"
+                     if names else "it holds no model yet; `fluxo run` trains and registers one")
+            return f"the model registry at {registry} has no model named {name!r}; {holds}"
+        versions = sorted((version.version for version in client.search_model_versions(f"name='{name}'")),
+                          key=int, reverse=True)
+    except MlflowException:  # cannot even list (a permission, say): MLflow's own words, then
+        return f"not in the model registry at {registry} ({getattr(error, 'message', error)})"
+    missing = f"has no alias {alias!r}" if alias else f"has no version {number}"
+    aliases = ", ".join(f"@{held} = v{version}" for held, version in sorted(model.aliases.items())) or "none"
+    numbers = _listed([f"v{version}" for version in versions]) or "none"
+    return (f"{name} {missing} in the model registry at {registry}; its versions: {numbers}; "
+            f"its aliases: {aliases} (`fluxo status --model {name}` shows each version's run, data and gate)")
 
 
 def materialize_version(
@@ -95,7 +140,7 @@ def materialize_model(root: Path, settings: FluxoSettings, model: str | None, na
 
     configure_mlflow(Path(root), settings, experiment=False)  # a reader: it may not create the experiment
     uri = model or champion_uri(name, settings.tracking.champion_alias)
-    name, version, alias = _resolve(MlflowClient(), uri)
+    name, version, alias = _resolve(MlflowClient(), uri, explicit=model is not None)
     served = materialize_version(root, settings, name, str(version.version), alias)
     log.info("serving %s v%s from %s", name, version.version, served.path)
     return served
