@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/digits-cnn.yaml
+# PORT=3001 make run: serve on another port (serve.port, 3000 by default).
+PORT ?=
+SERVE_PORT := $(if $(PORT),--set serve.port=$(PORT))
 
-.PHONY: setup run serve test test-slow ui clean
+.PHONY: setup run serve test test-slow test-readme ui clean
 
 setup: $(VENV)/.installed $(VENV)/.browser
 
@@ -26,16 +29,20 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/fluxo run --config $(CONFIG) --serve
+	$(BIN)/fluxo run --config $(CONFIG) --serve $(SERVE_PORT)
 
 serve: setup
-	$(BIN)/fluxo serve --config $(CONFIG)
+	$(BIN)/fluxo serve --config $(CONFIG) $(SERVE_PORT)
 
 test: setup
 	$(BIN)/python -m pytest
 
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow"
+
+# Every command README.md shows, pasted as shown in a fresh copy with a fresh HOME (tests/readme_walk.py).
+test-readme: setup
+	$(BIN)/python -m pytest -m readme -s
 
 ui: setup
 	$(BIN)/fluxo ui

@@ -71,6 +71,8 @@ RootOption = Annotated[Path, typer.Option("--root", help="Project root holding d
 
 # Libraries that narrate every step at INFO; their warnings still come through.
 NOISY_LOGGERS = ("dvc", "onnx_ir", "onnxscript", "torch.onnx", "mlflow", "alembic", "httpx", "prefect.events")
+# A warnings filter (action:message:category:module) for the MLflow UI's workers; see configure_logging.
+MLFLOW_UI_WSGI_WARNING = "ignore:starlette.middleware.wsgi is deprecated:UserWarning:mlflow.server.fastapi_app"
 
 
 def configure_logging(verbose: bool) -> None:
@@ -90,12 +92,37 @@ def configure_logging(verbose: bool) -> None:
     # ephemeral Prefect API server" would end a run that had nothing wrong with it.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    # MLflow's UI server (`fluxo ui`) imports Starlette's deprecated WSGI middleware in each of its
+    # four workers: four StarletteDeprecationWarnings nobody here can act on. The workers are other
+    # interpreters, so the filter goes through the environment; it matches that one import only.
+    inherited = os.environ.get("PYTHONWARNINGS", "")
+    if MLFLOW_UI_WSGI_WARNING not in inherited.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (inherited, MLFLOW_UI_WSGI_WARNING)))
+    # fluxo's own lines (the gate's decision, the baseline warning) belong in the flow run's logs
+    # in Prefect's UI beside Prefect's; outside a flow run they only go to the terminal.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines,models")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    logging.getLogger("prefect").addFilter(_TemporaryServerNote())
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         # The ONNX exporter warns that torchvision's detection ops are unavailable; no model here uses them.
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+class _TemporaryServerNote(logging.Filter):
+    """Prefect's "Starting temporary server" line ends with a link to its docs on every run; it says
+    instead where the runs are kept and how to see them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Starting temporary server on"):
+            from pipelines.ui import prefect_home
+
+            first = record.msg.split("\n", 1)[0]
+            record.msg = (f"{first} for this run (flow runs are kept in {prefect_home()}; "
+                          "`fluxo ui --prefect` shows them)")
+        return True
 
 
 @app.callback()
@@ -323,10 +350,12 @@ def export(
 
 
 def _example_instance(root: Path, settings: FluxoSettings, metadata: dict) -> list | None:
-    """A real held-out sample for the printed example, when data/ holds the model's data version."""
+    """A real held-out sample for the printed example: the model directory's, else data/'s if it is the model's."""
     from pipelines.data.store import read_dataset
     from pipelines.data.versioning import read_data_version
 
+    if metadata.get("example_instance") is not None:
+        return metadata["example_instance"]
     try:
         if read_data_version(root / f"{settings.data.data_dir}.dvc").md5 != metadata.get("data_version"):
             return None
@@ -351,7 +380,30 @@ def _default_model_name(root: Path, settings: FluxoSettings, config: Path | None
 
 
 class _Stop(Exception):
-    """SIGTERM: leave the wait below like Ctrl-C does, through the `finally` that drains the server."""
+    """SIGTERM or Ctrl-C: leave `_serve`'s wait through the `finally` that drains the server."""
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    """The first SIGTERM or SIGINT: stop serving. Any later one must not cut the drain short."""
+    _keep_draining_on_signals()  # before raising: a second signal can land as soon as this one is handled
+    raise _Stop()
+
+
+def _keep_draining_on_signals() -> None:
+    """From now on SIGTERM and SIGINT only say that the server is stopping.
+
+    Raised again inside the `finally` that stops the server, a second signal abandoned the drain
+    half-way: two tracebacks, exit status 1, and workers possibly left holding the port.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _while_stopping)
+
+
+def _while_stopping(signum: int, frame: object) -> None:
+    from serving.launch import STOP_TIMEOUT_S
+
+    log.info("already stopping: the server is finishing its requests; whatever still runs after %.0f s is killed",
+             STOP_TIMEOUT_S)
 
 
 def _start_following(root: Path, settings: FluxoSettings, name: str, champion: str | None, rollout: str):
@@ -404,16 +456,18 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
             follower.stop()
         _fail(error)
 
-    def _on_sigterm(signum: int, frame: object) -> None:
-        raise _Stop()
-
-    # `kill`, systemd and container runtimes stop us with SIGTERM: leave through the `finally` below,
-    # so the server drains its requests, no worker is left holding the port, and a normal stop exits 0.
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # `kill`, systemd and container runtimes stop us with SIGTERM, a person with Ctrl-C: leave through
+    # the `finally` below, so the server drains its requests, no worker is left holding the port, and a
+    # normal stop exits 0, however many signals come.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_stop_signal)
+    failure = None
+    record = None
     try:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         wait_ready(url, timeout=120, process=process)
         metadata = served_dir.as_dict()
+        record = _record_server(root, settings, url, str(metadata["model_name"]), model)
         instance = _example_instance(root, settings, metadata)
         example = example_request(metadata, url, instances=[instance] if instance is not None else None)
         typer.echo(f"\nfluxo is serving {metadata['model_name']} v{metadata['model_version']} at {url}")
@@ -424,14 +478,31 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
             typer.echo(f"  following {following}local promotions: a new champion is served within seconds\n")
         process.wait()
     except _user_errors() as error:
-        stop_server(process)
-        _fail(error)
+        failure = error  # reported once the server is stopped
     except (KeyboardInterrupt, _Stop):
         log.info("stopping the server")
     finally:
+        _keep_draining_on_signals()
+        if record is not None:
+            record.unlink(missing_ok=True)
         if follower is not None:
             follower.stop()
         stop_server(process)
+    if failure is not None:
+        _fail(failure)
+
+
+def _record_server(root: Path, settings: FluxoSettings, url: str, name: str, model: str | None) -> Path:
+    """This server's note in .fluxo/servers/, read by `fluxo monitor` and `fluxo status` (pipelines/live.py)."""
+    from pipelines.live import ServerRecord, record_server
+
+    payload_log = settings.serve.payload_log_under(root)
+    if payload_log and "://" not in payload_log:
+        payload_log = str(Path(payload_log).resolve())
+    if model is not None and not model.startswith("models:/"):
+        model = str(Path(model).resolve())
+    return record_server(root, ServerRecord(url=url, pid=os.getpid(), model_name=name, model=model,
+                                            payload_log=payload_log))
 
 
 @app.command()
@@ -517,7 +588,8 @@ def rollback(
 def status(
     model: ModelNameOption = None,
     url: Annotated[
-        Optional[str], typer.Option("--url", help="A running server to ask what it serves; default the configured one.")
+        Optional[str], typer.Option("--url", help="A running server to ask what it serves; default this project's "
+                                                  "running server, else the configured address.")
     ] = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -528,10 +600,27 @@ def status(
         settings = _settings(config, overrides)
         from pipelines.export.aliases import status as status_step
 
-        server = url or f"http://{settings.serve.host}:{settings.serve.port}"
-        _echo_json(status_step(root, settings, model or _default_model_name(root, settings, config, overrides), server))
+        live = None if model else _live_model(root, settings, config, overrides, url, url_may_be_down=True)
+        server = url or (live.url if live else None) or f"http://{settings.serve.host}:{settings.serve.port}"
+        report = status_step(root, settings, model or live.name, server)
+        _echo_json({**report, "chosen": live.why if live else "--model"})
     except _user_errors() as error:
         _fail(error)
+
+
+def _live_model(root: Path, settings: FluxoSettings, config: Path | None, overrides: list[str] | None,
+                url: str | None, url_may_be_down: bool = False):
+    """The model `fluxo monitor` and `fluxo status` act on: what is served, then the preset's, then data/'s."""
+    from pipelines.live import choose_live_model
+    from pipelines.settings import explicit_dataset
+
+    def by_settings() -> str:
+        return _default_model_name(root, settings, config, overrides)
+
+    named = by_settings() if explicit_dataset(config, overrides) or settings.tracking.registered_model else None
+    live = choose_live_model(Path(root), url, named, by_settings, url_may_be_down)
+    log.info("model: %s", live.why)
+    return live
 
 
 @app.command()
@@ -593,12 +682,20 @@ def monitor(
         Optional[float], typer.Option("--window-hours", help="How far back to read the payload log; default "
                                                              "monitor.window_hours.")
     ] = None,
+    url: Annotated[
+        Optional[str], typer.Option("--url", help="The running server whose model and payload log to check; "
+                                                  "default this project's running server.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON only.")] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
     root: RootOption = Path("."),
 ) -> None:
     """Compare the live model's logged inputs and answers with its training data version (a Prefect flow).
+
+    The model and its payload log are the served ones (--url, else this project's running server),
+    else the champion of the dataset --config names, else of the dataset in data/; the first line
+    says which and why.
 
     Logs a drift report (HTML and metrics) to MLflow, updates the service's fluxo_drift_* gauges and,
     on drift, emits the Prefect event `fluxo.drift.detected` (see `fluxo schedule --retrain-on-drift`).
@@ -608,8 +705,14 @@ def monitor(
         settings = _settings(config, overrides)
         from pipelines.monitor.run import payload_dir
 
-        payload_dir(root, settings)  # no log configured: say so now, not after Prefect has started
-        name = _default_model_name(root, settings, config, overrides) if model is None else None
+        live = None
+        if model is None:
+            live = _live_model(root, settings, config, overrides, url)
+            overrides = [*(overrides or []), *_served_payload_log(root, settings, live)]
+            settings = _settings(config, overrides)
+        payload_dir(root, settings, live.url if live else None)  # no log: say so now, not after Prefect started
+        name = live.name if live else None
+        model = live.model if live else model
         from pipelines.flows import monitor_flow, stop_temporary_server
 
         try:
@@ -619,9 +722,13 @@ def monitor(
             stop_temporary_server()
     except _user_errors() as error:
         _fail(error)
+    if live is not None:
+        summary["chosen"] = live.why
     if as_json:
         _echo_json(summary)
         return
+    if live is not None:
+        typer.echo(f"model: {live.why}")
     verdict = {True: "drift detected", False: "no drift", None: "no decision"}[summary["drift_detected"]]
     typer.echo(f"{summary['model']} v{summary['model_version']}: {verdict}; window {summary['window']['start']} .. "
                f"{summary['window']['end']}, {summary['window']['instances']} instances")
@@ -629,6 +736,21 @@ def monitor(
         typer.echo(f"  {name_of_signal:<10} MMD {score['statistic']:.5f}  p={score['p_value']:.3g}  (level {score['level']:.3g})")
     if summary.get("reason"):
         typer.echo(f"  {summary['reason']}")
+
+
+def _served_payload_log(root: Path, settings: FluxoSettings, live) -> list[str]:
+    """``monitor.payload_log=`` the served model's log, unless the user chose one (theirs is kept, with a note)."""
+    from pipelines.monitor.run import payload_dir
+
+    if live.payload_log is None:
+        return []
+    if not (settings.monitor.payload_log or settings.serve.payload_log):
+        return [f"monitor.payload_log={live.payload_log}"]
+    chosen = payload_dir(root, settings)
+    if str(Path(chosen).resolve() if isinstance(chosen, Path) else chosen) != live.payload_log:
+        log.warning("reading the payload log you set, %s; the server at %s writes %s", chosen, live.url,
+                    live.payload_log)
+    return []
 
 
 @app.command()
@@ -684,11 +806,16 @@ def tune(
 
 @app.command()
 def ui(
-    port: Annotated[int, typer.Option("--port", help="HTTP port of the MLflow UI.")] = 5000,
+    port: Annotated[Optional[int], typer.Option("--port", help="HTTP port: 5000 for MLflow, 4200 for Prefect.")] = None,
     host: Annotated[str, typer.Option("--host", help="Interface to bind.")] = "127.0.0.1",
+    prefect: Annotated[bool, typer.Option("--prefect", help="Prefect's UI over the database `fluxo run` records "
+                                          "its flow runs in (PREFECT_HOME), instead of MLflow's.")] = False,
     root: RootOption = Path("."),
 ) -> None:
     """Open the MLflow UI on the local store (or MLFLOW_TRACKING_URI); Ctrl+C or SIGTERM stops all of it."""
+    if prefect:
+        _prefect_ui(host, port or 4200)
+    port = port or 5000
     try:
         settings = _settings(None, None)
         from pipelines.tracking import configure_experiment
@@ -700,6 +827,20 @@ def ui(
         _fail(error)
     typer.echo(f"MLflow UI on {runs_url(host, port, experiment_id)} for {uri}")
     raise typer.Exit(code=run_ui(uri, host, port))
+
+
+def _prefect_ui(host: str, port: int) -> NoReturn:
+    """Prefect's own UI where fluxo's flow runs are: a real server's, or one started over PREFECT_HOME."""
+    from pipelines.ui import browser_url, prefect_home, prefect_ui_command, prefect_ui_env, run_server
+
+    remote = os.environ.get("PREFECT_API_URL", "").strip()
+    if remote:
+        typer.echo(f"fluxo's flow runs are on the Prefect server at {remote}; its UI is at "
+                   f"{remote.rstrip('/').removesuffix('/api')}")
+        raise typer.Exit(code=0)
+    typer.echo(f"Prefect UI on {browser_url(host, port)}/ for the flow runs in {prefect_home()} "
+               "(`fluxo schedule` keeps its own in .fluxo/prefect and prints its UI's address)")
+    raise typer.Exit(code=run_server(prefect_ui_command(host, port), prefect_ui_env(host, port)))
 
 
 @app.command()

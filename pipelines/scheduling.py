@@ -123,8 +123,9 @@ def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
+    # Its UI shows the scheduled runs; on a port other than 4200 it must be told where its API is.
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_UI_ENABLED": "false"}
+           "PREFECT_SERVER_UI_API_URL": url}
     if scheduler_loop_seconds is not None:
         env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_seconds)
     if os.environ.get("PREFECT_API_AUTH_STRING"):  # a loopback port is still open to every local user
@@ -136,7 +137,8 @@ def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -
                                    start_new_session=True)
     try:
         _wait_healthy(url, process, log_path)
-        log.info("started a Prefect server with its scheduler at %s (state in %s, log %s)", url, home, log_path)
+        log.info("started a Prefect server with its scheduler at %s (state in %s, log %s); its UI, with the "
+                 "scheduled runs and their logs: %s/", url, home, log_path, url.removesuffix("/api"))
         yield url
     finally:
         _stop(process)

@@ -1,4 +1,4 @@
-"""`fluxo ui`: the MLflow UI as a child that never outlives us.
+"""`fluxo ui`: the MLflow UI (or, with --prefect, Prefect's) as a child that never outlives us.
 
 ``mlflow ui`` starts a server that forks uvicorn workers (and, with job execution on,
 a job runner). Killing only the process we started leaves those holding the port,
@@ -43,9 +43,14 @@ def runs_url(host: str, port: int, experiment_id: str | None = None) -> str:
 
     A wildcard bind address is not something a browser can open, so it becomes loopback.
     """
-    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
     page = f"/experiments/{experiment_id}/runs" if experiment_id else "/"
-    return f"http://{shown}:{port}/#{page}?{ML_WORKFLOW}"
+    return f"{browser_url(host, port)}/#{page}?{ML_WORKFLOW}"
+
+
+def browser_url(host: str, port: int) -> str:
+    """``http://HOST:PORT`` as a browser can open it: a wildcard bind address becomes loopback."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    return f"http://{shown}:{port}"
 
 
 @dataclass
@@ -105,7 +110,7 @@ def _wait_leader(process: subprocess.Popen, stop: _Stop) -> int:
             return process.wait(timeout=POLL_S)
         except subprocess.TimeoutExpired:
             if time.monotonic() > stop.deadline:
-                log.warning("the MLflow UI did not stop within %.0f s; killing it", STOP_TIMEOUT_S)
+                log.warning("the UI server did not stop within %.0f s; killing it", STOP_TIMEOUT_S)
                 _signal_group(process.pid, signal.SIGKILL)
                 stop.deadline = float("inf")
 
@@ -123,7 +128,7 @@ def _reap_group(pgid: int, timeout: float) -> None:
         if not _group_alive(pgid):
             return
         time.sleep(POLL_S)
-    log.warning("MLflow UI workers still running after %.0f s; killing them", timeout)
+    log.warning("UI server processes still running after %.0f s; killing them", timeout)
     _signal_group(pgid, signal.SIGKILL)
     while _group_alive(pgid) and time.monotonic() < deadline + 5:
         time.sleep(POLL_S)
@@ -148,8 +153,29 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def prefect_ui_command(host: str, port: int) -> list[str]:
+    """Prefect's server with its UI, by this interpreter, over the database of PREFECT_HOME."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+
+
+def prefect_ui_env(host: str, port: int) -> dict[str, str]:
+    """The UI asks its API at PREFECT_SERVER_UI_API_URL, which Prefect sets for port 4200 only."""
+    return {**os.environ, "PREFECT_SERVER_UI_API_URL": f"{browser_url(host, port)}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def prefect_home() -> str:
+    """Where Prefect keeps its database when nothing says otherwise: the runs of `fluxo run` go there."""
+    return os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect")
+
+
 def run_ui(uri: str, host: str, port: int) -> int:
-    """Serve the MLflow UI over ``uri`` until it ends or we are asked to stop.
+    """Serve the MLflow UI over ``uri`` until it ends or we are asked to stop (see :func:`run_server`)."""
+    return run_server(ui_command(uri, host, port), os.environ.copy())
+
+
+def run_server(command: list[str], env: dict[str, str]) -> int:
+    """Run a UI server until it ends or we are asked to stop.
 
     SIGTERM, SIGINT (Ctrl+C) and SIGHUP go to the server's whole process group; it
     gets ``STOP_TIMEOUT_S`` to finish before the group is killed. Returns 0 after a
@@ -158,7 +184,7 @@ def run_ui(uri: str, host: str, port: int) -> int:
     """
     stop = _Stop()
     with _forwarding(stop):
-        process = subprocess.Popen(ui_command(uri, host, port), env=os.environ.copy(), start_new_session=True)
+        process = subprocess.Popen(command, env=env, start_new_session=True)
         stop.pgid = process.pid  # a new session's leader: its pid is the group id
         if stop.signum is not None:  # a signal came while the server was being started
             _signal_group(process.pid, stop.signum)
@@ -170,9 +196,9 @@ def run_ui(uri: str, host: str, port: int) -> int:
                 _wait_leader(process, _Stop(deadline=time.monotonic() + STOP_TIMEOUT_S))
             _reap_group(process.pid, STOP_TIMEOUT_S)
     if stop.signum is not None:
-        log.debug("MLflow UI stopped on signal %d (server exit status %d)", stop.signum, returncode)
+        log.debug("UI server stopped on signal %d (exit status %d)", stop.signum, returncode)
         return 0
     return _exit_code(returncode)
 
 
-__all__ = ["run_ui", "runs_url", "ui_command"]
+__all__ = ["browser_url", "prefect_home", "prefect_ui_command", "prefect_ui_env", "run_server", "run_ui", "runs_url", "ui_command"]

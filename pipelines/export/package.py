@@ -107,7 +107,7 @@ def _served_accuracy_if_padded(
 def build_metadata(
     spec: dict[str, Any], identity: RunIdentity, test_metrics: dict[str, float], opset: int,
     image: dict[str, Any] | None, parity: ParityReport, served: float | None, upload_background: str | None = None,
-    takes_lengths: bool = False,
+    takes_lengths: bool = False, example: list[Any] | None = None,
 ) -> ModelMetadata:
     """What the service needs beside the ONNX file, from the run's own record (serving/contract.py)."""
     return ModelMetadata(
@@ -128,7 +128,25 @@ def build_metadata(
         takes_lengths=takes_lengths,
         served_test_accuracy=served,
         parity=parity.as_dict(),
+        example_instance=example,
     )
+
+
+EXAMPLE_MAX_VALUES = 4096
+"""Largest instance (in values) kept as the printed example: a 64x64 image still pastes, a photo does not."""
+
+
+def example_instance(test: Any) -> list[Any] | None:
+    """The first held-out test instance as a client sends it (raw values, a sequence cut at its own end).
+
+    ``fluxo serve`` prints it as a ready-to-paste request whatever ``data/`` holds by then.
+    """
+    if len(test) == 0 or int(np.prod(test.x.shape[1:])) > EXAMPLE_MAX_VALUES:
+        return None
+    instance = np.asarray(test.x[0])
+    if test.lengths is not None:
+        instance = instance[..., : int(test.lengths[0])]
+    return instance.tolist()
 
 
 def export_model(
@@ -180,7 +198,8 @@ def export_model(
             )
         recipe = image_recipe(dataset.manifest)
         metadata = build_metadata(spec, identity, test_metrics, settings.export.opset, recipe, parity, served,
-                                  upload_background(recipe, dataset.splits["train"].x), with_lengths is not None)
+                                  upload_background(recipe, dataset.splits["train"].x), with_lengths is not None,
+                                  example_instance(test))
         for leftover in staging.iterdir():  # a downloaded checkpoint is not part of the model directory
             if leftover.name != MODEL_FILE:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

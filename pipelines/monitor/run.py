@@ -32,9 +32,16 @@ KIND_TAG = "fluxo.kind"
 KIND = "drift-monitor"
 
 
-def payload_dir(root: Path, settings: FluxoSettings) -> Path | str:
-    """The payload log to read: a local directory (relative ones under the root) or an ``s3://`` URL."""
+def payload_dir(root: Path, settings: FluxoSettings, served_at: str | None = None) -> Path | str:
+    """The payload log to read: a local directory (relative ones under the root) or an ``s3://`` URL.
+
+    ``served_at``: the server the model was chosen from, named when it writes no log.
+    """
     configured = settings.monitor.payload_log or settings.serve.payload_log_under(root)
+    if not configured and served_at:
+        raise FluxoError(f"the server at {served_at} writes no payload log, so there is nothing to monitor: start it "
+                         "with --set serve.payload_log=.fluxo/payloads (or set monitor.payload_log to a log "
+                         "another server writes)")
     if not configured:
         raise FluxoError("no payload log to monitor: set serve.payload_log (where the service writes, e.g. "
                          "--set serve.payload_log=.fluxo/payloads) or monitor.payload_log")
