@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from tests.readme_walk import fresh_copy, walk, walk_plan
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -36,3 +43,53 @@ def test_every_fluxo_command_in_the_readme_table_exists() -> None:
     assert {"run", "data", "train", "export", "serve", "tune", "schedule", "ui"} <= commands
     for command in commands:
         assert CliRunner().invoke(app, [command, "--help"]).exit_code == 0, command
+
+
+def test_every_bash_block_of_the_readme_says_how_each_command_is_run() -> None:
+    """A command added to the README without a readme-test directive fails here, in the fast suite."""
+    plan = walk_plan(README.read_text())
+    assert any(step.command == "make run" and step.how == "serve" for step in plan)
+    for step in plan:
+        if step.how == "skip":
+            assert len(step.detail) > 10, f"README.md:{step.line}: say why `{step.command}` is not run"
+
+
+def test_the_readme_walk_refuses_a_block_it_cannot_account_for() -> None:
+    with pytest.raises(ValueError, match="without a `<!-- readme-test"):
+        walk_plan("text\n```bash\nfluxo run\n```\n")
+    with pytest.raises(ValueError, match="2 commands but 1"):
+        walk_plan("<!-- readme-test: run -->\n```bash\nfluxo run\nfluxo serve   # comment\n```\n")
+    plan = walk_plan("<!-- readme-test: run | serve http://x/readyz -->\n```bash\n# a comment\nmake \\\n  run\n"
+                     "fluxo serve\n```\n")
+    assert [(s.command, s.how, s.detail) for s in plan] == [("make    run", "run", ""),
+                                                             ("fluxo serve", "serve", "http://x/readyz")]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.readme
+def test_every_command_the_readme_shows_runs_as_pasted_in_a_fresh_clone(tmp_path: Path) -> None:
+    """`make test-readme`: a fresh copy, a fresh HOME, a fresh .venv made by `make run` itself."""
+    busy = [port for port in (3000, 4200, 5000) if not _port_free(port)]
+    if busy:
+        pytest.fail(f"ports {busy} are taken; the README's commands use them as shown")
+    copy = fresh_copy(tmp_path / "fluxo")
+    home = tmp_path / "home"
+    home.mkdir()
+    pip_cache = subprocess.run([sys.executable, "-m", "pip", "cache", "dir"], capture_output=True, text=True).stdout
+    venv = str(Path(sys.executable).parent)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("FLUXO_", "MLFLOW_", "PREFECT_", "VIRTUAL_ENV"))}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv)
+    env["HOME"] = str(home)  # a fresh machine's ~/.prefect, ~/.cache/fluxo and ~/bentoml
+    if pip_cache.strip():
+        env["PIP_CACHE_DIR"] = pip_cache.strip()  # what pip downloaded is not the user's state
+    log = tmp_path / "walk.log"
+    try:
+        skipped = walk(copy, log, env)
+    except AssertionError as error:
+        pytest.fail(f"{error}\n--- the last of {log} ---\n{log.read_text(errors='replace')[-6000:]}")
+    print("\n".join(f"not run: {line}" for line in skipped))
