@@ -234,8 +234,6 @@ def _sequences_chunk(values: np.ndarray, ids: Sequence[str], lengths: np.ndarray
 def _frame_chunk(frame: Any, start: int, path: Path, contract: Contract) -> Chunk:
     """One pandas frame → a Chunk: wide rows (a column per step, trailing empty cells as padding)
     or, from Parquet, one list column holding each sequence; the label column, if any, is ignored."""
-    import pandas as pd
-
     frame = frame.drop(columns=[c for c in (contract.label_column,) if c in frame.columns])
     ids = frame.pop("id").astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(start, start + len(frame))]
     if _is_list_column(frame):
