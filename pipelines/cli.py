@@ -928,10 +928,8 @@ def _model_summary(name: str, input_shape: str, classes: int, params: str | None
 
     if name not in MODEL_REGISTRY:
         raise FluxoError(f"unknown model {name!r}; registered: {', '.join(sorted(MODEL_REGISTRY))} (`fluxo models`)")
-    try:
-        shape = tuple(int(part) for part in input_shape.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        shape = ()
+    parts = [part.strip() for part in input_shape.replace("x", ",").split(",")]  # 1,28,28 or 1x28x28
+    shape = tuple(int(part) for part in parts) if all(part.isdigit() for part in parts) else ()
     if not shape or any(size < 1 for size in shape):
         raise FluxoError(f"--input-shape {input_shape!r}: give positive sizes separated by commas, e.g. 1,28,28")
     config = yaml.safe_load(params) if params else {}

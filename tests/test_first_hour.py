@@ -7,13 +7,7 @@ One `fluxo run` of the smoke preset makes the champion every test here uses.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,82 +15,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
 from tests.serving_fixtures import free_port
+from tests.users import Project, one_error_line, stop, wait_for
 
-FLUXO = Path(sys.executable).with_name("fluxo")
 SMOKE = "configs/smoke.yaml"
-
-
-class Project:
-    """A user's project directory, their HOME, and `fluxo` run there as they would type it."""
-
-    def __init__(self, root: Path, home: Path) -> None:
-        self.root, self.home = root, home
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("FLUXO_", "MLFLOW_", "PREFECT_"))}
-        self.env.update(HOME=str(home), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
-
-    def fluxo(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([str(FLUXO), *args], cwd=self.root, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def start(self, *args: str) -> tuple[subprocess.Popen, Path]:
-        """A long-running `fluxo` (a server) in a terminal of its own; its output goes to a file."""
-        log = self.root.parent / f"{args[0]}-{time.monotonic_ns()}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen([str(FLUXO), *args], cwd=self.root, env=self.env, stdout=out,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        return process, log
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """A user's mistake: exit 2, no traceback, and the last line is the one `error:` line."""
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, output[-3000:]
-    return errors[0]
-
-
-def wait_for(condition, what: str, timeout: float = 120.0, process: subprocess.Popen | None = None):
-    """Poll ``condition`` until it returns something truthy; a server that died ends the wait at once."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the process exited with {process.returncode} while waiting for {what}")
-        try:
-            value = condition()
-        except (httpx.TransportError, OSError, ValueError):
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} within {timeout:.0f} s")
-
-
-def stop(process: subprocess.Popen) -> int:
-    """SIGTERM, as kill, systemd and container runtimes stop a server; it must exit by itself."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
 def user(tmp_path_factory: pytest.TempPathFactory) -> Project:
     """A clone-shaped project with the smoke champion, made by `fluxo run` as the README says."""
-    base = tmp_path_factory.mktemp("first-hour")
-    root, home = base / "project", base / "home"
-    home.mkdir()
-    shutil.copytree(REPO / "configs", root / "configs")
-    for name in (".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)  # a clone ignores .fluxo/, data/ and the stores
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    project = Project(root, home)
+    project = Project.clone_shaped(tmp_path_factory.mktemp("first-hour"))
     result = project.fluxo("run", "--config", SMOKE)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     project.run_output = result.stdout + result.stderr  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ from pipelines.export.publish import model_root
 from pipelines.export.step import export_run
 from pipelines.train.run import train
 from serving.contract import REPORT_FILE
-from tests.conftest import make_settings, store_client
+from tests.conftest import make_settings, need, store_client
 from tests.serving_fixtures import RunningServer
 
 SECTIONS = ["Model", "Test metrics", "Against the champion", "Per class", "Confusion matrix", "Calibration",
@@ -140,11 +140,7 @@ def _chromium() -> str:
         import playwright  # noqa: F401
     except ImportError:
         path = None
-    if path is None:
-        message = "needs chromium and the playwright package (`make setup` installs both)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    need(path, "chromium and the playwright package (`make setup` installs both)")
     return path
 
 
