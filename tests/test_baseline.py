@@ -40,13 +40,17 @@ def test_a_model_worse_than_the_baseline_is_warned_about_and_tagged(
 
 
 def test_a_model_that_wins_is_tagged_and_the_baseline_can_be_turned_off(project: Path, settings_for) -> None:
-    settings = settings_for("train.epochs=4")
+    # A CNN given four epochs against a baseline held to one: an MLP reaches 0.47-0.62 validation accuracy on
+    # digits after one epoch (seeds 0-3, 42; 0.94-0.96 after ten), this CNN 0.85, so it surely wins.
+    settings = settings_for("train.epochs=4", "train.baseline_epochs=1")
     ingest(project, settings.data)
     data_version = version(project, settings.data)
     trained = train(project, settings, data_version)
     won = MlflowClient().get_run(trained.run_id)  # the client after train(): it set the tracking URI
-    assert won.data.metrics["best_val_accuracy"] > 0 and "baseline_val_accuracy" in won.data.metrics
-    assert won.data.tags["fluxo.baseline"] in ("beaten", "not beaten")
+    metrics = won.data.metrics
+    assert metrics["best_val_accuracy"] > metrics["baseline_val_accuracy"] + 0.1, metrics
+    assert 0.3 < metrics["baseline_val_accuracy"] < 0.8  # the baseline did run, for its one epoch
+    assert won.data.tags["fluxo.baseline"] == "beaten"
     without = train(project, settings_for("train.epochs=1", "train.baseline_epochs=0"), data_version)
     off = MlflowClient().get_run(without.run_id)
     assert "baseline_val_accuracy" not in off.data.metrics and "fluxo.baseline" not in off.data.tags

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.data.ingest import ingest, version
 from pipelines.train.checkpoint import load_checkpoint, load_latest_state
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -85,6 +85,15 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _freeze(launcher: subprocess.Popen) -> None:
+    """SIGSTOP the CLI, torchrun and every rank: none moves on until :func:`_crash` kills them."""
+    for pid in [launcher.pid, *_descendants(launcher.pid)]:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+
+
 def _crash(launcher: subprocess.Popen) -> None:
     """SIGKILL the CLI, torchrun and every rank at once: a machine losing power, no cleanup anywhere."""
     for pid in [launcher.pid, *_descendants(launcher.pid)]:
@@ -106,15 +115,19 @@ def test_resume_with_two_processes_matches_an_uninterrupted_run(project: Path, s
 
     crashing = subprocess.Popen(_command(project, "--nproc", "2", epochs=epochs), env=_env(tmp_path),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, states = time.monotonic() + 240, []
-    while time.monotonic() < deadline and crashing.poll() is None and not states:
-        states = [p for p in runs_dir.glob("*/state/state-*.pt") if p.parents[1].name != reference["run_id"]]
-        time.sleep(0.01)
-    _crash(crashing)
-    assert crashing.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
-    assert states, "no state was saved before the deadline"
-    run_dir = states[0].parents[1]
+
+    def first_save() -> list[Path]:
+        if crashing.poll() is not None:
+            raise AssertionError(f"the run ended (exit {crashing.returncode}) before it could be interrupted")
+        return [p for p in runs_dir.glob("*/state/state-*.pt") if p.parents[1].name != reference["run_id"]]
+
+    run_dir = wait_for(first_save, "the first training-state save", timeout=240, interval=0.01)[0].parents[1]
+    # Every process stopped where it stands, then checked, then killed: what is checked is what the kill leaves.
+    _freeze(crashing)
     state, _ = load_latest_state(run_dir / "state")
+    alive = crashing.poll() is None
+    _crash(crashing)
+    assert alive and crashing.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
     assert state["epoch"] <= epochs, "the interrupted run had already finished training"
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import SMOKE
+from tests.waiting import exceptions_of, raise_if_any_failed, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -98,33 +100,46 @@ def test_a_server_with_only_a_tracking_uri_follows_promote_and_rollback(project:
         assert _serving_version(url) == "1"
 
         failures: list[str] = []
-        versions: set[str] = set()
+        answered: list[str] = []  # the version of each 200, in order
+        sent = [0]
         stop = threading.Event()
 
         def clients() -> None:
             body = {"instances": [[[[0.0] * 8] * 8]]}
             while not stop.is_set():
+                sent[0] += 1
                 answer = httpx.post(f"{url}/predict", json=body, timeout=10)
                 if answer.status_code != 200:
                     failures.append(answer.text)
                 else:
-                    versions.add(answer.json()["model_version"])
+                    answered.append(answer.json()["model_version"])
 
-        sender = threading.Thread(target=clients)
-        sender.start()
-        try:
-            for action, expected in ((lambda: promote_version(project, good, "fluxo-digits", "2"), "2"),
-                                     (lambda: rollback(project, good, "fluxo-digits"), "1")):
-                action()
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and _serving_version(url) != expected:
-                    time.sleep(0.5)
-                assert _serving_version(url) == expected, replica_log.read_text()[-3000:]
-        finally:
-            stop.set()
-            sender.join(30)
+        def answered_by(version: str, since: int):
+            def condition() -> bool:
+                raise_if_any_failed([sender])
+                return version in answered[since:]
+            return condition
+
+        with ThreadPoolExecutor(1) as executor:
+            sender = executor.submit(clients)
+            try:
+                wait_for(answered_by("1", 0), "the client to be answered by version 1", timeout=30)
+                for action, expected in ((lambda: promote_version(project, good, "fluxo-digits", "2"), "2"),
+                                         (lambda: rollback(project, good, "fluxo-digits"), "1")):
+                    since = len(answered)
+                    action()
+                    # Followed within a few polls (FOLLOW_INTERVAL_S=1), and the client answered by it.
+                    wait_for(lambda: _serving_version(url) == expected, f"the replica to serve version {expected}",
+                             timeout=60, interval=0.2, detail=lambda: replica_log.read_text()[-3000:])
+                    wait_for(answered_by(expected, since), f"the client to be answered by version {expected}",
+                             timeout=30)
+            finally:
+                stop.set()
+        errors = exceptions_of([sender])
+        assert not errors, errors  # the client never lost a connection
         assert not failures, failures[:3]
-        assert versions == {"1", "2"}
+        assert len(answered) == sent[0]  # every request it sent was answered with a 200
+        assert set(answered) == {"1", "2"}
         assert not (elsewhere / ".fluxo" / "export").exists()  # everything came from the registry
     finally:
         if replica is not None:

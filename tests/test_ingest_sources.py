@@ -305,17 +305,29 @@ def test_failed_or_interrupted_ingest_leaves_data_and_dvc_file_untouched(
     assert not leftovers, leftovers
 
 
+def _trend_csv(path: Path, rows: int = 200) -> Path:
+    """Sequences a model can learn: "up" rises, "down" falls, under noise; every other row is two steps shorter."""
+    rng = np.random.default_rng(0)
+    rising = np.arange(rows) % 2 == 1
+    trend = np.where(rising, 1.0, -1.0)[:, None] * np.linspace(-1.5, 1.5, 12)[None, :]
+    frame = pd.DataFrame(trend + rng.normal(scale=0.5, size=(rows, 12)), columns=[f"t{i}" for i in range(12)])
+    frame["label"] = np.where(rising, "up", "down")
+    frame.loc[::2, ["t10", "t11"]] = np.nan
+    frame.to_csv(path, index=False)
+    return path
+
+
 @pytest.mark.parametrize("model", ["gru", "cnn1d"])
 def test_variable_length_sequences_train(project: Path, settings_for, tmp_path: Path, model: str) -> None:
     from pipelines.data.versioning import DataVersion
     from pipelines.train.run import train_and_evaluate
     from pipelines.train.tracker import NullTracker
 
-    path = _sequences_csv(tmp_path / "walk.csv")
-    frame = pd.read_csv(path)
-    frame.loc[::2, ["t10", "t11"]] = np.nan
-    frame.to_csv(path, index=False)
-    settings = settings_for(f"data.dataset={path}", f"model.name={model}", "model.params={}", "train.epochs=2")
+    path = _trend_csv(tmp_path / "trend.csv")
+    settings = settings_for(f"data.dataset={path}", f"model.name={model}", "model.params={}", "train.epochs=5")
     ingest(project, settings.data)
+    dataset = read_dataset(project / "data")
+    assert set(dataset.splits["test"].lengths.tolist()) == {10, 12}  # both lengths reach the test split
     _, metrics, _, _ = train_and_evaluate(project, settings, DataVersion("x", 0, 0, project / "data.dvc", 0), NullTracker())
-    assert 0 <= metrics["test_accuracy"] <= 1
+    # Chance is 0.5 (a learning rate of 1e-9 scores exactly that); both models reach 1.0 on seeds 0-4 in five epochs.
+    assert metrics["test_accuracy"] >= 0.9, metrics

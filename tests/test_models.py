@@ -199,29 +199,46 @@ def test_resnet_bad_plans_are_explained(name: str, config: dict) -> None:
         build_model(name, (1, 8, 8) if name == "resnet_small" else (1, 40), 10, **config)
 
 
-@pytest.mark.parametrize("name", ["gru", "lstm"])
-@pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("layers", [1, 2])
-def test_the_length_aware_graph_answers_like_packing_and_exports(name: str, bidirectional: bool, layers: int,
-                                                                  tmp_path) -> None:
-    """LengthAwareRecurrent (what export serves) equals the packed forward (what training ran), in ONNX too."""
-    import onnxruntime as ort
-
-    from models.rnn import LengthAwareRecurrent
-    from pipelines.export.onnx_export import export_onnx
-
+def _recurrent_case(name: str, bidirectional: bool, layers: int):
+    """A seeded recurrent model and a padded batch of six sequences of different lengths."""
     torch.manual_seed(0)
     trained = build_model(name, (3, 12), 5, hidden=8, layers=layers, bidirectional=bidirectional).eval()
     x = torch.randn(6, 3, 12)
     lengths = torch.tensor([12, 1, 5, 7, 3, 11])
     for i, n in enumerate(lengths):
         x[i, :, n:] = 0
+    return trained, x, lengths
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_length_aware_graph_answers_like_packing(name: str, bidirectional: bool, layers: int) -> None:
+    """LengthAwareRecurrent (what export serves) equals the packed forward (what training ran)."""
+    from models.rnn import LengthAwareRecurrent
+
+    trained, x, lengths = _recurrent_case(name, bidirectional, layers)
     with torch.no_grad():
         packed = trained(x, lengths)
         gathered = LengthAwareRecurrent(trained).eval()(x, lengths)
+        padded = trained(x)  # the padding counted as input: what a length-blind graph would answer
     torch.testing.assert_close(gathered, packed, atol=1e-6, rtol=0)
-    if (name, bidirectional, layers) not in (("gru", True, 2), ("lstm", True, 1)):
-        return  # an export takes seconds: two cover both cells and stacking
+    assert not torch.allclose(padded, packed, atol=1e-3)  # the lengths matter, so the equality above shows something
+
+
+# An export takes seconds: two cases cover both cells, both directions' paths and stacking.
+@pytest.mark.parametrize(("name", "bidirectional", "layers"), [("gru", True, 2), ("lstm", True, 1)])
+def test_the_length_aware_graph_exports_and_answers_like_packing(name: str, bidirectional: bool, layers: int,
+                                                                 tmp_path) -> None:
+    """The exported ONNX graph, fed the lengths, answers like the packed forward training ran."""
+    import onnxruntime as ort
+
+    from models.rnn import LengthAwareRecurrent
+    from pipelines.export.onnx_export import export_onnx
+
+    trained, x, lengths = _recurrent_case(name, bidirectional, layers)
+    with torch.no_grad():
+        packed = trained(x, lengths)
     served = Standardized(LengthAwareRecurrent(trained), 0.0, 1.0).eval()
     export_onnx(served, (3, 12), tmp_path / "m.onnx", 18, with_lengths=True)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

@@ -28,7 +28,9 @@ from pipelines.monitor.reference import load_reference
 from pipelines.monitor.shifts import IMAGE_SHIFTS, SEQUENCE_SHIFTS
 from pipelines.train.run import train
 from tests.conftest import REPO, make_settings
+from serving.payload_log import read_payloads
 from tests.serving_fixtures import free_port, metric_value
+from tests.waiting import wait_for
 
 WINDOW = 200
 CLEAN_WINDOWS = 20
@@ -147,26 +149,27 @@ def test_monitor_reads_what_the_server_logged_records_a_report_and_sets_the_gaug
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, timeout=120, process=server)
+            request_ids = set()
             with httpx.Client(timeout=30) as client:
                 for start in range(0, len(x), 10):
                     answer = client.post(f"{url}/predict", json={"instances": x[start:start + 10].tolist()})
                     assert answer.status_code == 200, answer.text
+                    request_ids.add(answer.headers["x-request-id"])
                 too_few = _fluxo(root, "monitor", "--json", "--set", "monitor.min_instances=100000")
                 assert too_few.returncode == 0, too_few.stderr
                 assert json.loads(too_few.stdout)["drift_detected"] is None
-                time.sleep(1.5)  # the writer flushes every second; monitor reads the open journal too
+                # The writer flushes every second; monitor reads the open journal too, once every request is in it.
+                wait_for(lambda: request_ids <= set(read_payloads(payloads).column("request_id").to_pylist()),
+                         "every request in the payload log", timeout=60)
                 done = _fluxo(root, "monitor", "--json")
                 assert done.returncode == 0, done.stderr
                 summary = json.loads(done.stdout)
                 assert summary["drift_detected"] is True and summary["window"]["instances"] == 300
                 assert set(summary["scores"]) == {"input", "embedding", "prediction"}
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline:
-                    text = client.get(f"{url}/metrics").text
-                    if "fluxo_drift_detected{" in text and metric_value(text, "fluxo_drift_detected") == 1.0:
-                        break
-                    time.sleep(0.5)
-                assert metric_value(text, "fluxo_drift_detected") == 1.0, text[-2000:]
+                # Every worker reads the status file the monitor wrote at its next reload poll (0.5 s).
+                wait_for(lambda: metric_value(client.get(f"{url}/metrics").text, "fluxo_drift_detected") == 1.0,
+                         "the drift gauge to be set", timeout=60, interval=0.1,
+                         detail=lambda: client.get(f"{url}/metrics").text[-2000:])
         finally:
             stop_server(server)
     assert json.loads(status.read_text())["drift_detected"] is True

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
-import time
+import threading
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests.serving_fixtures import (
     digit_png,
     sample_instances,
 )
+from tests.waiting import wait_for
 
 LABELS = [str(i) for i in range(10)]
 
@@ -80,10 +82,12 @@ def _record(log: PayloadLogger, request_id: str, n: int = 1) -> None:
 
 def test_a_full_queue_drops_and_counts_without_blocking_or_raising(tmp_path: Path) -> None:
     log = PayloadLogger(tmp_path, queue_size=3, start=False)  # no writer thread: nothing drains the queue
-    started = time.perf_counter()
-    for i in range(50):
-        _record(log, f"r{i}")
-    assert time.perf_counter() - started < 0.5
+    # Nothing ever drains the queue, so a record that blocked would block for good: the recording thread
+    # must finish on its own (within a deadline no busy machine comes near).
+    recording = threading.Thread(target=lambda: [_record(log, f"r{i}") for i in range(50)], daemon=True)
+    recording.start()
+    recording.join(timeout=60)
+    assert not recording.is_alive(), "a record into a full queue blocked"
     assert log.dropped == 47 and len(log.queue) == 3
     log.record("bad", "/predict", "fluxo", None, "champion", 0.0, None, None, None)  # type: ignore[arg-type]
     log.close()  # writes the three it kept; the malformed record is skipped with the batch, not raised
@@ -110,9 +114,7 @@ def test_a_crash_leaves_a_journal_that_is_read_up_to_its_last_flush(tmp_path: Pa
     log = PayloadLogger(tmp_path, flush_records=5, flush_s=0.05)
     for i in range(12):
         _record(log, f"r{i}")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(read_payloads(tmp_path)) < 12:
-        time.sleep(0.05)
+    wait_for(lambda: len(read_payloads(tmp_path)) >= 12, "all 12 records flushed to the journal", timeout=60)
     # The "crash": the writer is never closed; a torn tail is appended as a SIGKILL mid-write would leave.
     (partial,) = tmp_path.glob(f"*/*{PARTIAL}")
     with partial.open("ab") as f:
@@ -187,9 +189,16 @@ def test_sampling_logs_its_share(tmp_path: Path) -> None:
     assert abs(len(table) - 0.3 * n) <= 4 * np.sqrt(n * 0.3 * 0.7)
 
 
-def kill_server(running: RunningServer) -> None:
-    """SIGKILL the server and every worker at once, after five flush intervals (every record is in a journal)."""
-    time.sleep(1.0)
+def kill_server(running: RunningServer, journals: Path, expected: Iterable[str]) -> None:
+    """SIGKILL the server and every worker at once, once every ``expected`` request id is in a journal under ``journals``.
+
+    Journals are written every FLUSH_S (0.2 s here) by each worker's writer thread, which a busy machine can hold
+    up for longer than any fixed sleep: this reads them until they hold every record, then kills.
+    """
+    wanted = set(expected)
+    wait_for(lambda: wanted <= set(read_payloads(journals).column("request_id").to_pylist()),
+             f"all {len(wanted)} records in the journals under {journals}", timeout=60,
+             detail=lambda: running.log()[-3000:])
     workers = psutil.Process(running.process.pid).children(recursive=True)
     for process in [psutil.Process(running.process.pid), *workers]:
         process.send_signal(signal.SIGKILL)
@@ -201,7 +210,7 @@ def test_sigkill_leaves_readable_files_with_everything_flushed(tmp_path: Path) -
     running = _server(tmp_path)
     with running:
         answers = _load(running.url, threads=4, per_thread=25)
-        kill_server(running)
+        kill_server(running, tmp_path / "payloads", answers)
     table = read_payloads(tmp_path / "payloads")
     assert set(table.column("request_id").to_pylist()) == set(answers)
     assert list((tmp_path / "payloads").glob(f"*/*{PARTIAL}"))  # nothing sealed them: recovered from journals

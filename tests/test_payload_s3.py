@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +22,7 @@ from serving.payload_log import PARTIAL, PayloadLogger, read_payloads
 from serving.payload_store import S3Upload, s3_filesystem
 from tests.serving_fixtures import free_port
 from tests.test_payload_log import _load, _record, _server, kill_server
+from tests.waiting import wait_for
 
 BUCKET = "fluxo-payloads"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
@@ -165,13 +165,12 @@ def test_a_server_logging_to_s3_sends_every_request_and_a_restart_sends_what_a_s
     killed = _server(tmp_path, **env)
     with killed:
         more = _load(killed.url, threads=4, per_thread=10)
-        kill_server(killed)
+        kill_server(killed, tmp_path / "spool", more)
     assert list((tmp_path / "spool").glob(f"*/*{PARTIAL}"))  # nothing reached the bucket
     assert set(read_payloads(s3).column("request_id").to_pylist()) == set(answers)
     with _server(tmp_path, **env):  # the next start seals the dead workers' journals and sends them
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not set(more) <= set(read_payloads(s3).column("request_id").to_pylist()):
-            time.sleep(0.5)
+        wait_for(lambda: set(more) <= set(read_payloads(s3).column("request_id").to_pylist()),
+                 "the dead workers' records in the bucket", timeout=60, interval=0.2)
     assert set(read_payloads(s3).column("request_id").to_pylist()) == set(answers) | set(more)
 
 

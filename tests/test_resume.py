@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from pipelines.train.checkpoint import load_checkpoint, load_latest_state
 from pipelines.train.lock import training_lock
 from pipelines.train.resume import resume_training
 from tests.conftest import SMOKE
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +42,27 @@ def _fluxo(project: Path, tmp_path: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def _still_running(process: subprocess.Popen) -> None:
+    """For a wait's condition: fail at once when the run ended before the state it waits for."""
+    if process.poll() is not None:
+        raise AssertionError(f"the run ended (exit {process.returncode}) before it could be interrupted:\n"
+                             f"{process.stdout.read()[-3000:]}")
+
+
+def _kill_mid_run(process: subprocess.Popen) -> None:
+    """SIGKILL a training run that is still training, as a machine losing power would.
+
+    Stopped first (SIGSTOP) and checked: had it finished in the moment since its state was seen, the kill
+    would test nothing. A stopped process cannot finish; SIGKILL ends it where it stands."""
+    process.send_signal(signal.SIGSTOP)
+    try:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+
+
 def _run_dirs(project: Path) -> set[Path]:
     return {d for d in (project / ".fluxo" / "checkpoints").glob("*") if d.is_dir()}
 
@@ -57,18 +78,16 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(project: Pat
     (reference_dir,) = _run_dirs(project)
 
     crashing = _fluxo(project, tmp_path)
-    deadline = time.monotonic() + 240
-    state_dir = None
-    while time.monotonic() < deadline:
+
+    def second_save() -> Path | None:
+        """The run's state folder once it holds two saves: the second, at step 8, is mid-epoch 1 (17 steps an epoch)."""
+        _still_running(crashing)
         new = _run_dirs(project) - {reference_dir}
-        if new and len(list((state_dir := next(iter(new)) / "state").glob("state-*.pt"))) >= 2:
-            # The second save at step 8 is in the middle of epoch 1 (17 steps per epoch).
-            break
-        time.sleep(0.05)
-    crashing.send_signal(signal.SIGKILL)
-    crashing.wait(timeout=30)
-    assert crashing.returncode == -signal.SIGKILL
-    assert state_dir is not None
+        state_dir = next(iter(new)) / "state" if new else None
+        return state_dir if state_dir is not None and len(list(state_dir.glob("state-*.pt"))) >= 2 else None
+
+    state_dir = wait_for(second_save, "two training-state saves", timeout=240, interval=0.01)
+    _kill_mid_run(crashing)
     run_id = state_dir.parent.name
     assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).info.status == "RUNNING"
 
@@ -123,13 +142,13 @@ def test_resume_is_refused_while_another_process_holds_the_run(project: Path, se
     ingest(project, settings.data)
     data_version = version(project, settings.data)
     crashing = _fluxo(project, tmp_path, "--set", "train.epochs=2")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and crashing.poll() is None and not list(_states(project)):
-        time.sleep(0.05)
-    crashing.send_signal(signal.SIGKILL)
-    crashing.wait(timeout=30)
-    assert crashing.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
-    run_dir = next(_states(project)).parents[1]
+
+    def first_save() -> list[Path]:
+        _still_running(crashing)
+        return list(_states(project))
+
+    run_dir = wait_for(first_save, "a training-state save", timeout=240, interval=0.01)[0].parents[1]
+    _kill_mid_run(crashing)
 
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), run_dir.name], stdout=subprocess.PIPE, text=True)
     try:

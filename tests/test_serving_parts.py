@@ -27,16 +27,13 @@ from tests.serving_fixtures import build_model_dir, digit_png, metadata_for, sam
 class Recorder:
     """A 'model' that doubles its input and remembers every batch size it ran, in its own thread."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self) -> None:
         self.sizes: list[int] = []
         self.threads: set[str] = set()
-        self.delay = delay
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         self.sizes.append(len(batch))
         self.threads.add(threading.current_thread().name)
-        if self.delay:
-            time.sleep(self.delay)
         return batch * 2.0
 
 
@@ -68,15 +65,46 @@ def test_a_request_larger_than_a_batch_runs_whole_and_alone() -> None:
     assert [len(a) for a in answers] == [10, 1] and model.sizes == [10, 1]
 
 
+class CostClock:
+    """The batcher's cost clock, moved by the 'models' below: each run costs what it says, on any machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_slow_runs_go_to_the_thread_and_fast_ones_stay_on_the_loop() -> None:
-    slow, fast = Recorder(delay=0.005), Recorder()
+    """The rule, not this machine's speed: runs measured above inline_below_ms go to the thread, others stay."""
+    clock = CostClock()
+
+    class Costing(Recorder):
+        def __init__(self, cost_s: float) -> None:
+            super().__init__()
+            self.cost_s = cost_s
+
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            clock.now += self.cost_s
+            return super().__call__(batch)
+
+    slow, fast = Costing(0.005), Costing(0.0001)  # 5 ms and 0.1 ms a run, against a 1 ms limit
     with ThreadPoolExecutor(1, thread_name_prefix="model") as executor:
         for model in (slow, fast):
-            batcher = Batcher(model, executor, max_batch_size=4, inline_below_ms=1.0)
+            batcher = Batcher(model, executor, max_batch_size=4, inline_below_ms=1.0, cost_clock=clock)
             for _ in range(3):
                 run_clients(batcher, [np.ones((1, 1))])
-    assert slow.threads == {t for t in slow.threads if t.startswith("model")}
+    assert len(slow.sizes) == 3 and all(t.startswith("model") for t in slow.threads), slow.threads
+    # The first run goes to the thread (nothing measured yet); once measured fast, the rest run inline.
     assert threading.main_thread().name in fast.threads, "measured-fast runs should run inline"
+
+
+async def _until(condition, what: str, timeout: float = 30.0) -> None:
+    """Yield to the loop until ``condition()`` holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
 
 
 def test_wait_gathers_company_for_an_idle_model() -> None:
@@ -84,11 +112,13 @@ def test_wait_gathers_company_for_an_idle_model() -> None:
 
     async def main(batcher: Batcher) -> None:
         first = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
-        await asyncio.sleep(0.01)
+        # The second arrives only once the batcher holds the first, waiting for company (a run of one without
+        # the wait). The wait is generous; the second fills the batch, which ends it at once.
+        await _until(lambda: batcher._arrived is not None, "the batcher to wait for company")
         await asyncio.gather(first, batcher.submit(np.ones((1, 1))))
 
     with ThreadPoolExecutor(1) as executor:
-        asyncio.run(main(Batcher(model, executor, max_batch_size=8, max_wait_ms=200)))
+        asyncio.run(main(Batcher(model, executor, max_batch_size=2, max_wait_ms=60_000)))
     assert model.sizes == [2]
 
 
@@ -111,22 +141,28 @@ def test_a_failing_run_fails_only_its_own_batch() -> None:
 
 
 def test_cancelled_requests_are_skipped() -> None:
-    model = Recorder(delay=0.05)
+    release = threading.Event()
+    model = Recorder()
+
+    def held(batch: np.ndarray) -> np.ndarray:
+        assert release.wait(60), "never released"  # the first run lasts until the test has queued the others
+        return model(batch)
 
     async def main(batcher: Batcher) -> np.ndarray:
         blocker = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
-        await asyncio.sleep(0.01)  # the first run is in progress: the next two queue
+        await _until(lambda: batcher.running == 1, "the first run to start")  # the next two queue behind it
         gone = asyncio.ensure_future(batcher.submit(np.ones((3, 1))))
         kept = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
         await asyncio.sleep(0)
         gone.cancel()
+        release.set()
         await blocker
         result = await kept
-        assert await batcher.wait_idle(1.0)
+        assert await batcher.wait_idle(30)
         return result
 
     with ThreadPoolExecutor(1) as executor:
-        batcher = Batcher(model, executor, max_batch_size=8, inline_below_ms=0)
+        batcher = Batcher(held, executor, max_batch_size=8, inline_below_ms=0)
         assert asyncio.run(main(batcher)).shape == (1, 1)
     assert model.sizes == [1, 1] and batcher.pending == 0
 

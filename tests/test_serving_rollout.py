@@ -13,7 +13,6 @@ import asyncio
 import math
 import random
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from tests.serving_fixtures import (
     sample_instances,
     scrape,
 )
+from tests.waiting import exceptions_of, raise_if_any_failed, wait_for
 
 MODEL = "fluxo"
 
@@ -249,9 +249,9 @@ def test_a_failing_challenger_is_counted_and_never_reaches_the_client(tmp_path: 
 
     async def run() -> httpx.Response:
         answer = await _post(app, "/predict", {"instances": batch.tolist()})
-        for _ in range(100):
-            if not server._shadow_tasks:
-                break
+        deadline = asyncio.get_running_loop().time() + 30  # the mirror runs after the answer: wait for it
+        while server._shadow_tasks:
+            assert asyncio.get_running_loop().time() < deadline, "the mirrored run never ended"
             await asyncio.sleep(0.01)
         return answer
 
@@ -270,28 +270,30 @@ def test_a_slow_challenger_delays_no_answer_and_its_backlog_is_capped(tmp_path: 
     app, server = _in_process(ServingConfig(model_dir=champion, provider="cpu", rollout="shadow",
                                             challenger_dir=challenger, max_concurrency=1))
     real = server.challenger.batcher._run
+    release = threading.Event()  # set once every answer is in: a mirror that held up an answer never sees it
+    held_up: list[bool] = []
 
     def slow(batch: np.ndarray) -> np.ndarray:
-        time.sleep(1.0)
+        held_up.append(not release.wait(30))
         return real(batch)
 
     server.challenger.batcher._run = slow
     batch = sample_instances(1, seed=2)
 
-    async def run() -> tuple[list[httpx.Response], float, int]:
+    async def run() -> tuple[list[httpx.Response], int]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fluxo") as client:
-            started = time.perf_counter()
-            answers = [await client.post("/predict", json={"instances": batch.tolist()})]  # its mirror: 1 s
+            answers = [await client.post("/predict", json={"instances": batch.tolist()})]  # its mirror: held
             for _ in range(5):  # one at a time: FLUXO_MAX_CONCURRENCY=1 also admits one request at a time
                 answers.append(await client.post("/predict", json={"instances": batch.tolist()}))
-            elapsed = time.perf_counter() - started
         in_flight = server.shadow_book.in_flight
-        await server.drain(timeout=10)
-        return answers, elapsed, in_flight
+        release.set()
+        await server.drain(timeout=30)
+        return answers, in_flight
 
-    answers, elapsed, in_flight = asyncio.run(run())
+    answers, in_flight = asyncio.run(run())
     assert all(a.status_code == 200 and a.headers["x-fluxo-variant"] == "champion" for a in answers)
-    assert elapsed < 0.8, f"answers waited for the challenger ({elapsed:.2f} s)"
+    # The first mirror was still held when all six answers were in: no answer waited for the challenger.
+    assert held_up == [False], "an answer waited for the challenger's mirror"
     assert in_flight == 1 and server.shadow_book.skipped == 5  # the cap is FLUXO_MAX_CONCURRENCY
     assert server.shadow_book.in_flight == 0 and not server._shadow_tasks  # drained
 
@@ -366,16 +368,17 @@ def metrics(url: str) -> str:
 
 def wait_for_challenger(url: str, version: str | None, timeout: float = 30.0) -> None:
     """Until every worker reports ``version`` as its challenger (ten /metadata answers in a row)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = set()
+    seen: set[str | None] = set()
+
+    def every_worker_has_it() -> bool:
+        seen.clear()
         for _ in range(10):
             challenger = httpx.get(f"{url}/metadata", timeout=10).json()["rollout"]["challenger"]
             seen.add(challenger["model_version"] if challenger else None)
-        if seen == {version}:
-            return
-        assert time.monotonic() < deadline, f"challenger versions {seen}, waiting for {version}"
-        time.sleep(0.1)
+        return seen == {version}
+
+    wait_for(every_worker_has_it, f"challenger version {version} on every worker", timeout=timeout,
+             detail=lambda: f"challenger versions {seen}")
 
 
 class TestShadow:
@@ -429,9 +432,7 @@ class TestShadow:
         def delta(name: str, **labels: str) -> float:
             return metric_value(metrics(running.url), name, **labels) - metric_value(before, name, **labels)
 
-        deadline = time.monotonic() + 20
-        while delta("fluxo_shadow_comparisons_total") < self.N and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: delta("fluxo_shadow_comparisons_total") >= self.N, "every shadow comparison", timeout=60)
         assert delta("fluxo_shadow_comparisons_total") == self.N
         assert delta("fluxo_shadow_comparisons_total", outcome="agree") == expected_agree
         assert delta("fluxo_shadow_comparisons_total", outcome="disagree") == self.N - expected_agree
@@ -516,33 +517,50 @@ class TestCanary:
         pool = sample_instances(16, seed=23)
         to_challenger = next(f"k{i}" for i in range(1000) if key_fraction(f"k{i}") < self.SHARE)
         stop = threading.Event()
-        answers: list[tuple[int, httpx.Response]] = []
+        clients = 4
+        sent = [0] * clients
+        answers: list[tuple[int, int, httpx.Response]] = []  # (client, row, response)
 
         def client(index: int) -> None:
-            headers = {"X-Request-Key": to_challenger} if index % 2 else {}
+            headers = {"X-Request-Key": to_challenger} if index % 2 else {}  # odd clients: always the challenger
             with httpx.Client(timeout=30) as http:
                 i = index
                 while not stop.is_set():
-                    answers.append((i % 16, ask(http, running.url, pool[i % 16], i % 3, headers)))
+                    sent[index] += 1
+                    answers.append((index, i % 16, ask(http, running.url, pool[i % 16], i % 3, headers)))
                     i += 1
 
-        with ThreadPoolExecutor(4) as executor:
-            for k in range(4):
-                executor.submit(client, k)
-            time.sleep(0.5)
-            publish(models.root, models.third)
-            deadline = time.monotonic() + 30
-            while not any(r.status_code == 200 and r.json()["model_version"] == "3" for _, r in answers[-50:]):
-                assert time.monotonic() < deadline, "the new challenger was not picked up within 30 s"
-                time.sleep(0.05)
-            time.sleep(0.5)
-            stop.set()
+        def answered(index: int, variant: str, version: str) -> bool:
+            return any(c == index and r.status_code == 200 and answer_of(r)[:2] == (variant, version)
+                       for c, _, r in list(answers))
 
-        assert all(r.status_code == 200 for _, r in answers), [r.text for _, r in answers if r.status_code != 200][:3]
-        versions = {answer_of(r)[:2] for _, r in answers}
+        def each(condition):
+            def check() -> bool:
+                raise_if_any_failed(futures)
+                return condition()
+            return check
+
+        with ThreadPoolExecutor(clients) as executor:
+            futures = [executor.submit(client, k) for k in range(clients)]
+            try:
+                wait_for(each(lambda: all(answered(k, "challenger", "2") for k in (1, 3))
+                              and any(answered(k, "champion", "1") for k in (0, 2))),
+                         "answers from the champion and the first challenger", timeout=60)
+                publish(models.root, models.third)
+                # Traffic keeps flowing through the reload until every challenger-bound client has the new one.
+                wait_for(each(lambda: all(answered(k, "challenger", "3") for k in (1, 3))),
+                         "the new challenger to answer every client sent to it", timeout=60,
+                         detail=lambda: running.log()[-3000:])
+            finally:
+                stop.set()
+        errors = exceptions_of(futures)
+        assert not errors, errors  # no client died: a reset connection is a dropped request
+        assert [sum(1 for c, *_ in answers if c == k) for k in range(clients)] == sent  # each request answered
+        assert all(r.status_code == 200 for *_, r in answers), [r.text for *_, r in answers if r.status_code != 200][:3]
+        versions = {answer_of(r)[:2] for *_, r in answers}
         assert versions <= {("champion", "1"), ("challenger", "2"), ("challenger", "3")}
         assert {("champion", "1"), ("challenger", "2"), ("challenger", "3")} <= versions
-        for row, response in answers:
+        for _, row, response in answers:
             _, version, probabilities = answer_of(response)
             np.testing.assert_allclose(probabilities[0], models.reference(version, pool[row : row + 1])[0], atol=1e-5)
         wait_for_challenger(running.url, "3")

@@ -79,18 +79,28 @@ def test_study_records_each_trial_as_a_nested_run_and_writes_a_runnable_best_pre
         assert len(MlflowClient().get_metric_history(child.info.run_id, "val_loss")) == 2  # one per epoch
         assert "test_accuracy" in child.data.metrics
 
+    # The expectation, computed from what each trial's own run logged: its lowest val_loss over its epochs.
+    lowest = {c.info.run_id: min(m.value for m in MlflowClient().get_metric_history(c.info.run_id, "val_loss"))
+              for c in children}
+    winner = min(lowest, key=lowest.get)
+    winning = next(c for c in children if c.info.run_id == winner)
+    assert len(set(lowest.values())) == 3  # distinct trials, so the winner is one run
     parent = mlflow.get_run(result.parent_run_id)
     assert parent.data.tags["fluxo.tune.role"] == "study"
-    assert parent.data.metrics["best_val_loss"] == pytest.approx(result.best_value)
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(lowest[winner], rel=1e-6)
+    assert result.best_value == pytest.approx(lowest[winner], rel=1e-6) and result.best_run_id == winner
     assert parent.data.metrics["trials_complete"] == 3
-    assert float(parent.data.params["best.train.learning_rate"]) == pytest.approx(result.best_params["train.learning_rate"])
+    assert float(parent.data.params["best.train.learning_rate"]) == pytest.approx(
+        float(winning.data.params["train.learning_rate"]))
+    assert result.best_params == {"train.learning_rate": pytest.approx(float(winning.data.params["train.learning_rate"])),
+                                  "model.params.channels": int(winning.data.params["tune.model.params.channels"])}
     artifacts = {a.path for a in MlflowClient().list_artifacts(result.parent_run_id, "tune")}
     assert {"tune/trials.csv", "tune/trials.json", "tune/best_preset.yaml"} <= artifacts
     assert [a.path for a in MlflowClient().list_artifacts(result.parent_run_id, "plots")] == [
         "plots/optimization_history.png"
     ]
-    best_row = min(result.trials, key=lambda row: row["value"])
-    assert best_row["value"] == pytest.approx(result.best_value) and best_row["run_id"] == result.best_run_id
+    assert {row["run_id"]: row["value"] for row in result.trials} == pytest.approx(lowest, rel=1e-6)
+    assert {row["run_id"]: row["state"] for row in result.trials} == dict.fromkeys(lowest, "complete")
 
     assert result.best_settings.model.params["channels"] == result.best_params["model.params.channels"]
     assert result.best_settings.train.learning_rate == result.best_params["train.learning_rate"]

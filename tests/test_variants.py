@@ -9,6 +9,7 @@ the in-process ``OnnxModel(variant="int8")``'s, and fp32's those of fp32.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -174,18 +175,40 @@ def test_fp16_keeps_the_float32_contract_and_goes_through_the_same_gate(digits, 
     """Built and timed here on the CPU by posing it as the CUDA provider: the path a GPU machine takes."""
     root, _, _ = digits
     _, exported, _ = kept
-    (tmp_path / "model.onnx").write_bytes((exported.export_dir / "model.onnx").read_bytes())
+    dataset = read_dataset(root / "data")
     monkeypatch.setattr(variants, "CUDA", CPU)
-    decisions = variants.build_variants(tmp_path, read_dataset(root / "data"),
-                                        ExportSettings(variants=["fp16"], min_speedup=0, max_accuracy_drop=100),
-                                        providers=[CPU], budget_s=0.1)
-    fp16 = decisions["fp16"]
-    assert fp16.kept and fp16.file == "model.fp16.onnx" and fp16.max_abs_diff < 0.05
-    session = ort.InferenceSession(str(tmp_path / "model.fp16.onnx"), providers=[CPU])
+    # The default accuracy limit, which refuses a graph that loses more than half a point; no speed limit,
+    # since a CPU only emulates fp16 (the speed leg of the gate refuses below).
+    accurate = ExportSettings(variants=["fp16"], min_speedup=0, max_accuracy_drop=0.5)
+    for directory in (tmp_path / "accurate", tmp_path / "fast"):
+        directory.mkdir()
+        (directory / "model.onnx").write_bytes((exported.export_dir / "model.onnx").read_bytes())
+    fp16 = variants.build_variants(tmp_path / "accurate", dataset, accurate, providers=[CPU], budget_s=0.1)["fp16"]
+
+    # The drop, scored here: fp32's and the kept fp16 graph's test accuracy, straight from onnxruntime.
+    test_x, test_y = np.asarray(dataset.splits["test"].x, dtype=np.float32), np.asarray(dataset.splits["test"].y)
+
+    def accuracy(path: Path) -> float:
+        session = ort.InferenceSession(str(path), providers=[CPU])
+        return float((session.run(None, {"input": test_x})[0].argmax(1) == test_y).mean())
+
+    assert fp16.kept, fp16.reason
+    drop = (accuracy(tmp_path / "accurate" / "model.onnx") - accuracy(tmp_path / "accurate" / "model.fp16.onnx")) * 100
+    assert fp16.accuracy_drop == pytest.approx(drop, abs=1e-3) and drop <= 0.5  # what keeping it implies
+    assert "export.max_accuracy_drop 0.5" in fp16.reason
+    assert fp16.file == "model.fp16.onnx" and fp16.max_abs_diff < 0.05
+    session = ort.InferenceSession(str(tmp_path / "accurate" / "model.fp16.onnx"), providers=[CPU])
     assert [i.type for i in session.get_inputs()] == ["tensor(float)"]
     assert [o.type for o in session.get_outputs()] == ["tensor(float)"]
-    weights = onnx.load(str(tmp_path / "model.fp16.onnx")).graph.initializer
+    weights = onnx.load(str(tmp_path / "accurate" / "model.fp16.onnx")).graph.initializer
     assert any(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+
+    # The same graph against a speed limit no CPU reaches: refused on its measured speedup, and not written.
+    fast = ExportSettings(variants=["fp16"], min_speedup=1000, max_accuracy_drop=0.5)
+    slow = variants.build_variants(tmp_path / "fast", dataset, fast, providers=[CPU], budget_s=0.1)["fp16"]
+    assert slow.speedup < 1000 and not slow.kept
+    assert re.fullmatch(rf"speedup [0-9.]+x at batch 32 is below export.min_speedup 1000x \(on {CPU}\)", slow.reason)
+    assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["model.onnx"]
 
 
 def test_each_variant_served_over_http_answers_as_it_does_in_process(digits, kept, tmp_path: Path) -> None:
