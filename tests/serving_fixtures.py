@@ -217,16 +217,8 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 def scrape(url: str) -> str:
-    """``GET /metrics`` once every worker has written its tally of the requests so far.
-
-    Request and batch counts are summed in memory and written out at most ``FLUSH_S``
-    after a request (serving/metrics.py): a scrape right after a request may not see it yet.
-    """
-    import time
-
+    """``GET /metrics``: the worker answering it has every worker write its tally first (serving/metrics.py),
+    so every request answered before the scrape is in it."""
     import httpx
 
-    from serving.metrics import FLUSH_S
-
-    time.sleep(FLUSH_S + 0.15)
     return httpx.get(f"{url}/metrics", timeout=10).text

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from tests import waiting
 from tests.conftest import REPO
 
 FLUXO = Path(sys.executable).with_name("fluxo")
@@ -65,19 +66,17 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def wait_for(condition, what: str, timeout: float = 120.0, process: subprocess.Popen | None = None):
-    """Poll ``condition`` until it returns something truthy; a server that died ends the wait at once."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """:func:`tests.waiting.wait_for` for a server's answers: a refused connection is "not yet", and a
+    server that exited ends the wait at once."""
+    def checked():
         if process is not None and process.poll() is not None:
             raise AssertionError(f"the process exited with {process.returncode} while waiting for {what}")
         try:
-            value = condition()
+            return condition()
         except (httpx.TransportError, OSError, ValueError):
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} within {timeout:.0f} s")
+            return None
+
+    return waiting.wait_for(checked, what, timeout, interval=0.2)
 
 
 def stop(process: subprocess.Popen) -> int:
