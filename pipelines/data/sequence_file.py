@@ -88,9 +88,63 @@ def _table(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.nda
         return x, lengths, targets
     text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if text:
-        raise FluxoError(f"{path}: non-numeric feature columns {', '.join(map(str, text[:10]))}; every step must be a number")
+        raise FluxoError(_not_numbers(path, frame, text, settings.label_column))
     x, lengths = _from_rows(frame.to_numpy(dtype=np.float64))
     return x, lengths, targets
+
+
+def _not_numbers(path: Path, frame: Any, columns: list[Any], label: str) -> str:
+    """The message for step cells that are not numbers: the first one by file order, its line,
+    column and value, how many more there are, and the fix.
+
+    A user fixes a file cell by cell, so the column name alone (a column of 10,000 rows with
+    one typo) is not enough to find it.
+    """
+    import pandas as pd
+
+    first: tuple[int, int, Any] | None = None  # (row position, column position, column)
+    bad_cells = 0
+    all_text: dict[Any, bool] = {}
+    for position, column in enumerate(columns):
+        values = frame[column]
+        bad = (values.notna() & pd.to_numeric(values, errors="coerce").isna()).to_numpy()
+        bad_cells += int(bad.sum())
+        all_text[column] = bool(bad.sum() == values.notna().sum())
+        rows = np.flatnonzero(bad)
+        if len(rows) and (first is None or (rows[0], position) < first[:2]):
+            first = (int(rows[0]), position, column)
+    assert first is not None  # a column is only non-numeric when some cell is not a number
+    row, _, column = first
+    value = frame[column].iloc[row]
+    lines = _csv_lines(path, len(frame)) if path.suffix.lower() == ".csv" else None
+    where = f"line {lines[row]}" if lines is not None else f"row {row + 1}"
+    others = bad_cells - 1
+    more = f" ({others} more {'cell is' if others == 1 else 'cells are'} not a number either)" if others else ""
+    if all_text[column]:
+        fix = (f"no value of {str(column)!r} is a number: remove that column from the file, or set "
+               f"data.sequence.label_column={column} if it holds the targets (now {label!r})")
+    else:
+        fix = ("every step must be a number: correct the cell, or empty it (empty cells at a row's end are "
+               "padding; an empty cell inside a row is NaN, which data.validation.non_finite=skip drops with its row)")
+    return f"{path}, {where}, column {str(column)!r}: {str(value)!r} is not a number{more}; {fix}"
+
+
+def _csv_lines(path: Path, rows: int) -> list[int] | None:
+    """The 1-based file line each data row starts on, counted as pandas reads rows (header first,
+    blank lines skipped); None when the file cannot be matched row for row."""
+    import csv
+
+    starts, previous = [], 0
+    try:
+        with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+            reader = csv.reader(handle)
+            for record in reader:
+                if record:
+                    starts.append(previous + 1)
+                previous = reader.line_num
+    except (OSError, csv.Error):
+        return None
+    return starts[1:] if len(starts) - 1 == rows else None
 
 
 _CONVENTIONAL_LABELS = ("label", "labels", "target", "y", "class")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -87,11 +87,50 @@ class DataSettings(_Section):
 
 
 class ModelSettings(_Section):
-    """Which registered architecture to build, and its constructor arguments."""
+    """Which registered architecture to build, and its constructor arguments.
 
-    name: str = Field("cnn2d", description="Model name in the models registry (`fluxo models`), or auto: race a "
-                      "portfolio of them on the validation split and train the winner (auto.*).")
+    Left unset, the model is chosen when training starts, from what the data turned out to
+    be (``default_for``): no single model suits 8×8 digits, 28×28 scans and sequences alike,
+    and an image folder's size is only known once it is ingested.
+    """
+
+    # The models trained when name is unset: per size class, the one whose worst shortfall against
+    # the best model of each dataset measured is smallest (bench/image_default.py, default training
+    # settings, 3 seeds; bench/results/image_default.json). On 8×8 digits cnn2d is best. From 28×28
+    # up, each cnn2d feature sees a 10×10-pixel patch before global pooling: it fell to 0.56 on a
+    # 90-image folder and 0.79 at 64×64, resnet_small to 0.83 on that folder; lenet stays within 3.7
+    # points of the best on every folder (resnet_small is 1-2.5 points better on 1,000+ images, at
+    # 4-65× lenet's training time on a CPU). For sequences, and CSV tables read as sequences,
+    # resnet1d: 0.98 on MNIST-1D where cnn1d reaches 0.65 and the GRU 0.54 at these settings.
+    SMALL_IMAGE_SIDE: ClassVar[int] = 16
+    SMALL_IMAGE_MODEL: ClassVar[str] = "cnn2d"
+    IMAGE_MODEL: ClassVar[str] = "lenet"
+    SEQUENCE_MODEL: ClassVar[str] = "resnet1d"
+
+    name: str | None = Field(
+        None,
+        description="Model name in the models registry (`fluxo models`), or auto: race a portfolio of them on the "
+        "validation split and train the winner (auto.*). Unset: chosen from the ingested data when training "
+        f"starts: {SMALL_IMAGE_MODEL} for images under {SMALL_IMAGE_SIDE} pixels a side, {IMAGE_MODEL} for larger "
+        f"ones, {SEQUENCE_MODEL} for sequences; the run logs the choice and records it as its model.name.",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model builder.")
+
+    @classmethod
+    def default_for(cls, kind: str, input_shape: tuple[int, ...]) -> tuple[str, str]:
+        """The model trained when ``name`` is unset, and why, in words for the log and the run.
+
+        ``kind`` and ``input_shape`` are the ingested dataset's ((C, H, W) for images, (C, L)
+        for sequences): the size a model sees is known only after ingest.
+        """
+        if kind == "image":
+            shape = "x".join(str(s) for s in input_shape[-2:])
+            if min(input_shape[-2:]) < cls.SMALL_IMAGE_SIDE:
+                return cls.SMALL_IMAGE_MODEL, f"{shape} images (under {cls.SMALL_IMAGE_SIDE} pixels a side)"
+            return cls.IMAGE_MODEL, f"{shape} images ({cls.SMALL_IMAGE_SIDE} pixels a side or more)"
+        if kind == "sequence":
+            return cls.SEQUENCE_MODEL, f"sequences of {input_shape[-1]} steps"
+        raise FluxoError(f"no default model for {kind} data; set model.name (see `fluxo models`)")
 
 
 class TrainSettings(_Section):

@@ -17,7 +17,7 @@ import torch
 
 from models import MODEL_REGISTRY, build_model
 from models.preprocess import Standardized
-from pipelines.settings import FluxoSettings
+from pipelines.settings import FluxoSettings, ModelSettings
 from pipelines.settings.auto import AUTO
 from pipelines.data.augment import augmentation_grid, build_augmenter
 from pipelines.data.store import Dataset, Split, read_dataset, read_validation
@@ -39,6 +39,8 @@ from pipelines.train.metrics import (
 from pipelines.train.tracker import MLflowTracker, NullTracker, PrefixedTracker, Tracker
 
 log = logging.getLogger(__name__)
+# Set on a run whose model.name was chosen from the data (resolve_model), saying why.
+MODEL_CHOICE_TAG = "fluxo.model.default"
 
 
 @dataclass
@@ -163,6 +165,44 @@ def split_statistics(split: Split, chunk: int = 65_536) -> tuple[float, float]:
     return mean, float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 0.0)))
 
 
+def resolve_model(settings: FluxoSettings, dataset: Dataset) -> tuple[FluxoSettings, str | None]:
+    """``settings`` with ``model.name`` filled in from the data when the user left it unset, and why.
+
+    A name set anywhere (a preset, ``--set``, the environment) is kept as it is. Only an unset
+    one is chosen here, at train time, because only the ingested dataset says what the model
+    will see (an image folder's size is ``data.image.size``, a sequence's length the file's).
+    The reason is ``None`` when nothing was chosen; the choice is logged once, here.
+    """
+    if settings.model.name is not None:
+        return settings, None
+    name, why = ModelSettings.default_for(dataset.kind, tuple(dataset.input_shape))
+    reason = f"default for {why}"
+    _check_params_fit_default(name, reason, settings.model.params, dataset.kind)
+    log.info("model.name is unset: training %s, the %s; set model.name to choose another (`fluxo models`)",
+             name, reason)
+    model = settings.model.model_copy(update={"name": name})
+    return settings.model_copy(update={"model": model}), reason
+
+
+def _check_params_fit_default(name: str, reason: str, params: dict[str, Any], kind: str) -> None:
+    """model.params given without model.name were meant for some model: say which ones take them.
+
+    Without this the builder's TypeError would blame a model the user never named.
+    """
+    takes = MODEL_REGISTRY[name].parameters()
+    unknown = sorted(set(params) - set(takes)) if takes is not None else []
+    if not unknown:
+        return
+    fitting = [m for m, spec in sorted(MODEL_REGISTRY.items()) if spec.input_kind in (kind, "any")
+               and ((args := spec.parameters()) is None or set(params) <= set(args))]
+    hint = f"--set model.name={fitting[0]}" if fitting else "set model.name (`fluxo models`)"
+    raise FluxoError(
+        f"model.params {', '.join(unknown)} are not arguments of {name}, the {reason}, because model.name is "
+        f"unset; name the model they are for: {hint}"
+        + (f" (models that take them: {', '.join(fitting)})" if len(fitting) > 1 else "")
+    )
+
+
 def _check_model_fits_data(name: str, dataset: Dataset) -> None:
     if name not in MODEL_REGISTRY:
         raise FluxoError(f"model.name={name!r} is not registered; choose one of {', '.join(sorted(MODEL_REGISTRY))}")
@@ -213,6 +253,9 @@ def train_and_evaluate(
     """
     tracker = tracker or MLflowTracker()
     dataset = dataset or read_dataset(Path(root) / settings.data.data_dir)
+    settings, chosen = resolve_model(settings, dataset)
+    if chosen is not None:
+        tracker.set_tags({MODEL_CHOICE_TAG: chosen})
     _check_model_fits_data(settings.model.name, dataset)
     seed_everything(settings.train.seed)
     device = resolve_device(settings.train.device)
@@ -384,6 +427,7 @@ def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> Tra
     from pipelines.tracking import configure_mlflow
 
     dataset = read_dataset(Path(root) / settings.data.data_dir)
+    settings, chosen = resolve_model(settings, dataset)
     search = None
     if settings.model.name == AUTO:  # race a portfolio first (pipelines/train/auto.py); the winner trains here
         from pipelines.train.auto import choose
@@ -420,6 +464,8 @@ def train(root: Path, settings: FluxoSettings, data_version: DataVersion) -> Tra
             mlflow.set_tags({"world_size": str(ranks.world), REGISTERED_MODEL_TAG: registered})
             if search is not None:
                 mlflow.set_tags({"fluxo.auto.search": search})
+            if chosen is not None:
+                mlflow.set_tags({MODEL_CHOICE_TAG: chosen})
             # Held while training, so a `--resume` of this run from another process is refused.
             with training_lock(Path(root) / settings.train.checkpoint_dir / run.info.run_id, run.info.run_id):
                 _, test_metrics, checkpoint, result = train_and_evaluate(

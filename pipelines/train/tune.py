@@ -270,6 +270,7 @@ def tune(
 
     from pipelines.data.store import read_dataset
     from pipelines.tracking import configure_mlflow
+    from pipelines.train.run import resolve_model
 
     root = Path(root)
     validate_space(settings, tune_settings)
@@ -280,7 +281,11 @@ def tune(
             tune_settings.metric, settings.train.monitor, settings.train.monitor,
             tune_settings.metric, tune_settings.metric,
         )
-    dataset_name = read_dataset(root / settings.data.data_dir).manifest["name"]
+    dataset = read_dataset(root / settings.data.data_dir)
+    dataset_name = dataset.manifest["name"]
+    settings, chosen = resolve_model(settings, dataset)  # an unset model.name: chosen once, for every trial
+    if chosen is not None:
+        validate_space(settings, tune_settings)  # model.params.* against the model now known
     configure_mlflow(root, settings)
     # Optuna narrates every trial through its own handler; fluxo logs one line per trial itself.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
