@@ -93,3 +93,15 @@ def test_every_command_the_readme_shows_runs_as_pasted_in_a_fresh_clone(tmp_path
     except AssertionError as error:
         pytest.fail(f"{error}\n--- the last of {log} ---\n{log.read_text(errors='replace')[-6000:]}")
     print("\n".join(f"not run: {line}" for line in skipped))
+
+
+def test_make_run_and_serve_take_the_port_the_readme_names() -> None:
+    """`make run PORT=3001` (the README) serves on 3001; without PORT the setting's default stays."""
+    for target in ("run", "serve"):
+        chosen = subprocess.run(["make", "-n", target, "PORT=3001"], cwd=README.parent, capture_output=True,
+                                text=True, check=True).stdout
+        plain = subprocess.run(["make", "-n", target], cwd=README.parent, capture_output=True, text=True,
+                               check=True).stdout
+        command = [line for line in chosen.splitlines() if "fluxo " in line]
+        assert command and command[-1].endswith("--set serve.port=3001"), chosen
+        assert "serve.port" not in plain, plain
