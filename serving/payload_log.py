@@ -72,6 +72,9 @@ class PayloadLogger:
                  queue_size: int = 10_000, flush_records: int = 1000, flush_s: float = 1.0,
                  start: bool = True, upload: S3Upload | None = None) -> None:
         self.directory = Path(directory)
+        # Made now, not with the first file: `fluxo monitor` tells a log with nothing in it yet from a
+        # wrong path by the folder being there, and a folder the server cannot write fails at start.
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.upload = upload
         self.sample = sample
         self.rotate_bytes = int(rotate_mb * 1024 * 1024)
