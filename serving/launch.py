@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 SERVICE_IMPORT = "serving.service:Fluxo"
 # The directory that holds the ``serving`` package: BentoML imports the service from here.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PARENT_ENV = "FLUXO_SERVER_PARENT"
+"""The pid of the process that started the server: the server stops once it is gone (:func:`_stop_when_orphaned`)."""
 METRICS_DIR_ENV = "FLUXO_PROMETHEUS_DIR"
 """The server's own Prometheus folder, from :func:`start_server` to :func:`_bentoml` (see the module docstring)."""
 STOP_TIMEOUT_S = 15.0
@@ -230,6 +232,7 @@ def start_server(
     # Short and under the system's temporary folder: the workers' Unix sockets live in it too (serving/metrics.py).
     metrics_dir = Path(tempfile.mkdtemp(prefix="fluxo-metrics-"))
     server_env[METRICS_DIR_ENV] = str(metrics_dir)
+    server_env[PARENT_ENV] = str(os.getpid())
     logger.info("starting %s (Prometheus files in %s)", " ".join(command), metrics_dir)
     try:
         return ServerProcess(
@@ -300,6 +303,27 @@ def stop_server(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_
         shutil.rmtree(process.metrics_dir, ignore_errors=True)  # the server removes it itself, unless it was killed
 
 
+def _stop_when_orphaned(parent: int, every_s: float = 1.0) -> None:
+    """SIGTERM this server once the process that started it is gone.
+
+    The server runs in a session of its own (a Ctrl-C must reach only `fluxo serve`, which then
+    drains it), so when `fluxo serve` is killed outright (SIGKILL, the OOM killer) no signal
+    reaches the server, and it kept answering and holding the port with nobody to stop it. A
+    thread watching the parent pid is used rather than PR_SET_PDEATHSIG, which fires when the
+    *thread* that started the server ends, not the process.
+    """
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        logger.warning("the process that started this server (pid %d) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="fluxo-orphan-watch", daemon=True).start()
+
+
 def _bentoml(argv: list[str]) -> None:
     """BentoML's command line in this process, with the Prometheus folder ``METRICS_DIR_ENV`` names.
 
@@ -307,6 +331,9 @@ def _bentoml(argv: list[str]) -> None:
     it to every worker as ``PROMETHEUS_MULTIPROC_DIR`` (the module docstring says why this way).
     Without the variable it is plain ``bentoml``. The folder is removed when the server exits.
     """
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        _stop_when_orphaned(int(parent))
     folder = os.environ.get(METRICS_DIR_ENV)
     if folder:
         from bentoml._internal.configuration.containers import BentoMLContainer

@@ -164,8 +164,12 @@ def walk(project: Path, log: Path, env: dict[str, str] | None = None) -> list[st
             _ctrl_c(*server)
             server = None
     finally:
-        if server is not None and server[0].poll() is None:
-            os.killpg(server[0].pid, signal.SIGKILL)
+        if server is not None and server[0].poll() is None:  # a step failed: stop it as a user would, then kill
+            os.killpg(server[0].pid, signal.SIGINT)
+            try:
+                server[0].wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(server[0].pid, signal.SIGKILL)
     return skipped
 
 

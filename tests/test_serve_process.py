@@ -184,6 +184,21 @@ def test_ctrl_c_then_more_signals_while_draining_exit_0_without_a_traceback(
         httpx.get(f"{server.url}/readyz", timeout=5)  # nothing holds the port
 
 
+def test_a_server_whose_fluxo_serve_is_killed_outright_stops_and_frees_the_port(
+    project: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL (or the OOM killer) gives `fluxo serve` no chance to stop its server, which runs in a
+    session of its own: it used to keep answering and holding the port with nobody to stop it."""
+    with served(project, model_dir, tmp_path / "serve.log") as server:
+        assert _predict(server.url) == 200
+        server.process.kill()
+        server.process.wait(30)
+        _, alive = psutil.wait_procs(server.descendants, timeout=60)
+        assert not alive, f"left running after `fluxo serve` was killed: {[p.cmdline() for p in alive]}"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/readyz", timeout=5)
+
+
 def _fluxo_error(*args: str) -> str:
     result = subprocess.run([str(FLUXO), *args], capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
