@@ -142,7 +142,7 @@ def materialize_model(root: Path, settings: FluxoSettings, model: str | None, na
     uri = model or champion_uri(name, settings.tracking.champion_alias)
     name, version, alias = _resolve(MlflowClient(), uri, explicit=model is not None)
     served = materialize_version(root, settings, name, str(version.version), alias)
-    log.info("serving %s v%s from %s", name, version.version, served.path)
+    log.info("%s v%s: model directory %s", name, version.version, served.path)
     return served
 
 
