@@ -287,3 +287,49 @@ def test_an_unknown_run_id_is_one_clear_line(project: Path, trained, settings_fo
     settings, _, _ = trained
     with pytest.raises(FluxoError, match=r"--run-id deadbeef: no such run .* omit --run-id"):
         export_run(project, settings, "deadbeef")
+
+
+def test_two_runs_gated_against_the_same_champion_do_not_both_take_it(project: Path, trained, settings_for) -> None:
+    """Compare-and-set: run A and run B both pass the gate against "no champion"; A promotes first,
+    so B's promotion scores B again against A and takes the champion only if it beats A."""
+    from pipelines.export.package import export_model
+    from pipelines.export.step import gate_step, promote_step, register_step
+
+    settings, data_version, strong = trained
+    weak_settings = settings_for("train.epochs=1", "model.params={channels: 1, dropout: 0.0}")
+    weak = train(project, weak_settings, data_version)
+    exported_strong, exported_weak = export_model(project, settings, strong.run_id), export_model(
+        project, weak_settings, weak.run_id)
+    registered_strong = register_step(project, settings, exported_strong)
+    registered_weak = register_step(project, weak_settings, exported_weak)
+    gate_weak = gate_step(project, weak_settings, exported_weak, registered_weak)  # both gated now: no champion yet
+    gate_strong = gate_step(project, settings, exported_strong, registered_strong)
+    assert gate_weak.promoted and gate_strong.promoted and gate_weak.champion is None is gate_strong.champion
+    assert gate_strong.value > gate_weak.value  # the race below only means something if A beats B
+
+    first = promote_step(project, settings, exported_strong, registered_strong, gate_strong)
+    second = promote_step(project, weak_settings, exported_weak, registered_weak, gate_weak)  # its gate is stale
+
+    client = MlflowClient()
+    assert first.promoted and first.champion_version is None
+    assert not second.promoted and second.champion_version == registered_strong.version
+    assert second.champion_value == pytest.approx(gate_strong.value)  # re-scored against A, not "no champion"
+    assert str(client.get_model_version_by_alias("fluxo-digits", "champion").version) == registered_strong.version
+    assert str(client.get_model_version_by_alias("fluxo-digits", "challenger").version) == registered_weak.version
+    assert json.loads(client.get_model_version("fluxo-digits", registered_weak.version).tags["fluxo.gate"])["promoted"] is False
+
+
+def test_promotion_without_a_regate_refuses_a_stale_gate(project: Path, trained, settings_for) -> None:
+    from pipelines.export.package import export_model
+    from pipelines.export.registry import promote
+    from pipelines.export.step import gate_step, register_step
+
+    settings, data_version, first_run = trained
+    exported = export_model(project, settings, first_run.run_id)
+    registered = register_step(project, settings, exported)
+    stale = gate_step(project, settings, exported, registered)
+    other = train(project, settings_for("train.epochs=1"), data_version)
+    export_run(project, settings, other.run_id)  # v2 takes the champion first
+    with pytest.raises(FluxoError, match=r"the champion moved to v2 after v1 was gated against no champion"):
+        promote(MlflowClient(), registered, exported.metadata, stale, "champion", "challenger")
+    assert str(MlflowClient().get_model_version_by_alias("fluxo-digits", "champion").version) == "2"

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipelines.errors import FluxoError
 from serving.contract import (
@@ -189,19 +189,44 @@ def drop_alias_if_held(client: Any, name: str, alias: str, version: str) -> None
         client.delete_registered_model_alias(name, alias)
 
 
+REGATE_ATTEMPTS = 3
+
+
+def _compared_with(gate: Any) -> str | None:
+    return None if gate.champion is None else str(gate.champion.version)
+
+
 def promote(
     client: Any, registered: RegisteredVersion, metadata: ModelMetadata, gate: Any, champion_alias: str,
-    challenger_alias: str,
+    challenger_alias: str, regate: Callable[[], Any] | None = None,
 ) -> PromotionDecision:
     """Give the version the alias the gate decided: champion, else challenger; record why on both versions.
 
     ``gate`` is the :class:`pipelines.export.gate.GateDecision` for this version against the
-    current champion. Safe to repeat: a version that already holds the alias keeps it.
+    champion of the moment it scored. Compare-and-set: the champion alias moves only while it
+    still points at the version the gate compared against. When another run promoted in between
+    (two pipelines that both beat vN), ``regate`` scores this version again against the new
+    champion, so the later run cannot replace a better model it never saw; without ``regate``
+    such a race is an error rather than a silent overwrite. Safe to repeat: a version that
+    already holds the alias keeps it.
     """
     name, version, run_id = registered.name, registered.version, registered.run_id
     check_contract(client, name, champion_alias, metadata, version)
-    champion = champion_version(client, name, champion_alias)
-    held = champion is not None and str(champion.version) == version
+    for _ in range(REGATE_ATTEMPTS):
+        champion = champion_version(client, name, champion_alias)
+        current = None if champion is None else str(champion.version)
+        if current == version or current == _compared_with(gate):
+            break
+        if regate is None:
+            raise FluxoError(f"{name}: the {champion_alias} moved to v{current} after v{version} was gated against "
+                             f"{'v' + _compared_with(gate) if gate.champion else 'no champion'}; run the gate again")
+        log.info("%s: the %s moved to v%s since v%s was gated against %s; gating again", name, champion_alias,
+                 current, version, f"v{_compared_with(gate)}" if gate.champion else "no champion")
+        gate = regate()
+    else:
+        raise FluxoError(f"{name}: the {champion_alias} moved {REGATE_ATTEMPTS} times while v{version} was being gated "
+                         "(other pipelines promoting at once); run the pipeline again when they are done")
+    held = current == version
     promoted = held or gate.promoted
     alias = champion_alias if promoted else challenger_alias
     decision = PromotionDecision(

@@ -72,10 +72,13 @@ def promote_step(
 ) -> PromotionDecision:
     from mlflow.tracking import MlflowClient
 
-    gate = gate or gate_step(root, settings, exported, registered)
+    def regate() -> GateDecision:  # the champion moved since ``gate`` scored: compare with the new one
+        return gate_step(root, settings, exported, registered)
+
+    gate = gate or regate()
     configure_mlflow(Path(root), settings)
     return promote(MlflowClient(), registered, exported.metadata, gate, settings.tracking.champion_alias,
-                   settings.tracking.challenger_alias)
+                   settings.tracking.challenger_alias, regate=regate)
 
 
 def publish_step(
