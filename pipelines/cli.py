@@ -635,6 +635,10 @@ def schedule(
     retrain_on_drift: Annotated[
         bool, typer.Option("--retrain-on-drift", help="Run the pipeline on every drift event of the served model.")
     ] = False,
+    run_if_no_champion: Annotated[
+        bool, typer.Option("--run-if-no-champion", help="Also run the pipeline once now when the registry has no "
+                                                         "champion yet (a fresh deployment).")
+    ] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
     root: RootOption = Path("."),
@@ -659,15 +663,16 @@ def schedule(
     try:
         settings = _settings(config, overrides)  # fail now, not at 3 a.m.
         model_name = (_default_model_name(root, settings, config, overrides)
-                      if (monitor_cron or retrain_on_drift) else None)
+                      if (monitor_cron or retrain_on_drift or run_if_no_champion) else None)
     except _user_errors() as error:
         _fail(error)
-    from pipelines.scheduling import serve_scheduled
+    from pipelines.scheduling import has_champion, serve_scheduled
 
     try:
+        first_run = run_if_no_champion and not has_champion(Path(root), settings, model_name)
         serve_scheduled(cron, str(config) if config else None, overrides or [], str(Path(root).resolve()), name,
                         monitor_cron=monitor_cron, retrain_on_drift=model_name if retrain_on_drift else None,
-                        model_name=model_name)
+                        model_name=model_name, first_run=first_run)
     except _user_errors() as error:
         _fail(error)
 

@@ -23,11 +23,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from pipelines.errors import FluxoError
 from pipelines.secret_files import load_prefect_secrets
+
+if TYPE_CHECKING:
+    from pipelines.settings import FluxoSettings
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +149,40 @@ def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -
         log.info("stopped the Prefect server at %s", url)
 
 
+def has_champion(root: Path, settings: FluxoSettings, model_name: str) -> bool:
+    """Whether the registry has a version under the champion alias (a refused login is an error, not "no")."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.export.registry import champion_version
+    from pipelines.tracking import configure_mlflow
+
+    configure_mlflow(root, settings, experiment=False)
+    return champion_version(MlflowClient(), model_name, settings.tracking.champion_alias) is not None
+
+
+def start_first_run(deployment: Any) -> None:
+    """Register ``deployment`` and ask for one run of it now; the runner that serves it next executes it.
+
+    The run belongs to the scheduled deployment (same parameters, same page in Prefect's UI)
+    rather than being a run beside it; ``serve`` applies the deployment again unchanged.
+    """
+    from prefect.deployments import run_deployment
+
+    deployment.apply()
+    run = run_deployment(f"{deployment.flow_name}/{deployment.name}", timeout=0)
+    log.info("no champion yet: started pipeline run %s now, before the first scheduled one", run.name)
+
+
 def serve_scheduled(cron: str | None, config: str | None, overrides: list[str], root: str, name: str,
                     scheduler_loop_seconds: float | None = None, monitor_cron: str | None = None,
-                    retrain_on_drift: str | None = None, model_name: str | None = None) -> None:
+                    retrain_on_drift: str | None = None, model_name: str | None = None,
+                    first_run: bool = False) -> None:
     """Serve the deployments until SIGTERM or Ctrl-C; each due or triggered run executes here.
 
     The pipeline deployment runs on ``cron`` and, with ``retrain_on_drift`` (a model name), on
     every drift event of that model; ``monitor_cron`` adds the drift check as a second
-    deployment on its own schedule.
+    deployment on its own schedule. ``first_run``: one pipeline run right away as well (the
+    caller decides when, e.g. while ``model_name`` has no champion on a fresh stack).
     """
     from prefect import serve
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
@@ -173,6 +203,8 @@ def serve_scheduled(cron: str | None, config: str | None, overrides: list[str], 
             if monitor_cron:
                 deployments.append(monitor_deployment(monitor_cron, config, overrides, root, name, model_name))
             try:
+                if first_run:
+                    start_first_run(deployments[0])
                 serve(*deployments)
             except KeyboardInterrupt:
                 log.info("stopping the scheduled deployment %s", name)
