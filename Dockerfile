@@ -1,49 +1,76 @@
-# The fluxo app image: one image, two roles in docker-compose.yml.
-#   worker   fluxo schedule --cron "..."        (Prefect-served pipeline, runs the flows itself)
-#   serving  fluxo serve --host 0.0.0.0 --port 3000
+# The fluxo app images, two targets of one file:
+#   fluxo          (target full)     worker: fluxo schedule --cron "..." (trains; torch, Prefect) in /project
+#                                    and the Prefect server of the stack (same Prefect as the worker)
+#   fluxo-serving  (target serving)  serving: fluxo serve (ONNX Runtime; no torch, no Prefect)
 # Every setting comes from the environment (FLUXO_*, MLFLOW_TRACKING_URI, PREFECT_API_URL,
 # AWS_*), so the same image runs anywhere. Secrets come as files at run time, never baked in:
 # MLFLOW_TRACKING_PASSWORD_FILE, PREFECT_API_AUTH_STRING_FILE, FLUXO_API_KEY_FILE and
 # AWS_SHARED_CREDENTIALS_FILE (.dockerignore keeps deploy/secrets/ out of the build context).
-FROM python:3.11-slim
+#
+# BASE_IMAGE: a Debian-based image with Python 3.11 and its venv module. Where images can be
+# pulled it is the pinned python image below; where none can (deploy/images/base.sh) it is a
+# local Debian made with debootstrap. `make images` picks.
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
+FROM ${BASE_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-# torch from its CPU index: torch==2.13.0+cpu satisfies the project's torch==2.13.0 pin
-# (and sorts above the PyPI build, so pip picks it) without the CUDA libraries.
-# Everything else still comes from PyPI.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-
-# DVC shells out to git for repositories that have one; the image has no .git
-# (see .dockerignore), so the app initialises DVC with --no-scm, but keep git for
-# bind-mounted checkouts that do. git follows the Debian release of the base image.
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# DVC shells out to git for repositories that have one; the image has no .git (.dockerignore),
+# so the app initialises DVC with --no-scm, but keep git for bind-mounted checkouts that do.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 1000 fluxo
-
+    && useradd --create-home --uid 1000 fluxo \
+    && python3 -m venv "$VIRTUAL_ENV" \
+    && pip install --upgrade "pip>=24"
+# The dependency list is pyproject.toml's own; the versions are constraints.txt's.
+COPY pyproject.toml deploy/constraints.txt deploy/images/requirements.py /opt/fluxo-build/
 WORKDIR /app
 
-# Dependencies first, read from pyproject.toml itself (no second list to keep in step),
-# so that a code change does not reinstall torch.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt \
+# ---- serving: what `fluxo serve` imports, and nothing that only trains, tunes or schedules.
+FROM runtime AS serving
+RUN python /opt/fluxo-build/requirements.py /opt/fluxo-build/pyproject.toml \
+        --without torch prefect optuna mnist1d mlxtend onnxscript hyppo dvc > /tmp/requirements.txt \
+    && pip install -c /opt/fluxo-build/constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
-
-# data/ and .fluxo/ are named volumes in compose; a fresh volume takes this ownership.
-COPY . .
-RUN pip install --no-deps . \
-    && mkdir -p data .fluxo \
-    && chown -R fluxo:fluxo /app
-
+# The code belongs to root: the runtime user cannot rewrite what it runs.
+COPY . /app
+RUN pip install --no-deps /app \
+    && mkdir -p /app/.fluxo \
+    && chown fluxo:fluxo /app/.fluxo
 USER 1000:1000
 EXPOSE 3000
+ENTRYPOINT ["fluxo"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "3000"]
 
+# ---- full: the worker (training, export, monitor, Prefect).
+FROM runtime AS full
+# torch from PyTorch's CPU index and from nothing else (no --extra-index-url for every package):
+# pyproject's torch pin, which that index answers with its +cpu build (no CUDA libraries). Where
+# that index is out of reach, `make images` serves the wheel found on this machine as an index
+# of its own (TORCH_TRUSTED_HOST names it, as it speaks plain HTTP on the build bridge).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_TRUSTED_HOST=
+# --no-deps: torch's own dependencies (filelock, sympy, ...) come from PyPI with the rest, next.
+RUN pip install --no-deps --index-url "${TORCH_INDEX_URL}" ${TORCH_TRUSTED_HOST:+--trusted-host "$TORCH_TRUSTED_HOST"} \
+        "$(python /opt/fluxo-build/requirements.py /opt/fluxo-build/pyproject.toml --only torch)"
+RUN python /opt/fluxo-build/requirements.py /opt/fluxo-build/pyproject.toml > /tmp/requirements.txt \
+    && pip install -c /opt/fluxo-build/constraints.txt -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+COPY . /app
+# The worker's project is /project, not the code: DVC's .dvc/ and data.dvc, data/ and .fluxo/
+# (checkpoints, exports) live there, on one named volume in compose (a fresh volume takes this
+# ownership); the code in /app stays root's.
+RUN pip install --no-deps /app \
+    && mkdir -p /project \
+    && chown fluxo:fluxo /project
+WORKDIR /project
+USER 1000:1000
+EXPOSE 3000
 ENTRYPOINT ["fluxo"]
 CMD ["--help"]
