@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
@@ -418,7 +419,27 @@ def _start_following(root: Path, settings: FluxoSettings, name: str, champion: s
     return follower.start() if settings.serve.follow_interval_s > 0 else None
 
 
-def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, port: int, name: str) -> None:
+CHAMPION_POLL_S = 5.0
+
+
+def _wait_for_champion(root: Path, settings: FluxoSettings, name: str):
+    """The champion's model directory, once there is one: a replica started before the first training
+    waits here (SIGTERM still stops it) instead of failing and being restarted in a loop."""
+    from pipelines.export.publish import NotRegisteredYet, materialize_model
+
+    said = False
+    while True:
+        try:
+            return materialize_model(root, settings, None, name)
+        except NotRegisteredYet as error:
+            if not said:
+                log.info("waiting for a champion: %s (looking every %.0f s)", error, CHAMPION_POLL_S)
+                said = True
+            time.sleep(CHAMPION_POLL_S)
+
+
+def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, port: int, name: str,
+           wait_for_champion: bool = False) -> None:
     rollout = settings.serve.rollout
     follower = None
     try:
@@ -428,7 +449,10 @@ def _serve(root: Path, settings: FluxoSettings, model: str | None, host: str, po
         from serving.launch import start_server, stop_server, wait_ready
         from serving.reload import publish
 
-        served_dir = materialize_model(root, settings, model, name)
+        if wait_for_champion and model is None:
+            served_dir = _wait_for_champion(root, settings, name)
+        else:
+            served_dir = materialize_model(root, settings, model, name)
         challenger = None
         if model is None:
             # Serve the champion through its model root: each later promotion republishes
@@ -521,6 +545,10 @@ def serve(
     variant: Annotated[
         Optional[str], typer.Option("--variant", help="auto, fp32, int8 or fp16: the precision served (serve.variant).")
     ] = None,
+    wait_for_champion: Annotated[
+        bool, typer.Option("--wait-for-champion", help="With no champion yet, wait for the first one instead of "
+                                                       "failing (a replica started beside the first training).")
+    ] = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
     root: RootOption = Path("."),
@@ -535,7 +563,7 @@ def serve(
         name = _default_model_name(root, settings, config, overrides)
     except _user_errors() as error:
         _fail(error)
-    _serve(root, settings, model, host or settings.serve.host, port or settings.serve.port, name)
+    _serve(root, settings, model, host or settings.serve.host, port or settings.serve.port, name, wait_for_champion)
 
 
 ModelNameOption = Annotated[

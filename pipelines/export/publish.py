@@ -37,6 +37,10 @@ def model_root(root: Path, settings: FluxoSettings, name: str, alias: str | None
     return Path(root) / settings.serve.model_cache / f"{name}{suffix}"
 
 
+class NotRegisteredYet(FluxoError):
+    """The registry answered, and holds no version under the alias (yet): a fresh deployment's state."""
+
+
 def _served_dir(root: Path, settings: FluxoSettings, name: str, version: str) -> Path:
     return Path(root) / settings.serve.model_cache / f"{name}-v{version}"
 
@@ -64,7 +68,7 @@ def _resolve(client, uri: str, explicit: bool):
             raise refused from None
         if explicit:
             raise FluxoError(f"--model {uri}: {_what_the_registry_holds(client, uri, error)}") from None
-        raise FluxoError(
+        raise NotRegisteredYet(
             f"{uri}: not in the model registry at {mlflow.get_registry_uri()} ({error.message}); "
             "run `fluxo run` first or pass --model"
         ) from None
