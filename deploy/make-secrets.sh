@@ -12,8 +12,9 @@
 set -eu
 
 dir="${FLUXO_SECRETS_DIR:-$(dirname "$0")/secrets}"
-NAMES="postgres_password minio_root_password s3_credentials mlflow_admin_password mlflow_flask_secret_key
-mlflow_worker_password mlflow_serving_password prefect_auth_string fluxo_api_key"
+NAMES="postgres_password postgres_mlflow_password postgres_prefect_password minio_root_password s3_credentials
+s3_serving_credentials mlflow_admin_password mlflow_flask_secret_key mlflow_worker_password mlflow_serving_password
+prefect_auth_string fluxo_api_key"
 
 random_hex() {  # $1 bytes of randomness, as 2*$1 hex digits
     if command -v openssl >/dev/null 2>&1; then
@@ -30,6 +31,9 @@ value_of() {  # the content of the secret file $1
             # The apps' MinIO account, as an AWS credentials file (AWS_SHARED_CREDENTIALS_FILE);
             # minio-init creates the account from it.
             printf '[default]\naws_access_key_id = fluxo-app\naws_secret_access_key = %s\n' "$(random_hex 24)" ;;
+        s3_serving_credentials)
+            # The serving replicas' account: write into the payloads bucket, nothing else (minio-init).
+            printf '[default]\naws_access_key_id = fluxo-serving\naws_secret_access_key = %s\n' "$(random_hex 24)" ;;
         prefect_auth_string)
             # Prefect compares the whole string; "user:password" is the form its UI login expects.
             printf 'fluxo:%s\n' "$(random_hex 24)" ;;
