@@ -1,6 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make run    environment + whole pipeline on the default preset, then serve the champion on :3000
 #   make test   environment + the test suite (what CI runs)
+# and a third where Docker runs:
+#   make stack  the compose deployment (docker-compose.yml) on this machine, up and serving
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +11,8 @@ CONFIG ?= configs/digits-cnn.yaml
 PORT ?=
 SERVE_PORT := $(if $(PORT),--set serve.port=$(PORT))
 
-.PHONY: setup run serve test test-slow test-readme ui clean
+.PHONY: setup run serve test test-slow test-readme test-stack ui clean \
+	docker-engine images stack stack-down stack-clean constraints
 
 setup: $(VENV)/.installed $(VENV)/.browser
 
@@ -46,6 +49,34 @@ test-readme: setup
 
 ui: setup
 	$(BIN)/fluxo ui
+
+# ---- the compose stack (deploy/stack.py; deploy/README.md) ----------------------------------------
+# Debian's docker.io, installed and started where it is missing (root).
+docker-engine:
+	$(PYTHON) deploy/stack.py engine
+
+# Every image of the stack; from a local Debian base where nothing can be pulled.
+images:
+	$(PYTHON) deploy/stack.py images
+
+# Secrets, images, `docker compose up`, then wait for the first champion behind :3000.
+stack: setup
+	$(PYTHON) deploy/stack.py up
+
+stack-down:
+	$(PYTHON) deploy/stack.py down
+
+stack-clean:
+	$(PYTHON) deploy/stack.py clean
+
+# The stack from clean, and the faults it must survive (needs a Docker engine: make docker-engine).
+test-stack: setup
+	$(BIN)/python -m pytest -m stack -s
+
+# deploy/constraints.txt: the versions every image installs, from this environment (the one tested).
+constraints: setup
+	{ sed -n '/^#/p' deploy/constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } \
+		> deploy/constraints.txt.new && mv deploy/constraints.txt.new deploy/constraints.txt
 
 clean:
 	rm -rf .fluxo .pytest_cache
