@@ -63,8 +63,17 @@ def _environment_kept(names: tuple[str, ...]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+# An MLflow server that proxies an S3 artifact store advertises multipart downloads, and its
+# clients then fetch every artifact through a presigned URL of the store itself (http://minio:9000
+# in the compose stack), which only the server's own network reaches: `fluxo rollback` from a
+# laptop hung on it. The proxy exists so that clients need no way into the store; unless the
+# user turned it on, fluxo downloads through the proxy.
+PROXY_MULTIPART_DOWNLOAD = "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"
+
+
 def _configure(root: Path, settings: FluxoSettings, experiment: bool = True) -> tuple[str, str]:
     load_mlflow_secrets()
+    os.environ.setdefault(PROXY_MULTIPART_DOWNLOAD, "false")
     with _environment_kept(_MLFLOW_WRITES):
         return _point_mlflow(root, settings, experiment)
 

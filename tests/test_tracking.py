@@ -39,3 +39,21 @@ def test_the_users_tracking_uri_still_wins_and_stays(tmp_path: Path, monkeypatch
     root.mkdir()
     assert configure_mlflow(root, make_settings(root)) == chosen
     assert os.environ["MLFLOW_TRACKING_URI"] == chosen
+
+
+@pytest.mark.parametrize("chosen", [None, "true"])
+def test_artifacts_come_through_the_proxy_unless_the_user_chose_presigned_urls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chosen: str | None
+) -> None:
+    """A proxying server with S3 behind it hands out the store's own URLs (http://minio:9000), which a
+    client outside its network cannot reach: fluxo reads through the proxy, unless told otherwise."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD
+
+    if chosen is None:
+        monkeypatch.delenv(MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD.name, raising=False)
+    else:
+        monkeypatch.setenv(MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD.name, chosen)
+    root = tmp_path / "project"
+    root.mkdir()
+    configure_mlflow(root, make_settings(root), experiment=False)
+    assert MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD.get() is (chosen == "true")
