@@ -300,7 +300,7 @@ def services_state(settings: dict[str, str]) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-ONE_SHOTS = {"postgres-init", "minio-init", "mlflow-accounts"}
+ONE_SHOTS = {"postgres-init", "minio-volume", "minio-init", "mlflow-accounts"}
 # Healthy only once a champion exists, which on a fresh stack the worker is still training:
 # running is enough here, and wait_champion waits for the first one behind the balancer.
 HEALTHY_WITH_A_CHAMPION = {"serving"}

