@@ -114,10 +114,7 @@ def start_engine() -> None:
         if shutil.which("apt-get") is None:
             raise StackError("no Docker engine here and no apt-get to install one: install Docker, then run this again")
         say("installing Debian's docker.io")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        if run(["apt-get", "install", "-y", "-qq", "docker.io"], env=env, capture=True, check=False).returncode:
-            run(["apt-get", "update", "-qq"], env=env, capture=True)
-            run(["apt-get", "install", "-y", "-qq", "docker.io"], env=env, capture=True)
+        apt_install("docker.io")
     if not engine_answers():
         STATE.mkdir(parents=True, exist_ok=True)
         say(f"starting dockerd (log: {DOCKERD_LOG.relative_to(ROOT)})")
@@ -228,9 +225,28 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def apt_install(package: str) -> None:
+    """Debian's ``package``, as root where it is missing (after one `apt-get update` if the lists are stale)."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if run(["apt-get", "install", "-y", "-qq", package], env=env, capture=True, check=False).returncode:
+        run(["apt-get", "update", "-qq"], env=env, capture=True)
+        run(["apt-get", "install", "-y", "-qq", package], env=env, capture=True)
+
+
+def ensure_debootstrap() -> None:
+    if shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin:/sbin"):
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise StackError("no image can be pulled here and debootstrap, which builds a local base, is missing: "
+                         "install Debian's debootstrap (as root), or make a registry reachable")
+    say("installing Debian's debootstrap (for the local base image)")
+    apt_install("debootstrap")
+
+
 def build_images(local: bool) -> list[dict]:
     """Build every image the stack runs; returns one row per image (seconds, MB)."""
     if local:
+        ensure_debootstrap()
         run(["sh", str(ROOT / "deploy/images/base.sh")])
     rows = []
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}
