@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -145,3 +146,30 @@ def test_a_server_with_only_a_tracking_uri_follows_promote_and_rollback(project:
         if replica is not None:
             _stop(replica)
         _stop(mlflow_server)
+
+
+def test_a_look_at_an_unreachable_registry_fails_in_seconds_so_the_replica_catches_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's own client retries 7 times, backing off for minutes: a follower that waited in them
+    followed minutes late after the registry came back (found cutting a replica off its network)."""
+    from pipelines.export.follow import RegistryFollower
+    from pipelines.tracking import configure_mlflow
+    from tests.conftest import make_settings
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "0")
+        monkeypatch.delenv(name)  # unset now, and unset again after the test
+    root = tmp_path / "project"
+    root.mkdir()
+    # A name no resolver knows: what a replica cut off from the stack's network sees for "mlflow".
+    settings = make_settings(root, "tracking.tracking_uri=http://mlflow.fluxo-test.invalid:5000")
+    configure_mlflow(root, settings, experiment=False)
+    follower = RegistryFollower(root, settings, "fluxo-digits", ["champion"], interval_s=3600).start()
+    try:
+        started = time.monotonic()
+        with contextlib.suppress(Exception):
+            follower.poll()
+        assert time.monotonic() - started < 20
+    finally:
+        follower.stop()

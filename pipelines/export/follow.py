@@ -16,6 +16,7 @@ may not move an alias itself (deploy/README.md, 'Accounts').
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from pipelines.settings import FluxoSettings
 from pipelines.tracking import tracking_refusal
 
 log = logging.getLogger(__name__)
+
+POLL_RETRIES = "1"
+POLL_TIMEOUT_S = "10"
 
 
 class RegistryFollower:
@@ -36,6 +40,11 @@ class RegistryFollower:
         self._thread = threading.Thread(target=self._loop, name="fluxo-registry-follower", daemon=True)
 
     def start(self) -> RegistryFollower:
+        # A look that fails is repeated at the next interval anyway: it must not sit in MLflow's own
+        # retries (7, backing off for minutes) while the registry is away, or the replica follows
+        # minutes late once it is back. The user's own settings of these stay.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", POLL_RETRIES)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", POLL_TIMEOUT_S)
         self._thread.start()
         return self
 
@@ -44,12 +53,19 @@ class RegistryFollower:
         self._thread.join(timeout=self.interval_s + 5)
 
     def _loop(self) -> None:
+        failing = False
         while not self._stop.wait(self.interval_s):
             try:
                 self.poll()
             except Exception as error:  # noqa: BLE001 - a registry hiccup must not stop the server
-                log.warning("could not check the registry for %s: %s; trying again in %.0f s",
-                            self.name, error, self.interval_s)
+                if not failing:  # once per outage, not every interval
+                    log.warning("could not check the registry for %s: %s; still serving what this replica holds, "
+                                "looking again every %.0f s", self.name, error, self.interval_s)
+                failing = True
+                continue
+            if failing:
+                log.info("the registry answers again; following %s", self.name)
+            failing = False
 
     def poll(self) -> list[str]:
         """Publish every alias that moved since the last look; returns the aliases republished.
