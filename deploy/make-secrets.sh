@@ -8,13 +8,32 @@
 # The folder is FLUXO_SECRETS_DIR when set, else deploy/secrets next to this script. It is made
 # private to you (0700); the files in it are 0644 because the containers read them as their own
 # users (postgres, mlflow, fluxo: not you), and compose mounts a secret file as it is on the host.
-# Values are hex: safe in URLs, INI files and shell words alike. Needs openssl, or /dev/urandom.
+# Values are hex: safe in URLs, INI files and shell words alike. Needs openssl, or /dev/urandom;
+# the balancer's TLS certificate (tls_certificate: a self-signed certificate and its key, PEM, for
+# the names in FLUXO_TLS_NAMES) needs openssl. Your own certificate goes in that file instead.
 set -eu
 
 dir="${FLUXO_SECRETS_DIR:-$(dirname "$0")/secrets}"
 NAMES="postgres_password postgres_mlflow_password postgres_prefect_password minio_root_password s3_credentials
 s3_serving_credentials mlflow_admin_password mlflow_flask_secret_key mlflow_worker_password mlflow_serving_password
-prefect_auth_string fluxo_api_key"
+prefect_auth_string fluxo_api_key tls_certificate"
+
+# The names the self-signed certificate is good for: add the host's name or address users reach.
+TLS_NAMES="${FLUXO_TLS_NAMES:-DNS:localhost,IP:127.0.0.1}"
+
+self_signed_certificate() {  # a certificate for $TLS_NAMES and its key, PEM, one file (HAProxy's crt)
+    if ! command -v openssl >/dev/null 2>&1; then
+        echo "$0: tls_certificate needs openssl (Debian: apt-get install openssl), or put your own" \
+             "certificate and key, PEM, in $dir/tls_certificate" >&2
+        exit 1
+    fi
+    work="$(mktemp -d)"
+    openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 825 -subj "/CN=fluxo" \
+        -addext "subjectAltName=$TLS_NAMES" -keyout "$work/key" -out "$work/certificate" 2>"$work/said" \
+        || { cat "$work/said" >&2; rm -rf "$work"; exit 1; }
+    cat "$work/certificate" "$work/key"
+    rm -rf "$work"
+}
 
 random_hex() {  # $1 bytes of randomness, as 2*$1 hex digits
     if command -v openssl >/dev/null 2>&1; then
@@ -37,6 +56,8 @@ value_of() {  # the content of the secret file $1
         prefect_auth_string)
             # Prefect compares the whole string; "user:password" is the form its UI login expects.
             printf 'fluxo:%s\n' "$(random_hex 24)" ;;
+        tls_certificate)
+            self_signed_certificate ;;
         mlflow_flask_secret_key | fluxo_api_key)
             random_hex 32 ;;
         *)

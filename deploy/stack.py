@@ -397,6 +397,7 @@ def up(build: bool) -> None:
     say(f"up in {time.monotonic() - started:.0f} s (champion served {waited:.0f} s after the services were healthy)")
     print(f"""
   prediction API  http://127.0.0.1:{port}      key: {secrets / 'fluxo_api_key'} (X-API-Key header)
+                  https://127.0.0.1:{os.environ.get('SERVING_TLS_PORT', '3443')}     certificate: {secrets / 'tls_certificate'} (self-signed)
   MLflow UI       http://127.0.0.1:{os.environ.get('MLFLOW_PORT', '5000')}      admin / {secrets / 'mlflow_admin_password'}
   Prefect UI      http://127.0.0.1:{os.environ.get('PREFECT_PORT', '4200')}      the line in {secrets / 'prefect_auth_string'}
   stop: make stack-down (data kept) · remove everything: make stack-clean

@@ -56,7 +56,7 @@ _URL_CREDENTIALS = re.compile(r"://(?P<user>[^:/@\s]+):(?P<password>[^@\s]+)@")
 REQUIRED = {"FLUXO_SECRETS_DIR": "./deploy/secrets"}
 # What a user needs from outside, each on ${FLUXO_BIND:-127.0.0.1}: the prediction API (the balancer in
 # front of the serving replicas, which publish nothing themselves) and two UIs.
-PUBLISHED = {"balancer": 3000, "mlflow": 5000, "prefect-server": 4200}
+PUBLISHED = {"balancer": {3000, 3443}, "mlflow": {5000}, "prefect-server": {4200}}
 # The one-shot services whose script is a repository file, delivered as a compose `configs:` entry.
 CONFIG_SCRIPTS = {"postgres-init": ROOT / "deploy" / "postgres-init.sh", "minio-init": ROOT / "deploy" / "minio-init.sh"}
 SECRETS_MOUNT = "/run/secrets/"
@@ -439,9 +439,9 @@ def test_ports_are_valid_and_host_ports_unique():
             if host is not None:
                 assert host not in published, f"host port {host} published by {published[host]} and {name}"
                 published[host] = name
-    for name, port in PUBLISHED.items():
-        ports = [_container_port(entry) for entry in services[name].get("ports") or []]
-        assert port in ports, f"service {name}: container port {port} not published"
+    for name, wanted in PUBLISHED.items():
+        ports = {_container_port(entry) for entry in services[name].get("ports") or []}
+        assert wanted <= ports, f"service {name}: container ports {wanted - ports} not published"
 
 
 def test_only_what_a_user_needs_is_published_and_on_loopback_by_default():
@@ -452,7 +452,7 @@ def test_only_what_a_user_needs_is_published_and_on_loopback_by_default():
     assert [str(port) for port in raw["serving"].get("expose") or []] == ["3000"]
     for name, service in raw.items():
         ports = service.get("ports") or []
-        assert {_container_port(entry) for entry in ports} == ({PUBLISHED[name]} if name in PUBLISHED else set()), (
+        assert {_container_port(entry) for entry in ports} == PUBLISHED.get(name, set()), (
             f"service {name} publishes {ports}; only {PUBLISHED} are for users")
         for entry in ports:
             assert str(entry).startswith("${FLUXO_BIND:-127.0.0.1}:"), f"service {name}: {entry!r} ignores FLUXO_BIND"
@@ -461,9 +461,10 @@ def test_only_what_a_user_needs_is_published_and_on_loopback_by_default():
     for name in PUBLISHED:
         assert {_host_ip(e) for e in resolved[name]["ports"]} == {"127.0.0.1"}
         assert {_host_ip(e) for e in opened[name]["ports"]} == {"0.0.0.0"}
-    assert raw["balancer"]["ports"] == ["${FLUXO_BIND:-127.0.0.1}:${SERVING_PORT:-3000}:3000"]
+    assert raw["balancer"]["ports"] == ["${FLUXO_BIND:-127.0.0.1}:${SERVING_PORT:-3000}:3000",
+                                        "${FLUXO_BIND:-127.0.0.1}:${SERVING_TLS_PORT:-3443}:3443"]
     assert {(name, _host_port(entry)) for name, service in resolved.items() for entry in service.get("ports") or []} == {
-        ("balancer", 3000), ("mlflow", 5000), ("prefect-server", 4200)}
+        ("balancer", 3000), ("balancer", 3443), ("mlflow", 5000), ("prefect-server", 4200)}
 
 
 def test_serving_replicas_sit_behind_the_balancer():
@@ -496,6 +497,33 @@ def test_serving_replicas_sit_behind_the_balancer():
     monitor = re.search(r"^\s*monitor-uri (\S+)$", cfg, re.M)
     assert monitor and monitor.group(1) in " ".join(_strings(balancer["healthcheck"]["test"]))
 
+
+
+def test_the_balancer_speaks_tls_with_the_certificate_make_secrets_makes(tmp_path: Path):
+    """3443 is the API over TLS: HAProxy reads the PEM (certificate and key) from the secret
+    tls_certificate, which deploy/make-secrets.sh makes self-signed for FLUXO_TLS_NAMES."""
+    import ssl
+
+    balancer = _load()["services"]["balancer"]
+    assert _service_secrets(balancer) == {"tls_certificate"}, "the balancer holds the certificate and nothing else"
+    bind = re.search(r"^\s*bind :3443 ssl crt (\S+)", HAPROXY_CFG.read_text(), re.M)
+    assert bind and bind.group(1) == SECRETS_MOUNT + "tls_certificate"
+    openssl = shutil.which("openssl")
+    need(openssl, "openssl, which deploy/make-secrets.sh makes the certificate with")
+    folder = _made_secrets(tmp_path)
+    pem = (folder / "tls_certificate").read_text()
+    assert pem.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE KEY-----" in pem
+    names = subprocess.run([openssl, "x509", "-noout", "-ext", "subjectAltName", "-in", str(folder / "tls_certificate")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "DNS:localhost" in names and "IP Address:127.0.0.1" in names
+    assert len(ssl.create_default_context(cafile=str(folder / "tls_certificate")).get_ca_certs()) == 1
+    own = subprocess.run(["sh", str(MAKE_SECRETS), "--rotate", "tls_certificate"], capture_output=True, text=True,
+                         env={**os.environ, "FLUXO_SECRETS_DIR": str(folder), "FLUXO_TLS_NAMES": "DNS:api.example.com"},
+                         timeout=60)
+    assert own.returncode == 0, own.stderr
+    names = subprocess.run([openssl, "x509", "-noout", "-ext", "subjectAltName", "-in", str(folder / "tls_certificate")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "DNS:api.example.com" in names and (folder / "tls_certificate.previous").read_text() == pem
 
 def test_commands_match_the_design():
     services = _resolve(_load()["services"])
