@@ -7,7 +7,7 @@ queue drops the record and counts it in ``fluxo_payload_dropped_total``). A daem
 thread takes what is queued every ``poll`` and appends it to the open file.
 
 Crash safety (serving/README.md, "Payload logging"): the file being written is
-``<dir>/<date>/payload-<pid>-<start>-<seq>.parquet.partial``, an **Arrow IPC
+``<dir>/<date>/payload-<pid>-<start>-<seq>-<token>.parquet.partial``, an **Arrow IPC
 stream** (append-only; each flush appends one record batch and flushes it to the
 OS, so a SIGKILL loses at most the unflushed buffer). On rotation (size or age)
 and at shutdown it is converted with ``pyarrow.parquet.ParquetWriter`` into
@@ -90,6 +90,10 @@ class PayloadLogger:
         self._draw = random.random
         self._stop = threading.Event()
         self._started = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        # In every file name: replicas in other containers or on other machines can share a pid and
+        # a start second, and their files go to one bucket, where a same-named upload would replace
+        # another replica's file (found with two replicas in the compose stack).
+        self._token = uuid.uuid4().hex[:8]
         self._seq = 0
         self._file: _Journal | None = None
         self._thread = threading.Thread(target=self._run, name="fluxo-payload-log", daemon=True)
@@ -169,7 +173,7 @@ class PayloadLogger:
         folder = self.directory / day
         folder.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        self._file = _Journal(folder / f"payload-{os.getpid()}-{self._started}-{self._seq:05d}{PARTIAL}")
+        self._file = _Journal(folder / f"payload-{os.getpid()}-{self._started}-{self._seq:05d}-{self._token}{PARTIAL}")
         return self._file
 
     def _rotate_if_due(self) -> None:

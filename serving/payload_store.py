@@ -68,7 +68,7 @@ def split_url(url: str) -> str:
 
 
 def _writer_alive(path: Path) -> bool:
-    """Is the worker that opened journal ``payload-<pid>-<start>-<seq>.parquet.partial`` still running?
+    """Is the worker that opened journal ``payload-<pid>-<start>-<seq>-<token>.parquet.partial`` still running?
 
     A killed worker can linger as a zombie (a container whose init does not reap) and its pid
     can be reused by a later process: neither is the writer, so neither keeps its journal from

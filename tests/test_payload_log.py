@@ -94,6 +94,20 @@ def test_a_full_queue_drops_and_counts_without_blocking_or_raising(tmp_path: Pat
     assert log.dropped == 48
 
 
+
+def test_two_loggers_with_one_pid_and_start_second_write_files_of_their_own(tmp_path: Path) -> None:
+    """Two replicas (own pid namespaces, one bucket) can share a pid and a start second: neither
+    file may take the other's name, or one upload replaces the other in the bucket."""
+    loggers = [PayloadLogger(tmp_path, flush_records=1, flush_s=0.05) for _ in range(2)]
+    loggers[1]._started = loggers[0]._started  # the same second, as two replicas starting together
+    for k, log in enumerate(loggers):
+        _record(log, f"replica-{k}")
+    for log in loggers:
+        log.close()
+    files = list(tmp_path.glob("*/*.parquet"))
+    assert len(files) == 2, files
+    assert sorted(read_payloads(tmp_path).to_pandas().request_id) == ["replica-0", "replica-1"]
+
 def test_records_round_trip_and_rotate_into_complete_files(tmp_path: Path) -> None:
     log = PayloadLogger(tmp_path, rotate_mb=0.001, flush_records=10, flush_s=0.05)
     for i in range(100):
