@@ -69,11 +69,17 @@ def _environment_kept(names: tuple[str, ...]) -> Iterator[None]:
 # laptop hung on it. The proxy exists so that clients need no way into the store; unless the
 # user turned it on, fluxo downloads through the proxy.
 PROXY_MULTIPART_DOWNLOAD = "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"
+# With a tracking server (not a local file), MLflow writes "View run ... at: URL" lines to stdout
+# at the end of every run, where `fluxo run`, `export` and `monitor --json` print their results:
+# against the compose stack's MLflow, `fluxo monitor --json` printed no parseable JSON. Unless the
+# user asked for those lines, they stay off (the run is in the MLflow UI, and its id in the result).
+SUPPRESS_RUN_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 def _configure(root: Path, settings: FluxoSettings, experiment: bool = True) -> tuple[str, str]:
     load_mlflow_secrets()
     os.environ.setdefault(PROXY_MULTIPART_DOWNLOAD, "false")
+    os.environ.setdefault(SUPPRESS_RUN_LINKS, "true")
     with _environment_kept(_MLFLOW_WRITES):
         return _point_mlflow(root, settings, experiment)
 

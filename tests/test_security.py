@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import importlib.util
+import json
 import os
 import secrets
 import signal
@@ -383,6 +384,19 @@ def test_a_reader_follows_an_alias_move_and_cannot_move_one(
     with mlflow_server.as_("worker"):
         assert mlflow_server.client().get_registered_model(MODEL).aliases["champion"] == "2"
 
+
+@pytest.mark.e2e
+def test_results_on_stdout_stay_json_with_a_tracking_server(mlflow_server: MlflowServer, pipeline: Pipeline) -> None:
+    """MLflow writes "View run ... at: URL" to stdout when a run against a server ends: `fluxo export`
+    and `fluxo monitor --json` printed unparseable output against the compose stack's MLflow."""
+    user, password = mlflow_server.account("worker")
+    result = subprocess.run(
+        [str(FLUXO), "export", "--run-id", pipeline.run_id, "--root", str(pipeline.root), "--config", str(SMOKE),
+         "--set", f"tracking.tracking_uri={mlflow_server.url}", "--set", f"data.dvc_remote={pipeline.root.parent / 'dvc-remote'}"],
+        cwd=pipeline.root, capture_output=True, text=True, timeout=300,
+        env=_cli_env(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD_FILE=str(password)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["run_id"] == pipeline.run_id, result.stdout[:2000]
 
 @pytest.mark.e2e
 def test_the_accounts_tool_runs_again_adds_a_person_and_rotates_the_admin(
