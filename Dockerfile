@@ -33,9 +33,14 @@ COPY pyproject.toml deploy/constraints.txt deploy/images/requirements.py /opt/fl
 WORKDIR /app
 
 # ---- serving: what `fluxo serve` imports, and nothing that only trains, tunes or schedules.
+# MLflow's client without its server (mlflow-skinny: no scikit-learn, SciPy, matplotlib or UI) and
+# ONNX Runtime's CPU build at the GPU build's version (the replicas run on CPUs; 24 MB, not 340 MB).
 FROM runtime AS serving
 RUN python /opt/fluxo-build/requirements.py /opt/fluxo-build/pyproject.toml \
-        --without torch prefect optuna mnist1d mlxtend onnxscript hyppo dvc > /tmp/requirements.txt \
+        --without torch prefect optuna mnist1d mlxtend onnxscript hyppo dvc mlflow onnxruntime-gpu \
+        > /tmp/requirements.txt \
+    && echo "mlflow-skinny" >> /tmp/requirements.txt \
+    && echo "onnxruntime==$(sed -n 's/^onnxruntime-gpu==//p' /opt/fluxo-build/constraints.txt)" >> /tmp/requirements.txt \
     && pip install -c /opt/fluxo-build/constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 # The code belongs to root: the runtime user cannot rewrite what it runs.
