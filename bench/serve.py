@@ -99,8 +99,9 @@ class Load:
     """Closed-loop load: ``concurrency`` connections, each sending the next request when answered."""
 
     def __init__(self, port: int, requests: Sequence[bytes], expected: Sequence[str], label_of: Any,
-                 check: Any = None) -> None:
+                 check: Any = None, host: str = "127.0.0.1") -> None:
         self.port = port
+        self.host = host
         self.requests = requests
         self.expected = expected
         self.label_of = label_of  # response body (bytes) -> predicted label
@@ -115,7 +116,7 @@ class Load:
             i += 1
             try:
                 if writer is None:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    reader, writer = await asyncio.open_connection(self.host, self.port)
                 started = time.perf_counter()
                 writer.write(self.requests[k])
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
