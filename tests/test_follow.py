@@ -55,6 +55,8 @@ def _serving_version(url: str) -> str:
     return httpx.get(f"{url}/metadata", timeout=5).json()["model_version"]
 
 
+# Half a minute with a real MLflow server; the stack's replicas do the same under load (make test-stack).
+@pytest.mark.slow
 def test_a_server_with_only_a_tracking_uri_follows_promote_and_rollback(project: Path, tmp_path: Path) -> None:
     from pipelines.data.ingest import ingest, version
     from pipelines.export.aliases import promote_version, rollback

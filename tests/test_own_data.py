@@ -122,6 +122,8 @@ def _curves_csv(path: Path, rows: int = 90, steps: int = 16) -> Path:
     return path
 
 
+# Half a minute; the image folder's twin above stays in make test.
+@pytest.mark.slow
 def test_a_csv_file_is_ingested_and_trained_with_the_sequence_default(tmp_path: Path) -> None:
     user = Project.clone_shaped(tmp_path)
     _curves_csv(user.root / "curves.csv")

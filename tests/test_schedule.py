@@ -73,6 +73,8 @@ def test_schedule_runs_the_pipeline_and_stops_with_everything_it_started(
     assert server == "started by fluxo" or "scheduling against the Prefect server at" in said
 
 
+# A minute of a real schedule; the compose stack's worker runs the same path at every fresh start (make test-stack).
+@pytest.mark.slow
 def test_run_if_no_champion_trains_the_first_model_now_not_at_the_first_tick(project: Path, tmp_path: Path) -> None:
     """The compose worker's start on a fresh stack: the cron is a year away, the champion comes at once;
     started again with a champion in the registry, it waits for the cron."""

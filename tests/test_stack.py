@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import need
+from tests.waiting import wait_for
 
 # The first test also waits for `make stack` from clean: a cold build of every image is minutes.
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(2400)]
@@ -114,11 +115,10 @@ def served_versions(samples: int = 8) -> set[str]:
     return versions
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> float:
+def seconds_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.5) -> float:
+    """tests/waiting.py's wait_for, returning how long it took (the figures this module records)."""
     started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout:.0f} s"
-        time.sleep(interval)
+    wait_for(condition, what, timeout=timeout, interval=interval)
     return time.monotonic() - started
 
 
@@ -287,7 +287,7 @@ def test_payload_logs_reach_the_payloads_bucket(up: dict) -> None:
     for _ in range(20):
         assert request("POST", "/predict", {"instances": DIGIT}, key=api_key())[0] == 200
 
-    waited = wait_for(lambda: any(key.endswith(".parquet") for key in keys("payloads")), 90,
+    waited = seconds_until(lambda: any(key.endswith(".parquet") for key in keys("payloads")), 90,
                       "a sealed payload file in s3://payloads", interval=3)
     FAULTS["payload file in the bucket after the first requests"] = {"seconds": round(waited, 1)}
 
@@ -313,7 +313,7 @@ def test_monitor_in_the_worker_finds_drift_in_inverted_digits_sent_through_the_p
     for start in range(0, len(inverted), 10):
         status, body = request("POST", "/predict", {"instances": inverted[start:start + 10].tolist()}, key=api_key())
         assert status == 200, body
-    wait_for(lambda: payload_instances() >= before + len(inverted), 90, "the inverted digits in s3://payloads", interval=3)
+    seconds_until(lambda: payload_instances() >= before + len(inverted), 90, "the inverted digits in s3://payloads", interval=3)
     # A window reaching back past the first inverted digit (the monitor's own start-up takes seconds);
     # it may hold a few of the earlier tests' requests too, far fewer than monitor.min_instances (100):
     # without the inverted digits there would be no decision at all.
@@ -337,10 +337,10 @@ def test_promote_and_rollback_from_the_host_reach_every_replica_within_seconds(u
     _second_version()
     done = fluxo_on_host("promote", "2", "--model", MODEL, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    promoted = wait_for(lambda: served_versions() == {"2"}, 30, "every replica serving v2")
+    promoted = seconds_until(lambda: served_versions() == {"2"}, 30, "every replica serving v2")
     done = fluxo_on_host("rollback", "--model", MODEL, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    rolled_back = wait_for(lambda: served_versions() == {"1"}, 30, "every replica back on v1")
+    rolled_back = seconds_until(lambda: served_versions() == {"1"}, 30, "every replica back on v1")
     FAULTS["alias moved from the host, until every replica serves it"] = {
         "promote_s": round(promoted, 1), "rollback_s": round(rolled_back, 1)}
     refused = fluxo_on_host("promote", "2", "--model", MODEL, tmp_path=tmp_path, account="fluxo-serving",
@@ -352,15 +352,15 @@ def test_promote_and_rollback_from_the_host_reach_every_replica_within_seconds(u
 
 def test_a_replica_killed_under_load_is_routed_around(up: dict) -> None:
     with Load() as load:
-        wait_for(lambda: load.answered() > 200, 60, "load through the balancer")
+        seconds_until(lambda: load.answered() > 200, 60, "load through the balancer")
         docker("kill", container("serving", 1))
         killed_at = load.ok + load.failed
-        wait_for(lambda: load.answered() > killed_at + 500, 60, "answers after the kill")
+        seconds_until(lambda: load.answered() > killed_at + 500, 60, "answers after the kill")
     FAULTS["one serving replica killed under load (8 clients)"] = {
         "requests": load.ok + load.failed, "failed": load.failed, "errors": load.errors}
     assert load.failed <= 8, load.errors  # at most the requests in flight on the killed replica
     docker("start", container("serving", 1))
-    wait_for(lambda: "healthy" in docker("inspect", "-f", "{{.State.Health.Status}}", container("serving", 1)),
+    seconds_until(lambda: "healthy" in docker("inspect", "-f", "{{.State.Health.Status}}", container("serving", 1)),
              180, "the restarted replica healthy again", interval=2)
 
 
@@ -368,15 +368,15 @@ def test_replicas_keep_serving_while_mlflow_is_down_and_follow_when_it_returns(u
     compose("stop", "mlflow")
     try:
         with Load(clients=4) as load:
-            wait_for(lambda: load.answered() > 300, 60, "answers with MLflow down")
+            seconds_until(lambda: load.answered() > 300, 60, "answers with MLflow down")
     finally:
         compose("start", "mlflow")
     FAULTS["MLflow stopped while replicas serve"] = {"requests": load.ok + load.failed, "failed": load.failed,
                                                      "errors": load.errors}
     assert load.failed == 0, load.errors
-    wait_for(lambda: fluxo_on_host("promote", "2", "--model", MODEL, tmp_path=tmp_path).returncode == 0, 120,
+    seconds_until(lambda: fluxo_on_host("promote", "2", "--model", MODEL, tmp_path=tmp_path).returncode == 0, 120,
              "MLflow answering again", interval=3)
-    caught_up = wait_for(lambda: served_versions() == {"2"}, 60, "replicas following the registry again")
+    caught_up = seconds_until(lambda: served_versions() == {"2"}, 60, "replicas following the registry again")
     FAULTS["MLflow stopped while replicas serve"]["caught_up_s"] = round(caught_up, 1)
 
 
@@ -387,7 +387,7 @@ def test_a_replica_cut_off_from_mlflow_and_s3_keeps_serving(up: dict, tmp_path: 
         docker("network", "disconnect", network, name)
     try:
         with Load(clients=4) as load:
-            wait_for(lambda: load.answered() > 300, 60, "answers while cut off")
+            seconds_until(lambda: load.answered() > 300, 60, "answers while cut off")
     finally:
         for name in replicas:
             docker("network", "connect", network, name)
@@ -396,7 +396,7 @@ def test_a_replica_cut_off_from_mlflow_and_s3_keeps_serving(up: dict, tmp_path: 
     assert load.failed == 0, load.errors
     done = fluxo_on_host("rollback", "--model", MODEL, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    caught_up = wait_for(lambda: served_versions() == {"1"}, 60, "replicas following the registry after reconnecting")
+    caught_up = seconds_until(lambda: served_versions() == {"1"}, 60, "replicas following the registry after reconnecting")
     FAULTS["serving cut off from MLflow and S3 (docker network disconnect)"]["caught_up_s"] = round(caught_up, 1)
 
 
@@ -406,7 +406,7 @@ def test_payloads_wait_in_the_spool_while_s3_is_away_and_none_are_lost(up: dict)
             "exec", container("serving", index), "find", "/app/.fluxo/payload-spool", "-name", "*.parquet").splitlines()
             if line]
 
-    wait_for(lambda: not spooled(), 60, "every replica's spool empty before the outage", interval=2)
+    seconds_until(lambda: not spooled(), 60, "every replica's spool empty before the outage", interval=2)
     before = payload_instances()
     docker("pause", container("minio", 1))
     sent = 0
@@ -416,7 +416,7 @@ def test_payloads_wait_in_the_spool_while_s3_is_away_and_none_are_lost(up: dict)
             sent += 1
     finally:
         docker("unpause", container("minio", 1))
-    waited = wait_for(lambda: payload_instances() >= before + sent, 120, f"the {sent} payloads sent during the outage in "
+    waited = seconds_until(lambda: payload_instances() >= before + sent, 120, f"the {sent} payloads sent during the outage in "
                                                                  "the bucket", interval=3)
     FAULTS["S3 store paused while replicas log payloads"] = {"sent": sent, "lost": max(0, before + sent - payload_instances()),
                                                              "arrived_after_s": round(waited, 1)}
@@ -452,7 +452,7 @@ def test_postgres_restarted_during_a_training_run(up: dict, tmp_path: Path) -> N
     before = _versions(tmp_path)
     log = tmp_path / "run.log"
     run = _training_in_worker(log, seed=11)
-    wait_for(lambda: TRAINING in log.read_text(), 180, "training under way", interval=0.2)
+    seconds_until(lambda: TRAINING in log.read_text(), 180, "training under way", interval=0.2)
     compose("restart", "postgres")
     assert "epoch 150/150" not in log.read_text(), "the restart came too late: training had ended"
     returncode = run.wait(900)
@@ -475,11 +475,11 @@ def test_the_worker_killed_mid_training_leaves_no_duplicate_and_the_next_run_suc
     before = _versions(tmp_path)
     log = tmp_path / "run.log"
     run = _training_in_worker(log, seed=13)
-    wait_for(lambda: TRAINING in log.read_text(), 180, "training under way", interval=0.2)
+    seconds_until(lambda: TRAINING in log.read_text(), 180, "training under way", interval=0.2)
     docker("kill", container("worker"))
     run.wait(120)
     docker("start", container("worker"))
-    wait_for(lambda: docker("inspect", "-f", "{{.State.Running}}", container("worker")).strip() == "true", 60,
+    seconds_until(lambda: docker("inspect", "-f", "{{.State.Running}}", container("worker")).strip() == "true", 60,
              "the worker running again")
     killed_while = "after training" if "epoch 150/150" in log.read_text() else "training"
     again = compose("exec", "-T", "worker", "fluxo", "run", "--force", "--set", "train.seed=13", *LONG_TRAINING,
