@@ -54,7 +54,7 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
                                                           "opentelemetry/", "asgi/__init__.py", "http/__init__.py",
                                                           "uvicorn/middleware/", "anyio/", "contextlib.py",
                                                           "_weakrefset.py")),
-    ("fluxo handler (serving/app.py, fastpath.py)", ("serving/app.py", "serving/fastpath.py", "serving/runtime.py")),
+    ("fluxo handler (serving/app.py, routes, server, admission, fastpath.py)", ("serving/app.py", "serving/routes_", "serving/server.py", "serving/http.py", "serving/admission.py", "serving/fastpath.py", "serving/runtime.py")),
     ("event loop (uvloop, asyncio)", ("asyncio/", "uvicorn/server.py", "uvicorn/_compat.py")),
 ]
 OTHER = "other"

@@ -11,11 +11,11 @@ response message went through eight Python frames before reaching the socket.
 This middleware is added to the BentoML service (``add_asgi_middleware``), which places it
 inside BentoML's ``TimeoutMiddleware``, so 504 behaves as before, and outside everything
 listed above. It answers ``POST /predict`` with the route's own function
-(:func:`serving.app.predict_response`: one definition of the validation, limits, API key,
-rollout and payload log), and admits and counts it as :class:`serving.app.RequestAccounting`
-does every other request (429 beyond ``FLUXO_MAX_CONCURRENCY``, in-progress gauge, count and
-time by route). Every other request, and every request before the model is loaded, goes
-down the full stack unchanged.
+(:func:`serving.routes_predict.predict_response`: one definition of the validation, limits,
+API key, rollout and payload log), and admits and counts it with the functions
+:class:`serving.admission.RequestAccounting` uses for every other request (429 beyond
+``FLUXO_MAX_CONCURRENCY``, in-progress gauge, count and time by route). Every other request,
+and every request before the model is loaded, goes down the full stack unchanged.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import logging
 import time
 from typing import Any
 
-import orjson
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 
-from serving.app import ApiError, over_capacity, predict_response
+from serving.admission import admit, settle
+from serving.http import ApiError, error_response
+from serving.routes_predict import predict_response
 
 logger = logging.getLogger(__name__)
 
@@ -49,35 +50,24 @@ class PredictFastPath:
             return
         metrics = server.metrics
         started = time.perf_counter()
-        refused = over_capacity(metrics, server)
+        # Refused under its own route, unlike the full stack's "limited": here the route is known before admission.
+        refused = admit(metrics, server, ROUTE, "POST", started)
         if refused is not None:
-            metrics.request(ROUTE, "POST", 429, time.perf_counter() - started)
             await refused(scope, receive, send)
             return
         status = 499  # until an answer is ready: the client went away, or the timeout cancelled us
-        metrics.enter()
         try:
             try:
                 response = await predict_response(server, Headers(scope=scope), receive)
             except ApiError as error:
-                response = _error(error.status, error.message, error.headers)
+                response = error_response(error.status, error.message, error.headers)
             except ClientDisconnect:
                 return
-            except Exception:  # noqa: BLE001 - a server fault answers 500 with a sentence, and is logged
+            except Exception:  # a server fault answers 500 with a sentence, and is logged
                 logger.exception("POST /predict failed")
-                response = _error(500, "internal error while answering; the server log has the cause")
+                response = error_response(500, "internal error while answering; the server log has the cause")
             status = response.status_code
         finally:
-            # Counted before the answer is sent: a client holding its answer that then scrapes
-            # /metrics, on any worker, finds it counted (serving/metrics.py, FlushChannel).
-            metrics.leave()
-            metrics.request(ROUTE, "POST", status, time.perf_counter() - started)
+            settle(metrics, ROUTE, "POST", status, started)  # before the answer is sent (admission.settle)
         await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
-    from starlette.responses import Response
-
-    return Response(orjson.dumps({"error": message}), status_code=status, headers=headers,
-                    media_type="application/json")

@@ -50,7 +50,7 @@ whichever answers the scrape. So each worker listens on a Unix socket in the Pro
 reads the files once all have acknowledged, or after ``SCRAPE_WAIT_S`` (a worker too busy to
 answer by then is read as it stands, at most ``FLUSH_S`` behind). The request path pays nothing
 for this; a scrape pays one local connection per other worker. A request is counted before its
-answer is sent (serving/app.py, serving/fastpath.py), so a client holding an answer finds it counted.
+answer is sent (serving/admission.py, shared by the routes and serving/fastpath.py), so a client holding an answer finds it counted.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Three modes (``FLUXO_ROLLOUT``):
   request draws at random.
 
 Everything here is pure (no model, no HTTP, no I/O) so the choices can be tested
-exactly; serving/app.py wires it to the live models and the metrics.
+exactly; serving/server.py wires it to the live models and the metrics.
 """
 
 from __future__ import annotations

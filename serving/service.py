@@ -2,10 +2,10 @@
 
 One service, one process per worker; each worker loads the model into its own
 ONNX Runtime session and batches concurrent requests in-process
-(serving/batching.py). The routes are a FastAPI app (serving/app.py) mounted
+(serving/batching.py). The routes are a FastAPI app (serving/app.py, routers in serving/routes_*.py) mounted
 at ``/``; BentoML contributes the server and its workers, ``/healthz``,
 ``/livez``, ``/readyz`` and the request timeout (504); ``/metrics`` and the
-concurrency limit (429) are fluxo's (serving/metrics.py, serving/app.py). SIGTERM makes uvicorn stop accepting, finish the
+concurrency limit (429) are fluxo's (serving/metrics.py, serving/admission.py). SIGTERM makes uvicorn stop accepting, finish the
 requests in flight (the batcher keeps running for them), then exit.
 
 Worker count and limits are decorator arguments, so the configuration is read
@@ -19,8 +19,9 @@ import logging
 import bentoml
 
 from serving import API_KEY_ENV, MODEL_DIR_ENV, ServingConfig
-from serving.app import ModelServer, create_app
+from serving.app import create_app
 from serving.fastpath import PredictFastPath
+from serving.server import ModelServer
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def _show_our_logs() -> None:
 
 _service_config: dict = {
     "workers": CONFIG.workers,
-    # The timeout (504) is BentoML's; the concurrency limit (429) is fluxo's own (serving/app.py, over_capacity):
+    # The timeout (504) is BentoML's; the concurrency limit (429) is fluxo's own (serving/admission.py, over_capacity):
     # BentoML's took a semaphore per request. BentoML cannot turn its timeout off (it takes a positive number).
     "traffic": {"timeout": CONFIG.timeout_s},
     # One log line per request costs more CPU than the model run on a small box; the
@@ -58,7 +59,7 @@ if not CONFIG.trace_requests:
 @bentoml.service(name="fluxo", envs=[{"name": MODEL_DIR_ENV}], **_service_config)
 @bentoml.asgi_app(app, path="/")
 class Fluxo:
-    """Loads the model in each worker; the routes live in serving/app.py, POST /predict's fast path in fastpath.py."""
+    """Loads the model in each worker; the routes live in serving/routes_*.py (assembled by serving/app.py), POST /predict's fast path in fastpath.py."""
 
     def __init__(self) -> None:
         _show_our_logs()

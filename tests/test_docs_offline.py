@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from serving import ServingConfig
-from serving.app import ModelServer, create_app
+from serving.app import create_app
 from serving.docs import STATIC_PATH
+from serving.server import ModelServer
 from tests.serving_fixtures import build_model_dir
 
 BASE = "http://testserver"

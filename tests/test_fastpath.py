@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from serving import ServingConfig
-from serving.app import ModelServer, create_app
+from serving.app import create_app
 from serving.fastpath import PredictFastPath
 from serving.schemas import only_numbers, validate_instances
+from serving.server import ModelServer
 from tests.serving_fixtures import build_model_dir, onnx_probabilities, sample_instances
 
 KEY = "s3cret"

@@ -1,0 +1,183 @@
+"""Predictions in fluxo's own form: ``POST /predict`` (JSON instances) and ``POST /predict/image`` (files).
+
+Every body is read against a size limit, parsed and validated before anything is queued for
+the model. :func:`predict_response` is the whole of ``POST /predict`` and takes only headers
+and the ASGI ``receive``, so the FastAPI route here and the fast path (serving/fastpath.py)
+answer with the same code; a change to the route cannot leave the fast path behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from serving.http import (
+    ERROR_RESPONSES,
+    ApiError,
+    Receive,
+    invalid,
+    json_response,
+    media_type,
+    parse_json,
+    read_body,
+    read_limited,
+    require_api_key,
+    require_json,
+)
+from serving.images import InvalidImage, UnsupportedImage, decode_image
+from serving.schemas import (
+    InvalidInstances,
+    PredictRequest,
+    PredictResponse,
+    only_numbers,
+    validate_instances,
+    validate_sequences,
+)
+from serving.server import LiveModel, ModelServer, server_of
+
+IMAGE_TYPES = ("image/png", "image/jpeg")
+
+# The handlers parse their bodies themselves (cheaper than FastAPI's models); the OpenAPI document
+# still states them: create_app hands these to routes_ops.openapi_document.
+REQUEST_BODIES: dict[str, dict[str, Any]] = {
+    "/predict": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+    "/predict/image": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                "required": ["file"],
+            }
+        },
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+BODY_SCHEMAS: tuple[type[BaseModel], ...] = (PredictRequest,)
+
+router = APIRouter()
+
+
+@router.post("/predict", response_model=None, tags=["predict"],
+             responses={200: {"model": PredictResponse}, **ERROR_RESPONSES})
+async def predict(request: Request) -> Response:
+    """Classify instances: each a nested list shaped like GET /metadata's input_shape, raw values."""
+    return await predict_response(server_of(request), request.headers, request.receive)
+
+
+@router.post("/predict/image", response_model=None, tags=["predict"],
+             responses={200: {"model": PredictResponse}, **ERROR_RESPONSES})
+async def predict_image(request: Request) -> Response:
+    """Classify PNG/JPEG files: multipart/form-data (one or more files), or one raw image/png|jpeg body."""
+    server = server_of(request)
+    started = time.perf_counter() if server.payload is not None else 0.0
+    require_api_key(request.headers, server.config.api_key)
+    rollout = server.rollout
+    live = server.live if rollout is None else server.pick(request.headers)
+    if live.image is None:
+        raise ApiError(400, f"model {live.name!r} takes no images (input shape {list(live.model.input_shape)}); "
+                            "send numbers to POST /predict")
+    media = media_type(request.headers)
+    if media != "multipart/form-data" and media not in IMAGE_TYPES:
+        raise ApiError(415, f"Content-Type {media!r} is not accepted here; upload files as multipart/form-data "
+                            "or send one image with Content-Type image/png or image/jpeg")
+    body = await read_body(request, server.config.max_body_bytes)
+    limit = server.config.max_instances
+    if media in IMAGE_TYPES:
+        files = [("the request body", body)]
+    else:
+        files = await _uploaded_files(request, body, limit)
+    if not files:
+        raise ApiError(400, "no file in the upload; send the image(s) as multipart/form-data file fields")
+    if len(files) > limit:
+        raise ApiError(413, f"{len(files)} files, more than the limit of {limit} per request (FLUXO_MAX_INSTANCES)")
+    spec = live.image
+
+    def decode_all() -> np.ndarray:
+        return np.stack([decode_image(data, spec, name) for name, data in files])
+
+    try:
+        batch = await asyncio.to_thread(decode_all)
+    except UnsupportedImage as error:
+        raise ApiError(415, str(error)) from None
+    except InvalidImage as error:
+        raise ApiError(400, str(error)) from None
+    if rollout is None and server.payload is None:
+        return predictions(live, await live.batcher.submit(batch))
+    return await server.respond(request.headers, "/predict/image", live, batch, started,
+                                lambda rows: predictions(live, rows))
+
+
+async def predict_response(server: ModelServer, headers: Mapping[str, str], receive: Receive) -> Response:
+    """``POST /predict``, whole: the FastAPI route and the fast path (serving/fastpath.py) both answer with this.
+
+    ``receive`` is the request's ASGI channel; nothing is read before the key and the content type pass.
+    """
+    started = time.perf_counter() if server.payload is not None else 0.0
+    require_api_key(headers, server.config.api_key)
+    require_json(headers)
+    raw = await read_limited(receive, headers.get("content-length"), server.config.max_body_bytes)
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise ApiError(400, 'the body must be a JSON object like {"instances": [x1, x2, ...]}')
+    if "instances" not in body:
+        hint = " (Open Inference Protocol requests go to POST /v2/models/{name}/infer)" if "inputs" in body else ""
+        raise ApiError(400, 'the body has no "instances": send {"instances": [x1, x2, ...]}' + hint)
+    rollout = server.rollout
+    live = server.live if rollout is None else server.pick(headers)
+    try:  # the champion's contract, whichever variant answers (ModelServer.answer)
+        validate = validate_sequences if server.live.model.takes_lengths else validate_instances
+        batch = validate(body["instances"], live.model.input_shape, server.config.max_instances, only_numbers(raw))
+    except InvalidInstances as error:
+        raise invalid(error) from None
+    if rollout is None and server.payload is None:
+        return predictions(live, await live.batcher.submit(batch))
+    return await server.respond(headers, "/predict", live, batch, started, lambda rows: predictions(live, rows))
+
+
+def predictions(live: LiveModel, probabilities: np.ndarray) -> Response:
+    """``{"predictions": [{"label", "probabilities"}, ...], "model_version"}``: /predict's answer."""
+    labels = live.model.labels
+    best = probabilities.argmax(axis=1).tolist()
+    answer = [{"label": labels[i], "probabilities": row} for i, row in zip(best, probabilities)]
+    return json_response({"predictions": answer, "model_version": live.version})
+
+
+async def _uploaded_files(request: Request, body: bytes, limit: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every file part, in order; the body was already read against the size limit."""
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import Request as StarletteRequest
+
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replayed = StarletteRequest({k: v for k, v in request.scope.items() if k != "app"}, replay)
+    try:
+        form = await replayed.form(max_files=limit + 1, max_fields=limit + 1)
+    except MultiPartException as error:
+        status = 413 if "Too many" in str(error) else 400
+        raise ApiError(status, f"malformed multipart upload: {error}") from None
+    except HTTPException as error:
+        raise ApiError(400, f"malformed multipart upload: {error.detail}") from None
+    files = []
+    try:
+        for field, value in form.multi_items():
+            if hasattr(value, "read"):
+                files.append((f"file {value.filename or field!r}", await value.read()))
+    finally:
+        await form.close()
+    return files
