@@ -26,9 +26,11 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipelines.context import open_run  # noqa: E402
 from pipelines.settings import load_settings  # noqa: E402
 from pipelines.data.store import read_dataset  # noqa: E402
-from pipelines.export.publish import materialize_model  # noqa: E402
+from pipelines.registry.store import materialize_model  # noqa: E402
+from serving import ServingConfig  # noqa: E402
 from serving.launch import start_server, stop_server, wait_ready  # noqa: E402
 
 
@@ -48,7 +50,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     settings = load_settings(args.config)
-    model_dir = materialize_model(ROOT, settings, args.model, settings.registered_model_name()).path
+    model_dir = materialize_model(open_run(ROOT, settings), args.model, settings.registered_model_name()).path
     instances = read_dataset(ROOT / settings.data.data_dir).splits["test"].x
     picks = [instances[i % len(instances)] for i in range(args.requests)]
 
@@ -64,7 +66,7 @@ def main() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = start_server(model_dir, port, log_file=open("/dev/null", "wb"))
+    server = start_server(ServingConfig.for_model_dir(model_dir), port, log_file=open("/dev/null", "wb"))
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, timeout=120, process=server)

@@ -74,6 +74,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipelines.context import open_run  # noqa: E402
+from serving import ServingConfig  # noqa: E402
 from serving.launch import serve_command, serve_env, start_server, stop_server, wait_ready  # noqa: E402
 from serving.runtime import CPU, CUDA, choose_providers, session_options, softmax  # noqa: E402
 
@@ -214,7 +216,8 @@ def own_bentoml_home(log: Path) -> dict[str, str]:
 def start_fluxo(name: str, model_dir: Path, env: dict[str, str], log: Path, **rollout: Any) -> Server:
     """fluxo on ``model_dir``; the name gains the precision it serves when the directory has variants."""
     port = free_port()
-    process = start_server(model_dir, port, env={**own_bentoml_home(log), **env}, log_file=log.open("wb"), **rollout)
+    process = start_server(ServingConfig.for_model_dir(model_dir, **rollout), port, env={**own_bentoml_home(log), **env},
+                           log_file=log.open("wb"))
     wait_ready(f"http://127.0.0.1:{port}", timeout=180, process=process)
     variant = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json().get("variant", "fp32")
     if (model_dir / "metadata.json").is_file() and json.loads((model_dir / "metadata.json").read_text()).get("variants"):
@@ -379,7 +382,7 @@ def start_baseline(ref: str, model_dir: Path, log: Path, before_rollout: bool = 
     port = free_port()
     command = serve_command(model_dir, port)
     command[command.index("--working-dir") + 1] = str(tree)
-    process = subprocess.Popen(command, cwd=tree, env=serve_env(model_dir, own_bentoml_home(log)), stdout=log.open("wb"),
+    process = subprocess.Popen(command, cwd=tree, env=serve_env(ServingConfig.for_model_dir(model_dir), own_bentoml_home(log)), stdout=log.open("wb"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     wait_ready(f"http://127.0.0.1:{port}", timeout=180, process=process)
     if before_rollout and "rollout" in httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json():
@@ -443,9 +446,9 @@ def rollout_run(args: argparse.Namespace, model_dir: Path, instances: np.ndarray
     plan: list[tuple[str, Any]] = [
         ("champion", lambda: start_fluxo("fluxo, champion only", model_dir, {}, logs / "champion.log")),
         ("shadow", lambda: start_fluxo("fluxo, shadow (every request mirrored)", model_dir, {}, logs / "shadow.log",
-                                       challenger=challenger, rollout="shadow")),
+                                       challenger_dir=challenger, rollout="shadow")),
         ("canary", lambda: start_fluxo(f"fluxo, canary (share {CANARY_SHARE})", model_dir, {}, logs / "canary.log",
-                                       challenger=challenger, rollout="canary", canary_share=CANARY_SHARE)),
+                                       challenger_dir=challenger, rollout="canary", canary_share=CANARY_SHARE)),
     ]
     targets: dict[str, RolloutTarget] = {}
     try:
@@ -733,11 +736,11 @@ def main() -> None:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
     from pipelines.settings import load_settings
-    from pipelines.export.publish import materialize_model
+    from pipelines.registry.store import materialize_model
 
     settings = load_settings(args.config)
     tracking_uri = settings.resolved_tracking_uri(ROOT)
-    served = materialize_model(ROOT, settings, args.model, settings.registered_model_name())
+    served = materialize_model(open_run(ROOT, settings), args.model, settings.registered_model_name())
     model_dir, metadata = served.path, served.as_dict()
     labels = list(metadata["labels"])
     instances = held_out_instances(settings, metadata)

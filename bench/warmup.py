@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from serve import challenger_copy, machine, own_bentoml_home  # noqa: E402  (bench/serve.py)
 
+from pipelines.context import open_run  # noqa: E402
+from serving import ServingConfig  # noqa: E402
 from serving.launch import start_server, stop_server, wait_ready  # noqa: E402
 from serving.reload import publish  # noqa: E402
 
@@ -69,7 +71,7 @@ def one_round(model_dir: Path, warmup_runs: int, work: Path, instances: np.ndarr
            "FLUXO_RELOAD_INTERVAL_S": "0.1", "FLUXO_MAX_BATCH_SIZE": "32"}
     one, batch = [instances[0].tolist()], instances[:32].tolist()
     port = _free_port()
-    process = start_server(root, port, env=env, log_file=log.open("wb"))
+    process = start_server(ServingConfig.for_model_dir(root), port, env=env, log_file=log.open("wb"))
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.perf_counter()
@@ -113,14 +115,14 @@ def main() -> None:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
     from pipelines.data.sources import load_builtin
-    from pipelines.export.publish import materialize_model
+    from pipelines.registry.store import materialize_model
     from pipelines.settings import load_settings
 
     settings = load_settings(args.config)
     if args.model is not None:
         model_dir = args.model
     else:
-        model_dir = materialize_model(ROOT, settings, None, settings.registered_model_name()).path
+        model_dir = materialize_model(open_run(ROOT, settings), None, settings.registered_model_name()).path
     metadata = json.loads((model_dir / "metadata.json").read_text())
     instances = np.ascontiguousarray(load_builtin(metadata["dataset"]).x[-64:], dtype=np.float32)
     work = Path(tempfile.mkdtemp(prefix="fluxo-warmup-"))

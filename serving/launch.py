@@ -31,18 +31,7 @@ from typing import IO, Any
 import httpx
 import psutil
 
-from serving import (
-    CANARY_SHARE_ENV,
-    CHALLENGER_DIR_ENV,
-    MODEL_DIR_ENV,
-    PAYLOAD_LOG_ENV,
-    PAYLOAD_SAMPLE_ENV,
-    ROLLOUT_ENV,
-    ROLLOUT_MODES,
-    SHADOW_SAMPLE_ENV,
-    ServingConfig,
-    ServingError,
-)
+from serving import ServingConfig, ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -89,51 +78,23 @@ def serve_command(model_dir: Path | str, port: int, host: str = "127.0.0.1") -> 
     ]
 
 
-def serve_env(
-    model_dir: Path | str,
-    extra: Mapping[str, str] | None = None,
-    *,
-    challenger: Path | str | None = None,
-    rollout: str = "champion",
-    canary_share: float | None = None,
-    shadow_sample: float | None = None,
-    payload_log: Path | str | None = None,
-    payload_sample: float | None = None,
-) -> dict[str, str]:
-    """The environment for the server: ours, plus the absolute model dir, the rollout and any FLUXO_* overrides.
+def serve_env(config: ServingConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: ours, then ``config`` as its ``FLUXO_*`` variables, then ``extra`` (which wins).
 
-    ``rollout`` always sets ``FLUXO_ROLLOUT`` (the caller's choice beats an inherited
-    variable); ``challenger``, ``canary_share`` and ``shadow_sample`` set theirs only
-    when given, as do ``payload_log`` (FLUXO_PAYLOAD_LOG, made absolute) and ``payload_sample``
-    (FLUXO_PAYLOAD_SAMPLE). ``extra`` comes last and wins over all of them. A bad rollout or share
-    raises ServingError here, before anything is spawned.
+    The result is read back the way each worker will read it, so a value no worker would
+    accept (a share of 2, an unknown rollout) raises ServingError naming its variable here,
+    before anything is spawned; so does a challenger with the rollout 'champion'.
     """
-    if rollout not in ROLLOUT_MODES:
-        raise ServingError(f"rollout {rollout!r}: expected one of {', '.join(ROLLOUT_MODES)}")
-    for what, share, example in (("canary share", canary_share, 0.1), ("shadow sample", shadow_sample, 1.0),
-                                 ("payload sample", payload_sample, 1.0)):
-        if share is not None and not 0.0 <= share <= 1.0:
-            raise ServingError(f"{what} {share}: must be between 0 and 1, for example {example}")
-    if challenger is not None and rollout == "champion":
-        raise ServingError("a challenger was given but the rollout is 'champion', which never uses it; "
-                           "choose rollout 'shadow' or 'canary'")
     env = dict(os.environ)
-    env[MODEL_DIR_ENV] = str(Path(model_dir).resolve())
-    env[ROLLOUT_ENV] = rollout
-    if challenger is not None:
-        env[CHALLENGER_DIR_ENV] = str(Path(challenger).resolve())
-    if canary_share is not None:
-        env[CANARY_SHARE_ENV] = repr(float(canary_share))
-    if shadow_sample is not None:
-        env[SHADOW_SAMPLE_ENV] = repr(float(shadow_sample))
-    if payload_log is not None:
-        raw = str(payload_log)
-        env[PAYLOAD_LOG_ENV] = raw if "://" in raw else str(Path(raw).resolve())
-    if payload_sample is not None:
-        env[PAYLOAD_SAMPLE_ENV] = repr(float(payload_sample))
+    env.update(config.to_env())
     # BentoML's usage analytics phone home; a local model server has no reason to.
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.update(extra or {})
+    served = ServingConfig.from_env(env)
+    served.require_model_dir()
+    if served.challenger_dir is not None and served.rollout == "champion":
+        raise ServingError("a challenger was given but the rollout is 'champion', which never uses it; "
+                           "choose rollout 'shadow' or 'canary'")
     return env
 
 
@@ -196,37 +157,27 @@ def _contract(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def start_server(
-    model_dir: Path | str,
+    config: ServingConfig,
     port: int,
     host: str = "127.0.0.1",
     *,
     env: Mapping[str, str] | None = None,
     log_file: IO[bytes] | None = None,
-    challenger: Path | str | None = None,
-    rollout: str = "champion",
-    canary_share: float | None = None,
-    shadow_sample: float | None = None,
-    payload_log: Path | str | None = None,
-    payload_sample: float | None = None,
 ) -> ServerProcess:
-    """Spawn ``bentoml serve`` for ``model_dir``; returns at once, see :func:`wait_ready`.
+    """Spawn ``bentoml serve`` for ``config.model_dir``; returns at once, see :func:`wait_ready`.
 
-    The directory is checked first (:func:`check_model_dir`), so a broken one
-    raises ServingError here instead of hanging the server. ``env`` adds
-    variables such as FLUXO_MAX_BATCH_SIZE. ``rollout`` (``champion``, ``shadow``
-    or ``canary``), ``challenger`` (a model directory or model root),
-    ``canary_share`` and ``shadow_sample`` set FLUXO_ROLLOUT, FLUXO_CHALLENGER_DIR,
-    FLUXO_CANARY_SHARE and FLUXO_SHADOW_SAMPLE, ``payload_log`` and ``payload_sample`` FLUXO_PAYLOAD_LOG and
-    FLUXO_PAYLOAD_SAMPLE (see :func:`serve_env`); a challenger that is already there is checked like
-    the champion (:func:`check_rollout`). Output goes to ``log_file`` when
-    given, else to this process's stdout/stderr. The server gets its own
-    session, so a Ctrl+C reaches only the caller, which then calls
-    :func:`stop_server` in a ``finally``. Its Prometheus folder is its own, new and
+    The directory is checked first (:func:`check_model_dir`), so a broken one raises
+    ServingError here instead of hanging the server. ``config`` reaches the workers as
+    ``FLUXO_*`` variables (:func:`serve_env`); ``env`` adds or overrides variables (a test's
+    FLUXO_MAX_BATCH_SIZE). A challenger that is already there is checked like the champion
+    (:func:`check_rollout`). Output goes to ``log_file`` when given, else to this process's
+    stdout/stderr. The server gets its own session, so a Ctrl+C reaches only the caller, which
+    then calls :func:`stop_server` in a ``finally``. Its Prometheus folder is its own, new and
     empty (see the module docstring).
     """
+    model_dir = config.require_model_dir()
     champion = check_model_dir(model_dir)
-    server_env = serve_env(model_dir, env, challenger=challenger, rollout=rollout, canary_share=canary_share,
-                           shadow_sample=shadow_sample, payload_log=payload_log, payload_sample=payload_sample)
+    server_env = serve_env(config, env)
     check_rollout(server_env, champion)
     command = serve_command(model_dir, port, host)
     # Short and under the system's temporary folder: the workers' Unix sockets live in it too (serving/metrics.py).

@@ -170,7 +170,7 @@ class RunningServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def __enter__(self) -> RunningServer:
-        from serving import ServingError
+        from serving import ServingConfig, ServingError
         from serving.launch import start_server, wait_ready
 
         self._log_file = self.log_path.open("wb")
@@ -178,7 +178,8 @@ class RunningServer:
         # on the same home (another test module, a colleague's run) would erase this one's /metrics counters.
         home = self.log_path.parent / f"bentoml-home-{self.port}"
         env = {"BENTOML_HOME": str(home), **self.env}
-        self.process = start_server(self.model_dir, self.port, env=env, log_file=self._log_file)
+        self.process = start_server(ServingConfig.for_model_dir(self.model_dir), self.port, env=env,
+                                    log_file=self._log_file)
         try:
             wait_ready(self.url, timeout=self.timeout, process=self.process)
         except ServingError as error:

@@ -635,20 +635,14 @@ def test_service_urls_point_at_services_and_their_ports():
 
 def test_fluxo_settings_in_the_environment_exist():
     """Every FLUXO_SECTION__FIELD given to a container is a real setting (env_nested_delimiter='__');
-    the others are the service's own variables (serving/__init__.py)."""
+    the others are the service's own variables (serving/config.py)."""
     from pipelines.settings import FluxoSettings
     import serving
 
-    import ast
-
-    # The service's FLUXO_* variables: its *_ENV constants and the names its settings read by literal
-    # (ServeConfig's `_env_int("FLUXO_WORKERS", ...)` and the like).
-    own = {value for name, value in vars(serving).items() if name.endswith("_ENV")}
-    for node in ast.walk(ast.parse(Path(serving.__file__).read_text())):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.startswith("_env_")
-                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            own.add(node.args[0].value)
-    assert {"FLUXO_PAYLOAD_ROTATE_S", "FLUXO_WORKERS"} <= own, "serving/__init__.py reads its variables differently now"
+    # The service's FLUXO_* variables: every ServingConfig field's (serving/config.py), and its *_ENV constants.
+    own = set(serving.ServingConfig.for_model_dir("/model").to_env()) | {
+        value for name, value in vars(serving).items() if name.endswith("_ENV")}
+    assert {"FLUXO_PAYLOAD_ROTATE_S", "FLUXO_WORKERS"} <= own, "serving/config.py names its variables differently now"
     services = _load()["services"]
     for name in APP_SERVICES:
         for key in _environment(services[name]):

@@ -61,13 +61,13 @@ def test_bad_payload_settings_name_the_variable(name: str, value: str) -> None:
 
 def test_serve_env_sets_payload_variables_only_when_given(tmp_path: Path) -> None:
     model = build_model_dir(tmp_path / "m")
-    env = serve_env(model, payload_log=tmp_path / "log", payload_sample=0.25)
+    env = serve_env(ServingConfig.for_model_dir(model, payload_log=tmp_path / "log", payload_sample=0.25))
     assert env["FLUXO_PAYLOAD_LOG"] == str((tmp_path / "log").resolve()) and env["FLUXO_PAYLOAD_SAMPLE"] == "0.25"
     os.environ.pop("FLUXO_PAYLOAD_LOG", None)
-    plain = serve_env(model)
-    assert "FLUXO_PAYLOAD_LOG" not in plain and "FLUXO_PAYLOAD_SAMPLE" not in plain
-    with pytest.raises(ServingError, match="payload sample 2"):
-        serve_env(model, payload_sample=2)
+    plain = serve_env(ServingConfig.for_model_dir(model))
+    assert "FLUXO_PAYLOAD_LOG" not in plain and "FLUXO_PAYLOAD_SPOOL" not in plain
+    with pytest.raises(ServingError, match="FLUXO_PAYLOAD_SAMPLE=2.0"):
+        serve_env(ServingConfig.for_model_dir(model, payload_sample=2.0))
 
 
 # --- the logger in-process ----------------------------------------------------------------

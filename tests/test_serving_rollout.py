@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -157,20 +158,25 @@ def test_bad_rollout_settings_name_the_variable(name: str, value: str) -> None:
 
 def test_serve_env_sets_the_rollout(tmp_path: Path) -> None:
     champion = build_model_dir(tmp_path / "a")
-    env = serve_env(champion, challenger=tmp_path / "root", rollout="canary", canary_share=0.25, shadow_sample=0.5)
+    config = ServingConfig.for_model_dir(champion, challenger_dir=tmp_path / "root", rollout="canary",
+                                         canary_share=0.25, shadow_sample=0.5)
+    env = serve_env(config)
     assert env["FLUXO_ROLLOUT"] == "canary" and env["FLUXO_CANARY_SHARE"] == "0.25"
     assert env["FLUXO_SHADOW_SAMPLE"] == "0.5"
     assert env["FLUXO_CHALLENGER_DIR"] == str((tmp_path / "root").resolve())
-    assert serve_env(champion)["FLUXO_ROLLOUT"] == "champion"
-    assert serve_env(champion, {"FLUXO_ROLLOUT": "shadow"})["FLUXO_ROLLOUT"] == "shadow"  # env= wins
-    with pytest.raises(ServingError, match="rollout 'blue'"):
-        serve_env(champion, rollout="blue")
-    with pytest.raises(ServingError, match="canary share 2"):
-        serve_env(champion, rollout="canary", canary_share=2)
-    with pytest.raises(ServingError, match="shadow sample -1"):
-        serve_env(champion, rollout="shadow", shadow_sample=-1)
+    assert ServingConfig.from_env(env) == replace(config, model_dir=champion.resolve(),
+                                                  challenger_dir=(tmp_path / "root").resolve())
+    assert serve_env(ServingConfig.for_model_dir(champion))["FLUXO_ROLLOUT"] == "champion"
+    plain = ServingConfig.for_model_dir(champion)
+    assert serve_env(plain, {"FLUXO_ROLLOUT": "shadow"})["FLUXO_ROLLOUT"] == "shadow"  # env= wins
+    with pytest.raises(ServingError, match="FLUXO_ROLLOUT='blue'"):
+        serve_env(replace(plain, rollout="blue"))
+    with pytest.raises(ServingError, match="FLUXO_CANARY_SHARE=2.0"):
+        serve_env(replace(plain, rollout="canary", canary_share=2))
+    with pytest.raises(ServingError, match="FLUXO_SHADOW_SAMPLE=-1.0"):
+        serve_env(replace(plain, rollout="shadow", shadow_sample=-1))
     with pytest.raises(ServingError, match="rollout is 'champion'"):
-        serve_env(champion, challenger=tmp_path / "b")
+        serve_env(replace(plain, challenger_dir=tmp_path / "b"))
 
 
 def test_the_launcher_refuses_a_challenger_that_reads_other_inputs(tmp_path: Path) -> None:
@@ -179,10 +185,11 @@ def test_the_launcher_refuses_a_challenger_that_reads_other_inputs(tmp_path: Pat
     meta = {"input_shape": [1, 8, 8], "input_dtype": "float32", "labels": [str(i) for i in range(10)],
             "dataset": "digits"}
     with pytest.raises(ServingError, match="cannot stand in for the champion: its labels"):
-        check_rollout(serve_env(champion, challenger=other, rollout="shadow"), meta)
-    check_rollout(serve_env(champion, challenger=tmp_path / "later", rollout="shadow"), meta)  # waits for it
+        check_rollout(serve_env(ServingConfig.for_model_dir(champion, challenger_dir=other, rollout="shadow")), meta)
+    check_rollout(serve_env(ServingConfig.for_model_dir(champion, challenger_dir=tmp_path / "later",
+                                                       rollout="shadow")), meta)  # waits for it
     with pytest.raises(ServingError, match="FLUXO_SHADOW_SAMPLE"):
-        check_rollout(serve_env(champion, {"FLUXO_SHADOW_SAMPLE": "3"}, rollout="shadow"), meta)
+        serve_env(ServingConfig.for_model_dir(champion, rollout="shadow"), {"FLUXO_SHADOW_SAMPLE": "3"})
 
 
 def test_a_pending_root_is_noticed_when_its_pointer_appears(tmp_path: Path) -> None:
@@ -199,7 +206,8 @@ def test_a_pending_root_is_noticed_when_its_pointer_appears(tmp_path: Path) -> N
 
 
 def _in_process(config: ServingConfig) -> tuple[object, object]:
-    from serving.app import ModelServer, create_app
+    from serving.app import create_app
+    from serving.server import ModelServer
 
     app = create_app()
     app.state.server = ModelServer(config)
@@ -301,7 +309,7 @@ def test_a_slow_challenger_delays_no_answer_and_its_backlog_is_capped(tmp_path: 
 def test_a_challenger_with_other_labels_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     champion = build_model_dir(tmp_path / "a")
     other = build_model_dir(tmp_path / "b", labels=[f"c{i}" for i in range(10)])
-    with caplog.at_level("ERROR", logger="serving.app"):
+    with caplog.at_level("ERROR", logger="serving.server"):
         _, server = _in_process(ServingConfig(model_dir=champion, provider="cpu", rollout="canary",
                                               challenger_dir=other))
     assert server.challenger is None and "cannot stand in for the champion: its labels" in caplog.text

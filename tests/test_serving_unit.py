@@ -281,7 +281,7 @@ def test_serve_command_and_env(tmp_path: Path) -> None:
     command = serve_command(model_dir, 3123, host="0.0.0.0")
     assert command[-8:] == ["serve", "serving.service:Fluxo", "--working-dir", str(PROJECT_ROOT),
                             "--host", "0.0.0.0", "--port", "3123"]
-    env = serve_env(model_dir, {"FLUXO_MAX_BATCH_SIZE": "8"})
+    env = serve_env(ServingConfig.for_model_dir(model_dir), {"FLUXO_MAX_BATCH_SIZE": "8"})
     assert env["FLUXO_MODEL_DIR"] == str(model_dir.resolve()) and env["FLUXO_MAX_BATCH_SIZE"] == "8"
 
 
@@ -308,7 +308,7 @@ def test_service_logic_in_process(tmp_path: Path) -> None:
         "assert app.state.server is svc.server and svc.server.live.version == '3'\n"
         "assert svc.server.live.batcher.max_batch_size == 4\n"
     )
-    env = {**serve_env(model_dir), "FLUXO_MAX_BATCH_SIZE": "4"}
+    env = {**serve_env(ServingConfig.for_model_dir(model_dir)), "FLUXO_MAX_BATCH_SIZE": "4"}
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -336,8 +336,8 @@ def test_a_silent_provider_fallback_is_reported(tmp_path: Path, caplog: pytest.L
 
 
 def test_warmup_runs_each_batch_size_and_the_server_warms_every_session_it_loads(tmp_path: Path) -> None:
-    from serving.app import ModelServer
     from serving.runtime import OnnxModel
+    from serving.server import ModelServer
 
     model = OnnxModel(build_model_dir(tmp_path / "m"))
     seen: list[tuple[int, ...]] = []
@@ -408,7 +408,8 @@ def test_the_launcher_refuses_a_variant_that_was_not_kept_before_spawning(tmp_pa
     from serving.launch import check_model_dir, check_rollout
 
     model_dir = build_model_dir(tmp_path / "m")
-    env = serve_env(model_dir, {"FLUXO_VARIANT": "int8"})
+    env = serve_env(ServingConfig.for_model_dir(model_dir), {"FLUXO_VARIANT": "int8"})
     with pytest.raises(ServingError, match="FLUXO_VARIANT=int8: .* export did not build one"):
         check_rollout(env, check_model_dir(model_dir))
-    check_rollout(serve_env(model_dir, {"FLUXO_VARIANT": "auto"}), check_model_dir(model_dir))
+    check_rollout(serve_env(ServingConfig.for_model_dir(model_dir), {"FLUXO_VARIANT": "auto"}),
+                  check_model_dir(model_dir))
