@@ -125,7 +125,7 @@ def main() -> None:
 
     from models import build_model
     from models.preprocess import Standardized
-    from pipelines.settings import load_settings
+    from pipelines.settings import TrainSettings, load_settings
     from pipelines.data.ingest import ingest, version
     from pipelines.data.store import read_dataset
     from pipelines.train.batches import batches_for
@@ -159,7 +159,9 @@ def main() -> None:
     with MemoryPeaks() as epoch_memory:
         batches = batches_for(train, args.batch_size, torch.device("cpu"), 0, resident_limit_mb=0)
         val = batches_for(dataset.splits["val"], 1024, torch.device("cpu"), 0, resident_limit_mb=0)
-        result = fit(model, batches, val, FitConfig(1, args.batch_size, 1e-3, 0.0, 1, 0))
+        config = FitConfig.from_settings(TrainSettings(epochs=1, batch_size=args.batch_size, learning_rate=1e-3,
+                                                       weight_decay=0.0, patience=1, seed=0))
+        result = fit(model, batches, val, config)
     epoch_rate = len(train) / result.seconds  # includes the validation pass over the val split
 
     stream = batches_for(train, args.batch_size, torch.device("cpu"), 1, resident_limit_mb=0)

@@ -37,7 +37,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -59,27 +58,9 @@ H100_REFERENCE = {
 
 
 def machine(device) -> dict:
-    import torch
+    from environment import torch_machine  # bench/environment.py
 
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor() or "unknown",
-    ) if Path("/proc/cpuinfo").exists() else platform.processor()
-    info = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-    }
-    try:
-        info["load_average_at_start"] = list(os.getloadavg())
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
+    info = torch_machine(device)
     try:
         import lightning
 
@@ -109,21 +90,28 @@ def accuracy(model, x, y) -> float:
 def run_fluxo(model, data: dict, steps: int, device, seed: int, compile_mode: str = "off", bf16: bool = False) -> dict:
     from pipelines.data.store import Split
     from pipelines.train.batches import ResidentBatches
+    from pipelines.settings import TrainSettings
+    from pipelines.train.callbacks import Callback
     from pipelines.train.engine import FitConfig, fit
 
     train = ResidentBatches(Split([data["x_train"]], data["y_train"]), BATCH_SIZE, device, seed)
     test = ResidentBatches(Split([data["x_test"]], data["y_test"]), BATCH_SIZE, device, seed)
     epochs = steps // (len(data["y_train"]) // BATCH_SIZE)
     final: dict = {}
-    config = FitConfig(
+    config = FitConfig.from_settings(TrainSettings(
         epochs=epochs, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, weight_decay=0.0,
         patience=epochs + 1, seed=seed, optimizer="adam",
         compile=compile_mode != "off", compile_mode="default" if compile_mode == "off" else compile_mode,
         precision="bf16" if bf16 else "fp32",
-    )
+    ))
+
+    class LastEpoch(Callback):
+        def on_epoch_end(self, state) -> None:
+            final.update(state.record)
+
     sync(device)
     started = time.perf_counter()
-    result = fit(model, train, test, config, on_epoch=lambda epoch, record: final.update(record))
+    result = fit(model, train, test, config, [LastEpoch()])
     sync(device)
     seconds = time.perf_counter() - started
     return {

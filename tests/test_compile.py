@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch._dynamo
 
+from pipelines.settings import TrainSettings
 from pipelines.train.engine import ClassificationStep, FitConfig, compiled_step, evaluate, fit, seed_everything
 from pipelines.train.optim import build_optimizer, build_scheduler
 from tests.test_train import _digits_tensors, _model
@@ -57,8 +58,8 @@ def test_compiled_training_learns_like_eager() -> None:
         seed_everything(0)
         train, val = _digits_tensors(batch_size=100)  # 1,200 samples: every batch the same shape
         model = _model()
-        config = FitConfig(epochs=5, batch_size=100, learning_rate=2e-2, weight_decay=0, patience=5, seed=0,
-                           scheduler="onecycle", compile=compiled)
+        config = FitConfig.from_settings(TrainSettings(epochs=5, batch_size=100, learning_rate=2e-2, weight_decay=0,
+                                                       patience=5, seed=0, scheduler="onecycle", compile=compiled))
         result = fit(model, train, val, config)
         _, accuracy, _, _ = evaluate(model, val, ClassificationStep())
         results[compiled] = (accuracy, [h["learning_rate"] for h in result.history], result)

@@ -17,8 +17,11 @@ from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
 from pipelines.train.checkpoint import load_checkpoint, model_payload, rebuild_model, save_checkpoint
 from pipelines.data.store import Split
+from pipelines.settings import TrainSettings
 from pipelines.train.batches import ResidentBatches
+from pipelines.train.callbacks import Callback
 from pipelines.train.engine import ClassificationStep, FitConfig, evaluate, fit, seed_everything
+from pipelines.train.fit_state import FitState
 from pipelines.train.run import train_and_evaluate
 from pipelines.train.tracker import NullTracker
 
@@ -39,9 +42,17 @@ def test_fit_learns_digits_and_restores_best_weights() -> None:
     seed_everything(0)
     train, val = _digits_tensors()
     model = _model()
-    config = FitConfig(epochs=6, batch_size=64, learning_rate=5e-3, weight_decay=0, patience=3, seed=0)
+    config = FitConfig.from_settings(
+        TrainSettings(epochs=6, batch_size=64, learning_rate=5e-3, weight_decay=0, patience=3, seed=0)
+    )
     best_seen: list[int] = []
-    result = fit(model, train, val, config, on_best=lambda m, epoch: best_seen.append(epoch))
+
+    class BestSeen(Callback):
+        def on_epoch_end(self, state: FitState) -> None:
+            if state.improved:
+                best_seen.append(state.epoch)
+
+    result = fit(model, train, val, config, [BestSeen()])
     loss, accuracy, _, _ = evaluate(model, val, ClassificationStep())
     assert accuracy > 0.85, result.history
     assert loss == pytest.approx(result.best_val_loss, rel=1e-5)  # the model holds the best epoch's weights
@@ -54,14 +65,18 @@ def test_early_stopping_stops_when_validation_stalls() -> None:
     train, val = _digits_tensors(batch_size=256)
     # A (practically) zero learning rate can never improve validation loss after the first epoch. The
     # model has no batch norm: its running statistics would move the loss, and the test with it.
-    config = FitConfig(epochs=50, batch_size=256, learning_rate=1e-12, weight_decay=0, patience=2, seed=0)
+    config = FitConfig.from_settings(
+        TrainSettings(epochs=50, batch_size=256, learning_rate=1e-12, weight_decay=0, patience=2, seed=0)
+    )
     frozen = Standardized(build_model("mlp", (1, 8, 8), 10, hidden=16), mean=4.9, std=6.0)
     result = fit(frozen, train, val, config)
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
 
 
 def test_same_seed_same_weights() -> None:
-    config = FitConfig(epochs=2, batch_size=128, learning_rate=1e-3, weight_decay=0, patience=5, seed=3)
+    config = FitConfig.from_settings(
+        TrainSettings(epochs=2, batch_size=128, learning_rate=1e-3, weight_decay=0, patience=5, seed=3)
+    )
     states = []
     for _ in range(2):
         train, val = _digits_tensors(batch_size=128, seed=3)
@@ -78,7 +93,9 @@ def test_without_a_terminal_each_epoch_is_logged_instead_of_a_bar(
     """Under pytest stderr is no terminal, as in CI, nohup or a Prefect worker: tqdm shows no bar,
     so one INFO line per epoch says how training goes."""
     train, val = _digits_tensors(batch_size=256)
-    config = FitConfig(epochs=2, batch_size=256, learning_rate=1e-3, weight_decay=0, patience=5, seed=0)
+    config = FitConfig.from_settings(
+        TrainSettings(epochs=2, batch_size=256, learning_rate=1e-3, weight_decay=0, patience=5, seed=0)
+    )
     with caplog.at_level("INFO", logger="pipelines.train.engine"):
         result = fit(_model(), train, val, config)
     lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.train.engine"]
@@ -150,8 +167,10 @@ def test_train_and_evaluate_without_mlflow(project: Path, settings_for) -> None:
 def test_monitoring_validation_accuracy_keeps_the_most_accurate_epoch() -> None:
     seed_everything(0)
     train, val = _digits_tensors()
-    config = FitConfig(epochs=5, batch_size=64, learning_rate=5e-3, weight_decay=0, patience=5, seed=0,
-                       monitor="val_accuracy")
+    config = FitConfig.from_settings(
+        TrainSettings(epochs=5, batch_size=64, learning_rate=5e-3, weight_decay=0, patience=5, seed=0,
+                      monitor="val_accuracy")
+    )
     model = _model()
     result = fit(model, train, val, config)
     accuracies = [h["val_accuracy"] for h in result.history]

@@ -3,27 +3,39 @@
 Batches come from ``pipelines.train.batches``: resident tensors on the device when
 the data fits (each step is a slice, not a DataLoader round trip), streamed shards
 when it does not. The loop synchronises with the device once per epoch.
+
+The loop only trains and validates; reporting, early stopping and checkpoints are
+callbacks (``pipelines.train.callbacks``) around it, so the engine knows nothing of
+MLflow or of where files go, and the same loop serves runs, tuning and benchmarks.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import time
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn as nn
-from tqdm.auto import tqdm
+from torch import nn
 
 from pipelines.train import distributed
 from pipelines.train.batches import Batch, ResidentBatches, StreamingBatches
-from pipelines.train.checkpoint import restore_rng_states, rng_states, save_state
+from pipelines.train.callbacks import Callback, EarlyStopping, ProgressReport
+from pipelines.train.fit_state import FitState, fresh_partial, restore
 from pipelines.train.losses import Task, build_task
-from pipelines.train.optim import build_optimizer, build_scheduler, clip_gradients, l1_penalty, parameter_groups
-from pipelines.train.tracker import NullTracker, Tracker
+from pipelines.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    l1_penalty,
+    parameter_groups,
+)
+
+if TYPE_CHECKING:
+    from pipelines.settings import TrainSettings
 
 Batches = ResidentBatches | StreamingBatches
 
@@ -72,28 +84,40 @@ class ClassificationStep(TaskStep):
 Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitConfig:
+    """How one fit trains: the ``train`` settings the loop reads, fixed for its length.
+
+    Built with :meth:`from_settings`, so each default lives once, in ``TrainSettings``;
+    a variant of a run's fit (the retraining pass) is ``dataclasses.replace`` of it.
+    """
+
     epochs: int
     batch_size: int
     learning_rate: float
     weight_decay: float
     patience: int
     seed: int
-    monitor: str = "val_loss"  # or "val_accuracy": which validation number early stopping follows
-    optimizer: str = "adam"
-    momentum: float = 0.0
-    nesterov: bool = False
-    scheduler: str = "none"
-    scheduler_options: dict = field(default_factory=dict)
-    l1: float = 0.0
-    clip_norm: float | None = None
-    checkpoint_dir: Path | None = None  # resumable state is written here when set
-    checkpoint_every: int = 0  # also save every N optimiser steps (0: at epoch ends only)
+    monitor: str  # which validation number early stopping follows: val_loss or val_accuracy
+    optimizer: str
+    momentum: float
+    nesterov: bool
+    scheduler: str
+    scheduler_options: Mapping[str, Any]
+    l1: float
+    clip_norm: float | None
+    checkpoint_every: int  # callbacks' on_interval every N optimiser steps (0: at epoch ends only)
+    precision: str  # bf16: autocast matmuls/convolutions to bfloat16 (GPU tensor cores)
+    compile: bool  # torch.compile forward/backward and the optimiser step (lr as a tensor)
+    compile_mode: str  # the model's torch.compile mode; reduce-overhead: CUDA graphs
+    # Not a setting: only the retraining pass on train+val, which has no held-out data to pick by, sets it.
     keep_last: bool = False  # end with the last epoch's weights instead of the best validation epoch's
-    precision: str = "fp32"  # or "bf16": autocast matmuls/convolutions to bfloat16 (GPU tensor cores)
-    compile: bool = False  # torch.compile forward/backward and the optimiser step (lr as a tensor)
-    compile_mode: str = "default"  # the model's torch.compile mode; reduce-overhead: CUDA graphs
+
+    @classmethod
+    def from_settings(cls, train: TrainSettings) -> FitConfig:
+        """The fit a run's ``train`` settings describe; every field but ``keep_last`` is a setting of that name."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"keep_last"}
+        return cls(**{name: getattr(train, name) for name in names})
 
 
 @dataclass
@@ -139,12 +163,152 @@ def evaluate(model: nn.Module, batches: Batches, step: ClassificationStep) -> tu
     return float(loss), float(accuracy), all_logits, all_targets
 
 
-def _log_epoch(epoch: int, epochs: int, record: dict[str, float], seconds: float, with_accuracy: bool) -> None:
-    """One INFO line per epoch: where there is no progress bar (CI logs, nohup, a Prefect worker)
-    it is the only sign that training is alive, and the numbers a bar would show."""
-    accuracy = f", val_accuracy {record['val_accuracy']:.4f}" if with_accuracy else ""
-    log.info("epoch %d/%d: train_loss %.4f, val_loss %.4f%s (%.1f s)",
-             epoch, epochs, record["train_loss"], record["val_loss"], accuracy, seconds)
+class _Loop:
+    """One fit's moving parts: the module that trains, its optimiser and schedule, and the shared state.
+
+    A class so that the steps of a fit (restore, train an epoch, close it) share these
+    without a dozen arguments each; :func:`fit` is the way in.
+    """
+
+    def __init__(self, model: nn.Module, train: Batches, val: Batches, config: FitConfig, step: TaskStep,
+                 augment: Augment | None) -> None:
+        self.model, self.train, self.val, self.config = model, train, val, config
+        self.step, self.augment = step, augment
+        ranks = distributed.current()
+        # Training steps go through the DDP wrapper (it all-reduces gradients); everything else,
+        # evaluation and state dicts included, uses the plain module, identical on every rank.
+        trained = torch.nn.parallel.DistributedDataParallel(model) if ranks.active else model
+        self.trained = torch.compile(trained, mode=config.compile_mode) if config.compile else trained
+        params = parameter_groups(model, config.weight_decay)
+        optimizer = build_optimizer(
+            config.optimizer, params, config.learning_rate, config.weight_decay, config.momentum, config.nesterov,
+            lr_tensor=config.compile,
+        )
+        steps_per_epoch = max(1, -(-len(train) // config.batch_size))
+        schedule = build_scheduler(
+            config.scheduler, optimizer, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+            compiled=config.compile, **config.scheduler_options,
+        )
+        self.optimizer_step = compiled_step(optimizer) if config.compile else optimizer.step
+        self.state = FitState(
+            model=model, optimizer=optimizer, schedule=schedule,
+            augment_generator=torch.Generator().manual_seed(config.seed + 1), order_rng=train.rng_state(),
+            main=ranks.main,
+        )
+        self.skip_steps = 0  # steps of the first epoch a resumed state had already trained
+        self.device = next(model.parameters()).device
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from a state ``Checkpointing`` saved: its epoch resumes after the steps it had done."""
+        self.skip_steps = restore(self.state, saved, self.train)
+        log.info("resuming at epoch %d, step %d (global step %d)", self.state.epoch, self.skip_steps,
+                 self.state.global_step)
+
+    def run(self, callbacks: Sequence[Callback]) -> FitResult:
+        """Train epoch by epoch, calling ``callbacks`` at each point, until the last epoch or a stop."""
+        state, config = self.state, self.config
+        started = time.perf_counter()
+        seen = 0
+        for callback in callbacks:
+            callback.on_fit_start(state)
+        for epoch in range(state.epoch, config.epochs + 1):
+            state.epoch = epoch
+            for callback in callbacks:
+                callback.on_epoch_start(state)
+            seen += self._close_epoch(self._train_epoch(callbacks))
+            for callback in callbacks:
+                callback.on_epoch_end(state)
+            if state.stop:
+                break
+        for callback in callbacks:
+            callback.on_fit_end(state)
+        seconds = time.perf_counter() - started
+        if state.best_state is not None and not config.keep_last:
+            self.model.load_state_dict(state.best_state)
+        return FitResult(
+            best_epoch=state.progress["best_epoch"],
+            best_val_loss=state.progress["best_loss"],
+            epochs_run=len(state.history),
+            history=state.history,
+            seconds=seconds,
+            samples_per_second=seen / seconds if seconds > 0 else 0.0,
+            stopped_early=len(state.history) < config.epochs,
+        )
+
+    def _train_epoch(self, callbacks: Sequence[Callback]) -> list[float]:
+        """One pass over the training batches; the loss sum, correct count and samples, summed over ranks.
+
+        The sums stay on the device (one synchronisation per epoch) except at checkpoint
+        intervals, where they join ``state.partial`` so a snapshot holds them.
+        """
+        state, every = self.state, self.config.checkpoint_every
+        if self.skip_steps == 0:
+            state.order_rng = self.train.rng_state()
+            state.partial = fresh_partial()
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for index, batch in enumerate(self.train.epoch()):
+            if index < self.skip_steps:
+                continue  # replaying a resumed epoch's order up to where it stopped
+            batch, logits, loss = self._step(batch)
+            state.global_step += 1
+            loss_sum += loss.detach() * len(batch.y)
+            correct += self.step.correct(logits.detach(), batch.y)
+            state.partial["count"] += len(batch.y)
+            if every and state.global_step % every == 0:
+                state.partial["loss_sum"] += float(loss_sum)
+                state.partial["correct"] += int(correct)
+                loss_sum.zero_()
+                correct.zero_()
+                state.step_in_epoch = index + 1
+                for callback in callbacks:
+                    callback.on_interval(state)
+        self.skip_steps = 0
+        partial = state.partial
+        return distributed.sum_across_ranks(
+            torch.tensor([partial["loss_sum"] + float(loss_sum), partial["correct"] + int(correct), partial["count"]],
+                         dtype=torch.float64, device=self.device)
+        ).tolist()
+
+    def _step(self, batch: Batch) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+        """One optimiser step on one batch (augmented first, when asked): the batch trained on, its logits, its loss."""
+        config, model = self.config, self.model
+        if self.augment is not None:
+            batch = Batch(*self.augment(batch.x, batch.y, self.state.augment_generator, batch.lengths), batch.lengths)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            logits = forward(self.trained, batch)
+        logits = logits.float()
+        loss = self.step.loss(logits, batch.y)
+        if config.l1:
+            loss = loss + l1_penalty(model, config.l1)
+        optimizer = self.state.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(model, config.clip_norm)
+        self.optimizer_step()
+        self.state.schedule.after_batch()
+        return batch, logits, loss
+
+    def _close_epoch(self, totals: list[float]) -> int:
+        """Validate, record the epoch in ``state``, start the next one's sums; returns the samples trained on."""
+        state = self.state
+        count = int(totals[2])
+        learning_rate = float(state.optimizer.param_groups[0]["lr"])  # a tensor when compiled
+        state.schedule.after_epoch()
+        val_loss, val_accuracy, _, _ = evaluate(self.model, self.val, self.step)
+        state.record = {
+            "epoch": state.epoch,
+            "train_loss": totals[0] / max(count, 1),
+            "train_accuracy": totals[1] / max(count, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "learning_rate": learning_rate,
+        }
+        state.history.append(state.record)
+        state.partial = fresh_partial()
+        state.order_rng = self.train.rng_state()
+        return count
 
 
 def fit(
@@ -152,192 +316,31 @@ def fit(
     train: Batches,
     val: Batches,
     config: FitConfig,
-    tracker: Tracker | None = None,
-    on_best: Callable[[nn.Module, int], None] | None = None,
-    step: ClassificationStep | None = None,
+    callbacks: Sequence[Callback] = (),
+    *,
+    step: TaskStep | None = None,
     augment: Augment | None = None,
     resume: dict[str, Any] | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    extra_state: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Train until the monitored validation number stops improving for ``patience`` epochs.
+    """Train until the monitored validation number stops improving for ``config.patience`` epochs.
 
-    The model is left holding the best epoch's weights. ``on_best`` is called each
-    time the monitored number improves (the caller writes the export checkpoint);
-    ``on_epoch`` after each epoch's validation (it may raise to stop, e.g. pruning).
+    The model is left holding the best epoch's weights (the last's with ``config.keep_last``).
+    Early stopping and the progress report follow from ``config`` and always run first;
+    ``callbacks`` come after them, in order, for everything else: a tracker
+    (:class:`~pipelines.train.callbacks.Tracking`), the export checkpoint
+    (``SaveBest``), the resumable state (``Checkpointing``), or a check that raises to
+    stop (Optuna pruning). ``step`` is the task's loss (multiclass by default);
     ``augment`` transforms training batches only, on the device.
 
-    With ``config.checkpoint_dir`` the full training state (weights, optimiser,
-    scheduler, every RNG, data order, early-stopping counters) is saved atomically at
-    each epoch end and every ``checkpoint_every`` steps; passing such a state as
-    ``resume`` continues exactly where it stopped, bit for bit on the CPU.
-    ``extra_state`` is stored alongside (e.g. the MLflow run id).
+    ``resume`` is a state ``Checkpointing`` saved: training continues exactly where it
+    stopped, bit for bit on the CPU.
     """
-    tracker = tracker or NullTracker()
-    step = step or ClassificationStep()
-    ranks = distributed.current()
-    # Training steps go through the DDP wrapper (it all-reduces gradients); everything else,
-    # evaluation and state dicts included, uses the plain module, identical on every rank.
-    trained = torch.nn.parallel.DistributedDataParallel(model) if ranks.active else model
-    if config.compile:
-        trained = torch.compile(trained, mode=config.compile_mode)
-    params = parameter_groups(model, config.weight_decay)
-    optimizer = build_optimizer(
-        config.optimizer, params, config.learning_rate, config.weight_decay, config.momentum, config.nesterov,
-        lr_tensor=config.compile,
-    )
-    steps_per_epoch = max(1, -(-len(train) // config.batch_size))
-    schedule = build_scheduler(
-        config.scheduler, optimizer, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-        compiled=config.compile, **config.scheduler_options,
-    )
-    optimizer_step = compiled_step(optimizer) if config.compile else optimizer.step
-    augment_generator = torch.Generator().manual_seed(config.seed + 1)
-
-    # Both monitors are turned into "lower is better" so one comparison serves them.
-    sign = -1.0 if config.monitor == "val_accuracy" else 1.0
-    progress_state = {"best_score": float("inf"), "best_loss": float("inf"), "best_epoch": 0, "stale": 0}
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, float]] = []
-    start_epoch, skip_steps, global_step = 1, 0, 0
-    partial = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    epoch_order_state = train.rng_state()
+    loop = _Loop(model, train, val, config, step or ClassificationStep(), augment)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if schedule.scheduler is not None and resume.get("scheduler"):
-            schedule.scheduler.load_state_dict(resume["scheduler"])
-        augment_generator.set_state(resume["augment_rng"])
-        train.set_rng_state(resume["order_rng"])
-        epoch_order_state = resume["order_rng"]
-        restore_rng_states(resume["rng"])
-        progress_state = dict(resume["progress"])
-        best_state = resume["best_state"]
-        history = list(resume["history"])
-        start_epoch, skip_steps, global_step = resume["epoch"], resume["step_in_epoch"], resume["global_step"]
-        partial = dict(resume["partial"])
-        log.info("resuming at epoch %d, step %d (global step %d)", start_epoch, skip_steps, global_step)
-
-    def snapshot(epoch: int, step_in_epoch: int) -> None:
-        if config.checkpoint_dir is None or not ranks.main:
-            return
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.scheduler.state_dict() if schedule.scheduler is not None else None,
-            "scaler": None,  # no AMP scaler on this path; the key keeps the format stable
-            "augment_rng": augment_generator.get_state(),
-            "order_rng": epoch_order_state,
-            "rng": rng_states(),
-            "progress": progress_state,
-            "best_state": best_state,
-            "history": history,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "partial": dict(partial),
-            **(extra_state or {}),
-        }
-        save_state(config.checkpoint_dir, global_step, state)
-
-    started = time.perf_counter()
-    seen = 0
-    device = next(model.parameters()).device
-    progress = tqdm(range(start_epoch, config.epochs + 1), desc="train", unit="epoch", leave=False, disable=None)
-    # tqdm hides the bar when stderr is not a terminal (disable=None); log lines stand in for it
-    # then, from one rank only: every rank holds the same numbers.
-    log_epochs = bool(progress.disable) and ranks.main
-    with_accuracy = step.task.name != "regression"
-    for epoch in progress:
-        epoch_started = time.perf_counter()
-        if skip_steps == 0:
-            epoch_order_state = train.rng_state()
-            partial = {"loss_sum": 0.0, "correct": 0, "count": 0}
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for index, batch in enumerate(train.epoch()):
-            if index < skip_steps:
-                continue  # replaying a resumed epoch's order up to where it stopped
-            if augment is not None:
-                batch = Batch(*augment(batch.x, batch.y, augment_generator, batch.lengths), batch.lengths)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                logits = forward(trained, batch)
-            logits = logits.float()
-            loss = step.loss(logits, batch.y)
-            if config.l1:
-                loss = loss + l1_penalty(model, config.l1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_gradients(model, config.clip_norm)
-            optimizer_step()
-            schedule.after_batch()
-            global_step += 1
-            loss_sum += loss.detach() * len(batch.y)
-            correct += step.correct(logits.detach(), batch.y)
-            partial["count"] += len(batch.y)
-            if config.checkpoint_every and global_step % config.checkpoint_every == 0:
-                partial["loss_sum"] += float(loss_sum)
-                partial["correct"] += int(correct)
-                loss_sum.zero_()
-                correct.zero_()
-                snapshot(epoch, index + 1)
-        skip_steps = 0
-        totals = distributed.sum_across_ranks(
-            torch.tensor([partial["loss_sum"] + float(loss_sum), partial["correct"] + int(correct), partial["count"]],
-                         dtype=torch.float64, device=device)
-        ).tolist()
-        count = int(totals[2])
-        seen += count
-        record_lr = float(optimizer.param_groups[0]["lr"])  # a tensor when compiled
-        schedule.after_epoch()
-        val_loss, val_accuracy, _, _ = evaluate(model, val, step)
-        record = {
-            "epoch": epoch,
-            "train_loss": totals[0] / max(count, 1),
-            "train_accuracy": totals[1] / max(count, 1),
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "learning_rate": record_lr,
-        }
-        history.append(record)
-        tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-        if log_epochs:
-            _log_epoch(epoch, config.epochs, record, time.perf_counter() - epoch_started, with_accuracy)
-        else:
-            progress.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_accuracy:.3f}")
-        score = sign * record[config.monitor]
-        stop = False
-        if score < progress_state["best_score"]:
-            progress_state.update(best_score=score, best_loss=val_loss, best_epoch=epoch, stale=0)
-            best_state = copy.deepcopy(model.state_dict())
-            if on_best is not None and ranks.main:
-                on_best(model, epoch)
-        else:
-            progress_state["stale"] += 1
-            if progress_state["stale"] >= config.patience:
-                log.info("early stop at epoch %d: no %s improvement for %d epochs", epoch, config.monitor, progress_state["stale"])
-                stop = True
-        partial = {"loss_sum": 0.0, "correct": 0, "count": 0}
-        epoch_order_state = train.rng_state()
-        snapshot(epoch + 1, 0)
-        if on_epoch is not None:
-            on_epoch(epoch, record)
-        if stop:
-            break
-    progress.close()
-    seconds = time.perf_counter() - started
-    if best_state is not None and not config.keep_last:
-        model.load_state_dict(best_state)
-    return FitResult(
-        best_epoch=progress_state["best_epoch"],
-        best_val_loss=progress_state["best_loss"],
-        epochs_run=len(history),
-        history=history,
-        seconds=seconds,
-        samples_per_second=seen / seconds if seconds > 0 else 0.0,
-        stopped_early=len(history) < config.epochs,
-    )
+        loop.restore(resume)
+    with_accuracy = loop.step.task.name != "regression"
+    standard = [ProgressReport(config.epochs, with_accuracy), EarlyStopping(config.monitor, config.patience)]
+    return loop.run([*standard, *callbacks])
 
 
 def seed_everything(seed: int) -> None:
@@ -351,4 +354,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-__all__ = ["ClassificationStep", "TaskStep", "FitConfig", "FitResult", "compiled_step", "evaluate", "fit", "forward", "resolve_device", "seed_everything"]
+__all__ = [
+    "Augment",
+    "ClassificationStep",
+    "FitConfig",
+    "FitResult",
+    "TaskStep",
+    "compiled_step",
+    "evaluate",
+    "fit",
+    "forward",
+    "resolve_device",
+    "seed_everything",
+]

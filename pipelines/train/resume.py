@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from pipelines.context import RunContext, open_run
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
 from pipelines.identity import REGISTERED_MODEL_TAG
@@ -27,7 +28,7 @@ from pipelines.train.tracker import MLflowTracker, NullTracker
 log = logging.getLogger(__name__)
 
 
-def resume_training(root: Path, settings: FluxoSettings, data_version: DataVersion, run_id: str | None = None) -> TrainResult:
+def resume_training(ctx: RunContext, data_version: DataVersion, run_id: str | None = None) -> TrainResult:
     """Continue an interrupted run from its newest good state, inside the same MLflow run.
 
     The run's own settings (saved in the state) are used, so the continuation is the
@@ -37,11 +38,11 @@ def resume_training(root: Path, settings: FluxoSettings, data_version: DataVersi
     ranks = distributed.init_distributed()
     try:
         with ExitStack() as held:  # rank 0's run lock, released when training ends or fails
-            state = _shared_state(root, settings, data_version, run_id, ranks, held)
+            state = _shared_state(ctx.root, ctx.settings, data_version, run_id, ranks, held)
             saved = FluxoSettings.model_validate(state["settings"])
             if ranks.main:
-                return _resume_main(root, saved, data_version, state, ranks)
-            return _resume_follower(root, saved, data_version, state, ranks)
+                return _resume_main(_saved_context(ctx, saved), data_version, state, ranks)
+            return _resume_follower(ctx.root, saved, data_version, state, ranks)
     finally:
         distributed.shutdown()
 
@@ -111,14 +112,18 @@ def _shared_state(root: Path, settings: FluxoSettings, data_version: DataVersion
     return state
 
 
-def _resume_main(root: Path, saved: FluxoSettings, data_version: DataVersion, state: dict[str, Any],
-                 ranks: DistInfo) -> TrainResult:
+def _saved_context(ctx: RunContext, saved: FluxoSettings) -> RunContext:
+    """The run's own settings in the command's context; its own store if the run was tracked elsewhere."""
+    if saved.resolved_tracking_uri(ctx.root) == ctx.tracking_uri and saved.tracking.experiment == ctx.settings.tracking.experiment:
+        return ctx.with_settings(saved)
+    return open_run(ctx.root, saved)
+
+
+def _resume_main(ctx: RunContext, data_version: DataVersion, state: dict[str, Any], ranks: DistInfo) -> TrainResult:
     """Rank 0 (or the single process): reopen the run's MLflow run and train on, writing checkpoints."""
     import mlflow
 
-    from pipelines.tracking import configure_mlflow
-
-    configure_mlflow(root, saved)
+    root, saved = ctx.root, ctx.settings
     with mlflow.start_run(run_id=state["run_key"]) as run:
         tags = run.data.tags
         _warn_on_new_world_size(tags.get("world_size"), ranks.world)

@@ -1,0 +1,150 @@
+"""What a run will train, settled from the settings and the data before anything trains.
+
+The model (chosen from the data when unset), the task, the input statistics and the
+checks a run can fail: kept apart from ``pipelines.train.run`` so that callers which
+only decide (the CLI checking a preset against ``data/``, tuning choosing the model
+once for every trial) need not read the training code, and so the train step stays
+the sequence of its stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from models import MODEL_REGISTRY
+from pipelines.data.store import Dataset, Split
+from pipelines.errors import FluxoError
+from pipelines.settings import FluxoSettings, ModelSettings
+from pipelines.train.losses import Task, build_task
+
+# The train step's logger: the model choice is part of its narrative, and callers filter or
+# quieten it under that name (pipelines/train/auto.py, Prefect's flow logs).
+log = logging.getLogger("pipelines.train.run")
+
+
+def resolve_task(settings: FluxoSettings, dataset: Dataset) -> Task:
+    """The task by setting, or by the dataset's targets when ``auto``; refuses contradictions."""
+    name = settings.train.task
+    if name == "auto":
+        name = "regression" if dataset.task == "regression" else "multiclass"
+    if (name == "regression") != (dataset.task == "regression"):
+        raise FluxoError(
+            f"train.task={name} but dataset {dataset.manifest['name']!r} has {dataset.task} targets; "
+            "use train.task=auto or re-ingest with data.sequence.target set"
+        )
+    if name == "binary" and len(dataset.labels) != 2:
+        raise FluxoError(f"train.task=binary needs two classes; {dataset.manifest['name']!r} has {len(dataset.labels)}")
+    if name == "multilabel":
+        raise FluxoError("train.task=multilabel needs multi-hot targets, which ingest does not produce yet")
+    if name == "regression" and settings.train.monitor == "val_accuracy":
+        raise FluxoError("train.monitor=val_accuracy means nothing for regression; use train.monitor=val_loss")
+    options = dict(settings.train.task_options)
+    if name == "multiclass":
+        options.setdefault("num_classes", len(dataset.labels))
+    return build_task(name, **options)
+
+
+def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float, std: float, task: Task) -> dict[str, Any]:
+    """Everything needed to rebuild the network; saved in checkpoints, MLflow and export metadata."""
+    return {
+        "task": task.name,
+        "num_outputs": task.num_outputs(len(dataset.labels)),
+        "architecture": settings.model.name,
+        "params": dict(settings.model.params),
+        "input_shape": list(dataset.input_shape),
+        "labels": dataset.labels,
+        "mean": mean,
+        "std": std,
+        "dataset": dataset.manifest["name"],
+        "kind": dataset.kind,
+    }
+
+
+def split_statistics(split: Split, chunk: int = 65_536) -> tuple[float, float]:
+    """Mean and standard deviation over every value of a split, chunk by chunk (it may not fit in RAM)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for shard in split.shards:
+        for start in range(0, len(shard), chunk):
+            values = np.asarray(shard[start : start + chunk], dtype=np.float64)
+            total += float(values.sum())
+            total_sq += float(np.square(values).sum())
+            count += values.size
+    mean = total / max(count, 1)
+    return mean, float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 0.0)))
+
+
+def resolve_model(settings: FluxoSettings, dataset: Dataset) -> tuple[FluxoSettings, str | None]:
+    """``settings`` with ``model.name`` filled in from the data when the user left it unset, and why.
+
+    A name set anywhere (a preset, ``--set``, the environment) is kept as it is. Only an unset
+    one is chosen here, at train time, because only the ingested dataset says what the model
+    will see (an image folder's size is ``data.image.size``, a sequence's length the file's).
+    The reason is ``None`` when nothing was chosen; the choice is logged once, here.
+    """
+    if settings.model.name is not None:
+        return settings, None
+    name, why = ModelSettings.default_for(dataset.kind, tuple(dataset.input_shape))
+    reason = f"default for {why}"
+    _check_params_fit_default(name, reason, settings.model.params, dataset.kind)
+    log.info("model.name is unset: training %s, the %s; set model.name to choose another (`fluxo models`)",
+             name, reason)
+    model = settings.model.model_copy(update={"name": name})
+    return settings.model_copy(update={"model": model}), reason
+
+
+def _check_params_fit_default(name: str, reason: str, params: dict[str, Any], kind: str) -> None:
+    """model.params given without model.name were meant for some model: say which ones take them.
+
+    Without this the builder's TypeError would blame a model the user never named.
+    """
+    takes = MODEL_REGISTRY[name].parameters()
+    unknown = sorted(set(params) - set(takes)) if takes is not None else []
+    if not unknown:
+        return
+    fitting = [m for m, spec in sorted(MODEL_REGISTRY.items()) if spec.input_kind in (kind, "any")
+               and ((args := spec.parameters()) is None or set(params) <= set(args))]
+    hint = f"--set model.name={fitting[0]}" if fitting else "set model.name (`fluxo models`)"
+    raise FluxoError(
+        f"model.params {', '.join(unknown)} are not arguments of {name}, the {reason}, because model.name is "
+        f"unset; name the model they are for: {hint}"
+        + (f" (models that take them: {', '.join(fitting)})" if len(fitting) > 1 else "")
+    )
+
+
+def check_model_fits_data(name: str, dataset: Dataset) -> None:
+    if name not in MODEL_REGISTRY:
+        raise FluxoError(f"model.name={name!r} is not registered; choose one of {', '.join(sorted(MODEL_REGISTRY))}")
+    wanted = MODEL_REGISTRY[name].input_kind
+    if wanted not in ("any", dataset.kind):
+        raise FluxoError(
+            f"model.name={name!r} takes {wanted} inputs but dataset {dataset.manifest['name']!r} is a {dataset.kind} "
+            "dataset; pick a matching preset under configs/"
+        )
+
+
+def check_trainable(settings: FluxoSettings, dataset: Dataset) -> Task:
+    """Every check a run can fail before it starts: model against data, task against targets.
+
+    Run before an MLflow run is opened, so a refused run leaves nothing behind.
+    """
+    check_model_fits_data(settings.model.name, dataset)
+    return resolve_task(settings, dataset)
+
+
+def check_data_matches(wanted: str | None, dataset: Dataset, source: str) -> None:
+    """A preset that names another dataset than ``data/`` holds is a mistake, not a reason to train on data/."""
+    from pipelines.settings import dataset_display_name
+
+    if wanted is None or dataset_display_name(wanted) == dataset.manifest["name"]:
+        return
+    raise FluxoError(
+        f"{source} trains on data.dataset={wanted!r} but data/ holds {dataset.manifest['name']!r}; "
+        f"run `fluxo data ingest{' --config ' + source if source.endswith(('.yaml', '.yml')) else ''}` first "
+        "(or `fluxo run`, which ingests), or train without that preset"
+    )
+
+
+__all__ = ["check_data_matches", "check_trainable", "model_spec", "resolve_model", "resolve_task", "split_statistics"]
