@@ -93,11 +93,21 @@ def frouros_permutation(reference: np.ndarray, window: np.ndarray, seed: int, re
 
 
 def fluxo_monitor(reference: dict[str, np.ndarray], window: dict[str, np.ndarray], alpha: float) -> bool:
-    """What `fluxo monitor` decides: three signals at alpha / 3 each (pipelines/monitor/detect.py)."""
-    from pipelines.monitor.detect import drift_detected, drift_tests
+    """What `fluxo monitor` decides: each signal in use at alpha / their number (pipelines/monitor/detect.py)."""
+    from pipelines.monitor.detect import compare
+    from pipelines.monitor.signals import Sample
 
-    return drift_detected(drift_tests(reference["raw"], reference["embedding"], reference["probabilities"],
-                                      window["raw"], window["embedding"], window["probabilities"], alpha))
+    findings = compare(Sample(reference["raw"], reference["embedding"], reference["probabilities"]),
+                       Sample(window["raw"], window["embedding"], window["probabilities"]), alpha)
+    return any(finding.test.drift for finding in findings.values())
+
+
+def fluxo_monitor_row() -> str:
+    """The row's name: the signals in use and their share of alpha."""
+    from pipelines.monitor.signals import in_use
+
+    names = [signal.name for signal in in_use()]
+    return f"fluxo monitor: {' + '.join(names)}, alpha/{len(names)} each"
 
 
 CANDIDATES: dict[str, tuple[Callable[..., float], str, bool]] = {
@@ -160,7 +170,7 @@ def measure(project: Path, kind: str, args: argparse.Namespace) -> dict:
         decisions += len(group)
         row[name] = {"windows": len(group), "detected": detected, "rate": detected / max(len(group), 1)}
     row["seconds_per_decision"] = (time.perf_counter() - started) / max(decisions, 1)
-    rows["fluxo monitor: input + embedding + prediction, alpha/3 each"] = row
+    rows[fluxo_monitor_row()] = row
     return {"reference": len(reference["embedding"]), "window": args.window,
             "embedding_dims": int(reference["embedding"].shape[1]), "candidates": rows}
 

@@ -7,7 +7,8 @@ file, and each worker re-reads it when its modification time changes. A file kee
 
 - ``fluxo_drift_detected{model_name, model_version}``: 1 drift, 0 none, -1 no decision;
 - ``fluxo_drift_p_value{model_name, model_version, signal}`` and
-  ``fluxo_drift_statistic{...}``: per signal (``input``, ``prediction``);
+  ``fluxo_drift_statistic{...}``: per signal, each name in the summary's ``scores``
+  (the signals are listed in pipelines/monitor/signals/);
 - ``fluxo_drift_window_instances{model_name, model_version}``;
 - ``fluxo_drift_checked_timestamp_seconds``: when the verdict was written (alert on staleness).
 """

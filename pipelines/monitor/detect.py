@@ -1,66 +1,44 @@
-"""The two-sample test behind ``fluxo monitor``: hyppo's MMD with its chi-square null approximation.
-
-Chosen by measurement (bench/drift.py, bench/results/drift.json, 2 CPUs): at alpha 0.05
-over 40 clean and 10 shifted windows of 200 per shift, hyppo's fast MMD on the model's
-embedding found every inverted, rotated and noised MNIST window with no false alarm, in
-about 0.1 s per decision; the permutation nulls of hyppo and frouros gave the same
-answers in 4-6 s. Alibi Detect (needs numpy < 2 and transformers) and Evidently (does not
-import with pandas 3) could not be installed beside fluxo's stack.
+"""The decision of ``fluxo monitor``: every drift signal in use tested on the window, Bonferroni-corrected.
 
 No single signal sees everything. The embedding missed noise on MNIST-1D (1/10: the GRU
 is robust to it, so its features do not move) where the raw inputs saw 8/10; the class
-probabilities miss anything the model still answers confidently. So three questions,
-each at ``alpha / 3`` so that one alarm on clean traffic stays within ``alpha``
-(Bonferroni): do the raw inputs differ, do the model's features differ, do its answers differ?
+probabilities miss anything the model still answers confidently. So several questions
+(the signals of pipelines/monitor/signals/: do the raw inputs differ, do the model's
+features differ, do its answers differ?), each at ``alpha`` divided by their number, so
+that one alarm on clean traffic stays within ``alpha`` (Bonferroni). The test itself:
+pipelines/monitor/mmd.py.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass
-
-import numpy as np
-
-SIGNALS = ("input", "embedding", "prediction")
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
-@dataclass(frozen=True)
-class TestResult:
-    """One signal's test: the MMD statistic, its p-value and the decision at its level."""
+from pipelines.monitor.mmd import TestResult, mmd_test
+from pipelines.monitor.signals import DriftSignal, Finding, Sample, in_use
 
-    signal: str
-    statistic: float
-    p_value: float
-    level: float
-    drift: bool
-
-    def as_dict(self) -> dict[str, float | bool | str]:
-        return asdict(self)
+__all__ = ["TestResult", "compare", "drift_detected", "mmd_test", "scores"]
 
 
-def mmd_test(signal: str, reference: np.ndarray, window: np.ndarray, level: float) -> TestResult:
-    """hyppo's unbiased MMD (gaussian kernel, median bandwidth) with the chi-square approximation of its null."""
-    from hyppo.ksample import MMD
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # hyppo warns about "replications" it does not run here
-        statistic, p_value = MMD().test(np.asarray(reference, np.float64), np.asarray(window, np.float64), auto=True)
-    p_value = float(np.nan_to_num(p_value, nan=1.0))
-    return TestResult(signal, float(statistic), p_value, level, p_value < level)
-
-
-def drift_tests(reference_inputs: np.ndarray, reference_embedding: np.ndarray, reference_probabilities: np.ndarray,
-                window_inputs: np.ndarray, window_embedding: np.ndarray, window_probabilities: np.ndarray,
-                alpha: float) -> dict[str, TestResult]:
-    """The three signals at ``alpha / 3`` each; raw inputs are compared flattened."""
-    level = alpha / len(SIGNALS)
-    return {
-        "input": mmd_test("input", reference_inputs.reshape(len(reference_inputs), -1),
-                          window_inputs.reshape(len(window_inputs), -1), level),
-        "embedding": mmd_test("embedding", reference_embedding, window_embedding, level),
-        "prediction": mmd_test("prediction", reference_probabilities, window_probabilities, level),
-    }
+def compare(reference: Sample, window: Sample, alpha: float,
+            signals: Sequence[DriftSignal] | None = None) -> dict[str, Finding]:
+    """Each signal in use (or of ``signals``) on ``window`` against ``reference``, at ``alpha / len(signals)``."""
+    chosen = in_use() if signals is None else tuple(signals)
+    if not chosen:
+        raise ValueError("no drift signal in use (pipelines/monitor/signals/)")
+    level = alpha / len(chosen)
+    findings = {}
+    for signal in chosen:
+        ref, win = signal.reference(reference), signal.summarize(window)
+        findings[signal.name] = Finding(signal, ref, win, signal.test(ref, win, level))
+    return findings
 
 
-def drift_detected(tests: dict[str, TestResult]) -> bool:
-    return any(test.drift for test in tests.values())
+def scores(findings: Mapping[str, Finding]) -> dict[str, dict[str, Any]]:
+    """The summary's ``scores``: each signal's entry under its name."""
+    return {name: finding.signal.score(finding.test) for name, finding in findings.items()}
+
+
+def drift_detected(findings: Mapping[str, Finding]) -> bool:
+    return any(finding.test.drift for finding in findings.values())

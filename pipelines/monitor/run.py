@@ -2,14 +2,13 @@
 
 The newest window of the payload log (the instances one model version answered) is
 compared with validation samples of the data version that version was trained on, on
-two signals (pipelines/monitor/detect.py). The result is an MLflow run (metrics, the
-HTML report, the summary), a status file the service turns into Prometheus gauges
-(``fluxo_drift_*``), and, from the Prefect flow, an event that can trigger retraining.
+each drift signal in use (pipelines/monitor/signals/; the verdict: detect.py). The result
+is an MLflow run (metrics, the HTML report, the summary), a status file the service turns
+into Prometheus gauges (``fluxo_drift_*``), and, from the Prefect flow, an event that can
+trigger retraining.
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 import logging
 from dataclasses import dataclass
@@ -18,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import FluxoError
-from pipelines.monitor.detect import drift_tests
+from pipelines.monitor.detect import compare, scores
 from pipelines.monitor.embedding import Embedder
 from pipelines.monitor.reference import load_reference
 from pipelines.monitor.report import drift_report
+from pipelines.monitor.signals import Sample
 from pipelines.monitor.status import write_status
 from pipelines.monitor.window import read_window
+from pipelines.context import RunContext
 from pipelines.settings import FluxoSettings
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,16 @@ class MonitorResult:
     report_html: str | None
 
 
-def monitor(root: Path, settings: FluxoSettings, model: str | None, name: str, window_hours: float | None = None,
+def monitor(ctx: RunContext, model: str | None, name: str, window_hours: float | None = None,
             now: datetime | None = None, record: bool = True) -> MonitorResult:
     """Test the window against the reference; record it (MLflow, status file) unless ``record`` is False."""
-    from pipelines.export.publish import materialize_model
+    from pipelines.registry.store import materialize_model
 
-    root = Path(root).resolve()
+    root, settings = ctx.root, ctx.settings
     hours = window_hours if window_hours is not None else settings.monitor.window_hours
     if hours <= 0:
         raise FluxoError(f"--window-hours {hours}: must be above 0")
-    served = materialize_model(root, settings, model, name)
+    served = materialize_model(ctx, model, name)
     metadata = served.as_dict()
     model_name, version = str(metadata["model_name"]), served.version
     shape = tuple(int(s) for s in metadata["input_shape"])
@@ -88,21 +89,17 @@ def monitor(root: Path, settings: FluxoSettings, model: str | None, name: str, w
         return MonitorResult(summary, None)
     embedder = Embedder(served.onnx_path)
     reference = load_reference(root, settings, metadata, embedder)
-    current = embedder(window.inputs)
-    # Ragged requests to a variable-length RNN were logged NaN-padded: as inputs they compare zero-padded,
-    # like the reference's stored sequences.
-    tests = drift_tests(reference.inputs, reference.embedded.embeddings, reference.embedded.probabilities,
-                        np.nan_to_num(window.inputs, nan=0.0), current.embeddings, window.probabilities,
-                        settings.monitor.alpha)
+    findings = compare(Sample.of_reference(reference), Sample.of_window(window, embedder(window.inputs)),
+                       settings.monitor.alpha)
+    tests = [finding.test for finding in findings.values()]
     summary["reference_size"] = len(reference.inputs)
-    summary["scores"] = {signal: test.as_dict() for signal, test in tests.items()}
-    summary["drift_detected"] = any(test.drift for test in tests.values())
+    summary["scores"] = scores(findings)
+    summary["drift_detected"] = any(test.drift for test in tests)
     summary["embedding"] = "head input" if embedder.has_head else "logits"
-    report = drift_report(summary, tests, reference.embedded.embeddings, current.embeddings,
-                          reference.embedded.probabilities, window.probabilities, list(metadata["labels"]))
+    report = drift_report(summary, findings, list(metadata["labels"]))
     verdict = "DRIFT" if summary["drift_detected"] else "no drift"
     log.info("%s v%s: %s over %d instances (p-values %s; level %.3g each)", model_name, version, verdict,
-             len(window), ", ".join(f"{t.signal} {t.p_value:.3g}" for t in tests.values()), tests["input"].level)
+             len(window), ", ".join(f"{t.signal} {t.p_value:.3g}" for t in tests), tests[0].level)
     if record:
         summary["mlflow_run_id"] = _record(root, settings, summary, report)
         write_status(root, model_name, summary)
@@ -113,9 +110,6 @@ def _record(root: Path, settings: FluxoSettings, summary: dict[str, Any], report
     """One MLflow run tagged ``fluxo.kind=drift-monitor``: parameters, scores, the report and the summary."""
     import mlflow
 
-    from pipelines.tracking import configure_mlflow
-
-    configure_mlflow(root, settings)
     tags = {KIND_TAG: KIND, "fluxo.drift_detected": str(summary["drift_detected"]).lower()}
     with mlflow.start_run(run_name=f"monitor-{summary['model']}-v{summary['model_version']}", tags=tags) as run:
         mlflow.log_params({

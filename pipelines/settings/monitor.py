@@ -24,6 +24,6 @@ class MonitorSettings(BaseModel):
     alpha: float = Field(
         0.05, gt=0, lt=1,
         description="False-positive level of a drift alarm on clean traffic; split evenly (Bonferroni) between "
-        "the input test and the prediction test.",
+        "the drift signals' tests (pipelines/monitor/signals/).",
     )
     seed: int = Field(0, description="Seed of the reference sample.")
