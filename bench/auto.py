@@ -77,6 +77,7 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
+    from pipelines.context import open_run
     from pipelines.data.ingest import ingest, version
     from pipelines.settings import load_settings
     from pipelines.train.run import train, train_and_evaluate
@@ -103,8 +104,8 @@ def main() -> None:
             preset_rows: dict[str, list[dict]] = {name: [] for name in PRESETS[dataset]}
             for seed in args.seeds:
                 started = time.perf_counter()
-                chosen = train(root, settings("model.name=auto", f"auto.budget_minutes={args.budget}",
-                                              f"train.seed={seed}"), data_version)
+                chosen = train(open_run(root, settings("model.name=auto", f"auto.budget_minutes={args.budget}",
+                                              f"train.seed={seed}")), data_version)
                 seconds = time.perf_counter() - started
                 client = MlflowClient()
                 final = client.get_run(chosen.run_id)
@@ -112,7 +113,7 @@ def main() -> None:
                 auto_rows.append({"seed": seed, "test_accuracy": round(chosen.test_metrics["test_accuracy"], 4),
                                   "winner": search.data.tags.get("fluxo.auto.winner"), "seconds": round(seconds, 1),
                                   "race_seconds": round(search.data.metrics["auto_seconds"], 1)})
-                baseline = train(root, settings("model.name=mlp", f"train.seed={seed}"), data_version)
+                baseline = train(open_run(root, settings("model.name=mlp", f"train.seed={seed}")), data_version)
                 mlp_rows.append({"seed": seed, "test_accuracy": round(baseline.test_metrics["test_accuracy"], 4)})
                 for name, rows in preset_rows.items():
                     recipe = load_settings(ROOT / "configs" / f"{name}.yaml", [

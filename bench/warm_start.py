@@ -63,8 +63,9 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
+    from pipelines.context import open_run
     from pipelines.data.ingest import ingest, version
-    from pipelines.export.step import export_run
+    from pipelines.release import export_run
     from pipelines.settings import load_settings
     from pipelines.train.run import train
 
@@ -83,8 +84,8 @@ def main() -> None:
         write_sequences(source, seed=0)
         first = settings()
         ingest(root, first.data)
-        champion = train(root, first, version(root, first.data))
-        export_run(root, first, champion.run_id)
+        champion = train(open_run(root, first), version(root, first.data))
+        export_run(open_run(root, first), champion.run_id)
         client = MlflowClient()
         target = max(curve(client, champion.run_id))
 
@@ -94,7 +95,7 @@ def main() -> None:
         rows: dict[str, list[dict]] = {"scratch": [], "warm": []}
         for seed in args.seeds:
             for way, extra in (("scratch", ()), ("warm", ("train.init_from=champion",))):
-                result = train(root, settings(f"train.seed={seed}", *extra), data_version)
+                result = train(open_run(root, settings(f"train.seed={seed}", *extra)), data_version)
                 values = curve(client, result.run_id)
                 metrics = client.get_run(result.run_id).data.metrics
                 epoch, seconds = to_target(values, target, metrics["train_seconds"])

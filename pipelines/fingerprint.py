@@ -15,8 +15,8 @@ from pathlib import Path
 from pipelines.settings import FluxoSettings
 
 _PACKAGES = ("models", "pipelines", "serving")
-# Settings that change where or how a model is served, not what is trained.
-_IGNORED_SECTIONS = {"serve", "monitor"}
+# Settings that change where or how a model is served or a flow is orchestrated, not what is trained.
+_IGNORED_SECTIONS = {"serve", "monitor", "orchestration"}
 
 
 @lru_cache(maxsize=1)

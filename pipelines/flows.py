@@ -11,18 +11,25 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.data.ingest import Ingested, ingest, push
-from pipelines.export.gate import GateDecision
-from pipelines.export.package import ExportedModel, export_model
-from pipelines.export.registry import PromotionDecision, RegisteredVersion
-from pipelines.export.step import ExportResult, gate_step, promote_step, publish_step, register_step, summarize_export
+from pipelines.context import RunContext, open_run
 from pipelines.fingerprint import run_fingerprint
+from pipelines.release import ExportResult, ReleaseSteps, export_run
 from pipelines.retry import is_user_error, retry_transient_only
-from pipelines.settings import FluxoSettings, load_settings
-from pipelines.train.run import TrainResult, train
+from pipelines.settings import load_settings
+
+# Each task imports its step when it runs: an unchanged rerun, whose training and export come
+# from Prefect's cache, never loads torch, ONNX or the report's plotting.
+if TYPE_CHECKING:
+    from pipelines.data.ingest import Ingested
+    from pipelines.export.exported import ExportedModel
+    from pipelines.registry.gate import GateDecision
+    from pipelines.registry.versions import PromotionDecision, RegisteredVersion
+    from pipelines.train.result import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -42,48 +49,63 @@ CACHED = {"cache_key_fn": _by_fingerprint, "persist_result": True}
 
 
 @task(name="ingest", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def ingest_task(root: Path, settings: FluxoSettings) -> Ingested:
-    return ingest(root, settings.data)
+def ingest_task(ctx: RunContext) -> Ingested:
+    from pipelines.data.ingest import ingest
+
+    return ingest(ctx.root, ctx.settings.data)
 
 
 @task(name="push-data", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def push_task(root: Path, settings: FluxoSettings) -> int:
-    return push(root, settings.data)
+def push_task(ctx: RunContext) -> int:
+    from pipelines.data.ingest import push
+
+    return push(ctx.root, ctx.settings.data)
 
 
 @task(name="train-evaluate", **CACHED)
-def train_task(root: Path, settings: FluxoSettings, ingested: Ingested, fingerprint: str) -> TrainResult:
-    return train(root, settings, ingested.version)
+def train_task(ctx: RunContext, ingested: Ingested, fingerprint: str) -> TrainResult:
+    from pipelines.train.run import train
+
+    return train(ctx, ingested.version)
 
 
 @task(name="export-parity", **CACHED)
-def export_task(root: Path, settings: FluxoSettings, trained: TrainResult, fingerprint: str) -> ExportedModel:
-    return export_model(root, settings, trained.run_id, trained.checkpoint)
+def export_task(ctx: RunContext, trained: TrainResult, fingerprint: str) -> ExportedModel:
+    from pipelines.export.package import export_model
+
+    return export_model(ctx, trained.run_id, trained.checkpoint)
 
 
 @task(name="register", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def register_task(root: Path, settings: FluxoSettings, exported: ExportedModel) -> RegisteredVersion:
-    return register_step(root, settings, exported)
+def register_task(ctx: RunContext, exported: ExportedModel) -> RegisteredVersion:
+    from pipelines.registry.steps import register_step
+
+    return register_step(ctx, exported)
 
 
 @task(name="gate", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def gate_task(root: Path, settings: FluxoSettings, exported: ExportedModel, registered: RegisteredVersion) -> GateDecision:
-    return gate_step(root, settings, exported, registered)
+def gate_task(ctx: RunContext, exported: ExportedModel, registered: RegisteredVersion) -> GateDecision:
+    from pipelines.registry.steps import gate_step
+
+    return gate_step(ctx, exported, registered)
 
 
 @task(name="promote", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def promote_task(
-    root: Path, settings: FluxoSettings, exported: ExportedModel, registered: RegisteredVersion, gate: GateDecision
+    ctx: RunContext, exported: ExportedModel, registered: RegisteredVersion, gate: GateDecision
 ) -> PromotionDecision:
-    return promote_step(root, settings, exported, registered, gate)
+    from pipelines.registry.steps import promote_step
+
+    return promote_step(ctx, exported, registered, gate)
 
 
 @task(name="publish", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def publish_task(
-    root: Path, settings: FluxoSettings, exported: ExportedModel, registered: RegisteredVersion,
-    decision: PromotionDecision,
+    ctx: RunContext, exported: ExportedModel, registered: RegisteredVersion, decision: PromotionDecision,
 ) -> Path | None:
-    return publish_step(root, settings, exported, registered, decision)
+    from pipelines.registry.steps import publish_step
+
+    return publish_step(ctx, exported, registered, decision)
 
 
 def summarize(ingested: Ingested, pushed: int, trained: TrainResult, exported: ExportResult) -> dict[str, Any]:
@@ -145,50 +167,22 @@ def quiet_user_errors() -> None:
     _add_filter("prefect.events.utilities", ShutdownRaceFilter)
 
 
-def stop_temporary_server() -> None:
-    """Stop Prefect's embedded server now instead of at exit, so a run's last line is its outcome.
-
-    Prefect keeps its temporary servers in ``SubprocessASGIServer._instances`` and stops them
-    from an ``atexit`` hook; stopping twice is a no-op. With a real server (PREFECT_API_URL)
-    there is no temporary one and nothing happens.
-    """
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-
-    servers = list(getattr(SubprocessASGIServer, "_instances", {}).values())
-    if not servers:
-        return
-    # The run's logs and events still queued go to the server first; sent after it stopped they
-    # would end the output with "Error logging to API".
-    APILogWorker.drain_all(timeout=5)
-    EventsWorker.drain_all(timeout=5)
-    for server in servers:
-        server.stop()
-
-
-def _still_tracked(project: Path, settings: FluxoSettings, run_id: str) -> bool:
+def _still_tracked(ctx: RunContext, run_id: str) -> bool:
     """A cached training result is only reusable while its MLflow run still exists."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import configure_mlflow
-
-    configure_mlflow(project, settings)
     try:
-        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+        return ctx.client().get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
         return False
 
 
-def summarize_unchanged(project: Path, settings: FluxoSettings, ingested: Ingested, pushed: int,
-                        trained: TrainResult, registered: RegisteredVersion) -> dict[str, Any]:
+def summarize_unchanged(ctx: RunContext, ingested: Ingested, pushed: int, trained: TrainResult,
+                        released: ExportResult) -> dict[str, Any]:
     """An unchanged run moves no alias: it says which run it equals and who stays champion."""
-    from mlflow.tracking import MlflowClient
+    from pipelines.registry.versions import champion_version
 
-    from pipelines.export.registry import champion_version
-
-    held = champion_version(MlflowClient(), registered.name, settings.tracking.champion_alias)
+    held = champion_version(ctx.client(), released.registered_model, ctx.settings.tracking.champion_alias)
     champion = f"champion v{held.version} stays" if held is not None else "there is no champion yet"
     message = f"unchanged since run {trained.run_id} (same data version, settings and code); {champion}"
     log.info(message)
@@ -198,13 +192,28 @@ def summarize_unchanged(project: Path, settings: FluxoSettings, ingested: Ingest
         "data_pushed_objects": pushed,
         "run_id": trained.run_id,
         "test_metrics": trained.test_metrics,
-        "registered_model": registered.name,
-        "model_version": registered.version,
+        "registered_model": released.registered_model,
+        "model_version": released.model_version,
         "champion_version": None if held is None else str(held.version),
         "promoted": False,
         "alias": None,
         "promotion": message,
     }
+
+
+def release_tasks(trained: TrainResult, fingerprint: str, refresh_export: bool) -> ReleaseSteps:
+    """pipelines/release.py's steps, each as this flow's task; export keyed by the run's fingerprint."""
+
+    def export(ctx: RunContext, run_id: str | None, checkpoint: Path | None) -> ExportedModel:
+        return export_task.with_options(refresh_cache=refresh_export or None)(ctx, trained, fingerprint)
+
+    return ReleaseSteps(export, register_task, gate_task, promote_task, publish_task)
+
+
+def flow_context(config: str | None, overrides: list[str] | None, root: str) -> RunContext:
+    """A flow run's context, built once from its own parameters (a deployment's worker has nothing else)."""
+    quiet_user_errors()
+    return open_run(Path(root), load_settings(Path(config) if config else None, overrides or []))
 
 
 @flow(name="fluxo-pipeline", log_prints=False)
@@ -216,36 +225,27 @@ def pipeline_flow(
     A run whose data version, settings and code equal an earlier successful run's reuses its
     training and export (Prefect's cache) and moves no alias; ``force`` retrains.
     """
-    quiet_user_errors()
-    project = Path(root).resolve()
-    settings = load_settings(Path(config) if config else None, overrides or [])
-    ingested = ingest_task(project, settings)
-    pushed = push_task(project, settings)
-    fingerprint = run_fingerprint(project, settings, ingested.version.md5, settings.resolved_tracking_uri(project))
-    state = train_task.with_options(refresh_cache=force or None)(project, settings, ingested, fingerprint,
-                                                                 return_state=True)
+    ctx = flow_context(config, overrides, root)
+    ingested = ingest_task(ctx)
+    pushed = push_task(ctx)
+    fingerprint = run_fingerprint(ctx.root, ctx.settings, ingested.version.md5, ctx.tracking_uri)
+    state = train_task.with_options(refresh_cache=force or None)(ctx, ingested, fingerprint, return_state=True)
     trained, reused = state.result(), state.name == "Cached"
-    if reused and not _still_tracked(project, settings, trained.run_id):
+    if reused and not _still_tracked(ctx, trained.run_id):
         log.info("the cached run %s is gone from MLflow; training again", trained.run_id)
-        trained, reused = train_task.with_options(refresh_cache=True)(project, settings, ingested, fingerprint), False
-    exported = export_task.with_options(refresh_cache=(force or not reused) or None)(project, settings, trained,
-                                                                                     fingerprint)
-    registered = register_task(project, settings, exported)
-    if reused and not registered.created:
-        return summarize_unchanged(project, settings, ingested, pushed, trained, registered)
-    gate = gate_task(project, settings, exported, registered)
-    decision = promote_task(project, settings, exported, registered, gate)
-    served = publish_task(project, settings, exported, registered, decision)
-    summary = summarize(ingested, pushed, trained, summarize_export(exported, registered, decision, served))
-    return {"unchanged": False, **summary}
+        trained, reused = train_task.with_options(refresh_cache=True)(ctx, ingested, fingerprint), False
+    steps = release_tasks(trained, fingerprint, refresh_export=force or not reused)
+    released = export_run(ctx, trained.run_id, trained.checkpoint, steps=steps, reused=reused)
+    if released.unchanged:
+        return summarize_unchanged(ctx, ingested, pushed, trained, released)
+    return {"unchanged": False, **summarize(ingested, pushed, trained, released)}
 
 
 @task(name="drift-check", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def drift_task(root: Path, settings: FluxoSettings, model: str | None, name: str,
-               window_hours: float | None) -> dict[str, Any]:
+def drift_task(ctx: RunContext, model: str | None, name: str, window_hours: float | None) -> dict[str, Any]:
     from pipelines.monitor.run import monitor
 
-    return monitor(root, settings, model, name, window_hours).summary
+    return monitor(ctx, model, name, window_hours).summary
 
 
 @flow(name="fluxo-monitor", log_prints=False)
@@ -255,10 +255,8 @@ def monitor_flow(config: str | None = None, overrides: list[str] | None = None, 
     """Payload window vs the model's reference; on drift, the ``fluxo.drift.detected`` event a trigger can act on."""
     from pipelines.monitor.events import emit_drift_event
 
-    quiet_user_errors()
-    project = Path(root).resolve()
-    settings = load_settings(Path(config) if config else None, overrides or [])
-    summary = drift_task(project, settings, model, name or settings.registered_model_name(), window_hours)
+    ctx = flow_context(config, overrides, root)
+    summary = drift_task(ctx, model, name or ctx.settings.registered_model_name(), window_hours)
     if summary["drift_detected"]:
         summary["event_id"] = emit_drift_event(summary)
     return summary

@@ -31,7 +31,7 @@ from pipelines.errors import FluxoError
 from pipelines.secret_files import load_prefect_secrets
 
 if TYPE_CHECKING:
-    from pipelines.settings import FluxoSettings
+    from pipelines.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,10 @@ def prefect_refusal(error: BaseException) -> FluxoError | None:
 
 @contextlib.contextmanager
 def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -> Iterator[str]:
-    """The Prefect API to schedule against: ``PREFECT_API_URL`` if set, else a local server started here."""
+    """The Prefect API to schedule against: ``PREFECT_API_URL`` if set, the project's running server, else
+    a server started here with its scheduler, recorded as the project's while it runs and stopped with it."""
+    from pipelines.orchestration import clear_record, home, lease, running_server, write_record
+
     load_prefect_secrets()
     existing = os.environ.get("PREFECT_API_URL", "").strip()
     if existing:
@@ -123,41 +126,48 @@ def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -
         log.info("scheduling against the Prefect server at %s", existing)
         yield existing
         return
-    home = Path(root).resolve() / ".fluxo" / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
+    shared = running_server(root)
+    if shared is not None:  # one database, one server: `fluxo run` left the project's server up
+        with lease(root):
+            log.info("scheduling against this project's Prefect server at %s", shared["url"])
+            yield str(shared["url"])
+        return
+    folder = home(root)
+    folder.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
+    process = _start_server(folder, port, url, scheduler_loop_seconds)
+    write_record(root, {"url": url, "port": port, "home": str(folder), "keeper": os.getpid(), "owner": "schedule"})
+    try:
+        _wait_healthy(url, process, folder / "server.log")
+        log.info("started a Prefect server with its scheduler at %s (state in %s, log %s); its UI, with the "
+                 "scheduled runs and their logs: %s/", url, folder, folder / "server.log", url.removesuffix("/api"))
+        yield url
+    finally:
+        _stop(process)
+        clear_record(root, os.getpid())
+        log.info("stopped the Prefect server at %s", url)
+
+
+def _start_server(folder: Path, port: int, url: str, scheduler_loop_seconds: float | None) -> subprocess.Popen:
     # Its UI shows the scheduled runs; on a port other than 4200 it must be told where its API is.
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    env = {**os.environ, "PREFECT_HOME": str(folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_API_URL": url}
     if scheduler_loop_seconds is not None:
         env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_seconds)
     if os.environ.get("PREFECT_API_AUTH_STRING"):  # a loopback port is still open to every local user
         env["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"]
-    log_path = home / "server.log"
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("ab") as server_log:
-        process = subprocess.Popen(command, env=env, stdout=server_log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        _wait_healthy(url, process, log_path)
-        log.info("started a Prefect server with its scheduler at %s (state in %s, log %s); its UI, with the "
-                 "scheduled runs and their logs: %s/", url, home, log_path, url.removesuffix("/api"))
-        yield url
-    finally:
-        _stop(process)
-        log.info("stopped the Prefect server at %s", url)
+    with (folder / "server.log").open("ab") as server_log:
+        return subprocess.Popen(command, env=env, stdout=server_log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
-def has_champion(root: Path, settings: FluxoSettings, model_name: str) -> bool:
+def has_champion(ctx: RunContext, model_name: str) -> bool:
     """Whether the registry has a version under the champion alias (a refused login is an error, not "no")."""
-    from mlflow.tracking import MlflowClient
+    from pipelines.registry.versions import champion_version
 
-    from pipelines.export.registry import champion_version
-    from pipelines.tracking import configure_mlflow
-
-    configure_mlflow(root, settings, experiment=False)
-    return champion_version(MlflowClient(), model_name, settings.tracking.champion_alias) is not None
+    return champion_version(ctx.client(), model_name, ctx.settings.tracking.champion_alias) is not None
 
 
 def start_first_run(deployment: Any) -> None:

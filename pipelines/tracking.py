@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,21 +27,29 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
-def configure_mlflow(root: Path, settings: FluxoSettings, *, experiment: bool = True) -> str:
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where MLflow now points: the store's URI and the experiment (``""`` for a registry reader)."""
+
+    uri: str
+    experiment_id: str
+
+
+def configure_mlflow(root: Path, settings: FluxoSettings, *, experiment: bool = True) -> TrackingTarget:
     """Point MLflow at the configured store (SQLite under ``mlflow/`` by default) and experiment.
 
-    Called by each step rather than on import, so importing fluxo never touches a store.
-    The account comes from ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` (or
-    ``..._FILE``), read here, before any MLflow call. ``experiment=False`` is for readers of
-    the registry (``fluxo serve``): they neither need an experiment nor may create one, since on
-    a basic-auth server whoever creates the experiment manages it.
+    Only the run context calls this (pipelines/context.py: once per command or flow run), never
+    an import, so importing fluxo touches no store. The account comes from
+    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` (or ``..._FILE``), read here,
+    before any MLflow call. ``experiment=False`` is for readers of the registry (``fluxo serve``):
+    they neither need an experiment nor may create one, since on a basic-auth server whoever
+    creates the experiment manages it.
     """
-    return _configure(root, settings, experiment)[0]
-
-
-def configure_experiment(root: Path, settings: FluxoSettings) -> str:
-    """:func:`configure_mlflow`, answering the experiment's id (``fluxo ui`` links to its runs)."""
-    return _configure(root, settings)[1]
+    load_mlflow_secrets()
+    os.environ.setdefault(PROXY_MULTIPART_DOWNLOAD, "false")
+    os.environ.setdefault(SUPPRESS_RUN_LINKS, "true")
+    with _environment_kept(_MLFLOW_WRITES):
+        return TrackingTarget(*_point_mlflow(root, settings, experiment))
 
 
 # MLflow writes what it is told into these (so that its subprocesses inherit it). fluxo reads
@@ -74,14 +83,6 @@ PROXY_MULTIPART_DOWNLOAD = "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"
 # against the compose stack's MLflow, `fluxo monitor --json` printed no parseable JSON. Unless the
 # user asked for those lines, they stay off (the run is in the MLflow UI, and its id in the result).
 SUPPRESS_RUN_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
-
-
-def _configure(root: Path, settings: FluxoSettings, experiment: bool = True) -> tuple[str, str]:
-    load_mlflow_secrets()
-    os.environ.setdefault(PROXY_MULTIPART_DOWNLOAD, "false")
-    os.environ.setdefault(SUPPRESS_RUN_LINKS, "true")
-    with _environment_kept(_MLFLOW_WRITES):
-        return _point_mlflow(root, settings, experiment)
 
 
 def _point_mlflow(root: Path, settings: FluxoSettings, experiment: bool) -> tuple[str, str]:

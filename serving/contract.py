@@ -36,7 +36,7 @@ VARIANTS = ("fp32", "int8", "fp16")
 present only when export's gate kept them (pipelines/export/variants.py)."""
 METADATA_FILE = "metadata.json"
 REPORT_FILE = "report.html"
-"""Optional: the model's report (pipelines/export/report.py), served at ``GET /report``."""
+"""Optional: the model's report (pipelines/report/html.py), served at ``GET /report``."""
 REGISTRY_FILE = "registry.json"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

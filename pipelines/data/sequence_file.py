@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipelines.data.npz import read_npz
 from pipelines.data.raw import Problem, RawDataset
 from pipelines.errors import FluxoError
 
@@ -173,19 +174,11 @@ def _npz_label(path: Path, arrays: list[str], label: str) -> str:
 
 
 def _npz(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise FluxoError(f"{path}: not a readable NPZ file ({error})") from error
-    with archive:
-        if "x" not in archive:
-            raise FluxoError(
-                f"{path}: no array 'x'; arrays are {', '.join(archive.files)}; save the sequences as 'x'"
-            )
-        label = _npz_label(path, list(archive.files), settings.label_column)
-        x = archive["x"].astype(np.float32)
-        targets = archive[label]
-        lengths = archive["lengths"].astype(np.int64) if "lengths" in archive else None
+    arrays = read_npz(path, "sequences")
+    label = _npz_label(path, list(arrays), settings.label_column)
+    x = arrays["x"].astype(np.float32)
+    targets = arrays[label]
+    lengths = arrays["lengths"].astype(np.int64) if "lengths" in arrays else None
     if x.ndim == 2:
         x = x[:, None, :]
     if x.ndim != 3:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from pipelines.errors import FluxoError
 
@@ -32,6 +31,10 @@ def stratified_split(
     is kept as the test split, so results stay comparable with the literature.
     With ``folds``, val is fold ``fold`` of the non-test samples.
     """
+    # Imported here: every reader of a dataset imports this module for SPLITS, and scikit-learn
+    # costs a second of start-up that `fluxo status` and `serve` never use.
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
     candidates = np.asarray(candidates)
     try:
         if fixed_test is not None:

@@ -1,1 +1,1 @@
-"""Export steps: ONNX export, parity against PyTorch, registry and champion promotion."""
+"""Export: a run's best checkpoint → ONNX, its parity with PyTorch, the kept variants, the model directory."""

@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipelines.data.store import Dataset, read_dataset
+from pipelines.context import RunContext
 from pipelines.data.versioning import read_data_version
 from pipelines.errors import FluxoError
 from pipelines.identity import RunIdentity, fetch_run, run_identity
+from pipelines.export.exported import ExportedModel
 from pipelines.export.image_recipe import image_recipe, upload_background
 from pipelines.export.onnx_export import export_onnx, lengths_graph, servable
-from pipelines.export.parity import ParityReport, check_parity, served_accuracy
-from pipelines.export.report_step import report_step
+from pipelines.export.parity import check_parity
+from serving.scoring import ParityReport, served_accuracy
+from pipelines.report.step import report_step
 from pipelines.export.variants import as_metadata, build_variants, log_decisions
 from pipelines.settings import FluxoSettings
-from pipelines.tracking import configure_mlflow
 from pipelines.train.checkpoint import load_checkpoint, rebuild_model
 from serving.contract import MODEL_FILE, REPORT_FILE, ModelMetadata, Normalization, Preprocessing, replace_dir, staging_dir, write_metadata
 
@@ -36,16 +37,6 @@ log = logging.getLogger(__name__)
 
 class ParityFailed(FluxoError):
     """The ONNX graph does not compute what the PyTorch model computes; never retried."""
-
-
-@dataclass(frozen=True)
-class ExportedModel:
-    """What the later steps need: where the model directory is and what it is."""
-
-    identity: RunIdentity
-    model_dir: Path
-    metadata: ModelMetadata
-    parity: ParityReport
 
 
 def latest_run_id(experiment: str) -> str:
@@ -150,17 +141,14 @@ def example_instance(test: Any) -> list[Any] | None:
 
 
 def export_model(
-    root: Path, settings: FluxoSettings, run_id: str | None = None, checkpoint: Path | None = None,
-    dataset: Dataset | None = None,
+    ctx: RunContext, run_id: str | None = None, checkpoint: Path | None = None, dataset: Dataset | None = None,
 ) -> ExportedModel:
     """Export a run's best model to ``<export_dir>/<run id>/`` after checking it against PyTorch."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    root = Path(root)
-    configure_mlflow(root, settings)
+    root, settings = ctx.root, ctx.settings
     run_id = run_id or latest_run_id(settings.tracking.experiment)
-    run = fetch_run(MlflowClient(), run_id)
+    run = fetch_run(ctx.client(), run_id)
     identity = run_identity(run)
     current = read_data_version(root / f"{settings.data.data_dir}.dvc").md5
     if identity.data_version != current:
@@ -211,7 +199,7 @@ def export_model(
             with mlflow.start_run(run_id=run_id):
                 log_decisions(variants)
         write_metadata(staging, metadata)
-        report_step(root, settings, staging, metadata, dataset, parity)
+        report_step(ctx, staging, metadata, dataset, parity)
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

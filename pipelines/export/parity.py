@@ -2,54 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from serving.contract import INPUT_NAME
+from serving.scoring import ParityReport, onnx_batches
 
-
-@dataclass(frozen=True)
-class ParityReport:
-    samples: int
-    max_abs_diff: float
-    argmax_agreement: float
-    atol: float
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.atol and self.argmax_agreement == 1.0
-
-    def as_dict(self) -> dict[str, float | int | bool]:
-        return {**asdict(self), "passed": self.passed}
-
-
-def _onnx_batches(onnx_path: Path, x: np.ndarray, batch_size: int,
-                  lengths: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """(rows, float32 batch, ONNX logits) over ``x``, on the CPU provider, in batches.
-
-    ``lengths``: each row's valid steps, fed to a graph that takes them (a variable-length RNN's).
-    """
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    yield from _session_batches(session, x, batch_size, lengths)
-
-
-def _session_batches(session: ort.InferenceSession, x: np.ndarray, batch_size: int,
-                     lengths: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """(rows, float32 batch, logits) over ``x`` from an open ``session`` (any provider), in batches."""
-    from serving.runtime import graph_feeds
-
-    for start in range(0, len(x), batch_size):
-        rows = slice(start, start + batch_size)
-        # A copy: x is usually a read-only memory map, which torch.from_numpy warns about.
-        batch = np.array(x[rows], dtype=np.float32, order="C")
-        feeds = graph_feeds(session, INPUT_NAME, batch, None if lengths is None else np.asarray(lengths)[rows])
-        yield rows, batch, session.run(None, feeds)[0]
+__all__ = ["ParityReport", "check_parity"]
 
 
 def check_parity(
@@ -62,7 +23,7 @@ def check_parity(
     """
     model = model.to("cpu").eval()
     worst, agree = 0.0, 0
-    for rows, batch, onnx_logits in _onnx_batches(onnx_path, x, batch_size, lengths):
+    for rows, batch, onnx_logits in onnx_batches(onnx_path, x, batch_size, lengths):
         with torch.no_grad():
             if lengths is None:
                 torch_logits = model(torch.from_numpy(batch)).numpy()
@@ -71,29 +32,3 @@ def check_parity(
         worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
         agree += int((onnx_logits.argmax(1) == torch_logits.argmax(1)).sum())
     return ParityReport(len(x), worst, agree / max(len(x), 1), atol)
-
-
-def onnx_logits(onnx_path: Path, x: np.ndarray, batch_size: int = 512, lengths: np.ndarray | None = None) -> np.ndarray:
-    """The graph's logits for every row of ``x``, as the service computes them (CPU provider)."""
-    parts = [logits for _, _, logits in _onnx_batches(onnx_path, x, batch_size, lengths)]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
-
-
-def session_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 512,
-                   lengths: np.ndarray | None = None) -> np.ndarray:
-    """:func:`onnx_logits` from a session already open on the provider that will serve (export's variants)."""
-    parts = [np.asarray(logits, dtype=np.float32) for _, _, logits in _session_batches(session, x, batch_size, lengths)]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
-
-
-def served_accuracy(onnx_path: Path, x: np.ndarray, y: np.ndarray, batch_size: int = 512,
-                    lengths: np.ndarray | None = None) -> float:
-    """Accuracy of the ONNX graph on padded inputs, as the service runs it.
-
-    A variable-length RNN's graph takes ``lengths`` and stops at each sequence's own end, as
-    training did; any other model reads the zero padding as signal, so for it this can fall
-    below the run's test accuracy, and the export step records both so a gap is never silent.
-    """
-    correct = sum(int((logits.argmax(1) == y[rows]).sum())
-                  for rows, _, logits in _onnx_batches(onnx_path, x, batch_size, lengths))
-    return correct / max(len(x), 1)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.store import Dataset
-from pipelines.export.parity import session_logits
+from serving.scoring import session_logits
 from pipelines.settings import ExportSettings
 from serving.contract import INPUT_NAME, VARIANTS, variant_file
 from serving.runtime import CPU, CUDA, choose_providers, graph_feeds, session_options

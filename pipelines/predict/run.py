@@ -32,6 +32,7 @@ from pipelines.predict.sources import (
     hashes_while_reading,
     input_sha256,
 )
+from pipelines.context import RunContext
 from pipelines.settings import FluxoSettings
 
 log = logging.getLogger(__name__)
@@ -199,12 +200,10 @@ def _write_errors(path: Path, input_path: Path, skipped: int, kept: list[tuple[s
     return rows
 
 
-def _record(root: Path, settings: FluxoSettings, model: Any, result: PredictResult, input_path: Path) -> str:
+def _record(model: Any, result: PredictResult, input_path: Path) -> str:
     """One MLflow run tagged ``fluxo.kind=batch-predict`` (``fluxo export`` skips such runs)."""
     import mlflow
-    from pipelines.tracking import configure_mlflow
 
-    configure_mlflow(root, settings)
     meta = model.metadata
     with mlflow.start_run(run_name=f"predict-{input_path.name}", tags={KIND_TAG: KIND}) as run:
         mlflow.log_params({
@@ -222,11 +221,11 @@ def _record(root: Path, settings: FluxoSettings, model: Any, result: PredictResu
 
 
 def predict(
-    root: Path, settings: FluxoSettings, input_path: Path, output: Path, model: str | None, name: str,
+    ctx: RunContext, input_path: Path, output: Path, model: str | None, name: str,
     on_error: OnError = "skip", batch_size: int = 4096, record: bool = True,
 ) -> PredictResult:
     """``fluxo predict``: resolve the model like ``fluxo serve``, stream the input, write, record."""
-    from pipelines.export.publish import materialize_model
+    from pipelines.registry.store import materialize_model
 
     if on_error not in ("skip", "fail"):
         raise FluxoError(f"--on-error {on_error!r}: expected skip or fail")
@@ -234,9 +233,9 @@ def predict(
         raise FluxoError(f"--batch-size {batch_size}: must be at least 1")
     input_path, output = Path(input_path), Path(output)
     check_input(input_path)  # a missing file is the user's to fix, before any store is opened or model fetched
-    served = materialize_model(root, settings, model, name)
+    served = materialize_model(ctx, model, name)
     onnx_model = _load_model(served.path)
-    contract = _contract(onnx_model, settings)
+    contract = _contract(onnx_model, ctx.settings)
     started = time.perf_counter()
     loop = predict_to_parquet(onnx_model, contract, input_path, output, on_error, batch_size)
     seconds = time.perf_counter() - started
@@ -248,6 +247,6 @@ def predict(
         log.warning("%s: skipped %d rows (first: %s); all listed in %s", input_path, loop.skipped,
                     "; ".join(f"{e['id']}: {e['reason']}" for e in result.errors[:3]), result.errors_path)
     if record:
-        result.run_id = _record(root, settings, onnx_model, result, input_path)
+        result.run_id = _record(onnx_model, result, input_path)
     return result
 

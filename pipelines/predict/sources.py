@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.data.npz import read_npz
 from pipelines.errors import FluxoError
 
 log = logging.getLogger(__name__)
@@ -159,16 +160,10 @@ def npz_chunks(path: Path, contract: Contract, batch_size: int) -> Iterator[Chun
     steps, the rest of its row being padding. A variable-length model gets each row to its own end;
     a fixed-length one refuses the short rows by name.
     """
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise FluxoError(f"{path}: not a readable NPZ file ({error})") from error
-    with archive:
-        if "x" not in archive:
-            raise FluxoError(f"{path}: no array 'x'; arrays are {', '.join(archive.files)}; save the instances as 'x'")
-        x = archive["x"]
-        ids = [str(v) for v in archive["ids"]] if "ids" in archive else [str(i) for i in range(len(x))]
-        lengths = archive["lengths"] if "lengths" in archive else None
+    arrays = read_npz(path, "instances")
+    x = arrays["x"]
+    ids = [str(v) for v in arrays["ids"]] if "ids" in arrays else [str(i) for i in range(len(x))]
+    lengths = arrays.get("lengths")
     if x.ndim == len(contract.input_shape) and contract.input_shape[0] == 1:
         x = x[:, None]  # (N, L) sequences, as the training reader accepts them
     _check_array_shape(path, x.shape, contract, "'x'")

@@ -1,6 +1,6 @@
 """Promote, roll back, and say who is live: the registry's aliases as one-command operations.
 
-Every move goes through :func:`pipelines.export.registry.move_alias`, so the champion's
+Every move goes through :func:`pipelines.registry.versions.move_alias`, so the champion's
 history is on its versions (``fluxo.champion.previous``/``since``/``until``), and is
 republished to the alias's model root, so servers started by ``fluxo serve`` switch.
 No torch here: these commands start in a fraction of a second.
@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from pipelines.errors import FluxoError
-from pipelines.export.registry import CONTRACT_TAG, champion_version, drop_alias_if_held, move_alias
-from pipelines.settings import FluxoSettings
-from pipelines.tracking import configure_mlflow, is_refusal
+from pipelines.registry.versions import CONTRACT_TAG, champion_version, drop_alias_if_held, move_alias
+from pipelines.context import RunContext
+from pipelines.tracking import is_refusal
 
 log = logging.getLogger(__name__)
-
-
-def _client(root: Path, settings: FluxoSettings) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    configure_mlflow(Path(root), settings)
-    return MlflowClient()
 
 
 def _version(client: Any, name: str, version: str) -> Any:
@@ -57,13 +49,13 @@ def _check_same_contract(client: Any, name: str, alias: str, candidate: Any) -> 
         )
 
 
-def promote_version(root: Path, settings: FluxoSettings, name: str, version: str, challenger: bool = False) -> dict[str, Any]:
+def promote_version(ctx: RunContext, name: str, version: str, challenger: bool = False) -> dict[str, Any]:
     """Give ``version`` the champion (or challenger) alias by hand, and publish it to running servers."""
-    from pipelines.export.publish import publish_alias
+    from pipelines.registry.publish import publish_alias
 
-    tracking = settings.tracking
+    tracking = ctx.settings.tracking
     alias = tracking.challenger_alias if challenger else tracking.champion_alias
-    client = _client(root, settings)
+    client = ctx.client()
     candidate = _version(client, name, version)
     _check_same_contract(client, name, tracking.champion_alias, candidate)
     champion = champion_version(client, name, tracking.champion_alias)
@@ -72,16 +64,16 @@ def promote_version(root: Path, settings: FluxoSettings, name: str, version: str
     previous = move_alias(client, name, alias, str(version), f"promoted by hand to {alias}", tracking.champion_alias)
     if not challenger:
         drop_alias_if_held(client, name, tracking.challenger_alias, str(version))
-    served = publish_alias(root, settings, name, str(version), alias)
+    served = publish_alias(ctx, name, str(version), alias)
     return {"model": name, "alias": alias, "version": str(version), "previous": previous, "served_dir": str(served.path)}
 
 
-def rollback(root: Path, settings: FluxoSettings, name: str) -> dict[str, Any]:
+def rollback(ctx: RunContext, name: str) -> dict[str, Any]:
     """Give the champion alias back to the version that held it before the current one."""
-    from pipelines.export.publish import publish_alias
+    from pipelines.registry.publish import publish_alias
 
-    alias = settings.tracking.champion_alias
-    client = _client(root, settings)
+    alias = ctx.settings.tracking.champion_alias
+    client = ctx.client()
     current = champion_version(client, name, alias)
     if current is None:
         raise FluxoError(f"{name} has no {alias}: nothing to roll back; `fluxo status` shows the versions")
@@ -99,7 +91,7 @@ def rollback(root: Path, settings: FluxoSettings, name: str) -> dict[str, Any]:
         client.set_model_version_tag(name, previous, "fluxo.champion.previous", earlier)
     else:
         client.delete_model_version_tag(name, previous, "fluxo.champion.previous")
-    served = publish_alias(root, settings, name, previous, alias)
+    served = publish_alias(ctx, name, previous, alias)
     return {"model": name, "alias": alias, "version": previous, "rolled_back_from": str(current.version),
             "served_dir": str(served.path)}
 
@@ -119,11 +111,11 @@ def _server_report(url: str | None) -> dict[str, Any] | None:
             "model_version": info.get("model_version"), "rollout": info.get("rollout")}
 
 
-def status(root: Path, settings: FluxoSettings, name: str, server_url: str | None = None) -> dict[str, Any]:
+def status(ctx: RunContext, name: str, server_url: str | None = None) -> dict[str, Any]:
     """Which versions hold which alias, their gate scores and promotion notes, and what a server serves."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(root, settings)
+    client = ctx.client()
     try:
         aliases = {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
     except MlflowException as error:

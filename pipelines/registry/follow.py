@@ -8,7 +8,7 @@ watches the root's ``current.json``) loads it between requests. So a replica on 
 machine, with only ``MLFLOW_TRACKING_URI`` and no shared volume, follows promotions and
 rollbacks. The service itself stays free of MLflow and torch; the follower uses the
 MLflow client in the ``fluxo serve`` process, with its account (``MLFLOW_TRACKING_USERNAME``,
-``MLFLOW_TRACKING_PASSWORD`` or ``..._FILE``, read by ``configure_mlflow``): reading the
+``MLFLOW_TRACKING_PASSWORD`` or ``..._FILE``, read when the run context points MLflow at the store): reading the
 registry and its artifacts is all it needs, so on a basic-auth server it can be one that
 may not move an alias itself (deploy/README.md, 'Accounts').
 """
@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
 
-from pipelines.settings import FluxoSettings
+from pipelines.context import RunContext
 from pipelines.tracking import tracking_refusal
 
 log = logging.getLogger(__name__)
@@ -32,8 +31,8 @@ POLL_TIMEOUT_S = "10"
 class RegistryFollower:
     """A daemon thread that mirrors the registry's aliases of one model into local model roots."""
 
-    def __init__(self, root: Path, settings: FluxoSettings, name: str, aliases: list[str], interval_s: float) -> None:
-        self.root, self.settings, self.name, self.aliases = Path(root), settings, name, list(aliases)
+    def __init__(self, ctx: RunContext, name: str, aliases: list[str], interval_s: float) -> None:
+        self.ctx, self.name, self.aliases = ctx, name, list(aliases)
         self.interval_s = interval_s
         self.seen: dict[str, str | None] = {}
         self._stop = threading.Event()
@@ -81,19 +80,17 @@ class RegistryFollower:
             raise refused from error
 
     def _poll(self) -> list[str]:
-        from mlflow.tracking import MlflowClient
+        from pipelines.registry.publish import publish_alias
+        from pipelines.registry.versions import champion_version
 
-        from pipelines.export.publish import publish_alias
-        from pipelines.export.registry import champion_version
-
-        client, moved = MlflowClient(), []
+        client, moved = self.ctx.client(), []
         for alias in self.aliases:
             held = champion_version(client, self.name, alias)
             version = None if held is None else str(held.version)
             if version is None or self.seen.get(alias) == version:
                 self.seen[alias] = version
                 continue
-            publish_alias(self.root, self.settings, self.name, version, alias)
+            publish_alias(self.ctx, self.name, version, alias)
             log.info("registry: %s@%s is v%s now; published it to the running server", self.name, alias, version)
             self.seen[alias] = version
             moved.append(alias)

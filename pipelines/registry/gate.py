@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.store import Dataset
-from pipelines.export.parity import onnx_logits
+from serving.scoring import onnx_logits
 from pipelines.settings import GateSettings
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
-"""Publish: turn a registry version into a served model directory, and point servers at the champion.
+"""The model store: a registry version (or an export directory) → a served model directory on disk.
 
-``fluxo serve`` and every promotion go through here. A version exported on this machine
+Monitor, batch prediction, the gate, the report and ``fluxo serve`` all fetch a model through here. A version exported on this machine
 is copied from its local model directory (nothing is fetched back from MLflow); any
 other version is downloaded once. Either way the served copy is the registered artifact
 byte for byte plus ``registry.json`` (serving/contract.py), staged and renamed into place.
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pipelines.errors import FluxoError
 from pipelines.settings import FluxoSettings
-from pipelines.tracking import configure_mlflow, is_refusal, registry_version, tracking_refusal
+from pipelines.context import RunContext
+from pipelines.tracking import is_refusal, registry_version, tracking_refusal
 from serving.contract import ModelDir, RegistryEntry, is_model_dir, materialize, read_model_dir
 
 log = logging.getLogger(__name__)
@@ -23,18 +24,6 @@ log = logging.getLogger(__name__)
 
 def champion_uri(name: str, alias: str) -> str:
     return f"models:/{name}@{alias}"
-
-
-def model_root(root: Path, settings: FluxoSettings, name: str, alias: str | None = None) -> Path:
-    """The directory whose ``current.json`` names the live ``name`` model of ``alias`` (serving/reload.py).
-
-    The champion's root is ``<model_cache>/<name>``, another alias's ``<model_cache>/<name>.<alias>``.
-    ``fluxo serve`` starts the service on these roots, and every alias move republishes
-    them, so a running server switches by itself.
-    """
-    alias = alias or settings.tracking.champion_alias
-    suffix = "" if alias == settings.tracking.champion_alias else f".{alias}"
-    return Path(root) / settings.serve.model_cache / f"{name}{suffix}"
 
 
 class NotRegisteredYet(FluxoError):
@@ -110,11 +99,10 @@ def _what_the_registry_holds(client, uri: str, error: Exception) -> str:
 
 
 def materialize_version(
-    root: Path, settings: FluxoSettings, name: str, version: str, alias: str | None = None,
-    local: Path | None = None,
+    ctx: RunContext, name: str, version: str, alias: str | None = None, local: Path | None = None,
 ) -> ModelDir:
     """The served model directory of ``name`` v``version``: copied from ``local`` when given, else downloaded."""
-    target = _served_dir(root, settings, name, version)
+    target = _served_dir(ctx.root, ctx.settings, name, version)
     entry = RegistryEntry(model_name=name, model_version=version, alias=alias)
     if is_model_dir(target):
         served = read_model_dir(target)
@@ -134,29 +122,14 @@ def materialize_version(
         return materialize(downloaded, target, entry)
 
 
-def materialize_model(root: Path, settings: FluxoSettings, model: str | None, name: str) -> ModelDir:
+def materialize_model(ctx: RunContext, model: str | None, name: str) -> ModelDir:
     """What ``fluxo serve --model`` names: an export directory, a ``models:/`` URI, or ``name``'s champion."""
     if model and Path(model).is_dir():
         if not is_model_dir(model):
             raise FluxoError(f"--model {model}: needs model.onnx and metadata.json; point it at a `fluxo export` directory")
         return read_model_dir(model)
-    from mlflow.tracking import MlflowClient
-
-    configure_mlflow(Path(root), settings, experiment=False)  # a reader: it may not create the experiment
-    uri = model or champion_uri(name, settings.tracking.champion_alias)
-    name, version, alias = _resolve(MlflowClient(), uri, explicit=model is not None)
-    served = materialize_version(root, settings, name, str(version.version), alias)
+    uri = model or champion_uri(name, ctx.settings.tracking.champion_alias)
+    name, version, alias = _resolve(ctx.client(), uri, explicit=model is not None)
+    served = materialize_version(ctx, name, str(version.version), alias)
     log.info("%s v%s: model directory %s", name, version.version, served.path)
-    return served
-
-
-def publish_alias(
-    root: Path, settings: FluxoSettings, name: str, version: str, alias: str, local: Path | None = None
-) -> ModelDir:
-    """Make ``name`` v``version`` the live ``alias`` model of every server started on that alias's root."""
-    from serving.reload import publish
-
-    served = materialize_version(root, settings, name, version, alias, local)
-    publish(model_root(root, settings, name, alias), served.path)
-    log.info("published %s v%s as the live %s under %s", name, version, alias, model_root(root, settings, name, alias))
     return served

@@ -202,7 +202,7 @@ def promote(
 ) -> PromotionDecision:
     """Give the version the alias the gate decided: champion, else challenger; record why on both versions.
 
-    ``gate`` is the :class:`pipelines.export.gate.GateDecision` for this version against the
+    ``gate`` is the :class:`pipelines.registry.gate.GateDecision` for this version against the
     champion of the moment it scored. Compare-and-set: the champion alias moves only while it
     still points at the version the gate compared against. When another run promoted in between
     (two pipelines that both beat vN), ``regate`` scores this version again against the new

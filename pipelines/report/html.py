@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.export.evaluation import METRICS, Evaluation, Latency, confident_mistakes
-from pipelines.export.parity import ParityReport
-from pipelines.export.report_plots import confusion_figure, learning_curves_figure, reliability_figure, sample_figure
+from pipelines.report.evaluation import METRICS, Evaluation, Latency, confident_mistakes
+from serving.scoring import ParityReport
+from pipelines.report.plots import confusion_figure, learning_curves_figure, reliability_figure, sample_figure
 from pipelines.reporting import Markup, esc, image, page, table
 from serving.contract import ModelMetadata
 

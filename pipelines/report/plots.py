@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pipelines.export.evaluation import Calibration
+from pipelines.report.evaluation import Calibration
 from pipelines.reporting import figure_uri, new_figure
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.store import Dataset
-from pipelines.export.evaluation import evaluate, measure_latency, softmax
-from pipelines.export.parity import ParityReport, onnx_logits
-from pipelines.export.report import CURVES, ChampionComparison, ReportInputs, write_report
-from pipelines.settings import FluxoSettings
+from pipelines.report.evaluation import evaluate, measure_latency, softmax
+from serving.scoring import ParityReport, onnx_logits
+from pipelines.report.html import CURVES, ChampionComparison, ReportInputs, write_report
+from pipelines.context import RunContext
 from serving.contract import REPORT_FILE, ModelMetadata, contract_mismatch
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,15 @@ def run_history(client: Any, run_id: str) -> dict[str, list[tuple[int, float]]]:
     return history
 
 
-def champion_comparison(root: Path, settings: FluxoSettings, client: Any, metadata: ModelMetadata,
+def champion_comparison(ctx: RunContext, client: Any, metadata: ModelMetadata,
                         dataset: Dataset) -> ChampionComparison | None:
     from mlflow.exceptions import MlflowException
 
     from pipelines.errors import FluxoError
-    from pipelines.export.publish import materialize_version
-    from pipelines.export.registry import CONTRACT_TAG, champion_version
+    from pipelines.registry.store import materialize_version
+    from pipelines.registry.versions import CONTRACT_TAG, champion_version
 
+    settings = ctx.settings
     held = champion_version(client, metadata.model_name, settings.tracking.champion_alias)
     if held is None:
         return None
@@ -62,20 +63,19 @@ def champion_comparison(root: Path, settings: FluxoSettings, client: Any, metada
     if mismatch:
         return ChampionComparison(version, note=f"another input contract ({mismatch})")
     try:
-        served = materialize_version(root, settings, metadata.model_name, version)
+        served = materialize_version(ctx, metadata.model_name, version)
         return ChampionComparison(version, served_evaluation(served.onnx_path, dataset, settings.train.seed))
     except (FluxoError, MlflowException, OSError, ValueError) as error:
         log.warning("the report does not compare with champion v%s: %s", version, error)
         return ChampionComparison(version, note=f"it could not be scored ({error})")
 
 
-def report_step(root: Path, settings: FluxoSettings, model_dir: Path, metadata: ModelMetadata, dataset: Dataset,
+def report_step(ctx: RunContext, model_dir: Path, metadata: ModelMetadata, dataset: Dataset,
                 parity: ParityReport) -> Path:
     """Write ``report.html`` into the (staged) model directory and log it and its headline numbers to the run."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
+    settings, client = ctx.settings, ctx.client()
     onnx_path = Path(model_dir) / "model.onnx"
     evaluation = served_evaluation(onnx_path, dataset, settings.train.seed)
     test_x = dataset.splits["test"].x
@@ -84,7 +84,7 @@ def report_step(root: Path, settings: FluxoSettings, model_dir: Path, metadata: 
         metadata=metadata, evaluation=evaluation, test_x=test_x, parity=parity, latency=latency,
         split_sizes={name: len(split.y) for name, split in dataset.splits.items()},
         history=run_history(client, str(metadata.run_id)),
-        champion=champion_comparison(root, settings, client, metadata, dataset),
+        champion=champion_comparison(ctx, client, metadata, dataset),
     )
     path = write_report(Path(model_dir) / REPORT_FILE, inputs)
     accuracy = evaluation.metrics["accuracy"]

@@ -18,6 +18,8 @@ from pipelines.errors import FluxoError
 from pipelines.settings.augment import AugmentSettings
 from pipelines.settings.auto import AutoSettings
 from pipelines.settings.monitor import MonitorSettings
+from pipelines.settings.orchestration import OrchestrationSettings
+from pipelines.settings.serve import ServeSettings
 from pipelines.settings.tune import TuneSettings
 
 
@@ -285,49 +287,6 @@ class ExportSettings(_Section):
         return list(dict.fromkeys(value))
 
 
-class ServeSettings(_Section):
-    """The REST service."""
-
-    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 inside containers.")
-    port: int = Field(3000, ge=1, le=65535, description="HTTP port.")
-    model_cache: Path = Field(Path(".fluxo/serve"), description="Where the served model is materialised.")
-    variant: Literal["auto", "fp32", "int8", "fp16"] = Field(
-        "auto", description="The precision served: auto (the fastest variant export's gate kept for the provider, "
-        "else fp32), fp32, int8 or fp16; asking for one the gate did not keep is an error that says why.",
-    )
-    rollout: Literal["champion", "shadow", "canary"] = Field(
-        "champion",
-        description="champion: only the champion answers; shadow: the challenger also runs on each request, off the "
-        "response path, and is measured; canary: a share of requests is answered by the challenger.",
-    )
-    canary_share: float = Field(
-        0.1, ge=0, le=1, description="canary: share of requests the challenger answers (sticky by X-Request-Key)."
-    )
-    shadow_sample: float = Field(1.0, ge=0, le=1, description="shadow: share of requests mirrored to the challenger.")
-    payload_log: str | None = Field(
-        None,
-        description="Where the payload log goes (every sampled request and answer as Parquet, "
-        "serving/payload_log.py): a directory (relative: under the project root) or s3://bucket/prefix "
-        "(AWS_* variables, AWS_ENDPOINT_URL_S3 for MinIO); unset: off.",
-    )
-    payload_sample: float = Field(1.0, ge=0, le=1, description="Share of answered requests written to the payload log.")
-    follow_interval_s: float = Field(
-        2.0, ge=0,
-        description="How often `fluxo serve` asks the registry whether an alias moved (0: never; then only local "
-        "promotions reach the server).",
-    )
-
-    def payload_log_under(self, root: Path) -> str | None:
-        """``payload_log`` with a relative directory taken under the project ``root`` (URLs unchanged).
-
-        The service writes there and ``fluxo monitor --root`` reads there, whatever the working directory.
-        """
-        log = self.payload_log
-        if log and "://" not in log and not Path(log).is_absolute():
-            return str(Path(root) / log)
-        return log
-
-
 class FluxoSettings(BaseSettings):
     """All settings of one pipeline run."""
 
@@ -344,6 +303,7 @@ class FluxoSettings(BaseSettings):
     tune: TuneSettings = Field(default_factory=TuneSettings)
     auto: AutoSettings = Field(default_factory=AutoSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
 
     @field_validator("data")
     @classmethod
