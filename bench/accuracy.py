@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,27 +47,9 @@ DEFAULT_PRESETS = ["digits-cnn", "mnist-lenet", "mnist1d-cnn", "mnist1d-gru", "m
 
 
 def machine() -> dict:
-    import torch
+    from environment import torch_machine  # bench/environment.py
 
-    cpu = platform.processor() or "unknown"
-    if Path("/proc/cpuinfo").exists():
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["load_average_at_start"] = list(os.getloadavg())
-    except OSError:
-        pass
-    return info
+    return torch_machine()
 
 
 def git_commit() -> str | None:

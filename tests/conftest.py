@@ -34,6 +34,18 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         if key.startswith("FLUXO_") or key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A test's project keeps its Prefect server (pipelines/orchestration.py) for minutes, not half an hour.
+    monkeypatch.setenv("FLUXO_ORCHESTRATION__IDLE_MINUTES", "5")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_project_prefect_servers(tmp_path_factory: pytest.TempPathFactory):
+    """Each module's projects' Prefect servers stop with the module: nothing a test started outlives the run."""
+    yield
+    from pipelines.orchestration import HOME, stop_server
+
+    for record in Path(tmp_path_factory.getbasetemp()).glob(f"**/{HOME}/server.json"):
+        stop_server(record.parents[len(HOME.parts)])
 
 
 @pytest.fixture

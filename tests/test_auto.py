@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
 from pipelines.data.store import read_dataset
 from pipelines.errors import FluxoError
 from pipelines.export.package import latest_run_id
-from pipelines.export.step import export_run
+from pipelines.release import export_run
 from pipelines.train.auto import portfolio
 from pipelines.train.run import train
 
@@ -47,7 +48,7 @@ def test_the_portfolio_fits_the_input_kind_and_always_holds_the_baseline(project
 def test_auto_races_records_every_candidate_and_exports_the_winner(project: Path, settings_for) -> None:
     settings = settings_for(*SHRUNK)
     ingest(project, settings.data)
-    result = train(project, settings, version(project, settings.data))
+    result = train(open_run(project, settings), version(project, settings.data))
     client = MlflowClient()
     final = client.get_run(result.run_id)
     search = client.get_run(final.data.tags["fluxo.auto.search"])
@@ -62,7 +63,7 @@ def test_auto_races_records_every_candidate_and_exports_the_winner(project: Path
     assert final.data.params["model.name"] == winner  # the winner's configuration trained as a normal run
     assert final.data.metrics["epochs_run"] <= 4
     assert latest_run_id(settings.tracking.experiment) == result.run_id  # export never takes a search run
-    exported = export_run(project, settings, result.run_id)
+    exported = export_run(open_run(project, settings), result.run_id)
     assert exported.promotion.alias == "champion"
 
 
@@ -70,8 +71,8 @@ def test_auto_is_deterministic_for_a_seed(project: Path, settings_for) -> None:
     settings = settings_for(*SHRUNK, "auto.models=[]", "train.epochs=2")  # the baseline alone: fast
     ingest(project, settings.data)
     data_version = version(project, settings.data)
-    first = train(project, settings, data_version)
-    second = train(project, settings, data_version)
+    first = train(open_run(project, settings), data_version)
+    second = train(open_run(project, settings), data_version)
     assert first.test_metrics == second.test_metrics
 
 
@@ -118,7 +119,7 @@ def test_a_preset_in_the_race_trains_its_own_recipe_to_completion(project: Path,
     monkeypatch.setattr(auto, "PRESETS", presets)
     settings = settings_for(*SHRUNK, "train.epochs=2", "train.clip_norm=5", "auto.with_presets=true")
     ingest(project, settings.data)
-    result = train(project, settings, version(project, settings.data))
+    result = train(open_run(project, settings), version(project, settings.data))
     client = MlflowClient()
     search = client.get_run(client.get_run(result.run_id).data.tags["fluxo.auto.search"])
     nested = client.search_runs([search.info.experiment_id], f"tags.mlflow.parentRunId = '{search.info.run_id}'")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
 from pipelines.data.store import read_dataset
 from pipelines.train.baseline import fit_baseline
@@ -31,7 +32,7 @@ def test_a_model_worse_than_the_baseline_is_warned_about_and_tagged(
     settings = settings_for("train.epochs=1", "train.learning_rate=1e-6")
     ingest(project, settings.data)
     with caplog.at_level(logging.WARNING, logger="pipelines.train.baseline"):
-        result = train(project, settings, version(project, settings.data))
+        result = train(open_run(project, settings), version(project, settings.data))
     run = MlflowClient().get_run(result.run_id)
     assert run.data.metrics["baseline_val_accuracy"] > run.data.metrics["best_val_accuracy"] + 0.3
     assert run.data.tags["fluxo.baseline"] == "not beaten"
@@ -45,12 +46,12 @@ def test_a_model_that_wins_is_tagged_and_the_baseline_can_be_turned_off(project:
     settings = settings_for("train.epochs=4", "train.baseline_epochs=1")
     ingest(project, settings.data)
     data_version = version(project, settings.data)
-    trained = train(project, settings, data_version)
+    trained = train(open_run(project, settings), data_version)
     won = MlflowClient().get_run(trained.run_id)  # the client after train(): it set the tracking URI
     metrics = won.data.metrics
     assert metrics["best_val_accuracy"] > metrics["baseline_val_accuracy"] + 0.1, metrics
     assert 0.3 < metrics["baseline_val_accuracy"] < 0.8  # the baseline did run, for its one epoch
     assert won.data.tags["fluxo.baseline"] == "beaten"
-    without = train(project, settings_for("train.epochs=1", "train.baseline_epochs=0"), data_version)
+    without = train(open_run(project, settings_for("train.epochs=1", "train.baseline_epochs=0")), data_version)
     off = MlflowClient().get_run(without.run_id)
     assert "baseline_val_accuracy" not in off.data.metrics and "fluxo.baseline" not in off.data.tags

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from serving.launch import wait_ready
 from tests.conftest import SMOKE
+from tests.waiting import wait_for
 
 runner = CliRunner()
 
@@ -56,13 +57,18 @@ def test_stages_one_by_one(project: Path) -> None:
     # `fluxo serve` as a user runs it, stopped the way kill, systemd or a container runtime stop it.
     port = _free_port()
     fluxo = Path(sys.executable).with_name("fluxo")
-    server = subprocess.Popen([str(fluxo), "serve", "--port", str(port), *common], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+    log = project.parent / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([str(fluxo), "serve", "--port", str(port), *common], stdout=out,
+                                  stderr=subprocess.STDOUT)
     descendants: list[psutil.Process] = []
     try:
         wait_ready(f"http://127.0.0.1:{port}", timeout=120, process=server)
         answer = httpx.post(f"http://127.0.0.1:{port}/predict", json={"instances": [[[[0.0] * 8] * 8]]}, timeout=10)
         assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+        # Its welcome (where it serves, a request to paste) comes once it found the server ready itself.
+        wait_for(lambda: "fluxo is serving fluxo-digits v1" in log.read_text(errors="replace"),
+                 "fluxo serve's welcome", timeout=60)
         descendants = psutil.Process(server.pid).children(recursive=True)
         assert descendants, "fluxo serve started no server"
         server.send_signal(signal.SIGTERM)
@@ -70,7 +76,6 @@ def test_stages_one_by_one(project: Path) -> None:
         _, alive = psutil.wait_procs(descendants, timeout=10)
         assert not alive, f"left running after SIGTERM: {[p.pid for p in alive]}"
     finally:
-        # Anything left would also hold the output pipe open: kill it before reading.
         if server.poll() is None:
             server.kill()
         for process in descendants:
@@ -79,8 +84,8 @@ def test_stages_one_by_one(project: Path) -> None:
             except psutil.NoSuchProcess:
                 pass
         server.wait(30)
-        output = server.stdout.read().decode(errors="replace") if server.stdout else ""
-    assert "fluxo is serving fluxo-digits v1" in output, output[-2000:]
+    output = log.read_text(errors="replace")
+    assert "Traceback" not in output, output[-2000:]
 
 
 def _free_port() -> int:

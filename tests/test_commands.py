@@ -25,6 +25,7 @@ ELSEWHERE = {
     "monitor": "tests/test_first_hour.py (success); here (a mistake)",
     "ui": "tests/test_first_hour.py (--prefect), tests/test_serve_process.py (MLflow's)",
     "schedule": "tests/test_schedule.py (success); here (a mistake)",
+    "prefect": "tests/test_orchestration.py (status and stop, with and without a server)",
 }
 
 

@@ -12,12 +12,14 @@ import onnxruntime as ort
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
 from pipelines.data.store import read_dataset
 from pipelines.errors import FluxoError
 from pipelines.export.image_recipe import DIGITS
-from pipelines.export.publish import materialize_model, model_root
-from pipelines.export.step import export_run
+from pipelines.registry.store import materialize_model
+from pipelines.registry.publish import model_root
+from pipelines.release import export_run
 from pipelines.train.run import train
 from serving.contract import read_model_dir
 from serving.reload import read_pointer
@@ -28,7 +30,7 @@ def trained(project: Path, settings_for):
     settings = settings_for("train.epochs=4")
     ingest(project, settings.data)
     data_version = version(project, settings.data)
-    return settings, data_version, train(project, settings, data_version)
+    return settings, data_version, train(open_run(project, settings), data_version)
 
 
 def test_run_records_everything_a_person_looks_for(project: Path, trained) -> None:
@@ -50,7 +52,7 @@ def test_run_records_everything_a_person_looks_for(project: Path, trained) -> No
 
 def test_export_registers_checks_parity_and_promotes(project: Path, trained, settings_for) -> None:
     settings, data_version, result = trained
-    exported = export_run(project, settings, result.run_id)
+    exported = export_run(open_run(project, settings), result.run_id)
     onnx.checker.check_model(onnx.load(str(exported.export_dir / "model.onnx")))
     assert exported.parity.passed and exported.parity.samples == len(read_dataset(project / "data").splits["test"].y)
     assert exported.promotion.promoted and exported.promotion.champion_version is None
@@ -83,8 +85,8 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
 
     # A worse model is registered but does not take the alias; the decision is recorded.
     worse_settings = settings_for("train.epochs=1", "train.learning_rate=1e-6")
-    worse = train(project, worse_settings, data_version)
-    second = export_run(project, worse_settings, worse.run_id)
+    worse = train(open_run(project, worse_settings), data_version)
+    second = export_run(open_run(project, worse_settings), worse.run_id)
     assert second.model_version == "2" and not second.promotion.promoted
     assert str(client.get_model_version_by_alias("fluxo-digits", "champion").version) == "1"
     assert "kept champion v1" in client.get_model_version("fluxo-digits", "2").tags["fluxo.promotion"]
@@ -95,7 +97,7 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
     assert read_pointer(model_root(project, settings, "fluxo-digits", "challenger")).name == "fluxo-digits-v2"
 
     # The champion materialises as model.onnx + metadata.json + registry.json for the service.
-    served = materialize_model(project, settings, None, "fluxo-digits")
+    served = materialize_model(open_run(project, settings), None, "fluxo-digits")
     assert served.version == "1" and served.metadata.run_id == result.run_id
     test = read_dataset(project / "data").splits["test"]
     session = ort.InferenceSession(str(served.onnx_path), providers=["CPUExecutionProvider"])
@@ -110,15 +112,15 @@ def test_export_refuses_a_run_trained_on_other_data(project: Path, trained, sett
     ingest(project, changed.data)
     version(project, changed.data)
     with pytest.raises(FluxoError, match=r"trained on data version .* `dvc checkout`"):
-        export_run(project, settings, result.run_id)
+        export_run(open_run(project, settings), result.run_id)
 
 
 def test_serving_an_unknown_model_is_explained(project: Path, trained) -> None:
     settings, _, _ = trained
     with pytest.raises(FluxoError, match="has no model named .nope."):
-        materialize_model(project, settings, "models:/nope@champion", "fluxo-digits")
+        materialize_model(open_run(project, settings), "models:/nope@champion", "fluxo-digits")
     with pytest.raises(FluxoError, match="expected an export directory"):
-        materialize_model(project, settings, "s3://bucket/model", "fluxo-digits")
+        materialize_model(open_run(project, settings), "s3://bucket/model", "fluxo-digits")
 
 
 def test_variable_length_export_records_accuracy_as_served(project: Path, settings_for, tmp_path: Path) -> None:
@@ -134,8 +136,8 @@ def test_variable_length_export_records_accuracy_as_served(project: Path, settin
     settings = settings_for(f"data.dataset={path}", "model.name=gru", "model.params={hidden: 8, bidirectional: true}",
                             "train.epochs=2")
     ingest(project, settings.data)
-    result = train(project, settings, version(project, settings.data))
-    exported = export_run(project, settings, result.run_id)
+    result = train(open_run(project, settings), version(project, settings.data))
+    exported = export_run(open_run(project, settings), result.run_id)
 
     test = read_dataset(project / "data").splits["test"]
     session = ort.InferenceSession(str(exported.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -157,13 +159,13 @@ def _mnist1d_run(project: Path, settings_for):
     settings = settings_for("data.dataset=mnist1d", "model.name=cnn1d", "model.params={channels: 4}", "train.epochs=1",
                             config=None)
     ingest(project, settings.data)
-    return train(project, settings, version(project, settings.data))
+    return train(open_run(project, settings), version(project, settings.data))
 
 
 def test_export_takes_the_registry_name_from_the_run_not_the_preset(project: Path, settings_for) -> None:
     """An MNIST-1D run exported with the default (digits) settings still joins fluxo-mnist1d."""
     result = _mnist1d_run(project, settings_for)
-    exported = export_run(project, settings_for(config=None), result.run_id)  # no preset: data.dataset=digits
+    exported = export_run(open_run(project, settings_for(config=None)), result.run_id)  # no preset: data.dataset=digits
     assert exported.registered_model == "fluxo-mnist1d" and exported.model_version == "1"
     client = MlflowClient()
     assert client.search_registered_models(filter_string="name='fluxo-digits'") == []
@@ -172,14 +174,14 @@ def test_export_takes_the_registry_name_from_the_run_not_the_preset(project: Pat
 
 def test_a_model_with_another_input_contract_never_becomes_champion(project: Path, trained, settings_for) -> None:
     settings, _, result = trained
-    export_run(project, settings, result.run_id)
+    export_run(open_run(project, settings), result.run_id)
     # Same registry entry, other inputs: MNIST-1D sequences forced into fluxo-digits.
     other = settings_for("data.dataset=mnist1d", "model.name=cnn1d", "model.params={channels: 4}", "train.epochs=1",
                          "tracking.registered_model=fluxo-digits", config=None)
     ingest(project, other.data)
-    intruder = train(project, other, version(project, other.data))
+    intruder = train(open_run(project, other), version(project, other.data))
     with pytest.raises(FluxoError, match=r"another input contract can never take the 'champion' alias"):
-        export_run(project, other, intruder.run_id)
+        export_run(open_run(project, other), intruder.run_id)
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("fluxo-digits", "champion").version) == "1"
     assert [str(v.version) for v in client.search_model_versions("name='fluxo-digits'")] == ["1"]
@@ -187,12 +189,12 @@ def test_a_model_with_another_input_contract_never_becomes_champion(project: Pat
 
 def test_a_retried_registration_finds_the_version_it_made(project: Path, trained, monkeypatch) -> None:
     """A transient fault after the version was created: the retry registers nothing new."""
-    from pipelines.export import registry
+    from pipelines.registry import versions as registry
     from pipelines.export.package import export_model
-    from pipelines.export.step import promote_step, register_step
+    from pipelines.registry.steps import promote_step, register_step
 
     settings, _, result = trained
-    exported = export_model(project, settings, result.run_id)
+    exported = export_model(open_run(project, settings), result.run_id)
     real_tag = registry._tag_version
     calls = {"n": 0}
 
@@ -204,23 +206,23 @@ def test_a_retried_registration_finds_the_version_it_made(project: Path, trained
 
     monkeypatch.setattr(registry, "_tag_version", flaky_tag)
     with pytest.raises(ConnectionError):
-        register_step(project, settings, exported)
-    again = register_step(project, settings, exported)  # what the retry does
+        register_step(open_run(project, settings), exported)
+    again = register_step(open_run(project, settings), exported)  # what the retry does
     assert (again.version, again.created) == ("1", False)
-    assert promote_step(project, settings, exported, again).promoted
-    assert promote_step(project, settings, exported, again).reason.startswith("v1 is already the champion")
+    assert promote_step(open_run(project, settings), exported, again).promoted
+    assert promote_step(open_run(project, settings), exported, again).reason.startswith("v1 is already the champion")
     assert [str(v.version) for v in MlflowClient().search_model_versions("name='fluxo-digits'")] == ["1"]
 
 
 def test_failed_parity_leaves_the_previous_model_directory_untouched(project: Path, trained, settings_for) -> None:
     settings, _, result = trained
-    first = export_run(project, settings, result.run_id)
+    first = export_run(open_run(project, settings), result.run_id)
     before = {p.name: p.read_bytes() for p in first.export_dir.iterdir()}
     strict = settings_for("train.epochs=4", "export.parity_atol=1e-30")
     from pipelines.export.package import ParityFailed
 
     with pytest.raises(ParityFailed, match=r"export.parity_atol.*unchanged"):
-        export_run(project, strict, result.run_id)
+        export_run(open_run(project, strict), result.run_id)
     assert {p.name: p.read_bytes() for p in first.export_dir.iterdir()} == before
     assert sorted(p.name for p in first.export_dir.parent.iterdir()) == [result.run_id]  # no staging left behind
     assert [str(v.version) for v in MlflowClient().search_model_versions("name='fluxo-digits'")] == ["1"]
@@ -240,11 +242,11 @@ def _onnx_accuracy(model_dir: Path, project: Path) -> float:
 def test_new_data_rescores_the_champion_on_the_candidates_test_split(project: Path, trained, settings_for) -> None:
     """After new data the gate compares both models on the same samples, as served."""
     settings, _, result = trained
-    first = export_run(project, settings, result.run_id)
+    first = export_run(open_run(project, settings), result.run_id)
     reshuffled = settings_for("train.epochs=1", "data.split_seed=7")
     ingest(project, reshuffled.data)
-    candidate = train(project, reshuffled, version(project, reshuffled.data))
-    second = export_run(project, reshuffled, candidate.run_id)
+    candidate = train(open_run(project, reshuffled), version(project, reshuffled.data))
+    second = export_run(open_run(project, reshuffled), candidate.run_id)
 
     gate = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=candidate.run_id, artifact_path="export/gate.json",
                                                                 dst_path=str(project.parent / "gate"))).read_text())
@@ -262,12 +264,12 @@ def test_new_data_rescores_the_champion_on_the_candidates_test_split(project: Pa
 
 def test_the_gate_conditions_each_keep_the_champion(project: Path, trained, settings_for) -> None:
     """A floor, a required improvement and a per-class limit; each failure is named with its setting."""
-    from pipelines.export.gate import ServedScore, decide
+    from pipelines.registry.gate import ServedScore, decide
     from pipelines.settings import GateSettings
 
     settings, _, result = trained
     floor = settings_for("train.epochs=4", "gate.min_value=0.9999")
-    first = export_run(project, floor, result.run_id)
+    first = export_run(open_run(project, floor), result.run_id)
     assert first.promotion.alias == "challenger" and "gate.min_value=0.9999" in first.promotion.reason
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("fluxo-digits", "challenger").version) == "1"
@@ -286,29 +288,29 @@ def test_the_gate_conditions_each_keep_the_champion(project: Path, trained, sett
 def test_an_unknown_run_id_is_one_clear_line(project: Path, trained, settings_for) -> None:
     settings, _, _ = trained
     with pytest.raises(FluxoError, match=r"--run-id deadbeef: no such run .* omit --run-id"):
-        export_run(project, settings, "deadbeef")
+        export_run(open_run(project, settings), "deadbeef")
 
 
 def test_two_runs_gated_against_the_same_champion_do_not_both_take_it(project: Path, trained, settings_for) -> None:
     """Compare-and-set: run A and run B both pass the gate against "no champion"; A promotes first,
     so B's promotion scores B again against A and takes the champion only if it beats A."""
     from pipelines.export.package import export_model
-    from pipelines.export.step import gate_step, promote_step, register_step
+    from pipelines.registry.steps import gate_step, promote_step, register_step
 
     settings, data_version, strong = trained
     weak_settings = settings_for("train.epochs=1", "model.params={channels: 1, dropout: 0.0}")
-    weak = train(project, weak_settings, data_version)
-    exported_strong, exported_weak = export_model(project, settings, strong.run_id), export_model(
-        project, weak_settings, weak.run_id)
-    registered_strong = register_step(project, settings, exported_strong)
-    registered_weak = register_step(project, weak_settings, exported_weak)
-    gate_weak = gate_step(project, weak_settings, exported_weak, registered_weak)  # both gated now: no champion yet
-    gate_strong = gate_step(project, settings, exported_strong, registered_strong)
+    weak = train(open_run(project, weak_settings), data_version)
+    exported_strong, exported_weak = export_model(open_run(project, settings), strong.run_id), export_model(
+        open_run(project, weak_settings), weak.run_id)
+    registered_strong = register_step(open_run(project, settings), exported_strong)
+    registered_weak = register_step(open_run(project, weak_settings), exported_weak)
+    gate_weak = gate_step(open_run(project, weak_settings), exported_weak, registered_weak)  # both gated now: no champion yet
+    gate_strong = gate_step(open_run(project, settings), exported_strong, registered_strong)
     assert gate_weak.promoted and gate_strong.promoted and gate_weak.champion is None is gate_strong.champion
     assert gate_strong.value > gate_weak.value  # the race below only means something if A beats B
 
-    first = promote_step(project, settings, exported_strong, registered_strong, gate_strong)
-    second = promote_step(project, weak_settings, exported_weak, registered_weak, gate_weak)  # its gate is stale
+    first = promote_step(open_run(project, settings), exported_strong, registered_strong, gate_strong)
+    second = promote_step(open_run(project, weak_settings), exported_weak, registered_weak, gate_weak)  # its gate is stale
 
     client = MlflowClient()
     assert first.promoted and first.champion_version is None
@@ -321,15 +323,15 @@ def test_two_runs_gated_against_the_same_champion_do_not_both_take_it(project: P
 
 def test_promotion_without_a_regate_refuses_a_stale_gate(project: Path, trained, settings_for) -> None:
     from pipelines.export.package import export_model
-    from pipelines.export.registry import promote
-    from pipelines.export.step import gate_step, register_step
+    from pipelines.registry.versions import promote
+    from pipelines.registry.steps import gate_step, register_step
 
     settings, data_version, first_run = trained
-    exported = export_model(project, settings, first_run.run_id)
-    registered = register_step(project, settings, exported)
-    stale = gate_step(project, settings, exported, registered)
-    other = train(project, settings_for("train.epochs=1"), data_version)
-    export_run(project, settings, other.run_id)  # v2 takes the champion first
+    exported = export_model(open_run(project, settings), first_run.run_id)
+    registered = register_step(open_run(project, settings), exported)
+    stale = gate_step(open_run(project, settings), exported, registered)
+    other = train(open_run(project, settings_for("train.epochs=1")), data_version)
+    export_run(open_run(project, settings), other.run_id)  # v2 takes the champion first
     with pytest.raises(FluxoError, match=r"the champion moved to v2 after v1 was gated against no champion"):
         promote(MlflowClient(), registered, exported.metadata, stale, "champion", "challenger")
     assert str(MlflowClient().get_model_version_by_alias("fluxo-digits", "champion").version) == "2"

@@ -108,7 +108,9 @@ def test_models_show_names_the_parameters_a_model_takes(user: Project) -> None:
 def test_the_run_says_where_prefect_keeps_it_and_its_flow_logs_hold_fluxos_lines(user: Project) -> None:
     output = user.run_output  # type: ignore[attr-defined]
     assert "prefect.io/docs" not in output and "StarletteDeprecationWarning" not in output, output[-3000:]
-    assert f"flow runs are kept in {user.home / '.prefect'}" in output, output[:3000]
+    # Its flow runs go to the project's own Prefect server, kept under the project with its other state.
+    assert "starting this project's Prefect server at http://127.0.0.1:" in output, output[:3000]
+    assert f"(state in {user.root / '.fluxo' / 'prefect'};" in output, output[:3000]
 
     port = free_port()
     ui, log = user.start("ui", "--prefect", "--port", str(port))
@@ -124,7 +126,7 @@ def test_the_run_says_where_prefect_keeps_it_and_its_flow_logs_hold_fluxos_lines
             "logs": {"flow_run_id": {"any_": [pipeline[0]["id"]]}}, "limit": 200}).json()
         names = {entry["name"] for entry in logs}
         messages = "\n".join(entry["message"] for entry in logs)
-        assert {"pipelines.train.run", "pipelines.export.registry"} <= names, names
+        assert {"pipelines.train.run", "pipelines.registry.versions"} <= names, names
         assert "promoted v1" in messages and "does not beat the MLP baseline" in messages, messages[-2000:]
     finally:
         code = stop(ui)

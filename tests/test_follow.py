@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipelines.context import open_run
 import contextlib
 import os
 import signal
@@ -59,8 +60,8 @@ def _serving_version(url: str) -> str:
 @pytest.mark.slow
 def test_a_server_with_only_a_tracking_uri_follows_promote_and_rollback(project: Path, tmp_path: Path) -> None:
     from pipelines.data.ingest import ingest, version
-    from pipelines.export.aliases import promote_version, rollback
-    from pipelines.export.step import export_run
+    from pipelines.registry.aliases import promote_version, rollback
+    from pipelines.release import export_run
     from pipelines.settings import load_settings
     from pipelines.train.run import train
 
@@ -83,8 +84,8 @@ def test_a_server_with_only_a_tracking_uri_follows_promote_and_rollback(project:
         worse = load_settings(SMOKE, [*base, "train.epochs=1", "train.learning_rate=1e-6"])
         ingest(project, good.data)
         data_version = version(project, good.data)
-        assert export_run(project, good, train(project, good, data_version).run_id).promotion.alias == "champion"
-        assert export_run(project, worse, train(project, worse, data_version).run_id).promotion.alias == "challenger"
+        assert export_run(open_run(project, good), train(open_run(project, good), data_version).run_id).promotion.alias == "champion"
+        assert export_run(open_run(project, worse), train(open_run(project, worse), data_version).run_id).promotion.alias == "challenger"
 
         # The replica: another root (no shared .fluxo), only the tracking URI.
         elsewhere = tmp_path / "replica"
@@ -127,8 +128,8 @@ def test_a_server_with_only_a_tracking_uri_follows_promote_and_rollback(project:
             sender = executor.submit(clients)
             try:
                 wait_for(answered_by("1", 0), "the client to be answered by version 1", timeout=30)
-                for action, expected in ((lambda: promote_version(project, good, "fluxo-digits", "2"), "2"),
-                                         (lambda: rollback(project, good, "fluxo-digits"), "1")):
+                for action, expected in ((lambda: promote_version(open_run(project, good), "fluxo-digits", "2"), "2"),
+                                         (lambda: rollback(open_run(project, good), "fluxo-digits"), "1")):
                     since = len(answered)
                     action()
                     # Followed within a few polls (FOLLOW_INTERVAL_S=1), and the client answered by it.
@@ -155,8 +156,7 @@ def test_a_look_at_an_unreachable_registry_fails_in_seconds_so_the_replica_catch
 ) -> None:
     """MLflow's own client retries 7 times, backing off for minutes: a follower that waited in them
     followed minutes late after the registry came back (found cutting a replica off its network)."""
-    from pipelines.export.follow import RegistryFollower
-    from pipelines.tracking import configure_mlflow
+    from pipelines.registry.follow import RegistryFollower
     from tests.conftest import make_settings
 
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
@@ -166,8 +166,9 @@ def test_a_look_at_an_unreachable_registry_fails_in_seconds_so_the_replica_catch
     root.mkdir()
     # A name no resolver knows: what a replica cut off from the stack's network sees for "mlflow".
     settings = make_settings(root, "tracking.tracking_uri=http://mlflow.fluxo-test.invalid:5000")
-    configure_mlflow(root, settings, experiment=False)
-    follower = RegistryFollower(root, settings, "fluxo-digits", ["champion"], interval_s=3600).start()
+    # A replica reads the registry: its context neither needs nor creates an experiment, so opening it asks nothing.
+    follower = RegistryFollower(open_run(root, settings, experiment=False), "fluxo-digits", ["champion"],
+                                interval_s=3600).start()
     try:
         started = time.monotonic()
         with contextlib.suppress(Exception):

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
-from pipelines.export.step import export_run
+from pipelines.release import export_run
 from pipelines.train.run import train
 
 pytestmark = pytest.mark.e2e
@@ -44,8 +45,8 @@ def test_ui_shows_run_curves_plots_data_version_and_champion(project: Path, sett
     settings = settings_for("train.epochs=3")
     ingest(project, settings.data)
     data_version = version(project, settings.data)
-    trained = train(project, settings, data_version)
-    export_run(project, settings, trained.run_id)
+    trained = train(open_run(project, settings), data_version)
+    export_run(open_run(project, settings), trained.run_id)
 
     port = _free_port()
     env = {"MLFLOW_TRACKING_URI": settings.tracking.tracking_uri, "PATH": str(Path(sys.executable).parent)}
@@ -188,11 +189,11 @@ def test_fluxo_experiments_are_training_experiments(project: Path, settings_for)
     """A new experiment is tagged as a training one, an old untagged one gets the tag, a chosen kind stays."""
     import mlflow
 
-    from pipelines.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, configure_experiment, configure_mlflow
+    from pipelines.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, configure_mlflow
 
     assert EXPERIMENT_KIND == "custom_model_development"  # the UI's "Machine learning" kind
     settings = settings_for()
-    experiment_id = configure_experiment(project, settings)
+    experiment_id = configure_mlflow(project, settings).experiment_id
     assert mlflow.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
 
     mlflow.MlflowClient().delete_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG)

@@ -18,11 +18,14 @@ import httpx
 import numpy as np
 import pytest
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
 from pipelines.data.store import read_dataset
-from pipelines.export.publish import materialize_model, model_root
-from pipelines.export.step import export_run
-from pipelines.monitor.detect import drift_detected, drift_tests
+from pipelines.registry.store import materialize_model
+from pipelines.registry.publish import model_root
+from pipelines.release import export_run
+from pipelines.monitor.detect import compare, drift_detected
+from pipelines.monitor.signals import Sample
 from pipelines.monitor.embedding import Embedder, embedding_tensor
 from pipelines.monitor.reference import load_reference
 from pipelines.monitor.shifts import IMAGE_SHIFTS, SEQUENCE_SHIFTS
@@ -50,9 +53,9 @@ def _trained(factory: pytest.TempPathFactory, name: str, *overrides: str):
         settings = make_settings(root, *overrides, config=None)
         ingest(root, settings.data)
         data_version = version(root, settings.data)
-        result = train(root, settings, data_version)
-        export_run(root, settings, result.run_id, result.checkpoint)
-        served = materialize_model(root, settings, None, settings.registered_model_name())
+        result = train(open_run(root, settings), data_version)
+        export_run(open_run(root, settings), result.run_id, result.checkpoint)
+        served = materialize_model(open_run(root, settings), None, settings.registered_model_name())
     return root, settings, served
 
 
@@ -81,9 +84,9 @@ def _rates(project, shifts: dict, shifted_windows: int = 3) -> tuple[float, dict
 
     def alarm(x: np.ndarray) -> bool:
         seen = embedder(x)
-        return drift_detected(drift_tests(reference.inputs, reference.embedded.embeddings,
-                                          reference.embedded.probabilities, x, seen.embeddings, seen.probabilities,
-                                          alpha))
+        return drift_detected(compare(Sample(reference.inputs, reference.embedded.embeddings,
+                                             reference.embedded.probabilities),
+                                      Sample(x, seen.embeddings, seen.probabilities), alpha))
 
     clean = [alarm(test[rng.choice(len(test), WINDOW, replace=False)]) for _ in range(CLEAN_WINDOWS)]
     detected = {}
@@ -134,6 +137,7 @@ def test_monitor_reads_what_the_server_logged_records_a_report_and_sets_the_gaug
     from mlflow.tracking import MlflowClient
 
     from pipelines.monitor.status import status_path
+    from serving import ServingConfig
     from serving.launch import start_server, stop_server, wait_ready
 
     root, settings, served = mnist
@@ -143,8 +147,9 @@ def test_monitor_reads_what_the_server_logged_records_a_report_and_sets_the_gaug
     x = IMAGE_SHIFTS["inverted"](test[np.random.default_rng(0).permutation(len(test))[:300]], None, 1.0)
     port = free_port()
     with (root.parent / "server.log").open("wb") as log_file:
-        server = start_server(model_root(root, settings, served.as_dict()["model_name"]), port, log_file=log_file,
-                              payload_log=payloads,
+        config = ServingConfig.for_model_dir(model_root(root, settings, served.as_dict()["model_name"]),
+                                             payload_log=payloads)
+        server = start_server(config, port, log_file=log_file,
                               env={"FLUXO_DRIFT_STATUS": str(status), "FLUXO_RELOAD_INTERVAL_S": "0.5"})
         try:
             url = f"http://127.0.0.1:{port}"

@@ -13,10 +13,12 @@ import onnxruntime as ort
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.context import open_run
 from pipelines.data.store import read_dataset
 from pipelines.data.versioning import read_data_version
-from pipelines.export.publish import materialize_model, model_root
-from pipelines.export.step import export_run
+from pipelines.registry.store import materialize_model
+from pipelines.registry.publish import model_root
+from pipelines.release import export_run
 from serving.reload import read_pointer
 from tests.conftest import SMOKE, make_settings, store_client
 
@@ -33,6 +35,7 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
     from prefect.testing.utilities import prefect_test_harness
 
     from pipelines.flows import pipeline_flow
+    from serving import ServingConfig
     from serving.launch import start_server, stop_server, wait_ready
 
     overrides = [
@@ -52,7 +55,7 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
     assert run.data.tags["data_version"] == data_version
 
     settings = make_settings(project, "train.epochs=3")
-    model_dir = materialize_model(project, settings, None, summary["registered_model"]).path
+    model_dir = materialize_model(open_run(project, settings), None, summary["registered_model"]).path
     assert Path(summary["served_dir"]) == model_dir
     # The promotion published the champion: `fluxo serve` starts on this root and follows it.
     champion_root = model_root(project, settings, "fluxo-digits")
@@ -60,7 +63,7 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
     port = _free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log_file:
-        server = start_server(champion_root, port, log_file=log_file)
+        server = start_server(ServingConfig.for_model_dir(champion_root), port, log_file=log_file)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, timeout=120, process=server)
@@ -95,14 +98,14 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
             assert bad.status_code == 400 and "(1, 8, 8)" in bad.text
 
             # Exporting the same run again registers nothing new (registration is idempotent)...
-            assert export_run(project, settings, summary["run_id"]).model_version == "1"
+            assert export_run(open_run(project, settings), summary["run_id"]).model_version == "1"
             # ...a second run with the same settings registers v2 with an equal test metric, which takes
             # the alias; the running server switches to it by itself and keeps answering meanwhile.
             from pipelines.data.ingest import version
             from pipelines.train.run import train
 
-            second = train(project, settings, version(project, settings.data))
-            assert export_run(project, settings, second.run_id).promotion.promoted
+            second = train(open_run(project, settings), version(project, settings.data))
+            assert export_run(open_run(project, settings), second.run_id).promotion.promoted
             # Each worker polls on its own, so wait for a long run of answers all from v2.
             deadline, versions, streak = time.monotonic() + 60, set(), 0
             while time.monotonic() < deadline and streak < 20:
@@ -172,7 +175,7 @@ def test_a_transient_fault_after_registration_is_retried_and_registers_once(
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
-    from pipelines.export import registry
+    from pipelines.registry import versions as registry
     from pipelines.flows import pipeline_flow
 
     real_tag, calls = registry._tag_version, {"n": 0}
@@ -199,6 +202,8 @@ def test_a_transient_fault_after_registration_is_retried_and_registers_once(
     assert [str(v.version) for v in versions] == ["1"]
 
 
+# Half a minute; tests/test_orchestration.py reruns unchanged through the installed `fluxo` in `make test`.
+@pytest.mark.slow
 def test_an_unchanged_rerun_reuses_the_run_and_a_changed_source_retrains(project: Path, tmp_path: Path) -> None:
     """Prefect's cache keyed on data version, settings and code: the second run trains nothing and
     registers nothing; a new row in the user's CSV is new data, so the third run trains again."""

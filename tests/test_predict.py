@@ -47,7 +47,8 @@ def _served(model_dir: Path, instances: np.ndarray) -> dict:
     import httpx
 
     from serving import ServingConfig
-    from serving.app import ModelServer, create_app
+    from serving.app import create_app
+    from serving.server import ModelServer
 
     service = create_app()
     service.state.server = ModelServer(ServingConfig(model_dir=model_dir, provider="cpu"))
@@ -271,7 +272,7 @@ def test_without_model_it_predicts_with_the_registry_champion(project: Path, mod
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(model_dir), "model")
     client = mlflow.MlflowClient()
-    client.create_registered_model("fluxo-predict-test")  # as pipelines/export/registry.py registers a version
+    client.create_registered_model("fluxo-predict-test")  # as pipelines/registry/versions.py registers a version
     version = client.create_model_version("fluxo-predict-test", source=f"runs:/{run.info.run_id}/model",
                                           run_id=run.info.run_id)
     client.set_registered_model_alias("fluxo-predict-test", "champion", version.version)

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
-from pipelines.export.evaluation import bootstrap_intervals, calibration, confident_mistakes, evaluate, softmax
-from pipelines.export.publish import model_root
-from pipelines.export.step import export_run
+from pipelines.report.evaluation import bootstrap_intervals, calibration, confident_mistakes, evaluate, softmax
+from pipelines.registry.publish import model_root
+from pipelines.release import export_run
 from pipelines.train.run import train
 from serving.contract import REPORT_FILE
 from tests.conftest import make_settings, need, store_client
@@ -94,8 +95,8 @@ def digits(tmp_path_factory: pytest.TempPathFactory):
         exports = []
         for seed in (0, 1):
             seeded = make_settings(root, "train.epochs=3", f"train.seed={seed}")
-            result = train(root, seeded, data_version)
-            exports.append(export_run(root, seeded, result.run_id, result.checkpoint))
+            result = train(open_run(root, seeded), data_version)
+            exports.append(export_run(open_run(root, seeded), result.run_id, result.checkpoint))
     return root, settings, exports
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
 from pipelines.errors import FluxoError
 from pipelines.train.checkpoint import load_checkpoint, load_latest_state
@@ -154,7 +155,7 @@ def test_resume_is_refused_while_another_process_holds_the_run(project: Path, se
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(FluxoError, match=f"run {run_dir.name} is still being trained") as refused:
-            resume_training(project, settings, data_version)
+            resume_training(open_run(project, settings), data_version)
         message = str(refused.value)
         assert str(run_dir / "train.lock") in message and f"process {holder.pid}" in message and "wait" in message
     finally:

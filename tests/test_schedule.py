@@ -27,8 +27,10 @@ def real_prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         yield url
 
 
-# Against a real `prefect server` (PREFECT_API_URL) the same run takes a minute more: slow, `make test-slow`.
-@pytest.mark.parametrize("server", ["started by fluxo", pytest.param("PREFECT_API_URL", marks=pytest.mark.slow)])
+# A minute and a half each (a real schedule's tick); `make test-slow` runs both, and the compose stack's worker
+# runs the same path at every fresh start (`make test-stack`).
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["started by fluxo", "PREFECT_API_URL"])
 def test_schedule_runs_the_pipeline_and_stops_with_everything_it_started(
     project: Path, tmp_path: Path, server: str, request: pytest.FixtureRequest
 ) -> None:

@@ -15,6 +15,7 @@ The two servers are shared by the module (each takes ~20 s to start on a loaded 
 
 from __future__ import annotations
 
+from pipelines.context import open_run
 import base64
 import contextlib
 import importlib.util
@@ -261,7 +262,7 @@ class Pipeline:
 def pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """fluxo's pipeline (ingest, train one epoch, export, register, gate) as the worker account."""
     from pipelines.data.ingest import ingest, version
-    from pipelines.export.step import export_run
+    from pipelines.release import export_run
     from pipelines.settings import load_settings
     from pipelines.train.run import train
 
@@ -273,8 +274,8 @@ def pipeline(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFacto
                                      f"tracking.tracking_uri={mlflow_server.url}", "train.epochs=1"])
     with mlflow_server.as_("worker"):
         ingest(root, settings.data)
-        result = train(root, settings, version(root, settings.data))
-        exported = export_run(root, settings, result.run_id)
+        result = train(open_run(root, settings), version(root, settings.data))
+        exported = export_run(open_run(root, settings), result.run_id)
         versions = [(v.version, v.run_id) for v in mlflow_server.client().search_model_versions(f"name='{MODEL}'")]
         import mlflow
         where = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
@@ -332,9 +333,10 @@ def test_a_reader_follows_an_alias_move_and_cannot_move_one(
 ) -> None:
     from mlflow.exceptions import MlflowException
 
-    from pipelines.export.aliases import promote_version
-    from pipelines.export.follow import RegistryFollower
-    from pipelines.export.publish import materialize_model, model_root
+    from pipelines.registry.aliases import promote_version
+    from pipelines.registry.follow import RegistryFollower
+    from pipelines.registry.store import materialize_model
+    from pipelines.registry.publish import model_root
     from serving.reload import read_pointer
 
     settings, replica = pipeline.settings, tmp_path / "replica"
@@ -343,9 +345,9 @@ def test_a_reader_follows_an_alias_move_and_cannot_move_one(
         experiments = len(mlflow_server.client().search_experiments())
     # The replica, as `fluxo serve` starts one: fetch the champion, then follow the registry.
     with mlflow_server.as_("serving"):
-        served = materialize_model(replica, settings, None, MODEL)
+        served = materialize_model(open_run(replica, settings), None, MODEL)
         assert served.version == "1"
-        follower = RegistryFollower(replica, settings, MODEL, ["champion"], 1.0)
+        follower = RegistryFollower(open_run(replica, settings), MODEL, ["champion"], 1.0)
         follower.seen["champion"] = "1"
         assert follower.poll() == []
     with mlflow_server.as_("admin"):  # a reader creates no experiment (it would own it)
@@ -356,14 +358,14 @@ def test_a_reader_follows_an_alias_move_and_cannot_move_one(
         client = mlflow_server.client()
         v1 = client.get_model_version(MODEL, "1")
         assert client.create_model_version(MODEL, source=v1.source, run_id=v1.run_id).version == "2"
-        promote_version(pipeline.root, settings, MODEL, "2")
+        promote_version(open_run(pipeline.root, settings), MODEL, "2")
     with mlflow_server.as_("serving"):
         assert follower.poll() == ["champion"]
         assert read_pointer(model_root(replica, settings, MODEL)).name == f"{MODEL}-v2"
 
         # ... and cannot move it back itself, however it tries.
         with pytest.raises(MlflowException) as caught:
-            promote_version(replica, settings, MODEL, "1")
+            promote_version(open_run(replica, settings), MODEL, "1")
         assert caught.value.error_code == "PERMISSION_DENIED"
         for attempt in (lambda c: c.set_registered_model_alias(MODEL, "champion", "1"),
                         lambda c: c.delete_registered_model_alias(MODEL, "champion"),

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
 from pipelines.errors import FluxoError
-from pipelines.export.step import export_run
+from pipelines.release import export_run
 from pipelines.train.run import train, train_and_evaluate
 from pipelines.train.tracker import NullTracker
 
@@ -33,10 +34,10 @@ def test_binary_task_trains_exports_and_serves_two_probabilities(project: Path, 
                             "train.task=binary", "train.epochs=15", "train.learning_rate=0.01")
     ingest(project, settings.data)
     data_version = version(project, settings.data)
-    result = train(project, settings, data_version)
+    result = train(open_run(project, settings), data_version)
     assert {"test_accuracy", "test_f1", "test_roc_auc"} <= set(result.test_metrics)
     assert result.test_metrics["test_accuracy"] > 0.8
-    exported = export_run(project, settings, result.run_id)
+    exported = export_run(open_run(project, settings), result.run_id)
     assert exported.parity.passed
     import onnxruntime as ort
 
@@ -50,11 +51,11 @@ def test_regression_task_reports_r2_and_is_not_exported_for_serving(project: Pat
                             "model.params={}", "train.epochs=20", "train.learning_rate=0.01")
     ingest(project, settings.data)
     data_version = version(project, settings.data)
-    result = train(project, settings, data_version)
+    result = train(open_run(project, settings), data_version)
     assert set(result.test_metrics) == {"test_r2", "test_mse", "test_rmse", "test_mae"}
     assert result.test_metrics["test_r2"] > 0.5
     with pytest.raises(FluxoError, match="regression model trains and is tracked.*multiclass and binary"):
-        export_run(project, settings, result.run_id)
+        export_run(open_run(project, settings), result.run_id)
     with pytest.raises(FluxoError, match="val_accuracy means nothing for regression"):
         train_and_evaluate(project, settings_for(f"data.dataset={tmp_path / 'freq.csv'}", "model.name=cnn1d",
                                                  "model.params={}", "train.monitor=val_accuracy"),

@@ -20,7 +20,7 @@ def test_a_second_project_in_one_process_gets_its_own_store(tmp_path: Path) -> N
         root = tmp_path / name / "project"
         root.mkdir(parents=True)
         settings = make_settings(root)
-        uri = configure_mlflow(root, settings)
+        uri = configure_mlflow(root, settings).uri
         assert uri == f"sqlite:///{tmp_path / name / 'mlflow.db'}"
         assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (uri, uri)
         with mlflow.start_run() as run:
@@ -37,7 +37,7 @@ def test_the_users_tracking_uri_still_wins_and_stays(tmp_path: Path, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", chosen)
     root = tmp_path / "project"
     root.mkdir()
-    assert configure_mlflow(root, make_settings(root)) == chosen
+    assert configure_mlflow(root, make_settings(root)).uri == chosen
     assert os.environ["MLFLOW_TRACKING_URI"] == chosen
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipelines.context import open_run
 from pipelines.settings import load_settings, parse_override
 from pipelines.data.ingest import ingest, version
 from pipelines.errors import FluxoError
@@ -63,7 +64,7 @@ def test_study_records_each_trial_as_a_nested_run_and_writes_a_runnable_best_pre
     project: Path, ingested, tmp_path: Path
 ) -> None:
     settings, data_version = ingested
-    result = tune(project, settings, _tune_settings(pruner="none"), data_version)
+    result = tune(open_run(project, settings), _tune_settings(pruner="none"), data_version)
 
     children = _child_runs(result.parent_run_id)
     assert len(children) == 3 == len(result.trials)
@@ -128,7 +129,7 @@ def test_a_hopeless_trial_is_pruned_and_recorded(project: Path, ingested, settin
     # while 1e-9 stays at chance (about 0.1), so the threshold stops it before its third.
     grid = optuna.samplers.GridSampler({"train.learning_rate": [0.01, 1e-9]}, seed=0)
     result = tune(
-        project, settings, tune_settings, data_version,
+        open_run(project, settings), tune_settings, data_version,
         sampler=grid, pruner=optuna.pruners.ThresholdPruner(lower=0.3, n_warmup_steps=2),
     )
     states = {row["train.learning_rate"]: row["state"] for row in result.trials}
@@ -182,11 +183,16 @@ def test_a_bad_space_is_refused_naming_the_key(settings_for, key: str, spec: dic
     assert named in str(error.value)
 
 
-def test_tune_refuses_a_bad_key_before_touching_data_or_mlflow(project: Path, settings_for) -> None:
-    settings = settings_for()
-    with pytest.raises(FluxoError, match=r"tune\.space\['train\.lr'\]: not a setting"):
-        tune(project, settings, TuneSettings(space={"train.lr": {"low": 1e-4, "high": 1e-2}}), data_version=None)
-    assert not (project.parent / "mlflow.db").exists()
+def test_tune_refuses_a_bad_key_before_touching_data_or_mlflow(project: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    db = project.parent / "mlflow.db"
+    result = CliRunner().invoke(app, ["tune", "--root", str(project), "--set", f"tracking.tracking_uri=sqlite:///{db}",
+                                      "--set", "tune.space={train.lr: {low: 0.0001, high: 0.01}}"])
+    assert result.exit_code == 2 and "tune.space['train.lr']: not a setting" in result.output, result.output
+    assert not db.exists() and not (project / "data").exists()
 
 
 @pytest.mark.parametrize(

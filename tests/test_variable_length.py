@@ -16,10 +16,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
 from pipelines.data.store import read_dataset
-from pipelines.export.publish import model_root
-from pipelines.export.step import export_run
+from pipelines.registry.publish import model_root
+from pipelines.release import export_run
 from pipelines.predict.run import predict
 from pipelines.train.run import train
 from serving.runtime import softmax
@@ -49,8 +50,8 @@ def walks(tmp_path_factory: pytest.TempPathFactory):
         settings = make_settings(root, f"data.dataset={csv}", "model.name=gru",
                                  "model.params={hidden: 8, bidirectional: true}", "train.epochs=3")
         ingest(root, settings.data)
-        result = train(root, settings, version(root, settings.data))
-        exported = export_run(root, settings, result.run_id)
+        result = train(open_run(root, settings), version(root, settings.data))
+        exported = export_run(open_run(root, settings), result.run_id)
     return root, settings, csv, exported, result
 
 
@@ -99,7 +100,7 @@ def test_ragged_instances_over_http_get_the_trained_answers(walks, tmp_path: Pat
 
 def test_fluxo_predict_reads_each_row_to_its_own_end(walks, tmp_path: Path) -> None:
     root, settings, csv, exported, _ = walks
-    result = predict(root, settings, csv, tmp_path / "preds.parquet", str(exported.export_dir), "fluxo-walk",
+    result = predict(open_run(root, settings), csv, tmp_path / "preds.parquet", str(exported.export_dir), "fluxo-walk",
                      record=False)
     table = pq.read_table(tmp_path / "preds.parquet").to_pandas()
     values = pd.read_csv(csv).drop(columns=["label"]).to_numpy()
@@ -122,7 +123,7 @@ def test_fluxo_predict_reads_npz_lengths_and_parquet_lists_like_the_csv(walks, t
         tmp_path / "walk.parquet")
     for source, want_ids in (("walk.npz", [str(i) for i in range(len(values))]), ("walk.parquet", ids)):
         out = tmp_path / f"{source}.preds.parquet"
-        result = predict(root, settings, tmp_path / source, out, str(exported.export_dir), "fluxo-walk", record=False)
+        result = predict(open_run(root, settings), tmp_path / source, out, str(exported.export_dir), "fluxo-walk", record=False)
         table = pq.read_table(out).to_pandas()
         assert table["id"].tolist() == want_ids and result.rows == len(values)
         np.testing.assert_allclose(np.stack(table["probabilities"].to_numpy()), expected, atol=1e-5)
@@ -146,7 +147,7 @@ def test_a_canary_on_zero_padding_answers_the_ragged_requests_the_champion_admit
     """The champion's contract (lengths) is the service's; a cnn1d challenger gets the zeros it trained on."""
     root, settings, csv, exported, _ = walks
     padded = make_settings(root, f"data.dataset={csv}", "model.name=cnn1d", "train.epochs=2")
-    challenger = export_run(root, padded, train(root, padded, version(root, padded.data)).run_id)
+    challenger = export_run(open_run(root, padded), train(open_run(root, padded), version(root, padded.data)).run_id)
     test = read_dataset(root / "data").splits["test"]
     ragged = [np.asarray(x)[:, :n].tolist() for x, n in zip(test.x, test.lengths)]
     session = ort.InferenceSession(str(challenger.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -22,12 +22,13 @@ import onnxruntime as ort
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
 from pipelines.data.store import Dataset, Split, read_dataset
 from pipelines.export import variants
 from pipelines.export.package import export_model
-from pipelines.export.publish import model_root
-from pipelines.export.step import export_run
+from pipelines.registry.publish import model_root
+from pipelines.release import export_run
 from pipelines.settings import ExportSettings
 from pipelines.train.run import train
 from serving import ServingError
@@ -53,7 +54,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, obj
             env.delenv(key)
         settings = make_settings(root)
         ingest(root, settings.data)
-        result = train(root, settings, version(root, settings.data))
+        result = train(open_run(root, settings), version(root, settings.data))
         yield root, settings, result.run_id
 
 
@@ -65,7 +66,7 @@ def kept(digits):
     with pytest.MonkeyPatch.context() as env:
         for key in [k for k in os.environ if k.startswith("FLUXO_") or k == "MLFLOW_TRACKING_URI"]:
             env.delenv(key)
-        exported = export_run(root, settings, run_id)
+        exported = export_run(open_run(root, settings), run_id)
         return settings, exported, MlflowClient().get_run(run_id).data.metrics
 
 
@@ -106,7 +107,7 @@ def test_a_variant_short_of_the_speedup_is_refused_saying_by_how_much(digits, tm
     settings = make_settings(root, f"export.export_dir={tmp_path / 'export'}", "export.min_speedup=1000",
                              "export.max_accuracy_drop=100",  # only the speedup can refuse it
                              "export.variants=[int8]")
-    exported = export_model(root, settings, run_id)
+    exported = export_model(open_run(root, settings), run_id)
     int8 = exported.metadata.variants["int8"]
     assert int8["kept"] is False and DECISION_KEYS <= set(int8) and "file" not in int8
     assert f"speedup {int8['speedup']:.2f}x at batch 32 is below export.min_speedup 1000x" in int8["reason"]

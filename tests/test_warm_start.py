@@ -10,9 +10,10 @@ from mlflow.tracking import MlflowClient
 
 from models import build_model
 from models.preprocess import Standardized
+from pipelines.context import open_run
 from pipelines.data.ingest import ingest, version
 from pipelines.errors import FluxoError
-from pipelines.export.step import export_run
+from pipelines.release import export_run
 from pipelines.train.checkpoint import load_checkpoint, model_payload
 from pipelines.train.run import train
 from pipelines.train.warm_start import IncompatibleWarmStart, freeze, transfer
@@ -75,8 +76,8 @@ def champion(project: Path, settings_for):
     """A digits champion trained for 6 epochs, then the data changed (another split of the same digits)."""
     settings = settings_for("train.epochs=6")
     ingest(project, settings.data)
-    first = train(project, settings, version(project, settings.data))
-    export_run(project, settings, first.run_id)
+    first = train(open_run(project, settings), version(project, settings.data))
+    export_run(open_run(project, settings), first.run_id)
     changed = settings_for("data.split_seed=1")
     ingest(project, changed.data)
     return first, version(project, changed.data)
@@ -85,8 +86,8 @@ def champion(project: Path, settings_for):
 def test_a_warm_start_from_the_champion_reaches_its_accuracy_in_fewer_epochs(project: Path, settings_for,
                                                                                 champion) -> None:
     first, changed = champion
-    scratch = train(project, settings_for("data.split_seed=1", "train.epochs=1"), changed)
-    warm = train(project, settings_for("data.split_seed=1", "train.epochs=1", "train.init_from=champion"), changed)
+    scratch = train(open_run(project, settings_for("data.split_seed=1", "train.epochs=1")), changed)
+    warm = train(open_run(project, settings_for("data.split_seed=1", "train.epochs=1", "train.init_from=champion")), changed)
     assert warm.test_metrics["test_accuracy"] > scratch.test_metrics["test_accuracy"] + 0.2, (warm, scratch)
     assert warm.test_metrics["test_accuracy"] >= first.test_metrics["test_accuracy"] - 0.05
     tags = MlflowClient().get_run(warm.run_id).data.tags
@@ -96,8 +97,8 @@ def test_a_warm_start_from_the_champion_reaches_its_accuracy_in_fewer_epochs(pro
 
 def test_frozen_layers_keep_the_champions_weights(project: Path, settings_for, champion) -> None:
     first, changed = champion
-    tuned = train(project, settings_for("data.split_seed=1", "train.epochs=2", f"train.init_from={first.run_id}",
-                                        "train.freeze=[features]"), changed)
+    tuned = train(open_run(project, settings_for("data.split_seed=1", "train.epochs=2", f"train.init_from={first.run_id}",
+                                        "train.freeze=[features]")), changed)
     before, after = (load_checkpoint(r.checkpoint)["state_dict"] for r in (first, tuned))
     weights = [k for k in after if k.startswith("inner.features.") and k.endswith("weight")]
     assert weights and all(torch.equal(before[k], after[k]) for k in weights if "running" not in k)
@@ -108,7 +109,7 @@ def test_an_unknown_source_is_one_clear_error(project: Path, settings_for) -> No
     settings = settings_for("train.epochs=1", "train.init_from=0123456789abcdef")
     ingest(project, settings.data)
     with pytest.raises(FluxoError, match="train.init_from='0123456789abcdef': not found in the tracking store"):
-        train(project, settings, version(project, settings.data))
+        train(open_run(project, settings), version(project, settings.data))
 
 
 def test_scheduled_runs_start_from_the_champion_unless_told_otherwise(project: Path) -> None:
