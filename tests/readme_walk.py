@@ -15,7 +15,7 @@ command lines in order, how a user runs it:
 
 A block without the comment, or with a directive too few or too many, is refused by
 :func:`walk_plan`, so a command added to the README is either run or explicitly left out.
-Run as ``python -m tests.readme_walk`` or through ``tests/test_readme.py`` (``make test-readme``).
+Run as ``python -m tests.readme_walk`` or through ``tests/project/test_readme.py`` (``make test-readme``).
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def test_mistakes_after_ingest_are_one_line_and_leave_no_run_behind(project: Pat
 
 def test_a_mistake_inside_fluxo_run_is_one_line_without_traceback(project: Path, tmp_path: Path) -> None:
     """As a user sees it: the real command, Prefect's embedded server, a sequence file with labels elsewhere."""
-    from tests.test_ingest_sources import _sequences_csv
+    from tests.data.test_ingest_sources import _sequences_csv
 
     path = _sequences_csv(tmp_path / "walk.csv", rows=40)
     env = {k: v for k, v in __import__("os").environ.items() if k != "PREFECT_API_URL"}

@@ -11,7 +11,7 @@ of the serving replicas) are published, on 127.0.0.1. Least privilege: MLflow an
 to PostgreSQL as roles of their own, and the serving replicas share no volume and hold only a
 write-into-payloads S3 key and MLflow's read-only account. The one-shot scripts
 (deploy/postgres-init.sh, deploy/minio-init.sh) are run here against stand-in `psql` and `mc`.
-The servers' logins themselves are exercised in tests/test_security.py.
+The servers' logins themselves are exercised in tests/lifecycle/test_security.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import yaml
 
 from tests.conftest import need
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / "deploy" / ".env.example"
 MAKE_SECRETS = ROOT / "deploy" / "make-secrets.sh"

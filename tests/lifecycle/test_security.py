@@ -36,7 +36,7 @@ import pytest
 
 from tests.conftest import REPO, SMOKE
 from tests.serving_fixtures import free_port as _free_port
-from tests.test_follow import _wait
+from tests.lifecycle.test_follow import _wait
 
 FLUXO = Path(sys.executable).with_name("fluxo")
 MODEL = "fluxo-digits"

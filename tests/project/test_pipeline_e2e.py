@@ -88,7 +88,7 @@ def test_flow_trains_registers_and_serves_what_it_exported(project: Path, tmp_pa
             assert metadata["input_shape"] == [1, 8, 8]
 
             # The README's request, pasted as shown, is answered.
-            from tests.test_readme import _curl_bodies
+            from tests.project.test_readme import _curl_bodies
 
             pasted = httpx.post(f"{url}/predict", content=_curl_bodies()[0],
                                 headers={"Content-Type": "application/json"}, timeout=10)
@@ -145,7 +145,7 @@ def test_a_user_mistake_inside_the_flow_is_not_retried_and_prints_no_traceback(
 
     from pipelines.errors import FluxoError
     from pipelines.flows import pipeline_flow
-    from tests.test_ingest_sources import _sequences_csv
+    from tests.data.test_ingest_sources import _sequences_csv
 
     path = _sequences_csv(tmp_path / "walk.csv", rows=60)
     overrides = [
@@ -202,7 +202,7 @@ def test_a_transient_fault_after_registration_is_retried_and_registers_once(
     assert [str(v.version) for v in versions] == ["1"]
 
 
-# Half a minute; tests/test_orchestration.py reruns unchanged through the installed `fluxo` in `make test`.
+# Half a minute; tests/project/test_orchestration.py reruns unchanged through the installed `fluxo` in `make test`.
 @pytest.mark.slow
 def test_an_unchanged_rerun_reuses_the_run_and_a_changed_source_retrains(project: Path, tmp_path: Path) -> None:
     """Prefect's cache keyed on data version, settings and code: the second run trains nothing and
@@ -212,7 +212,7 @@ def test_an_unchanged_rerun_reuses_the_run_and_a_changed_source_retrains(project
     from prefect.testing.utilities import prefect_test_harness
 
     from pipelines.flows import pipeline_flow
-    from tests.test_ingest_sources import _sequences_csv
+    from tests.data.test_ingest_sources import _sequences_csv
 
     path = _sequences_csv(tmp_path / "walk.csv", rows=60)
     overrides = [

@@ -7,7 +7,7 @@ import pytest
 from pipelines.settings import load_settings
 from pipelines.errors import FluxoError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_preset_overrides_defaults_and_set_overrides_preset() -> None:

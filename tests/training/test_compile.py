@@ -13,7 +13,7 @@ import torch._dynamo
 from pipelines.settings import TrainSettings
 from pipelines.train.engine import ClassificationStep, FitConfig, compiled_step, evaluate, fit, seed_everything
 from pipelines.train.optim import build_optimizer, build_scheduler
-from tests.test_train import _digits_tensors, _model
+from tests.training.test_train import _digits_tensors, _model
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from pipelines.data.store import read_dataset
 from pipelines.export.image_recipe import DIGITS, MNIST, image_recipe
 from serving import ServingError
 from serving.images import DIGITS_IMAGE, decode_image, image_spec
-from tests.test_ingest_sources import make_folder
+from tests.data.test_ingest_sources import make_folder
 
 
 def _metadata(manifest: dict) -> dict:

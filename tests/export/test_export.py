@@ -127,7 +127,7 @@ def test_variable_length_export_records_accuracy_as_served(project: Path, settin
     """An RNN trained on packed sequences is exported with a lengths input: served exactly as trained."""
     import pandas as pd
 
-    from tests.test_ingest_sources import _sequences_csv
+    from tests.data.test_ingest_sources import _sequences_csv
 
     path = _sequences_csv(tmp_path / "walk.csv", rows=90)
     frame = pd.read_csv(path)

@@ -123,7 +123,7 @@ def test_sigterm_stops_the_ui_and_every_process_it_started(tmp_path: Path) -> No
     port = _free_port()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = f"import sys\nfrom pipelines.ui import run_ui\nsys.exit(run_ui({uri!r}, '127.0.0.1', {port}))\n"
-    ui = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+    ui = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait(f"http://127.0.0.1:{port}/health", ui, timeout=240)
@@ -161,7 +161,7 @@ def test_a_server_that_ignores_the_stop_is_killed_with_all_its_workers(tmp_path:
         f"ui.ui_command = lambda uri, host, port: [sys.executable, {str(server)!r}]\n"
         "sys.exit(ui.run_ui('sqlite://', '127.0.0.1', 0))\n"
     )
-    ui = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    ui = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "server.py.ready").exists():

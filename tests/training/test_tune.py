@@ -27,7 +27,7 @@ from pipelines.train.tune import (
     write_best_preset,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tune_settings(**changes) -> TuneSettings:

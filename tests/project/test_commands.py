@@ -13,19 +13,19 @@ import pytest
 
 from tests.users import Project, one_error_line
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 SMOKE = "configs/smoke.yaml"
 
 # Commands run as subprocesses of the installed `fluxo` by other tests (success and mistake).
 ELSEWHERE = {
-    "run": "tests/test_first_hour.py (success), tests/test_cli.py (a mistake inside the flow)",
-    "serve": "tests/test_first_hour.py, tests/test_serve_process.py",
-    "predict": "tests/test_first_hour.py",
-    "status": "tests/test_first_hour.py",
-    "monitor": "tests/test_first_hour.py (success); here (a mistake)",
-    "ui": "tests/test_first_hour.py (--prefect), tests/test_serve_process.py (MLflow's)",
-    "schedule": "tests/test_schedule.py (success); here (a mistake)",
-    "prefect": "tests/test_orchestration.py (status and stop, with and without a server)",
+    "run": "tests/project/test_first_hour.py (success), tests/project/test_cli.py (a mistake inside the flow)",
+    "serve": "tests/project/test_first_hour.py, tests/serving/test_serve_process.py",
+    "predict": "tests/project/test_first_hour.py",
+    "status": "tests/project/test_first_hour.py",
+    "monitor": "tests/project/test_first_hour.py (success); here (a mistake)",
+    "ui": "tests/project/test_first_hour.py (--prefect), tests/serving/test_serve_process.py (MLflow's)",
+    "schedule": "tests/project/test_schedule.py (success); here (a mistake)",
+    "prefect": "tests/project/test_orchestration.py (status and stop, with and without a server)",
 }
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.readme_walk import fresh_copy, walk, walk_plan
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _curl_bodies() -> list[str]:

@@ -1,7 +1,7 @@
 """Drift signals are pluggable: one object each, found in one registry, looped over by the monitor.
 
 Fast and synthetic (no trained model): the built-in signals on real models are
-tests/test_monitor.py's.
+tests/monitoring/test_monitor.py's.
 """
 
 from __future__ import annotations

@@ -285,7 +285,7 @@ def test_without_model_it_predicts_with_the_registry_champion(project: Path, mod
 
 
 def test_predict_help_never_imports_torch_or_the_heavy_stack() -> None:
-    from tests.test_imports import CLI, _loaded_after
+    from tests.project.test_imports import CLI, _loaded_after
 
     assert _loaded_after(CLI.format(args=["predict", "--help"])) == set()
 

@@ -30,7 +30,7 @@ from tests.waiting import wait_for
 # The first test also waits for `make stack` from clean: a cold build of every image is minutes.
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(2400)]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STACK = [sys.executable, str(ROOT / "deploy" / "stack.py")]
 SECRETS = ROOT / "deploy" / "secrets"
 PORT = 3000

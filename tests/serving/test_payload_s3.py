@@ -21,7 +21,7 @@ from serving import ServingConfig, ServingError
 from serving.payload_log import PARTIAL, PayloadLogger, read_payloads
 from serving.payload_store import S3Upload, s3_filesystem
 from tests.serving_fixtures import free_port
-from tests.test_payload_log import _load, _record, _server, kill_server
+from tests.serving.test_payload_log import _load, _record, _server, kill_server
 from tests.waiting import wait_for
 
 BUCKET = "fluxo-payloads"
