@@ -8,6 +8,7 @@ user's mistake fails the run at once, as one line, without a traceback.
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.context import RunContext, open_run
 from pipelines.fingerprint import run_fingerprint
-from pipelines.release import ExportResult, ReleaseSteps, export_run
+from pipelines.release import ExportResult, ReleaseSteps, export_run, plain_steps
 from pipelines.retry import is_user_error, retry_transient_only
 from pipelines.settings import load_settings
 
@@ -27,8 +28,6 @@ from pipelines.settings import load_settings
 if TYPE_CHECKING:
     from pipelines.data.ingest import Ingested
     from pipelines.export.exported import ExportedModel
-    from pipelines.registry.gate import GateDecision
-    from pipelines.registry.versions import PromotionDecision, RegisteredVersion
     from pipelines.train.result import TrainResult
 
 log = logging.getLogger(__name__)
@@ -74,38 +73,6 @@ def export_task(ctx: RunContext, trained: TrainResult, fingerprint: str) -> Expo
     from pipelines.export.package import export_model
 
     return export_model(ctx, trained.run_id, trained.checkpoint)
-
-
-@task(name="register", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def register_task(ctx: RunContext, exported: ExportedModel) -> RegisteredVersion:
-    from pipelines.registry.steps import register_step
-
-    return register_step(ctx, exported)
-
-
-@task(name="gate", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def gate_task(ctx: RunContext, exported: ExportedModel, registered: RegisteredVersion) -> GateDecision:
-    from pipelines.registry.steps import gate_step
-
-    return gate_step(ctx, exported, registered)
-
-
-@task(name="promote", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def promote_task(
-    ctx: RunContext, exported: ExportedModel, registered: RegisteredVersion, gate: GateDecision
-) -> PromotionDecision:
-    from pipelines.registry.steps import promote_step
-
-    return promote_step(ctx, exported, registered, gate)
-
-
-@task(name="publish", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def publish_task(
-    ctx: RunContext, exported: ExportedModel, registered: RegisteredVersion, decision: PromotionDecision,
-) -> Path | None:
-    from pipelines.registry.steps import publish_step
-
-    return publish_step(ctx, exported, registered, decision)
 
 
 def summarize(ingested: Ingested, pushed: int, trained: TrainResult, exported: ExportResult) -> dict[str, Any]:
@@ -202,12 +169,16 @@ def summarize_unchanged(ctx: RunContext, ingested: Ingested, pushed: int, traine
 
 
 def release_tasks(trained: TrainResult, fingerprint: str, refresh_export: bool) -> ReleaseSteps:
-    """pipelines/release.py's steps, each as this flow's task; export keyed by the run's fingerprint."""
+    """pipelines/release.py's steps, each as this flow's task named after it: export cached by the run's
+    fingerprint, every later step retried on transient faults. A step added there is a task here unasked."""
 
     def export(ctx: RunContext, run_id: str | None, checkpoint: Path | None) -> ExportedModel:
         return export_task.with_options(refresh_cache=refresh_export or None)(ctx, trained, fingerprint)
 
-    return ReleaseSteps(export, register_task, gate_task, promote_task, publish_task)
+    plain = plain_steps()
+    retried = {step.name: task(getattr(plain, step.name), name=step.name, cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+               for step in fields(plain) if step.name != "export"}
+    return ReleaseSteps(export=export, **retried)
 
 
 def flow_context(config: str | None, overrides: list[str] | None, root: str) -> RunContext:

@@ -33,12 +33,17 @@ class ReleaseSteps:
     publish: Callable[[RunContext, ExportedModel, RegisteredVersion, PromotionDecision], Path | None]
 
 
+def _export(ctx: RunContext, run_id: str | None, checkpoint: Path | None) -> ExportedModel:
+    from pipelines.export.package import export_model  # torch: only when a model is exported
+
+    return export_model(ctx, run_id, checkpoint)
+
+
 def plain_steps() -> ReleaseSteps:
-    """The steps as plain calls; imported here, so an unchanged rerun that never exports never loads torch."""
-    from pipelines.export.package import export_model
+    """The steps as plain calls (the flow wraps each as a task); an unchanged rerun never loads torch."""
     from pipelines.registry.steps import gate_step, promote_step, publish_step, register_step
 
-    return ReleaseSteps(export_model, register_step, gate_step, promote_step, publish_step)
+    return ReleaseSteps(_export, register_step, gate_step, promote_step, publish_step)
 
 
 @dataclass
