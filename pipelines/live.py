@@ -65,7 +65,8 @@ def record_server(root: Path, record: ServerRecord) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,7 +89,7 @@ def running_servers(root: Path) -> list[ServerRecord]:
             record = ServerRecord(**json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):
             continue
-        if _alive(record.pid):
+        if process_alive(record.pid):
             records.append(record)
         else:
             path.unlink(missing_ok=True)

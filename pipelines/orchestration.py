@@ -14,7 +14,7 @@ stops the server and itself, so nothing lingers. ``fluxo prefect stop`` stops it
 ``fluxo prefect status`` says where it is. With ``PREFECT_API_URL`` set nothing here starts:
 that server is used. ``orchestration.prefect_server=temporary`` keeps Prefect's own way.
 
-Only the standard library is imported at module level: the keeper must start in a blink.
+Only the standard library (and pipelines/live.py's pid check) is imported at module level: the keeper must start in a blink.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pipelines.live import process_alive
 
 if TYPE_CHECKING:
     from pipelines.settings.orchestration import OrchestrationSettings
@@ -54,16 +56,6 @@ def _record_path(root: Path) -> Path:
     return home(root) / "server.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _healthy(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout) as answer:
@@ -78,7 +70,7 @@ def running_server(root: Path) -> dict[str, object] | None:
         record = json.loads(_record_path(root).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and _alive(int(record.get("keeper", 0))) else None
+    return record if isinstance(record, dict) and process_alive(int(record.get("keeper", 0))) else None
 
 
 def _free_port() -> int:
@@ -128,7 +120,7 @@ def wait_healthy(record: dict[str, object], timeout: float = BOOT_TIMEOUT_S) -> 
 
     url, deadline = str(record["url"]), time.monotonic() + timeout
     while not _healthy(url):
-        if not _alive(int(record["keeper"])):
+        if not process_alive(int(record["keeper"])):
             raise FluxoError(f"the project's Prefect server stopped while starting; its log is "
                              f"{Path(str(record['home'])) / 'server.log'}")
         if time.monotonic() > deadline:
@@ -226,7 +218,7 @@ def stop_server(root: Path, timeout: float = 30.0) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(keeper, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(keeper) and time.monotonic() < deadline:
+    while process_alive(keeper) and time.monotonic() < deadline:
         time.sleep(0.1)
     return True
 
@@ -241,7 +233,7 @@ def leases_held(root: Path) -> int:
 def _live_leases(folder: Path) -> int:
     held = 0
     for path in (folder / "leases").glob("*"):
-        if path.name.isdigit() and _alive(int(path.name)):
+        if path.name.isdigit() and process_alive(int(path.name)):
             held += 1
         else:
             path.unlink(missing_ok=True)  # a command that was killed outright leaves its lease behind
@@ -287,16 +279,21 @@ def keep(root: Path, port: int, idle_minutes: float, scheduler_loop_seconds: str
                 break
             time.sleep(KEEPER_POLL_S)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
+        stop_group(server)
         clear_record(root, os.getpid())
     return 0
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM a server's process group, then SIGKILL what is left: nothing may keep the port."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def clear_record(root: Path, owner: int) -> None:

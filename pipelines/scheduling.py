@@ -56,18 +56,6 @@ def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: 
     raise FluxoError(f"prefect server did not answer {url}/health within {timeout:.0f} s; its log is {log_path}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, then SIGKILL what is left: nothing may keep the port."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 def _auth_headers() -> dict[str, str]:
     """The header Prefect's client sends: HTTP basic with the whole auth string as the credentials."""
     import base64
@@ -117,7 +105,7 @@ def prefect_refusal(error: BaseException) -> FluxoError | None:
 def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -> Iterator[str]:
     """The Prefect API to schedule against: ``PREFECT_API_URL`` if set, the project's running server, else
     a server started here with its scheduler, recorded as the project's while it runs and stopped with it."""
-    from pipelines.orchestration import clear_record, home, lease, running_server, write_record
+    from pipelines.orchestration import clear_record, home, lease, running_server, stop_group, write_record
 
     load_prefect_secrets()
     existing = os.environ.get("PREFECT_API_URL", "").strip()
@@ -144,7 +132,7 @@ def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -
                  "scheduled runs and their logs: %s/", url, folder, folder / "server.log", url.removesuffix("/api"))
         yield url
     finally:
-        _stop(process)
+        stop_group(process)
         clear_record(root, os.getpid())
         log.info("stopped the Prefect server at %s", url)
 
