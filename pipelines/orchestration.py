@@ -73,19 +73,19 @@ def running_server(root: Path) -> dict[str, object] | None:
     return record if isinstance(record, dict) and process_alive(int(record.get("keeper", 0))) else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _start_keeper(root: Path, idle_minutes: float, scheduler_loop_seconds: float | None) -> dict[str, object]:
+def _start_keeper(root: Path, idle_minutes: float) -> dict[str, object]:
     """Spawn the keeper (detached: it outlives this command) and return the record it will serve under."""
     folder = home(root)
-    port = _free_port()
+    port = free_port()
     record = {"url": f"http://127.0.0.1:{port}/api", "port": port, "home": str(folder), "owner": "keeper"}
     command = [sys.executable, "-m", "pipelines.orchestration", "keep", str(Path(root).resolve()), str(port),
-               str(idle_minutes), str(scheduler_loop_seconds or "")]
+               str(idle_minutes)]
     with (folder / "keeper.log").open("ab") as keeper_log:
         keeper = subprocess.Popen(command, stdout=keeper_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                   start_new_session=True, cwd=folder)
@@ -104,14 +104,14 @@ def write_record(root: Path, record: dict[str, object]) -> None:
     staged.replace(path)
 
 
-def ensure_server(root: Path, idle_minutes: float, scheduler_loop_seconds: float | None = None) -> dict[str, object]:
+def ensure_server(root: Path, idle_minutes: float) -> dict[str, object]:
     """This project's server record, starting the keeper if there is none; it may still be booting."""
     from pipelines.locks import exclusive_lock
 
     folder = home(root)
     (folder / "leases").mkdir(parents=True, exist_ok=True)
     with exclusive_lock(folder / "server.lock"):  # two commands at once start one server, not two
-        return running_server(root) or _start_keeper(root, idle_minutes, scheduler_loop_seconds)
+        return running_server(root) or _start_keeper(root, idle_minutes)
 
 
 def wait_healthy(record: dict[str, object], timeout: float = BOOT_TIMEOUT_S) -> str:
@@ -160,8 +160,8 @@ def _pointed_at(url: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def prefect_api(root: Path, settings: OrchestrationSettings, prepare: Callable[[], object] | None = None,
-                scheduler_loop_seconds: float | None = None) -> Iterator[str | None]:
+def prefect_api(root: Path, settings: OrchestrationSettings,
+                prepare: Callable[[], object] = lambda: None) -> Iterator[str | None]:
     """The Prefect API for the commands inside: ``PREFECT_API_URL``, else this project's server.
 
     ``prepare`` runs while a server that is not up yet boots (the flow's own imports), so the
@@ -169,20 +169,18 @@ def prefect_api(root: Path, settings: OrchestrationSettings, prepare: Callable[[
     or None under ``orchestration.prefect_server=temporary`` (Prefect's own temporary server,
     stopped before the block ends so the command's last line is its outcome).
     """
-    if os.environ.get("PREFECT_API_URL", "").strip():
-        (prepare or (lambda: None))()
-        yield os.environ["PREFECT_API_URL"]
-        return
-    if settings.prefect_server == "temporary":
-        (prepare or (lambda: None))()
+    given = os.environ.get("PREFECT_API_URL", "").strip()
+    if given or settings.prefect_server == "temporary":
+        prepare()
         try:
-            yield None
+            yield given or None
         finally:
-            stop_temporary_server()
+            if not given:
+                stop_temporary_server()
         return
-    record = ensure_server(root, settings.idle_minutes, scheduler_loop_seconds)
+    record = ensure_server(root, settings.idle_minutes)
     with lease(root):
-        (prepare or (lambda: None))()
+        prepare()
         url = wait_healthy(record)
         with _pointed_at(url):
             yield url
@@ -223,7 +221,7 @@ def stop_server(root: Path, timeout: float = 30.0) -> bool:
     return True
 
 
-# ---- the keeper: `python -m pipelines.orchestration keep ROOT PORT IDLE_MINUTES [LOOP_SECONDS]` ----------------
+# ---- the keeper: `python -m pipelines.orchestration keep ROOT PORT IDLE_MINUTES` ----------------
 
 def leases_held(root: Path) -> int:
     """How many live commands use the project's server now."""
@@ -240,23 +238,25 @@ def _live_leases(folder: Path) -> int:
     return held
 
 
-def _server_command(port: int) -> list[str]:
+def server_command(port: int) -> list[str]:
+    """``prefect server start`` on loopback, by this interpreter (the keeper's and ``fluxo schedule``'s own)."""
     return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
 
 
-def _server_env(folder: Path, port: int, scheduler_loop_seconds: str) -> dict[str, str]:
+def server_env(folder: Path, port: int, scheduler_loop_seconds: float | None = None) -> dict[str, str]:
+    """Its environment: state under ``folder``, no analytics, the UI told where its API is, our auth string."""
     env = {**os.environ, "PREFECT_HOME": str(folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            # Its UI shows the runs; on a port other than 4200 it must be told where its API is.
            "PREFECT_SERVER_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     env.pop("PREFECT_API_URL", None)
-    if scheduler_loop_seconds:
-        env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = scheduler_loop_seconds
+    if scheduler_loop_seconds is not None:
+        env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_seconds)
     if os.environ.get("PREFECT_API_AUTH_STRING"):  # a loopback port is still open to every local user
         env["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"]
     return env
 
 
-def keep(root: Path, port: int, idle_minutes: float, scheduler_loop_seconds: str = "") -> int:
+def keep(root: Path, port: int, idle_minutes: float) -> int:
     """Run the server until it has been idle for ``idle_minutes`` or this keeper gets SIGTERM/SIGINT."""
     folder = home(root)
     stopping: list[int] = []
@@ -267,7 +267,7 @@ def keep(root: Path, port: int, idle_minutes: float, scheduler_loop_seconds: str
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _stop)
     with (folder / "server.log").open("ab") as server_log:
-        server = subprocess.Popen(_server_command(port), env=_server_env(folder, port, scheduler_loop_seconds),
+        server = subprocess.Popen(server_command(port), env=server_env(folder, port),
                                   stdout=server_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                   start_new_session=True)
     last_used = time.monotonic()
@@ -304,4 +304,4 @@ def clear_record(root: Path, owner: int) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["keep"]:
-    sys.exit(keep(Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else ""))
+    sys.exit(keep(Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))

@@ -17,9 +17,7 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,12 +32,6 @@ if TYPE_CHECKING:
     from pipelines.context import RunContext
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
@@ -105,7 +97,7 @@ def prefect_refusal(error: BaseException) -> FluxoError | None:
 def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -> Iterator[str]:
     """The Prefect API to schedule against: ``PREFECT_API_URL`` if set, the project's running server, else
     a server started here with its scheduler, recorded as the project's while it runs and stopped with it."""
-    from pipelines.orchestration import clear_record, home, lease, running_server, stop_group, write_record
+    from pipelines.orchestration import clear_record, free_port, home, lease, running_server, stop_group, write_record
 
     load_prefect_secrets()
     existing = os.environ.get("PREFECT_API_URL", "").strip()
@@ -122,9 +114,9 @@ def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -
         return
     folder = home(root)
     folder.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    process = _start_server(folder, port, url, scheduler_loop_seconds)
+    process = _start_server(folder, port, scheduler_loop_seconds)
     write_record(root, {"url": url, "port": port, "home": str(folder), "keeper": os.getpid(), "owner": "schedule"})
     try:
         _wait_healthy(url, process, folder / "server.log")
@@ -137,18 +129,12 @@ def scheduling_server(root: Path, scheduler_loop_seconds: float | None = None) -
         log.info("stopped the Prefect server at %s", url)
 
 
-def _start_server(folder: Path, port: int, url: str, scheduler_loop_seconds: float | None) -> subprocess.Popen:
-    # Its UI shows the scheduled runs; on a port other than 4200 it must be told where its API is.
-    env = {**os.environ, "PREFECT_HOME": str(folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_UI_API_URL": url}
-    if scheduler_loop_seconds is not None:
-        env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(scheduler_loop_seconds)
-    if os.environ.get("PREFECT_API_AUTH_STRING"):  # a loopback port is still open to every local user
-        env["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"]
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+def _start_server(folder: Path, port: int, scheduler_loop_seconds: float | None) -> subprocess.Popen:
+    from pipelines.orchestration import server_command, server_env
+
     with (folder / "server.log").open("ab") as server_log:
-        return subprocess.Popen(command, env=env, stdout=server_log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(server_command(port), env=server_env(folder, port, scheduler_loop_seconds),
+                                stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def has_champion(ctx: RunContext, model_name: str) -> bool:

@@ -267,6 +267,14 @@ class ServingConfig:
         """This process's ``FLUXO_*`` settings (the operator's tuning) serving ``model_dir``, with ``changes``."""
         return replace(cls.from_env(), model_dir=Path(model_dir), **changes)
 
+    def with_payload_log(self, target: str | None) -> ServingConfig:
+        """This config logging payloads to ``target`` (a directory or ``s3://`` URL), read exactly as
+        ``FLUXO_PAYLOAD_LOG`` would be (the spool of a URL: ``FLUXO_PAYLOAD_SPOOL`` or its default)."""
+        if target is None:
+            return self
+        payload_log, payload_upload = _env_payload_log({**os.environ, PAYLOAD_LOG_ENV: target})
+        return replace(self, payload_log=payload_log, payload_upload=payload_upload)
+
     def to_env(self) -> dict[str, str]:
         """The ``FLUXO_*`` variables that :meth:`from_env` reads back as this same config (unset fields omitted)."""
         env = {item.metadata["env"]: _written(getattr(self, item.name)) for item in fields(self) if "env" in item.metadata}

@@ -146,8 +146,9 @@ class Invocation:
         return self._settings
 
     def context(self, experiment: bool = True) -> RunContext:
-        """The run context, opened once; ``experiment=False`` for a reader of the registry."""
-        if self._context is None:
+        """The run context, opened once; ``experiment=False`` for a reader of the registry (a reader's
+        context is opened again, once, if the command goes on to need the experiment)."""
+        if self._context is None or (experiment and not self._context.experiment_id):
             from pipelines.context import open_run
 
             self._context = open_run(self.root, self.settings, experiment=experiment)

@@ -63,12 +63,8 @@ class ServeSettings(BaseModel):
                        drift_status: Path | None = None) -> ServingConfig:
         """The server's whole configuration: ``base`` (the ``FLUXO_*`` environment, the operator's
         tuning) with what these settings decide, which always win, and the served directories."""
-        payload_log = self.payload_log_under(root)
-        remote = payload_log is not None and "://" in payload_log
         return replace(
             base, model_dir=model_dir, challenger_dir=challenger, rollout=self.rollout, variant=self.variant,
             canary_share=self.canary_share, shadow_sample=self.shadow_sample, payload_sample=self.payload_sample,
-            payload_log=base.payload_log if payload_log is None or remote else Path(payload_log),
-            payload_upload=payload_log if remote else base.payload_upload,
             drift_status=base.drift_status or drift_status,
-        )
+        ).with_payload_log(self.payload_log_under(root))

@@ -114,7 +114,8 @@ def _shared_state(root: Path, settings: FluxoSettings, data_version: DataVersion
 
 def _saved_context(ctx: RunContext, saved: FluxoSettings) -> RunContext:
     """The run's own settings in the command's context; its own store if the run was tracked elsewhere."""
-    if saved.resolved_tracking_uri(ctx.root) == ctx.tracking_uri and saved.tracking.experiment == ctx.settings.tracking.experiment:
+    same_store = saved.resolved_tracking_uri(ctx.root) == ctx.tracking_uri
+    if same_store and saved.tracking.experiment == ctx.settings.tracking.experiment:
         return ctx.with_settings(saved)
     return open_run(ctx.root, saved)
 
