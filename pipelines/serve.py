@@ -5,6 +5,8 @@ fetches the champion (or ``--model``) through the model store, publishes it to t
 model root the server watches, follows the registry so promotions elsewhere reach this
 server, starts ``bentoml serve`` with the one :class:`serving.ServingConfig` the settings
 build, and on SIGTERM or Ctrl-C drains it and leaves nothing behind, however many signals come.
+A server that dies by itself makes ``fluxo serve`` fail with it (:class:`ServerExited`). The
+server's environment holds none of MLflow's or Prefect's credentials: only this process talks to them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,27 @@ READY_TIMEOUT_S = 120.0
 
 class _Stop(Exception):
     """SIGTERM or Ctrl-C: leave the wait through the `finally` that drains the server."""
+
+
+class ServerExited(FluxoError):
+    """The model server stopped by itself while serving: ``fluxo serve`` fails with its exit status.
+
+    Exiting 0 then told a supervisor (``make run``, systemd, a container runtime) that all was
+    well, and nothing restarted a replica that no longer served. The status is the server's, or
+    128+N for signal N as a shell reports it (137 for the OOM killer's SIGKILL).
+    """
+
+    def __init__(self, pid: int, returncode: int) -> None:
+        from pipelines.ui import exit_status
+
+        if returncode < 0:
+            name = signal.Signals(-returncode).name
+            how = f"was killed by {name}" + (" (the kernel's OOM killer or a `kill -9`: `dmesg` says which)"
+                                               if -returncode == signal.SIGKILL else "")
+        else:
+            how = f"exited with status {returncode}; its output above says why"
+        super().__init__(f"the model server (pid {pid}) {how}; fluxo serve stopped with it")
+        self.exit_code = exit_status(returncode)
 
 
 def _on_stop_signal(signum: int, frame: object) -> None:
@@ -113,6 +136,7 @@ def _served_roots(ctx: RunContext, model: str | None, name: str, wait: bool) -> 
 def start(ctx: RunContext, model: str | None, host: str, port: int, name: str, wait: bool) -> tuple[Any, Any, ModelDir]:
     """Fetch, publish, follow and spawn: (the server process, the follower or None, the model directory)."""
     from pipelines.monitor.status import status_path
+    from pipelines.secret_files import without_client_secrets
     from serving import ServingConfig
     from serving.launch import start_server
 
@@ -122,7 +146,9 @@ def start(ctx: RunContext, model: str | None, host: str, port: int, name: str, w
         # The verdicts of `fluxo monitor` for this model become the server's fluxo_drift_* gauges.
         config = ctx.settings.serve.serving_config(ctx.root, ServingConfig.from_env(), served, challenger,
                                                    drift_status=status_path(ctx.root, name))
-        return start_server(config, port=port, host=host), follower, served_dir
+        # Each web worker gets a copy of the server's environment: none of MLflow's or Prefect's credentials.
+        return (start_server(config, port=port, host=host, inherit=without_client_secrets(os.environ)),
+                follower, served_dir)
     except BaseException:
         if follower is not None:
             follower.stop()
@@ -131,7 +157,11 @@ def start(ctx: RunContext, model: str | None, host: str, port: int, name: str, w
 
 def serve_model(invocation: Invocation, model: str | None, host: str, port: int, name: str,
                 wait_for_champion: bool = False) -> None:
-    """Serve until SIGTERM or Ctrl-C, then drain; a user's mistake is raised once the server is stopped."""
+    """Serve until SIGTERM or Ctrl-C, then drain; a user's mistake is raised once the server is stopped.
+
+    A server that stops by itself (a crash, the OOM killer) is a failure: :class:`ServerExited`,
+    once everything it left is stopped too, never a normal end with exit status 0.
+    """
     from serving.launch import stop_server, wait_ready
 
     ctx = invocation.context(experiment=False)  # a reader of the registry: it may not create the experiment
@@ -141,7 +171,7 @@ def serve_model(invocation: Invocation, model: str | None, host: str, port: int,
     # normal stop exits 0, however many signals come.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _on_stop_signal)
-    record = None
+    record, asked_to_stop = None, False
     try:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         wait_ready(url, timeout=READY_TIMEOUT_S, process=process)
@@ -151,6 +181,7 @@ def serve_model(invocation: Invocation, model: str | None, host: str, port: int,
         process.wait()
     except (KeyboardInterrupt, _Stop):
         log.info("stopping the server")
+        asked_to_stop = True
     finally:
         _keep_draining_on_signals()
         if record is not None:
@@ -158,6 +189,9 @@ def serve_model(invocation: Invocation, model: str | None, host: str, port: int,
         if follower is not None:
             follower.stop()
         stop_server(process)
+    # Status 0 unasked: it was stopped on request all the same (systemd's SIGTERM to the whole group).
+    if not asked_to_stop and process.returncode:
+        raise ServerExited(process.pid, process.returncode)
 
 
 def _print_welcome(ctx: RunContext, url: str, served_dir: ModelDir, metadata: dict[str, Any],

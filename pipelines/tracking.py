@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from pipelines.errors import FluxoError
 from pipelines.locks import exclusive_lock
+from pipelines.redact import redact_uri
 from pipelines.secret_files import load_mlflow_secrets
 from pipelines.settings import FluxoSettings
 
@@ -40,7 +41,8 @@ def configure_mlflow(root: Path, settings: FluxoSettings, *, experiment: bool = 
 
     Only the run context calls this (pipelines/context.py: once per command or flow run), never
     an import, so importing fluxo touches no store. The account comes from
-    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` (or ``..._FILE``), read here,
+    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``, or the password's file, which
+    MLflow reads on each request through fluxo's provider (pipelines/secret_files.py), set up here
     before any MLflow call. ``experiment=False`` is for readers of the registry (``fluxo serve``):
     they neither need an experiment nor may create one, since on a basic-auth server whoever
     creates the experiment manages it.
@@ -105,7 +107,7 @@ def _point_mlflow(root: Path, settings: FluxoSettings, experiment: bool) -> tupl
     with sqlite_store_lock(uri):
         experiment_id = _ensure_experiment(settings.tracking.experiment, artifacts)
     mlflow.set_experiment(experiment_id=experiment_id)
-    log.debug("MLflow tracking at %s, experiment %s", uri, settings.tracking.experiment)
+    log.debug("MLflow tracking at %s, experiment %s", redact_uri(uri), settings.tracking.experiment)
     return uri, experiment_id
 
 
@@ -212,7 +214,8 @@ def tracking_refusal(error: BaseException) -> FluxoError | None:
 
 def _refusal(status: int, text: str) -> FluxoError:
     mlflow = sys.modules.get("mlflow")
-    server = mlflow.get_tracking_uri() if mlflow is not None else os.environ.get("MLFLOW_TRACKING_URI", "the server")
+    server = redact_uri(mlflow.get_tracking_uri() if mlflow is not None
+                        else os.environ.get("MLFLOW_TRACKING_URI", "the server"))
     endpoint = re.search(r"(?:endpoint|url:?)\s+(\S+)", text)
     action = next((what for path, what in _REFUSED_ACTIONS if endpoint and path in endpoint.group(1)),
                   f"call {endpoint.group(1)}" if endpoint else "do this")

@@ -33,9 +33,21 @@ POLL_S = 0.2
 ML_WORKFLOW = "workflowType=machine_learning"
 
 
-def ui_command(uri: str, host: str, port: int) -> list[str]:
-    """The MLflow UI over ``uri``, run by this interpreter (its virtualenv, its MLflow)."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+def ui_command(host: str, port: int) -> list[str]:
+    """The MLflow UI, run by this interpreter (its virtualenv, its MLflow); its store comes in :func:`ui_env`."""
+    return [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port)]
+
+
+def ui_env(uri: str) -> dict[str, str]:
+    """The UI's environment: the store ``uri`` as ``MLFLOW_BACKEND_STORE_URI``, no client's credentials.
+
+    Not ``--backend-store-uri``: a command line is anyone's to read (``ps``), and a store's URI
+    may hold its password (postgresql://user:pw@host/db). The UI is no MLflow or Prefect client,
+    so it gets neither's credentials.
+    """
+    from pipelines.secret_files import without_client_secrets
+
+    return {**without_client_secrets(os.environ), "MLFLOW_BACKEND_STORE_URI": uri}
 
 
 def runs_url(host: str, port: int, experiment_id: str | None = None) -> str:
@@ -148,7 +160,7 @@ def _group_alive(pgid: int) -> bool:
     return _signal_group(pgid, 0)
 
 
-def _exit_code(returncode: int) -> int:
+def exit_status(returncode: int) -> int:
     """A child killed by a signal reports ``-N``; a shell reports ``128 + N``."""
     return 128 - returncode if returncode < 0 else returncode
 
@@ -171,7 +183,7 @@ def prefect_home() -> str:
 
 def run_ui(uri: str, host: str, port: int) -> int:
     """Serve the MLflow UI over ``uri`` until it ends or we are asked to stop (see :func:`run_server`)."""
-    return run_server(ui_command(uri, host, port), os.environ.copy())
+    return run_server(ui_command(host, port), ui_env(uri))
 
 
 def run_server(command: list[str], env: dict[str, str]) -> int:
@@ -198,7 +210,8 @@ def run_server(command: list[str], env: dict[str, str]) -> int:
     if stop.signum is not None:
         log.debug("UI server stopped on signal %d (exit status %d)", stop.signum, returncode)
         return 0
-    return _exit_code(returncode)
+    return exit_status(returncode)
 
 
-__all__ = ["browser_url", "prefect_home", "prefect_ui_command", "prefect_ui_env", "run_server", "run_ui", "runs_url", "ui_command"]
+__all__ = ["browser_url", "exit_status", "prefect_home", "prefect_ui_command", "prefect_ui_env", "run_server", "run_ui",
+           "runs_url", "ui_command", "ui_env"]

@@ -17,6 +17,7 @@ folder is removed when the server stops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -78,14 +79,19 @@ def serve_command(model_dir: Path | str, port: int, host: str = "127.0.0.1") -> 
     ]
 
 
-def serve_env(config: ServingConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The server's environment: ours, then ``config`` as its ``FLUXO_*`` variables, then ``extra`` (which wins).
+def serve_env(config: ServingConfig, extra: Mapping[str, str] | None = None,
+              inherit: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: ``inherit`` (default ours), then ``config`` as its ``FLUXO_*`` variables,
+    then ``extra`` (which wins).
+
+    Every worker gets a copy, so a caller that holds credentials the server needs not (``fluxo
+    serve``: MLflow's and Prefect's) passes ``inherit`` without them.
 
     The result is read back the way each worker will read it, so a value no worker would
     accept (a share of 2, an unknown rollout) raises ServingError naming its variable here,
     before anything is spawned; so does a challenger with the rollout 'champion'.
     """
-    env = dict(os.environ)
+    env = dict(os.environ if inherit is None else inherit)
     env.update(config.to_env())
     # BentoML's usage analytics phone home; a local model server has no reason to.
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -98,10 +104,12 @@ def serve_env(config: ServingConfig, extra: Mapping[str, str] | None = None) -> 
     return env
 
 
-def check_model_dir(model_dir: Path | str) -> dict[str, Any]:
+def check_model_dir(model_dir: Path | str, max_batch_size: int = 1) -> dict[str, Any]:
     """Load the model once on CPU here, before spawning anything, and return its metadata.
 
     ``model_dir`` may also be a model root (serving/reload.py); its live directory is checked.
+    ``max_batch_size``: the server's ``FLUXO_MAX_BATCH_SIZE``; the graph is run at 1 row and at that
+    many, as each worker will, so a graph fixed at batch 1 is refused here rather than in every worker.
 
     A broken directory otherwise surfaces only as a worker traceback in the
     server log while ``/readyz`` never turns ready; here it raises ServingError
@@ -110,7 +118,7 @@ def check_model_dir(model_dir: Path | str) -> dict[str, Any]:
     from serving.reload import resolve_model_dir
     from serving.runtime import CPU, OnnxModel
 
-    return OnnxModel(resolve_model_dir(model_dir), providers=[CPU]).metadata
+    return OnnxModel(resolve_model_dir(model_dir), providers=[CPU], max_batch_size=max_batch_size).metadata
 
 
 def check_rollout(env: Mapping[str, str], champion: Mapping[str, Any]) -> None:
@@ -131,7 +139,7 @@ def check_rollout(env: Mapping[str, str], champion: Mapping[str, Any]) -> None:
     source = config.challenger_dir
     if config.rollout == "champion" or source is None or not (is_model_root(source) or is_model_dir(source)):
         return
-    challenger = check_model_dir(source)
+    challenger = check_model_dir(source, config.max_batch_size)
     problem = contract_mismatch(_contract(champion), _contract(challenger))
     if problem is not None:
         raise ServingError(f"challenger {source} cannot stand in for the champion: {problem}")
@@ -163,21 +171,23 @@ def start_server(
     *,
     env: Mapping[str, str] | None = None,
     log_file: IO[bytes] | None = None,
+    inherit: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     """Spawn ``bentoml serve`` for ``config.model_dir``; returns at once, see :func:`wait_ready`.
 
     The directory is checked first (:func:`check_model_dir`), so a broken one raises
     ServingError here instead of hanging the server. ``config`` reaches the workers as
     ``FLUXO_*`` variables (:func:`serve_env`); ``env`` adds or overrides variables (a test's
-    FLUXO_MAX_BATCH_SIZE). A challenger that is already there is checked like the champion
+    FLUXO_MAX_BATCH_SIZE), ``inherit`` is what they start from (default: this process's
+    environment). A challenger that is already there is checked like the champion
     (:func:`check_rollout`). Output goes to ``log_file`` when given, else to this process's
     stdout/stderr. The server gets its own session, so a Ctrl+C reaches only the caller, which
     then calls :func:`stop_server` in a ``finally``. Its Prometheus folder is its own, new and
     empty (see the module docstring).
     """
     model_dir = config.require_model_dir()
-    champion = check_model_dir(model_dir)
-    server_env = serve_env(config, env)
+    server_env = serve_env(config, env, inherit)
+    champion = check_model_dir(model_dir, ServingConfig.from_env(server_env).max_batch_size)
     check_rollout(server_env, champion)
     command = serve_command(model_dir, port, host)
     # Short and under the system's temporary folder: the workers' Unix sockets live in it too (serving/metrics.py).
@@ -232,6 +242,8 @@ def stop_server(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_
 
     BentoML's workers run in sessions of their own, so signalling the process
     group misses them; they are collected as descendants before the arbiter goes.
+    An arbiter that died by itself (SIGKILL, the OOM killer) left its workers to nobody:
+    they are found by the server's own Prometheus folder in their environment, and stopped.
     """
     try:
         workers = psutil.Process(process.pid).children(recursive=True)
@@ -245,6 +257,11 @@ def stop_server(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_
             logger.warning("server %d ignored SIGTERM for %.0f s; killing it", process.pid, timeout)
             process.kill()
             process.wait(timeout)
+    elif not workers and isinstance(process, ServerProcess):
+        workers = _orphans(process.metrics_dir)
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.terminate()  # no arbiter to drain them: each finishes its own requests
     _, alive = psutil.wait_procs(workers, timeout=timeout / 3)
     for worker in alive:
         logger.warning("server worker %d outlived the server; killing it", worker.pid)
@@ -252,6 +269,20 @@ def stop_server(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_
     psutil.wait_procs(alive, timeout=timeout / 3)
     if isinstance(process, ServerProcess):
         shutil.rmtree(process.metrics_dir, ignore_errors=True)  # the server removes it itself, unless it was killed
+
+
+def _orphans(metrics_dir: Path) -> list[psutil.Process]:
+    """The processes of the server whose Prometheus folder is ``metrics_dir`` (each server's own, see
+    :func:`start_server`), wherever they now hang: read from their environment, where visible to us."""
+    found = []
+    for candidate in psutil.process_iter():
+        try:
+            env = candidate.environ()
+        except psutil.Error:  # another user's process, or one gone meanwhile
+            continue
+        if str(metrics_dir) in (env.get(METRICS_DIR_ENV), env.get("PROMETHEUS_MULTIPROC_DIR")):
+            found.append(candidate)
+    return found
 
 
 def _stop_when_orphaned(parent: int, every_s: float = 1.0) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
 import typer
 
 from pipelines.errors import FluxoError
+from pipelines.redact import redact
 
 if TYPE_CHECKING:
     from pipelines.context import RunContext
@@ -47,10 +48,28 @@ class _App(typer.Typer):
         except Exception as error:
             refused = _refusal(error)
             if refused is None:
+                _redact_messages(error)  # a bug's traceback is still shown, without a store's password
                 raise
             log.debug("the error in full", exc_info=error)
-            typer.secho(f"error: {refused}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {redact(str(refused))}", fg=typer.colors.RED, err=True)
             raise SystemExit(2) from None
+
+
+def _redact_messages(error: BaseException) -> None:
+    """Mask the URIs' secrets in the messages of ``error`` and of the exceptions it came from.
+
+    MLflow quotes the tracking URI, password and all, in its errors ("API request to
+    https://user:pw@host/... failed"), and an unexpected error is printed with its traceback.
+    """
+    seen: list[BaseException] = []
+    item: BaseException | None = error
+    while item is not None and item not in seen:
+        seen.append(item)
+        if any(isinstance(arg, str) and redact(arg) != arg for arg in item.args):
+            item.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in item.args)
+            if isinstance(getattr(item, "message", None), str):  # MlflowException prints this one
+                item.message = redact(item.message)  # type: ignore[attr-defined]
+        item = item.__cause__ or item.__context__
 
 
 def _refusal(error: BaseException) -> FluxoError | None:
@@ -90,11 +109,15 @@ ModelUriOption = Annotated[
 
 
 def fail(error: BaseException) -> NoReturn:
-    """A user's mistake: one line naming the file, field or value and the fix; the trace only with -v."""
+    """A user's mistake: one line naming the file, field or value and the fix; the trace only with -v.
+
+    Exit status 2, or the error's own ``exit_code`` (a model server that died: pipelines/serve.py).
+    Any URI in the line has its secrets masked (pipelines/redact.py).
+    """
     log.debug("the error in full", exc_info=error)
-    message = str(error).strip() or type(error).__name__
+    message = redact(str(error).strip()) or type(error).__name__
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=getattr(error, "exit_code", 2))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from pipelines.redact import redact
+
 # Libraries that narrate every step at INFO; their warnings still come through.
 NOISY_LOGGERS = ("dvc", "onnx_ir", "onnxscript", "torch.onnx", "mlflow", "alembic", "httpx", "prefect.events")
 # A warnings filter (action:message:category:module) for the MLflow UI's workers; see configure_logging.
@@ -18,6 +20,9 @@ def configure_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:  # whoever logs a URI (DVC, MLflow, a traceback): no password
+        if not isinstance(handler.formatter, _Redacting):
+            handler.setFormatter(_Redacting(handler.formatter))
     # MLflow draws a progress bar for every artifact download, even a single small file, and
     # configures its own logger on import, so its level is set through its variable.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -59,3 +64,14 @@ class _TemporaryServerNote(logging.Filter):
             record.msg = (f"{first} for this run (flow runs are kept in {prefect_home()}; "
                           "`fluxo ui --prefect` shows them)")
         return True
+
+
+class _Redacting(logging.Formatter):
+    """The handler's own format, every URI in the finished line (traceback included) redacted."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))

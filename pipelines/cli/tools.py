@@ -23,10 +23,11 @@ def ui(
     """Open the MLflow UI on the local store (or MLFLOW_TRACKING_URI); Ctrl+C or SIGTERM stops all of it."""
     if prefect:
         _prefect_ui(host, port or 4200, root)
+    from pipelines.redact import redact_uri
     from pipelines.ui import run_ui, runs_url
 
     ctx = Invocation(root=root).context()  # creates or tags the experiment as a training one
-    typer.echo(f"MLflow UI on {runs_url(host, port or 5000, ctx.experiment_id)} for {ctx.tracking_uri}")
+    typer.echo(f"MLflow UI on {runs_url(host, port or 5000, ctx.experiment_id)} for {redact_uri(ctx.tracking_uri)}")
     raise typer.Exit(code=run_ui(ctx.tracking_uri, host, port or 5000))
 
 
@@ -34,9 +35,10 @@ def _prefect_ui(host: str, port: int, root: Path) -> NoReturn:
     """Prefect's own UI where fluxo's flow runs are: a real server's, the project's running one, or one started
     here over the project's Prefect home (recorded as the project's server while it runs, so flow runs use it)."""
     from pipelines.orchestration import clear_record, home, leases_held, running_server, stop_server, write_record
+    from pipelines.redact import redact_uri
     from pipelines.ui import browser_url, prefect_ui_command, prefect_ui_env, run_server
 
-    remote = os.environ.get("PREFECT_API_URL", "").strip()
+    remote = redact_uri(os.environ.get("PREFECT_API_URL", "").strip())
     if remote:
         typer.echo(f"fluxo's flow runs are on the Prefect server at {remote}; its UI is at "
                    f"{remote.rstrip('/').removesuffix('/api')}")
@@ -65,8 +67,9 @@ def _prefect_ui(host: str, port: int, root: Path) -> NoReturn:
 def prefect_status(root: RootOption = Path(".")) -> None:
     """Where this project's Prefect server answers, if it runs (PREFECT_API_URL: that one)."""
     from pipelines.orchestration import home, running_server
+    from pipelines.redact import redact_uri
 
-    remote = os.environ.get("PREFECT_API_URL", "").strip()
+    remote = redact_uri(os.environ.get("PREFECT_API_URL", "").strip())
     record = running_server(root)
     echo_json({"api_url": remote or (record or {}).get("url"), "project_server": record is not None and not remote,
                "home": str(home(root)), "keeper_pid": (record or {}).get("keeper")})

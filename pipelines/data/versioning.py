@@ -12,6 +12,7 @@ import yaml
 
 from pipelines.errors import FluxoError
 from pipelines.locks import exclusive_lock
+from pipelines.redact import redact, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def version_data(
                 repo.add(str(target))
                 pushed = repo.push() if push else 0
         except Exception as error:  # DVC raises many types; the user needs the remote and the cause.
-            raise FluxoError(f"DVC failed to version {target} (remote {remote}): {error}") from error
+            raise FluxoError(f"DVC failed to version {target} (remote {redact_uri(remote)}): {redact(str(error))}"
+                             ) from error
         finally:
             repo.close()
         version = read_data_version(target.with_name(target.name + ".dvc"))
@@ -115,10 +117,10 @@ def push_data(root: Path, remote: str, endpoint_url: str | None = None) -> int:
     except Exception as error:  # DVC raises many types; the user needs the remote and the cause.
         if _is_transient(error):
             raise
-        raise FluxoError(f"DVC failed to push to remote {remote}: {error}") from error
+        raise FluxoError(f"DVC failed to push to remote {redact_uri(remote)}: {redact(str(error))}") from error
     finally:
         repo.close()
-    log.info("pushed %d objects to %s", pushed, remote)
+    log.info("pushed %d objects to %s", pushed, redact_uri(remote))
     return pushed
 
 
@@ -173,7 +175,8 @@ def checkout_version(root: Path, md5: str, target: Path, remote: str, endpoint_u
             if _is_transient(error):
                 raise
             raise FluxoError(
-                f"data version {md5} is neither in the DVC cache nor on the remote {remote} ({error}); "
+                f"data version {md5} is neither in the DVC cache nor on the remote {redact_uri(remote)} "
+                f"({redact(str(error))}); "
                 "the model's training data cannot be found, so there is no reference to compare with"
             ) from error
         finally:

@@ -158,7 +158,7 @@ def test_a_server_that_ignores_the_stop_is_killed_with_all_its_workers(tmp_path:
     server.write_text(STUBBORN)
     code = (
         "import sys\nimport pipelines.ui as ui\nui.STOP_TIMEOUT_S = 1.0\n"
-        f"ui.ui_command = lambda uri, host, port: [sys.executable, {str(server)!r}]\n"
+        f"ui.ui_command = lambda host, port: [sys.executable, {str(server)!r}]\n"
         "sys.exit(ui.run_ui('sqlite://', '127.0.0.1', 0))\n"
     )
     ui = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], start_new_session=True)

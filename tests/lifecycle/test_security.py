@@ -40,7 +40,8 @@ from tests.lifecycle.test_follow import _wait
 
 FLUXO = Path(sys.executable).with_name("fluxo")
 MODEL = "fluxo-digits"
-ACCOUNT_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_PASSWORD_FILE")
+ACCOUNT_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_PASSWORD_FILE",
+                     "MLFLOW_TRACKING_AUTH")
 
 
 # ---------------------------------------------------------------- helpers
@@ -73,7 +74,7 @@ def _load_script(name: str):
 
 @contextlib.contextmanager
 def _as_account(username: str | None, password_file: Path | None) -> Iterator[None]:
-    """This process talks to MLflow as ``username``, its password read from the file as `fluxo` does at start."""
+    """This process talks to MLflow as ``username``, its password read from the file as `fluxo` does."""
     from pipelines.secret_files import load_mlflow_secrets
 
     saved = {key: os.environ.get(key) for key in ACCOUNT_VARIABLES}
@@ -109,16 +110,20 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
 # ---------------------------------------------------------------- secrets as files (no server)
 
 
-def test_secret_files_become_the_variables_mlflow_and_prefect_read(tmp_path: Path) -> None:
+def test_secret_files_are_read_as_mlflow_and_prefect_need_them(tmp_path: Path) -> None:
+    """Prefect's auth string becomes its variable; MLflow's password stays in its file, which fluxo's
+    request auth provider reads (the environment only names the provider)."""
     from pipelines.errors import FluxoError
-    from pipelines.secret_files import load_client_secrets
+    from pipelines.secret_files import PASSWORD_FILE_AUTH, load_client_secrets
 
     password, auth = _secret(tmp_path, "pw", "s3cret"), _secret(tmp_path, "auth", "fluxo:abc")
     env = {"MLFLOW_TRACKING_USERNAME": "fluxo-worker", "MLFLOW_TRACKING_PASSWORD_FILE": str(password),
            "PREFECT_API_AUTH_STRING_FILE": str(auth)}
     load_client_secrets(env)
-    assert env["MLFLOW_TRACKING_PASSWORD"] == "s3cret" and env["PREFECT_API_AUTH_STRING"] == "fluxo:abc"
-    load_client_secrets(env)  # again: the variable it set equals the file, no conflict
+    assert "MLFLOW_TRACKING_PASSWORD" not in env and "s3cret" not in env.values()
+    assert env["MLFLOW_TRACKING_AUTH"] == PASSWORD_FILE_AUTH and env["PREFECT_API_AUTH_STRING"] == "fluxo:abc"
+    load_client_secrets(env)  # again: no conflict
+    load_client_secrets({**env, "MLFLOW_TRACKING_PASSWORD": "s3cret"})  # the same password twice is no conflict
 
     def refused(**values: str) -> str:
         with pytest.raises(FluxoError) as caught:
@@ -129,6 +134,10 @@ def test_secret_files_become_the_variables_mlflow_and_prefect_read(tmp_path: Pat
         MLFLOW_TRACKING_USERNAME="u", MLFLOW_TRACKING_PASSWORD_FILE="/nonexistent")
     assert "empty" in refused(MLFLOW_TRACKING_USERNAME="u", MLFLOW_TRACKING_PASSWORD_FILE=str(_secret(tmp_path, "e", " ")))
     assert "unset one of them" in refused(PREFECT_API_AUTH_STRING="other", PREFECT_API_AUTH_STRING_FILE=str(auth))
+    assert "unset one of them" in refused(MLFLOW_TRACKING_USERNAME="u", MLFLOW_TRACKING_PASSWORD="other",
+                                          MLFLOW_TRACKING_PASSWORD_FILE=str(password))
+    assert "MLFLOW_TRACKING_AUTH=kubernetes" in refused(MLFLOW_TRACKING_USERNAME="u", MLFLOW_TRACKING_AUTH="kubernetes",
+                                                        MLFLOW_TRACKING_PASSWORD_FILE=str(password))
     assert "MLFLOW_TRACKING_USERNAME" in refused(MLFLOW_TRACKING_PASSWORD_FILE=str(password))
 
 
