@@ -1,6 +1,6 @@
 #!/bin/sh
 # docker-compose.yml's one-shot `minio-init` (MinIO's `mc` image): the buckets MLflow (artifacts),
-# DVC (data remote) and the payload log write to, and two accounts that are not the root:
+# DVC (data remote) and the payload log write to (the last with an expiry rule), and two accounts that are not the root:
 #   - the apps' account (secret s3_credentials): read-write on the buckets; the worker and MLflow;
 #   - the serving account (secret s3_serving_credentials): write into `payloads` and nothing else;
 #     the serving replicas read models through MLflow's artifact proxy, not from S3.
@@ -19,6 +19,15 @@ export MC_HOST_fluxo
 for bucket in mlflow dvc payloads; do
     mc mb --ignore-existing "fluxo/$bucket"
 done
+# Payload files expire in the bucket after PAYLOAD_EXPIRE_DAYS (docker-compose.yml): the replicas only add
+# to it and nothing else deletes, so without a rule it grows forever. `ilm rule import` replaces the
+# bucket's rules, so a second run leaves one rule, not two.
+days="${PAYLOAD_EXPIRE_DAYS:-}"
+case "$days" in
+    '' | *[!0-9]* | 0) echo "error: PAYLOAD_EXPIRE_DAYS=$days: give a whole number of days, at least 1" >&2; exit 1 ;;
+esac
+printf '{"Rules": [{"ID": "expire-payloads", "Status": "Enabled", "Filter": {"Prefix": ""}, "Expiration": {"Days": %s}}]}\n' \
+    "$days" | mc ilm rule import fluxo/payloads
 policy="$(mktemp)"
 cat > "$policy" <<'JSON'
 {"Version": "2012-10-17", "Statement": [

@@ -32,7 +32,8 @@ In shadow and canary mode (serving/rollout.py), also:
   ``fluxo_challenger_reloads_total{outcome}``: the challenger's twins of the two above.
 
 With ``FLUXO_PAYLOAD_LOG`` set (serving/payload_log.py): ``fluxo_payload_records_total``,
-``fluxo_payload_dropped_total`` (the bounded queue was full) and ``fluxo_payload_files_total``.
+``fluxo_payload_dropped_total`` (the bounded queue was full, or a write failed), ``fluxo_payload_files_total``
+and ``fluxo_payload_expired_files_total`` (deleted by retention).
 
 The rollout series are created in every mode but only touched in shadow and canary, so
 champion mode pays nothing for them per request.
@@ -115,8 +116,11 @@ class Metrics:
                                     "(FLUXO_WARMUP_RUNS), before it answered", ["variant"], multiprocess_mode="max")
         self._rollout_metrics(Counter, Gauge, Histogram)
         self.payload_records = Counter("fluxo_payload_records", "Payload records written to the payload log")
-        self.payload_dropped = Counter("fluxo_payload_dropped", "Payload records dropped: the log's queue was full")
+        self.payload_dropped = Counter("fluxo_payload_dropped", "Payload records dropped: the log's queue was full "
+                                       "(FLUXO_PAYLOAD_QUEUE records or FLUXO_PAYLOAD_QUEUE_MB) or its file failed to write")
         self.payload_files = Counter("fluxo_payload_files", "Payload log files completed (.parquet)")
+        self.payload_expired = Counter("fluxo_payload_expired_files", "Payload files deleted from local disk by "
+                                       "retention (FLUXO_PAYLOAD_KEEP_DAYS, FLUXO_PAYLOAD_KEEP_MB)")
 
     def _rollout_metrics(self, counter: Any, gauge: Any, histogram: Any) -> None:
         """Per-variant and shadow series; children bound once, so a request does no label lookup."""

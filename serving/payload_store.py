@@ -1,4 +1,4 @@
-"""Where sealed payload files end up: the local directory they were written in, or an S3 bucket.
+"""Where sealed payload files end up (the local directory, or an S3 bucket) and how long they stay.
 
 With ``FLUXO_PAYLOAD_LOG=s3://bucket/prefix`` each worker still journals to a local spool
 directory (``FLUXO_PAYLOAD_SPOOL``), so the crash guarantees of serving/payload_log.py hold
@@ -11,6 +11,13 @@ and is tried again after the next seal and at the next start, where files and jo
 dead worker left are sealed and sent too: the spool is the buffer between the service
 and the store, and nothing is dropped because the store was unreachable for a while.
 
+Uploads and retention run on a thread of their own (:class:`SpoolKeeper`), never on the
+writer's: a store that takes a minute to answer, or a retention pass over a month of files,
+must not hold up the writer and so fill the queue behind it. Retention (:class:`Retention`)
+deletes the oldest finished files locally once they are past ``FLUXO_PAYLOAD_KEEP_DAYS`` or
+the folder is over ``FLUXO_PAYLOAD_KEEP_MB``; the bucket expires objects by its own
+lifecycle rule (deploy/minio-init.sh).
+
 Credentials and endpoint come from the standard AWS variables (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
 for MinIO and other S3-compatible stores), the same ones boto3 and DVC read.
@@ -21,20 +28,24 @@ from __future__ import annotations
 import calendar
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from serving.errors import ServingError
 
 logger = logging.getLogger(__name__)
 
 S3 = "s3://"
 PARQUET = ".parquet"
 PARTIAL = ".parquet.partial"
+TMP = ".tmp"
 
 
 def is_url(location: str | Path) -> bool:
@@ -167,17 +178,45 @@ class S3Upload:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` for the block (none where there is no fcntl)."""
+def _locked(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` for the block; yields False when ``wait`` is off and another holds it."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield
+        yield True
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+@dataclass(frozen=True)
+class PayloadPart:
+    """One file of a payload log, as a reader streaming newest first needs it."""
+
+    path: str
+    newest: float
+    """Epoch seconds no record in the file is newer than: its modification time, since a file is
+    written (sealed, uploaded, flushed) after the records in it were taken."""
+    journal: bool
+    """An Arrow IPC stream (``.parquet.partial``) rather than Parquet."""
+
+
+def payload_parts(location: str | Path, since: date | None = None) -> tuple[Any, list[PayloadPart]]:
+    """(file system or None, every file of a payload log) newest first, from the day folders from ``since`` on.
+
+    Journals whose ``.parquet`` exists (a crash between rename and removal) are left out: the
+    same records twice. A reader that stops once it has what it wants reads the newest files only.
+    """
+    filesystem, parts = _listing(location, since)
+    sealed = {part.path for part in parts if not part.journal}
+    kept = [part for part in parts if not (part.journal and part.path[: -len(".partial")] in sealed)]
+    return filesystem, sorted(kept, key=lambda part: part.newest, reverse=True)
 
 
 def parquet_files(location: str | Path, since: date | None = None) -> tuple[Any, list[str], list[str]]:
@@ -186,6 +225,12 @@ def parquet_files(location: str | Path, since: date | None = None) -> tuple[Any,
     ``since`` skips the day folders before it: a window over the last hours reads one or two
     days, not the whole history of the bucket.
     """
+    filesystem, parts = _listing(location, since)
+    return (filesystem, sorted(p.path for p in parts if not p.journal), sorted(p.path for p in parts if p.journal))
+
+
+def _listing(location: str | Path, since: date | None) -> tuple[Any, list[PayloadPart]]:
+    """Every ``.parquet`` (and, locally, ``.parquet.partial``) in the day folders from ``since`` on, unordered."""
     if is_url(location):
         from pyarrow.fs import FileSelector, FileType
 
@@ -197,14 +242,22 @@ def parquet_files(location: str | Path, since: date | None = None) -> tuple[Any,
         except OSError as error:
             raise OSError(f"{location}: cannot list the payload log ({error}); check the AWS_* variables "
                           "and that the bucket exists") from error
-        files = [info.path for day in sorted(days, key=lambda d: d.base_name)
-                 for info in fs.get_file_info(FileSelector(day.path)) if info.path.endswith(PARQUET)]
-        return fs, sorted(files), []
-    root_dir = Path(location)
-    days = sorted(p for p in root_dir.glob("*") if p.is_dir() and _day(p.name, since))
-    sealed = [str(p) for day in days for p in sorted(day.glob(f"*{PARQUET}"))]
-    journals = [str(p) for day in days for p in sorted(day.glob(f"*{PARTIAL}"))]
-    return None, sealed, journals
+        infos = [info for day in days for info in fs.get_file_info(FileSelector(day.path))
+                 if info.path.endswith(PARQUET)]
+        return fs, [PayloadPart(info.path, info.mtime.timestamp() if info.mtime else float("inf"), False)
+                    for info in infos]
+    parts = []
+    for day in Path(location).glob("*"):
+        if not (day.is_dir() and _day(day.name, since)):
+            continue
+        for path in day.iterdir():
+            if path.name.endswith((PARQUET, PARTIAL)):
+                try:
+                    newest = path.stat().st_mtime
+                except FileNotFoundError:  # sealed or removed by retention while listed
+                    continue
+                parts.append(PayloadPart(str(path), newest, path.name.endswith(PARTIAL)))
+    return None, parts
 
 
 def _day(name: str, since: date | None) -> bool:
@@ -216,4 +269,172 @@ def _day(name: str, since: date | None) -> bool:
     return since is None or day >= since
 
 
-__all__ = ["S3Upload", "is_url", "parquet_files", "s3_filesystem", "split_url"]
+@dataclass(frozen=True)
+class Retention:
+    """How much of a payload log stays on local disk: ServingConfig's ``payload_keep_days`` and ``payload_keep_mb``."""
+
+    keep_days: float
+    """Finished files older than this many days are deleted; 0 keeps them forever."""
+    keep_mb: float
+    """While the folder holds more than this many MiB the oldest finished files are deleted; 0: no cap."""
+
+    def enforce(self, directory: Path, now: float | None = None) -> list[Path]:
+        """Delete what is past the age or over the size, oldest first; the paths deleted.
+
+        Only finished files go: sealed ``.parquet`` and what dead workers left (journals, ``.tmp``).
+        A live worker's open journal counts toward the size but is never touched. The workers of
+        one server share the folder: one at a time enforces (the others skip this round).
+        """
+        if not directory.is_dir() or (self.keep_days <= 0 and self.keep_mb <= 0):
+            return []
+        with _locked(directory / ".retention.lock", wait=False) as held:
+            if not held:
+                return []
+            files = _finished_files(directory)
+            total = sum(size for _, size, _, _ in files)
+            cutoff = (now or time.time()) - self.keep_days * 86400 if self.keep_days > 0 else float("-inf")
+            cap = self.keep_mb * 1024 * 1024 if self.keep_mb > 0 else float("inf")
+            removed = []
+            for mtime, size, path, finished in sorted(files):
+                if finished and (mtime < cutoff or total > cap):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+                    total -= size
+            _remove_empty_days(directory)
+        return removed
+
+
+def _finished_files(directory: Path) -> list[tuple[float, int, Path, bool]]:
+    """(mtime, size, path, may be deleted) of every file in the day folders."""
+    files = []
+    for path in directory.glob("*/payload-*"):
+        if not _day(path.parent.name, None):
+            continue
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.name.endswith(PARQUET):
+            finished = True
+        elif path.name.endswith(PARTIAL):
+            finished = not _writer_alive(path)
+        elif path.name.endswith(TMP):  # ``<final>.<sealer pid>.tmp``: a seal killed midway
+            sealer = path.name.split(".")[-2]
+            finished = sealer.isdigit() and not _pid_alive(int(sealer))
+        else:
+            continue
+        files.append((info.st_mtime, info.st_size, path, finished))
+    return files
+
+
+def _remove_empty_days(directory: Path) -> None:
+    """Day folders emptied by retention, except today's and yesterday's (a writer may be about to open a file there)."""
+    today = datetime.now(UTC).date()
+    for day in directory.glob("*"):
+        if _day(day.name, None) and (today - datetime.strptime(day.name, "%Y-%m-%d").date()).days > 1:
+            try:
+                day.rmdir()
+            except OSError:
+                pass  # not empty
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - bentoml depends on psutil
+        return True
+    return psutil.pid_exists(pid)
+
+
+def private_dir(path: Path) -> Path:
+    """Make ``path`` (parents too) and keep it to this user: owned by us, mode 0700.
+
+    The spool holds what clients sent before it reaches the bucket: a folder others can read
+    leaks it, and one another user made first could have files swapped in that are then
+    uploaded as ours. So a folder that is not ours is refused, and one others can enter is closed.
+    """
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise ServingError(f"{path}: the payload spool belongs to another user (uid {info.st_uid}); "
+                           "set FLUXO_PAYLOAD_SPOOL to a folder of your own")
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+class SpoolKeeper:
+    """The payload log's second thread: sends sealed files to the store and applies retention.
+
+    The writer only seals and calls :meth:`wake`; this thread also wakes every ``interval_s``
+    (a store that was down is tried again, old files expire on a quiet server). At start it
+    seals and sends what dead workers left (:meth:`S3Upload.recover`).
+    """
+
+    def __init__(self, directory: Path, upload: S3Upload | None, retention: Retention,
+                 seal: Callable[[Path], Path], expired: Any, interval_s: float = 60.0) -> None:
+        self.directory = directory
+        self.upload = upload
+        self.retention = retention
+        self.seal = seal
+        self.expired = expired  # fluxo_payload_expired_files_total
+        self.interval_s = interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._recovered = False
+        self._thread = threading.Thread(target=self._run, name="fluxo-payload-keeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A file was sealed: send it (and apply retention) now rather than at the next interval."""
+        self._wake.set()
+
+    def stop(self, timeout: float) -> None:
+        """One last pass (what the writer sealed at shutdown is sent), then end; inline when never started."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("payload log: still uploading after %.0f s at shutdown; the rest waits in %s",
+                               timeout, self.directory)
+        elif self._thread.ident is None:
+            self._run()
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()  # read before the pass: a stop during it still gets a pass after it
+            self.run_once()
+            if stopping:
+                return
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def run_once(self) -> None:
+        """Recover (the first time), upload what waits, then apply retention; never raises."""
+        try:
+            if self.upload is not None:
+                if not self._recovered:
+                    self._recovered = True
+                    self.upload.recover(self.seal)
+                else:
+                    self.upload.upload_pending()
+        except Exception:
+            logger.exception("payload log: uploading to %s failed; the files stay in %s", self.upload.url,
+                             self.directory)
+        try:
+            removed = self.retention.enforce(self.directory)
+        except Exception:
+            logger.exception("payload log: retention in %s failed", self.directory)
+            return
+        if removed:
+            self.expired.inc(len(removed))
+            waiting = " (not yet uploaded)" if self.upload is not None else ""
+            logger.warning("payload log: retention deleted %d files%s from %s, oldest %s", len(removed), waiting,
+                           self.directory, removed[0].name)
+
+
+__all__ = ["PayloadPart", "Retention", "S3Upload", "SpoolKeeper", "is_url", "parquet_files", "payload_parts",
+           "private_dir", "s3_filesystem", "split_url"]

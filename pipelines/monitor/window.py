@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,10 @@ class Window:
                 "first_logged": text(self.first_seen), "last_logged": text(self.last_seen)}
 
 
+# What the window needs of a record; the request ids, routes, latencies and labels are never read.
+_COLUMNS = ("time", "model_name", "model_version", "variant", "inputs", "input_shape", "probabilities")
+
+
 def read_window(location: Path | str, model_name: str, model_version: str | None, input_shape: tuple[int, ...],
                 hours: float, max_instances: int, now: datetime | None = None) -> Window:
     """The newest ``max_instances`` instances of ``model_name`` v``model_version`` logged in the last ``hours``.
@@ -42,10 +47,13 @@ def read_window(location: Path | str, model_name: str, model_version: str | None
 
     Only the champion variant's answers count: a challenger's (canary) answers come from
     another model, so their probabilities are not this model's.
-    """
-    import pyarrow.compute as pc
 
-    from serving.payload_log import read_payloads
+    Files are read newest first, a record batch at a time, keeping only the newest instances
+    that fit the window; reading stops once no file left can hold a newer one. Memory is the
+    window plus one row group, however large the day (bench/monitor_memory.py).
+    """
+    from serving.payload_log import part_batches
+    from serving.payload_store import payload_parts
 
     if "://" not in str(location) and not Path(location).is_dir():
         raise FluxoError(f"{location}: no payload log there; serve with --set serve.payload_log={location} "
@@ -53,35 +61,83 @@ def read_window(location: Path | str, model_name: str, model_version: str | None
     end = now or datetime.now(UTC)
     start = end - timedelta(hours=hours)
     try:
-        table = read_payloads(location, since=start.date())  # day folders before the window are not read
+        filesystem, parts = payload_parts(location, since=start.date())  # day folders before the window: not listed
+        newest = _Newest(max_instances)
+        for part in parts:
+            if part.newest < start.timestamp() or newest.full_before(part.newest):
+                break  # newest first: no file from here on holds a record the window wants
+            for batch in part_batches(filesystem, part, _COLUMNS):
+                newest.add(_matching(batch, model_name, model_version, input_shape, start))
     except OSError as error:
         raise FluxoError(str(error)) from error
-    keep = pc.and_(pc.equal(table["model_name"], model_name), pc.greater_equal(table["time"], start))
-    keep = pc.and_(keep, pc.not_equal(table["variant"], "challenger"))
+    return _window(newest.table, max_instances, input_shape, start, end)
+
+
+class _Newest:
+    """The newest records holding ``limit`` instances, of all those added so far."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.table = None
+
+    def full_before(self, moment: float) -> bool:
+        """Does the window hold ``limit`` instances all logged at or after ``moment`` (epoch seconds)?"""
+        if self.table is None or _instances(self.table).sum() < self.limit:
+            return False
+        return self.table["time"][-1].as_py().timestamp() >= moment
+
+    def add(self, table: Any) -> None:
+        import pyarrow as pa
+
+        if not len(table):
+            return
+        merged = table if self.table is None else pa.concat_tables([self.table, table])
+        times = merged["time"].cast(pa.int64()).to_numpy()
+        order = np.argsort(-times, kind="stable")  # newest first
+        counts = _instances(merged)[order]
+        needed = int(np.searchsorted(np.cumsum(counts), self.limit)) + 1  # rows up to the one reaching the limit
+        # Only the kept rows are taken (copied, newest first): the batch read is let go, not sorted whole.
+        self.table = merged.take(order[:needed])
+
+
+def _instances(table: Any) -> np.ndarray:
+    """Instances per record: the first entry of each ``input_shape``."""
+    import pyarrow.compute as pc
+
+    return pc.list_element(table["input_shape"], 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _matching(batch: Any, model_name: str, model_version: str | None, input_shape: tuple[int, ...],
+              start: datetime) -> Any:
+    """The records of ``batch`` the window counts, as a table: this model (and version), its champion's
+    answers, logged since ``start``, in this input contract (an old version's log can differ)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pc.and_(pc.equal(batch["model_name"], model_name), pc.greater_equal(batch["time"], start))
+    keep = pc.and_(keep, pc.not_equal(batch["variant"], "challenger"))
     if model_version is not None:
-        keep = pc.and_(keep, pc.equal(table["model_version"], str(model_version)))
-    table = table.filter(keep).sort_by([("time", "descending")])
-    inputs, probabilities, times, requests = [], [], [], 0
-    kept = 0
-    for batch in table.to_batches():
-        if kept >= max_instances:
-            break
-        for row_inputs, shape, row_probabilities, when in zip(
-                batch["inputs"].to_numpy(zero_copy_only=False), batch["input_shape"].to_numpy(zero_copy_only=False),
-                batch["probabilities"].to_numpy(zero_copy_only=False), batch["time"].to_pylist()):
-            if kept >= max_instances:
-                break
-            if tuple(int(s) for s in shape[1:]) != tuple(input_shape):
-                continue  # another contract under the same name (an old version's log)
-            x = np.asarray(row_inputs, np.float32).reshape(-1, *input_shape)
-            p = np.asarray(row_probabilities, np.float32).reshape(len(x), -1)
-            take = min(len(x), max_instances - kept)
-            inputs.append(x[:take])
-            probabilities.append(p[:take])
-            times.append(when)
-            kept += take
-            requests += 1
+        keep = pc.and_(keep, pc.equal(batch["model_version"], str(model_version)))
+    table = pa.Table.from_batches([batch]).filter(keep)
+    shapes = table["input_shape"].to_pylist()
+    same = pa.array([tuple(shape[1:]) == tuple(input_shape) for shape in shapes], pa.bool_())
+    return table.filter(same) if len(shapes) else table
+
+
+def _window(table: Any, max_instances: int, input_shape: tuple[int, ...], start: datetime, end: datetime) -> Window:
+    """The :class:`Window` of ``table``'s records (newest first); the last one is cut to ``max_instances`` in all."""
+    inputs, probabilities, times, kept = [], [], [], 0
+    rows = [] if table is None else zip(table["inputs"].to_numpy(zero_copy_only=False),
+                                        table["probabilities"].to_numpy(zero_copy_only=False), table["time"].to_pylist())
+    for row_inputs, row_probabilities, when in rows:
+        x = np.asarray(row_inputs, np.float32).reshape(-1, *input_shape)
+        p = np.asarray(row_probabilities, np.float32).reshape(len(x), -1)
+        take = min(len(x), max_instances - kept)
+        inputs.append(x[:take])
+        probabilities.append(p[:take])
+        times.append(when)
+        kept += take
     if not inputs:
         empty = np.zeros((0, *input_shape), np.float32)
         return Window(empty, np.zeros((0, 0), np.float32), 0, start, end, None, None)
-    return Window(np.concatenate(inputs), np.concatenate(probabilities), requests, start, end, min(times), max(times))
+    return Window(np.concatenate(inputs), np.concatenate(probabilities), len(times), start, end, min(times), max(times))

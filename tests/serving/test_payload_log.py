@@ -46,13 +46,19 @@ def test_payload_settings_from_env(tmp_path: Path) -> None:
                                      "FLUXO_PAYLOAD_QUEUE": "500"})
     assert (config.payload_log, config.payload_sample, config.payload_rotate_mb) == (tmp_path, 0.3, 8.0)
     assert (config.payload_rotate_s, config.payload_queue) == (60.0, 500)
+    assert (default.payload_queue_mb, default.payload_keep_days, default.payload_keep_mb) == (64.0, 30.0, 10_240.0)
+    bounded = ServingConfig.from_env({"FLUXO_PAYLOAD_QUEUE_MB": "0.5", "FLUXO_PAYLOAD_KEEP_DAYS": "0",
+                                      "FLUXO_PAYLOAD_KEEP_MB": "100"})
+    assert (bounded.payload_queue_mb, bounded.payload_keep_days, bounded.payload_keep_mb) == (0.5, 0.0, 100.0)
+    assert ServingConfig.from_env(bounded.to_env()) == bounded
 
 
 @pytest.mark.parametrize(
     ("name", "value"),
     [("FLUXO_PAYLOAD_SAMPLE", "1.5"), ("FLUXO_PAYLOAD_SAMPLE", "some"), ("FLUXO_PAYLOAD_SAMPLE", "nan"),
      ("FLUXO_PAYLOAD_ROTATE_MB", "0"), ("FLUXO_PAYLOAD_ROTATE_S", "soon"), ("FLUXO_PAYLOAD_QUEUE", "0"),
-     ("FLUXO_PAYLOAD_QUEUE", "1.5"), ("FLUXO_PAYLOAD_LOG", "gs://bucket/prefix"), ("FLUXO_PAYLOAD_LOG", "s3://")],
+     ("FLUXO_PAYLOAD_QUEUE", "1.5"), ("FLUXO_PAYLOAD_LOG", "gs://bucket/prefix"), ("FLUXO_PAYLOAD_LOG", "s3://"),
+     ("FLUXO_PAYLOAD_QUEUE_MB", "0"), ("FLUXO_PAYLOAD_KEEP_DAYS", "-1"), ("FLUXO_PAYLOAD_KEEP_MB", "lots")],
 )
 def test_bad_payload_settings_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ServingError, match=rf"environment variable {name}="):
@@ -136,6 +142,148 @@ def test_a_crash_leaves_a_journal_that_is_read_up_to_its_last_flush(tmp_path: Pa
     table = read_payloads(tmp_path)
     assert sorted(table.column("request_id").to_pylist()) == sorted(f"r{i}" for i in range(12))
     assert not list(tmp_path.glob("*/*.parquet"))
+
+
+# --- bounded: bytes queued, a failed write or seal, retention -------------------------------
+
+
+def test_the_queue_is_bounded_by_bytes_and_drops_are_counted(tmp_path: Path) -> None:
+    log = PayloadLogger(tmp_path, queue_mb=0.1, start=False)  # no writer thread: what fits stays queued
+    before = log.counters.dropped._value.get()
+    huge = np.zeros((8, 1, 64, 64), np.float32)  # 128 KiB: over the whole cap on its own
+    log.record("huge", "/predict", "fluxo", "1", "champion", 1.0, huge, np.full((8, 10), 0.1, np.float32), LABELS)
+    assert len(log.queue) == 0 and log.dropped == 1
+    for i in range(400):
+        _record(log, f"r{i}")  # 256 B of inputs and 40 of probabilities each, far under the record cap
+    kept = len(log.queue)
+    assert 0 < kept < 400 and kept * 296 <= log.queued_bytes <= log.queue_bytes
+    assert log.dropped == 1 + 400 - kept and log.counters.dropped._value.get() - before == log.dropped
+    log.close()
+    assert log.queued_bytes == 0  # taken by the writer, so the cap frees up again
+    assert sorted(read_payloads(tmp_path).column("request_id").to_pylist()) == sorted(f"r{i}" for i in range(kept))
+
+
+# The disk fills: RLIMIT_FSIZE makes every write past `limit` bytes of one file fail (EFBIG) partway, as ENOSPC would.
+FULL_DISK_WORKER = """
+import json, resource, signal, sys
+import numpy as np
+from serving.payload_log import PayloadLogger
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process being killed
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+log = PayloadLogger(sys.argv[1], flush_records=1, start=False)
+rng = np.random.default_rng(0)
+for i in range(int(sys.argv[3])):
+    log.record(f"r{i}", "/predict", "fluxo", "1", "champion", 1.0, rng.random((1, 1, 8, 8), dtype=np.float32),
+               np.full((1, 10), 0.1, np.float32), [str(d) for d in range(10)])
+log.close()
+print(json.dumps({"dropped": log.dropped, "files": log.counters.files._value.get()}))
+"""
+
+
+def test_a_failed_write_seals_the_torn_file_and_goes_on_in_a_new_one(tmp_path: Path) -> None:
+    """Before, the writer kept appending after a torn batch, and a reader stopped at the tear: all later records lost."""
+    import json
+    import subprocess
+    import sys
+
+    n = 200
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_WORKER, str(tmp_path), str(32 * 1024), str(n)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["dropped"] >= 2, result  # the limit was hit more than once: each time one record was lost
+    files = list(tmp_path.glob("*/*.parquet"))
+    assert len(files) == result["files"] == result["dropped"] + 1  # each tear sealed, and the last file at close
+    assert not list(tmp_path.glob("*/*.partial")) and not list(tmp_path.glob("*/*.tmp"))
+    logged = read_payloads(tmp_path).column("request_id").to_pylist()
+    assert len(logged) == n - result["dropped"] and f"r{n - 1}" in logged  # records after every tear are kept
+
+
+SEALING_ON_A_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from serving.payload_log import seal_journal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    seal_journal(Path(sys.argv[1]))
+except OSError as error:
+    print("seal failed:", error)
+"""
+
+
+def test_a_failed_seal_leaves_no_tmp_file_and_keeps_the_journal(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from serving.payload_log import _batch, _Journal
+
+    log = PayloadLogger(tmp_path, start=False)
+    for i in range(50):
+        _record(log, f"r{i}", n=2)
+    journal = _Journal(tmp_path / f"payload-1-20000101T000000-00001-abcdef01{PARTIAL}")
+    journal.append(_batch(list(log.queue)))
+    journal.close()
+    run = subprocess.run([sys.executable, "-c", SEALING_ON_A_FULL_DISK, str(journal.path)], capture_output=True,
+                         text=True, timeout=120)
+    assert "seal failed" in run.stdout, run.stdout + run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [journal.path.name]  # no .tmp beside it, no half .parquet
+    with pa.OSFile(str(journal.path), "rb") as source:
+        assert pa.ipc.open_stream(source).read_all().num_rows == 50  # the journal is whole, for the next try
+
+
+def _aged(files: list[Path], now: float) -> None:
+    """File k of n made n - k days old."""
+    for k, path in enumerate(files):
+        os.utime(path, (now - (len(files) - k) * 86400,) * 2)
+
+
+def test_retention_deletes_the_too_old_then_the_oldest_over_the_cap_never_a_live_journal(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from serving.payload_store import Retention
+
+    log = PayloadLogger(tmp_path, rotate_mb=0.001, flush_records=10, start=False)  # a file per flush
+    for i in range(60):
+        _record(log, f"r{i}", n=2)
+    log.close()
+    files = sorted(tmp_path.glob("*/*.parquet"))  # names carry a sequence number: oldest first
+    assert len(files) == 6
+    now = time.time()
+    _aged(files, now)
+    day = files[0].parent
+    live = day / f"payload-{os.getpid()}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-00099-live0000{PARTIAL}"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nobody has any more: its journal is a dead worker's
+    dead = day / f"payload-{gone.pid}-20000101T000000-00001-dead0000{PARTIAL}"
+    for journal in (live, dead):
+        journal.write_bytes(b"not read here")
+        os.utime(journal, (now - 100 * 86400,) * 2)
+    removed = Retention(keep_days=3.5, keep_mb=0).enforce(tmp_path, now=now)
+    assert sorted(removed) == sorted([*files[:3], dead]) and live.exists()
+    cap = (files[5].stat().st_size + live.stat().st_size + 1) / 2**20
+    assert sorted(Retention(keep_days=0, keep_mb=cap).enforce(tmp_path, now=now)) == files[3:5]
+    assert sorted(p.name for p in day.iterdir()) == sorted([files[5].name, live.name])
+    assert Retention(keep_days=0, keep_mb=0).enforce(tmp_path) == []  # both off: keeps everything
+
+
+def test_a_running_log_keeps_its_folder_under_the_size_cap(tmp_path: Path) -> None:
+    from serving.payload_store import Retention
+
+    log = PayloadLogger(tmp_path, rotate_mb=0.001, flush_records=5, flush_s=0.02,
+                        retention=Retention(keep_days=0, keep_mb=0.02))
+    expired = log.counters.expired._value.get()
+    for i in range(100):
+        _record(log, f"r{i}")
+    wait_for(lambda: log.counters.expired._value.get() > expired, "retention to delete files on the keeper's thread")
+    log.close()
+    sizes = [p.stat().st_size for p in tmp_path.glob("*/*.parquet")]
+    assert sum(sizes) <= 0.02 * 2**20 and not list(tmp_path.glob(f"*/*{PARTIAL}"))
+    assert "r99" in read_payloads(tmp_path).column("request_id").to_pylist()  # the newest stay
 
 
 # --- real HTTP ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,6 +104,78 @@ def test_an_unreachable_store_keeps_the_files_until_it_is_back(s3: str, tmp_path
     later.close()
     assert sorted(read_payloads(s3).column("request_id").to_pylist()) == [f"kept{i}" for i in range(5)]
     assert not list(spool.glob("*/*.parquet*"))
+
+
+class _HangingStore:
+    """The real S3 file system behind a gate: each upload waits until the test opens it (a store that hangs)."""
+
+    def __init__(self, filesystem: object) -> None:
+        self.filesystem = filesystem
+        self.gate = threading.Event()
+        self.waiting = 0
+
+    def open_output_stream(self, key: str) -> object:
+        self.waiting += 1
+        self.gate.wait(120)
+        return self.filesystem.open_output_stream(key)
+
+
+def test_a_hanging_store_does_not_hold_up_the_writer(s3: str, tmp_path: Path) -> None:
+    """Before, the writer thread uploaded after each seal: while the store hung, nothing more was written."""
+    spool = tmp_path / "spool"
+    store = _HangingStore(s3_filesystem())
+    log = PayloadLogger(spool, rotate_mb=0.001, flush_records=5, flush_s=0.02,
+                        upload=S3Upload(s3, spool, filesystem=store))
+    for i in range(5):
+        _record(log, f"a{i}")
+    wait_for(lambda: store.waiting, "an upload to hang on the store")
+    for i in range(40):
+        _record(log, f"b{i}")
+    wait_for(lambda: len(list(spool.glob("*/*.parquet"))) >= 5 and len(read_payloads(spool)) == 45,
+             "the writer to write and seal every record while the upload hangs", timeout=30)
+    store.gate.set()
+    log.close()
+    assert len(read_payloads(s3)) == 45 and not list(spool.glob("*/*.parquet*"))
+
+
+def test_the_default_spool_is_this_users_and_private(tmp_path: Path) -> None:
+    """Not a predictable folder in the shared temporary directory: one per user, mode 0700, closed if opened."""
+    import stat
+    import tempfile
+
+    state = tmp_path / "state"
+    config = ServingConfig.from_env({"FLUXO_PAYLOAD_LOG": "s3://bucket/live", "XDG_STATE_HOME": str(state)})
+    assert config.payload_log == state / "fluxo" / "payload-spool" / "bucket_live"
+    plain = ServingConfig.from_env({"FLUXO_PAYLOAD_LOG": "s3://bucket/live"}).payload_log
+    assert plain is not None and Path(tempfile.gettempdir()) not in plain.parents and Path.home() in plain.parents
+    for _ in range(2):
+        PayloadLogger(config.payload_log, start=False, upload=S3Upload("s3://bucket/live", config.payload_log)).close()
+        assert stat.S_IMODE(config.payload_log.stat().st_mode) == 0o700
+        config.payload_log.chmod(0o777)  # opened by someone: the next start closes it again
+
+
+def test_the_stacks_s3_stand_in_expires_payload_objects(s3_endpoint: str, tmp_path: Path) -> None:
+    """deploy/images/s3/s3_init.py (compose.local.yml's minio-init) puts one expiry rule on `payloads`, idempotently."""
+    import subprocess
+    import sys
+
+    import boto3
+
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    env = {**os.environ, "S3_ENDPOINT": s3_endpoint, "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
+           "AWS_DEFAULT_REGION": "us-east-1", "PAYLOAD_EXPIRE_DAYS": "9"}
+    script = Path(__file__).resolve().parents[2] / "deploy" / "images" / "s3" / "s3_init.py"
+    for _ in range(2):
+        run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    (rule,) = client.get_bucket_lifecycle_configuration(Bucket="payloads")["Rules"]
+    assert rule["Status"] == "Enabled" and rule["Expiration"] == {"Days": 9}
+    refused = subprocess.run([sys.executable, str(script)], env={**env, "PAYLOAD_EXPIRE_DAYS": "0"},
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "PAYLOAD_EXPIRE_DAYS" in refused.stderr
 
 
 def _keys() -> dict[str, str]:

@@ -700,6 +700,7 @@ printf '%s\n' "${MC_HOST_fluxo-}" >> "$FAKE_LOG/host"
 case "$1 $2 $3" in
     "admin user add") cat >> "$FAKE_LOG/users" ;;
     "admin policy create") cp "$6" "$FAKE_LOG/policy-$5.json" ;;
+    "ilm rule import") cat > "$FAKE_LOG/lifecycle-$(basename "$4").json" ;;
 esac
 """
 
@@ -759,6 +760,12 @@ def test_minio_init_makes_the_buckets(tmp_path: Path):
     # A second `up` runs it again: nothing fails on what is already there.
     again, _ = _run_with_stand_in(tmp_path, "minio-init", "mc", _FAKE_MC, secrets)
     assert again.returncode == 0, again.stderr
+    # The payload bucket expires its objects (the replicas never delete), by a rule that replaces the bucket's rules.
+    assert "ilm rule import fluxo/payloads" in (log / "argv").read_text()
+    expire_days = int(_environment(services["minio-init"])["PAYLOAD_EXPIRE_DAYS"])
+    assert json.loads((log / "lifecycle-payloads.json").read_text()) == {"Rules": [
+        {"ID": "expire-payloads", "Status": "Enabled", "Filter": {"Prefix": ""}, "Expiration": {"Days": expire_days}}]}
+    assert expire_days >= 1
     # An empty secret stops it before mc is called, saying what to do.
     (log / "argv").unlink()
     (secrets / "s3_serving_credentials").write_text("")

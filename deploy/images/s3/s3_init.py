@@ -2,7 +2,8 @@
 
 MinIO's ``minio-init`` (docker-compose.yml) also makes the apps' accounts and their policies with
 ``mc admin``; the stand-in has no accounts to make (it checks no credentials), so this makes the
-buckets only, with the apps' key from the ``s3_credentials`` secret. Idempotent.
+buckets only (and the payloads bucket's expiry rule), with the apps' key from the ``s3_credentials``
+secret. Idempotent.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def main() -> int:
         if bucket not in existing:
             client.create_bucket(Bucket=bucket)
         print(f"bucket {bucket}: {'kept' if bucket in existing else 'made'}")
+    days = os.environ.get("PAYLOAD_EXPIRE_DAYS", "")
+    if not days.isdigit() or int(days) < 1:
+        print(f"error: PAYLOAD_EXPIRE_DAYS={days}: give a whole number of days, at least 1", file=sys.stderr)
+        return 1
+    # As deploy/minio-init.sh: payload files expire; putting the configuration replaces the bucket's rules.
+    client.put_bucket_lifecycle_configuration(Bucket="payloads", LifecycleConfiguration={"Rules": [
+        {"ID": "expire-payloads", "Status": "Enabled", "Filter": {"Prefix": ""}, "Expiration": {"Days": int(days)}}]})
+    print(f"bucket payloads: objects expire after {days} days")
     return 0
 
 
