@@ -7,13 +7,16 @@ A model directory holds::
     metadata.json   what the model is (ModelMetadata): written once, by the export step
     registry.json   where it sits in the model registry (RegistryEntry): written by the publisher
                     when it materialises a registered version; absent for a plain export
+    checksums.json  sha256 of each file (serving/checksums.py): written last by export, and by
+                    the publisher for its copy; absent in directories exported before it existed
 
 ``metadata.json`` is part of the artifact that is logged to MLflow and registered, so it
 cannot know the version number the registry gives it later; that number travels in
 ``registry.json`` beside it. Export, the runtime, the publisher, batch prediction and
 ``fluxo serve`` all read the directory through :func:`read_model_dir`, so none of them
 spells file names, tensor names or field names on its own. This module imports only
-pydantic: the training side uses it without onnxruntime, the service without torch.
+pydantic (and, via serving/checksums.py, the standard library's hashing): the training side
+uses it without onnxruntime, the service without torch.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serving import ServingError
+from serving.checksums import (
+    CHECKSUMS_FILE, copy_synced, digest, fsync_dir, read_checksums, write_checksums, write_synced,
+)
 
 MODEL_FILE = "model.onnx"
 VARIANTS = ("fp32", "int8", "fp16")
@@ -293,6 +299,7 @@ def replace_dir(staging: Path, target: Path) -> Path:
         if old is not None:
             os.rename(old, target)
         raise
+    fsync_dir(target.parent)  # the rename itself survives a crash
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -308,19 +315,27 @@ def staging_dir(target: Path) -> Path:
 def materialize(source: Path | str, target: Path | str, entry: RegistryEntry) -> ModelDir:
     """Copy a model directory (a local export or a downloaded artifact) to ``target`` as registry ``entry``.
 
-    The copy is staged and renamed into place; ``metadata.json`` is copied byte for byte and
-    the registry version goes into ``registry.json`` beside it.
+    The copy is staged, every file fsynced, and renamed into place; ``metadata.json`` is copied
+    byte for byte and the registry version goes into ``registry.json`` beside it. Each file is
+    hashed as it is copied: when the source records checksums (an export since they exist) a
+    file that differs is a ServingError naming it, and the copy records its own (serving/checksums.py),
+    so the model cache tells a copy torn by a crash from a whole one at its next use.
     """
     source, target = Path(source), Path(target)
     read_model_dir(source)
+    recorded = read_checksums(source) or {}
+    names = [name for name in (MODEL_FILE, METADATA_FILE, REPORT_FILE, *(variant_file(v) for v in VARIANTS[1:]))
+             if (source / name).is_file()]  # the optional files travel too
     staging = staging_dir(target)
     try:
-        for name in (MODEL_FILE, METADATA_FILE):
-            shutil.copy2(source / name, staging / name)
-        for name in (REPORT_FILE, *(variant_file(v) for v in VARIANTS[1:])):  # optional files travel too
-            if (source / name).is_file():
-                shutil.copy2(source / name, staging / name)
-        _write_json(staging / REGISTRY_FILE, entry.model_dump(mode="json"))
+        digests = {name: copy_synced(source / name, staging / name) for name in names}
+        for name, value in digests.items():
+            if recorded.get(name, value) != value:
+                raise ServingError(f"{source / name}: its bytes do not match the sha256 recorded in "
+                                   f"{source / CHECKSUMS_FILE}: the model directory is damaged; {FIX}")
+        write_synced(staging / REGISTRY_FILE, json.dumps(entry.model_dump(mode="json"), indent=2) + "\n")
+        digests[REGISTRY_FILE] = digest(staging / REGISTRY_FILE)
+        write_checksums(staging, digests)
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

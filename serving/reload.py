@@ -65,7 +65,8 @@ def publish(model_root: Path | str, model_dir: Path | str) -> Path:
     pointer is written to a temporary file in the root and renamed over
     ``current.json``. Servers pick it up within ``FLUXO_RELOAD_INTERVAL_S``, load
     and warm the new model beside the old one, and switch between requests; a
-    directory they cannot load is logged and the old model keeps serving.
+    directory they cannot load is logged, counted and retried with backoff (:class:`PointerWatcher`),
+    and the old model keeps serving meanwhile.
     Publishing the directory already live is a no-op for the servers.
     """
     model_root = Path(model_root)
@@ -95,16 +96,31 @@ def publish(model_root: Path | str, model_dir: Path | str) -> Path:
     return root / POINTER_FILE
 
 
-class PointerWatcher:
-    """Tells when a model root's pointer names a different directory; cheap to call often (one stat)."""
+RETRIES = 5
+"""Loads of one publish retried after a failure, each after twice as many polls as the last (1, 2, 4, 8, 16
+intervals: about a minute at the default 2 s), before it waits for the next publish: a half-synced volume
+or a copy still arriving settles well within that, and a directory that is plainly broken stops costing loads."""
 
-    def __init__(self, model_root: Path | str, current: Path | str) -> None:
+
+class PointerWatcher:
+    """Tells when a model root's pointer names a different directory; cheap to call often (one stat).
+
+    A publish counts as seen only once its directory loaded (:meth:`accept`): a load that failed
+    (:meth:`failed`) is tried again with backoff, so a transient fault (a half-synced volume, a
+    pointer read mid-copy) heals without another publish, and :data:`RETRIES` bounds it.
+    """
+
+    def __init__(self, model_root: Path | str, current: Path | str, retries: int = RETRIES) -> None:
         self.pointer = Path(model_root) / POINTER_FILE
         self.current = Path(current).resolve()
+        self.retries = retries
         # Not the pointer's signature now: it may have moved while ``current`` was loading and
         # warming up (a publish during start), and that move must not pass for the one loaded.
         # The first poll reads the pointer and compares its target with ``current``.
         self._seen: tuple[int, int, int] | None = None
+        self._trying: tuple[int, int, int] | None = None  # the publish being loaded (or retried)
+        self._failures = 0
+        self._skip = 0  # polls left before the next try
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -114,19 +130,38 @@ class PointerWatcher:
         return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     def poll(self) -> Path | None:
-        """The newly published directory, or None when the pointer did not move (or is unreadable)."""
+        """The newly published directory to load, or None when there is nothing (new) to try now.
+
+        An unreadable pointer is a ServingError; report it with :meth:`failed` like a failed load.
+        """
         signature = self._signature()
         if signature is None or signature == self._seen:
             return None
-        self._seen = signature
+        if signature != self._trying:  # a new publish: try it now, whatever the last one's backoff
+            self._trying, self._failures, self._skip = signature, 0, 0
+        elif self._skip > 0:
+            self._skip -= 1
+            return None
         target = read_pointer(self.pointer.parent)
         if target == self.current:
+            self._seen = signature
             return None
         return target
 
     def accept(self, model_dir: Path | str) -> None:
         """Record ``model_dir`` as live (after it loaded), so publishing it again changes nothing."""
         self.current = Path(model_dir).resolve()
+        self._seen, self._failures, self._skip = self._trying, 0, 0
+
+    def failed(self) -> int | None:
+        """Record that the publish :meth:`poll` returned did not load: the polls until it is tried again,
+        or None once :data:`RETRIES` retries failed (then only a new publish is tried)."""
+        self._failures += 1
+        if self._failures > self.retries:
+            self._seen = self._trying
+            return None
+        self._skip = 2 ** (self._failures - 1) - 1
+        return self._skip + 1
 
 
 def watch_pending_root(model_root: Path | str) -> PointerWatcher:

@@ -187,6 +187,14 @@ def choose_variant(meta: Mapping[str, Any], requested: str, provider: str, model
                        f"usable here: {', '.join(usable_ones)}; set FLUXO_VARIANT=auto or fp32")
 
 
+def _batch_fix(size: int) -> str:
+    """The fix for a graph that cannot run ``size`` rows: a dynamic batch axis (a fixed one is the usual cause)."""
+    if size == 1:
+        return _FIX
+    return ("re-export the model with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={'input': {0: "
+            "'batch'}}), as `fluxo export` does)")
+
+
 class OnnxModel:
     """A model directory loaded into an ONNX Runtime session, checked against its metadata."""
 
@@ -198,7 +206,10 @@ class OnnxModel:
         providers: Sequence[str] | None = None,
         strict: bool = False,
         variant: str = "fp32",
+        max_batch_size: int = 1,
     ) -> None:
+        """``max_batch_size``: the most rows one run may hold (the server's batcher merges requests up
+        to FLUXO_MAX_BATCH_SIZE); the graph is checked at 1 row and at that many before anyone is served."""
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise ServingError(f"model directory {self.model_dir}: no such directory; {_FIX}")
@@ -222,18 +233,25 @@ class OnnxModel:
                 "asked ONNX Runtime for %s but it fell back to %s for %s; /metadata reports %s",
                 requested[0], self.provider, self.model_dir, self.provider,
             )
+        self.batch_sizes: tuple[int, ...] = tuple(sorted({1, max_batch_size}))
         self._check_graph()
         self.takes_lengths = takes_lengths(self.session)
-        # One throwaway run pays lazy allocations (and CUDA set-up) before the first request,
-        # and a graph that cannot run at all fails here, at start, not on every request.
-        try:
-            self.predict_logits(np.zeros((1, *self.input_shape), dtype=np.float32))
-        except Exception as error:
-            raise ServingError(
-                f"{self.model_dir / MODEL_FILE}: fails on a zero batch of shape {(1, *self.input_shape)} "
-                f"({error}); {_FIX}"
-            ) from error
+        self._check_runs()
         logger.debug("loaded %s on %s", self.model_dir, self.provider)
+
+    def _check_runs(self) -> None:
+        """One throwaway run of zeros per batch size the server may ask for: a graph that cannot run
+        fails here, at start, not on every request. The largest matters as much as one row: a graph
+        whose batch axis was fixed at export (a Reshape to 1, say) runs one row and fails every
+        merged batch. The first run also pays lazy allocations (and CUDA set-up) before any request."""
+        for size in self.batch_sizes:
+            try:
+                self.predict_logits(np.zeros((size, *self.input_shape), dtype=np.float32))
+            except Exception as error:
+                raise ServingError(
+                    f"{self.model_dir / MODEL_FILE}: fails on a zero batch of shape {(size, *self.input_shape)} "
+                    f"({error}); {_batch_fix(size)}"
+                ) from error
 
     def warmup(self, batch_sizes: Sequence[int], runs: int) -> float:
         """Run each batch size ``runs`` times on made-up rows, through :meth:`predict_proba`; seconds spent.
@@ -251,8 +269,12 @@ class OnnxModel:
             batch = rng.standard_normal((size, *self.input_shape)).astype(np.float32)
             if self.takes_lengths and len(self.input_shape) == 2:
                 batch[::2, :, max(1, self.input_shape[-1] // 2):] = np.nan
-            for _ in range(runs):
-                self.predict_proba(batch)
+            try:
+                for _ in range(runs):
+                    self.predict_proba(batch)
+            except Exception as error:  # a ServingError like every load failure: callers keep what they serve
+                raise ServingError(f"{self.model_dir / MODEL_FILE}: warmup fails on a batch of {size} rows "
+                                   f"({error}); {_batch_fix(size)}") from error
         return time.perf_counter() - started
 
     def describe(self) -> str:
@@ -288,6 +310,13 @@ class OnnxModel:
                 f"{where}: graph outputs are {sorted(outputs)}, metadata names {self.output_name!r}; {_FIX}"
             )
         graph_shape = list(inputs[self.input_name].shape)
+        fixed = graph_shape[0] if graph_shape and isinstance(graph_shape[0], int) else None
+        if fixed is not None and any(size != fixed for size in self.batch_sizes):
+            raise ServingError(
+                f"{where}: graph input {self.input_name!r} has shape {graph_shape}: its batch axis is fixed at "
+                f"{fixed}, and this server runs batches of {' and '.join(map(str, self.batch_sizes))} rows "
+                f"(FLUXO_MAX_BATCH_SIZE merges concurrent requests); {_batch_fix(max(self.batch_sizes))}"
+            )
         dims = graph_shape[1:]
         if len(dims) != len(self.input_shape) or any(
             isinstance(g, int) and g != m for g, m in zip(dims, self.input_shape)

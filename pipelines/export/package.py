@@ -2,7 +2,8 @@
 
 The directory is built in a staging folder beside its target (``model.onnx``, the parity
 check on the test split, the int8/fp16 variants export's gate keeps (pipelines/export/variants.py),
-``metadata.json``, ``report.html``) and renamed into place only when parity passes, so
+``metadata.json``, ``report.html``, last ``checksums.json``: each file's sha256, every file fsynced)
+and renamed into place only when parity passes, so
 ``.fluxo/export/<run id>/`` is always a consistent pair or absent, and a failed check leaves
 the previous directory exactly as it was.
 """
@@ -30,6 +31,7 @@ from pipelines.report.step import report_step
 from pipelines.export.variants import as_metadata, build_variants, log_decisions
 from pipelines.settings import FluxoSettings
 from pipelines.train.checkpoint import load_checkpoint, rebuild_model
+from serving.checksums import seal
 from serving.contract import MODEL_FILE, REPORT_FILE, ModelMetadata, Normalization, Preprocessing, replace_dir, staging_dir, write_metadata
 
 log = logging.getLogger(__name__)
@@ -200,6 +202,7 @@ def export_model(
                 log_decisions(variants)
         write_metadata(staging, metadata)
         report_step(ctx, staging, metadata, dataset, parity)
+        seal(staging)  # last: checksums.json records (and fsyncs) every file, so a torn copy is told apart
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

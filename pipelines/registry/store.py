@@ -17,6 +17,8 @@ from pipelines.errors import FluxoError
 from pipelines.settings import FluxoSettings
 from pipelines.context import RunContext
 from pipelines.tracking import is_refusal, registry_version, tracking_refusal
+from serving import ServingError
+from serving.checksums import damage, read_checksums, seal
 from serving.contract import ModelDir, RegistryEntry, is_model_dir, materialize, read_model_dir
 
 log = logging.getLogger(__name__)
@@ -98,16 +100,46 @@ def _what_the_registry_holds(client, uri: str, error: Exception) -> str:
             f"its aliases: {aliases} (`fluxo status --model {name}` shows each version's run, data and gate)")
 
 
+def _cached(target: Path, name: str, version: str) -> ModelDir | None:
+    """The copy of ``name`` v``version`` made earlier when it is whole, else None (the caller copies afresh).
+
+    A copy records its checksums (serving/checksums.py): one that no longer matches them, or
+    whose files no longer read (torn by a crash or a full disk), is logged and replaced by the
+    caller's fresh copy, instead of failing every start until someone deletes it. A copy made
+    before checksums existed is hashed once, as it is, so its next use checks it.
+    """
+    if not is_model_dir(target):
+        return None
+    try:
+        served = read_model_dir(target)
+        recorded = read_checksums(target)
+        problem = damage(target, recorded) if recorded is not None else None
+    except ServingError as error:
+        problem = str(error)
+    if problem is not None:
+        log.warning("model cache: %s is damaged (%s); discarding it and fetching %s v%s again",
+                    target, problem, name, version)
+        return None
+    if served.registry is None or (served.registry.model_name, served.version) != (name, version):
+        return None
+    if recorded is None:
+        log.info("model cache: %s predates checksums; recording them once", target)
+        try:
+            seal(target)
+        except OSError as error:  # a read-only cache still serves; it is just not checked next time
+            log.warning("model cache: could not record checksums in %s (%s)", target, error)
+    return served
+
+
 def materialize_version(
     ctx: RunContext, name: str, version: str, alias: str | None = None, local: Path | None = None,
 ) -> ModelDir:
     """The served model directory of ``name`` v``version``: copied from ``local`` when given, else downloaded."""
     target = _served_dir(ctx.root, ctx.settings, name, version)
     entry = RegistryEntry(model_name=name, model_version=version, alias=alias)
-    if is_model_dir(target):
-        served = read_model_dir(target)
-        if served.registry is not None and (served.registry.model_name, served.version) == (name, version):
-            return served  # versions are immutable: a copy made earlier is still exact
+    served = _cached(target, name, version)
+    if served is not None:
+        return served  # versions are immutable: a whole copy made earlier is still exact
     if local is not None and is_model_dir(local):
         return materialize(local, target, entry)
     import mlflow

@@ -21,6 +21,7 @@ from pipelines.registry.store import materialize_model
 from pipelines.registry.publish import model_root
 from pipelines.release import export_run
 from pipelines.train.run import train
+from serving.checksums import damage, read_checksums
 from serving.contract import read_model_dir
 from serving.reload import read_pointer
 
@@ -54,6 +55,8 @@ def test_export_registers_checks_parity_and_promotes(project: Path, trained, set
     settings, data_version, result = trained
     exported = export_run(open_run(project, settings), result.run_id)
     onnx.checker.check_model(onnx.load(str(exported.export_dir / "model.onnx")))
+    recorded = read_checksums(exported.export_dir)  # sealed last: every file's sha256, so a torn copy is told apart
+    assert {"model.onnx", "metadata.json", "report.html"} <= set(recorded) and not damage(exported.export_dir, recorded)
     assert exported.parity.passed and exported.parity.samples == len(read_dataset(project / "data").splits["test"].y)
     assert exported.promotion.promoted and exported.promotion.champion_version is None
 

@@ -233,7 +233,7 @@ def test_champion_mode_carries_no_rollout(tmp_path: Path) -> None:
     answer, metadata = asyncio.run(run())
     assert answer.status_code == 200 and "x-fluxo-variant" not in answer.headers
     assert metadata.json()["rollout"] == {"mode": "champion", "canary_share": 0.1, "shadow_sample": 1.0,
-                                          "challenger": None}
+                                          "challenger": None, "challenger_error": None}
 
 
 def test_a_failing_challenger_is_counted_and_never_reaches_the_client(tmp_path: Path) -> None:
@@ -410,7 +410,8 @@ class TestShadow:
         assert (variant, version) == ("champion", "1")
         np.testing.assert_allclose(probabilities, models.reference("1", x), atol=1e-6)
         rollout = httpx.get(f"{running.url}/metadata", timeout=10).json()["rollout"]
-        assert rollout == {"mode": "shadow", "canary_share": 0.1, "shadow_sample": 1.0, "challenger": None}
+        assert rollout == {"mode": "shadow", "canary_share": 0.1, "shadow_sample": 1.0, "challenger": None,
+                           "challenger_error": None}
         assert "has no current.json yet: serving the champion alone" in running.log()
         assert metric_value(metrics(running.url), "fluxo_shadow_comparisons_total") == 0
 
