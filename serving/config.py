@@ -104,8 +104,8 @@ def _env_api_key(environ: Mapping[str, str]) -> str | None:
 def _env_payload_log(environ: Mapping[str, str]) -> tuple[Path | None, str | None]:
     """``FLUXO_PAYLOAD_LOG``: (local directory written to, ``s3://`` URL sealed files go to, or None).
 
-    For a URL the directory is the spool, ``FLUXO_PAYLOAD_SPOOL`` or one under the system's
-    temporary directory named after the URL (serving/payload_store.py).
+    For a URL the directory is the spool, ``FLUXO_PAYLOAD_SPOOL`` or one named after the URL
+    under this user's ``$XDG_STATE_HOME/fluxo/payload-spool`` (serving/payload_store.py).
     """
     raw = environ.get(PAYLOAD_LOG_ENV, "").strip()
     if not raw:
@@ -120,10 +120,12 @@ def _env_payload_log(environ: Mapping[str, str]) -> tuple[Path | None, str | Non
     spool = environ.get(PAYLOAD_SPOOL_ENV, "").strip()
     if not spool:
         import re
-        import tempfile
 
+        # Per user, not in the shared temporary folder: there another user can make the folder first,
+        # read what clients sent, or slip files in that get uploaded. The logger makes it mode 0700.
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", raw[len("s3://"):].strip("/"))
-        spool = str(Path(tempfile.gettempdir()) / "fluxo-payload-spool" / name)
+        state = environ.get("XDG_STATE_HOME", "").strip() or str(Path.home() / ".local" / "state")
+        spool = str(Path(state) / "fluxo" / "payload-spool" / name)
     return Path(spool), raw
 
 
@@ -219,6 +221,19 @@ class ServingConfig:
     """``FLUXO_CANARY_SHARE``: share of requests (0..1) the challenger answers in canary mode."""
     shadow_sample: float = field(default=1.0, metadata=_setting(SHADOW_SAMPLE_ENV, float, minimum=0.0, maximum=1.0))
     """``FLUXO_SHADOW_SAMPLE``: share of requests (0..1) mirrored to the challenger in shadow mode."""
+    max_request_pixels: int = field(default=4096 * 4096, metadata=_setting('FLUXO_MAX_REQUEST_PIXELS', int, minimum=1))
+    """``FLUXO_MAX_REQUEST_PIXELS``: most pixels the images of one request may decode to, all files together
+    (read from their headers before any is decoded; beyond, 413). A few kilobytes of blank PNG can declare
+    16 million pixels, so the body limit alone does not bound the work (serving/image_work.py)."""
+    image_threads: int = field(default=1, metadata=_setting('FLUXO_IMAGE_THREADS', int, minimum=1))
+    """``FLUXO_IMAGE_THREADS``: threads per worker that decode large uploads (small ones decode inline)."""
+    image_queue_pixels: int = field(default=2 * 4096 * 4096,
+                                    metadata=_setting('FLUXO_IMAGE_QUEUE_PIXELS', int, minimum=1))
+    """``FLUXO_IMAGE_QUEUE_PIXELS``: pixels queued or being decoded per worker beyond which a new image
+    request answers 429 at once, rather than waiting to time out (serving/image_work.py)."""
+    report_public: bool = field(default=False, metadata=_setting('FLUXO_REPORT_PUBLIC', bool))
+    """``FLUXO_REPORT_PUBLIC``: with an API key set, ``GET /report`` (which shows test samples) needs the key
+    too unless this is on. Without a key everything is open anyway."""
 
     payload_log: Path | None = None
     """``FLUXO_PAYLOAD_LOG``: the local directory the payload log is written to (serving/payload_log.py); off
@@ -234,6 +249,15 @@ class ServingConfig:
     """``FLUXO_PAYLOAD_ROTATE_S``: ... or once it is this old (seconds)."""
     payload_queue: int = field(default=10_000, metadata=_setting('FLUXO_PAYLOAD_QUEUE', int, minimum=1))
     """``FLUXO_PAYLOAD_QUEUE``: records waiting for the writer thread per worker; beyond, records are dropped."""
+    payload_queue_mb: float = field(default=64.0, metadata=_setting('FLUXO_PAYLOAD_QUEUE_MB', float, minimum=0.001))
+    """``FLUXO_PAYLOAD_QUEUE_MB``: MiB of records (their arrays) waiting for the writer per worker; beyond, records
+    are dropped and counted. With records of up to a request body each, the record count alone bounds nothing."""
+    payload_keep_days: float = field(default=30.0, metadata=_setting('FLUXO_PAYLOAD_KEEP_DAYS', float, minimum=0.0))
+    """``FLUXO_PAYLOAD_KEEP_DAYS``: payload files older than this are deleted from the local log or spool
+    (uploaded ones live on in the bucket, under its own expiry); 0 keeps them forever."""
+    payload_keep_mb: float = field(default=10_240.0, metadata=_setting('FLUXO_PAYLOAD_KEEP_MB', float, minimum=0.0))
+    """``FLUXO_PAYLOAD_KEEP_MB``: the local log or spool is kept under this many MiB by deleting its oldest
+    finished files (in a spool: files the store has not taken yet, counted as expired); 0: no cap."""
     payload_flush_s: float = field(default=1.0, metadata=_setting('FLUXO_PAYLOAD_FLUSH_S', float, minimum=0.01))
     """``FLUXO_PAYLOAD_FLUSH_S``: the writer appends what it has at least this often; a crash loses at most this."""
     drift_status: Path | None = None

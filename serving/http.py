@@ -144,6 +144,49 @@ def require_api_key(headers: Mapping[str, str], expected: str | None) -> None:
         raise ApiError(401, "the API key is not valid", challenge)
 
 
+# --- browsers and request ids ----------------------------------------------------------------
+
+
+def refuse_cross_site(headers: Mapping[str, str]) -> None:
+    """403 for a request a web page of another site sent: its ``Origin`` names that site.
+
+    Why: without an API key, a server on a user's machine or intranet would answer any web page
+    the user visits. A page can POST a multipart form or a body of a "simple" type without a CORS
+    preflight, and so poison the payload log and the drift checks. Browsers send ``Origin`` with
+    every cross-origin POST (and ``null`` from sandboxes and redirects); command-line and server
+    clients send none, so they are unaffected, and a page served by this server itself
+    (same scheme, host and port as ``Host``) still may call it.
+    """
+    origin = headers.get("origin")
+    if origin is None:
+        return
+    host = (headers.get("host") or "").lower()
+    if origin != "null" and host and origin.lower().partition("://")[2] == host:
+        return
+    raise ApiError(403, f"cross-site request refused: Origin {origin[:100]!r} is not this server "
+                        f"({host[:100] or 'no Host header'}); call the API from a client outside the browser, or serve "
+                        "the page from this server's address")
+
+
+REQUEST_ID_LIMIT = 128
+
+
+def client_request_id(headers: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(the client's ``X-Request-Id`` when usable, else None; why it was not, or None).
+
+    Stored in the payload log and echoed in a header, so it is held to 1..128 visible ASCII
+    characters (``!`` to ``~``): no control characters, no unbounded length.
+    """
+    given = headers.get("x-request-id")
+    if not given:
+        return None, None
+    if len(given) > REQUEST_ID_LIMIT:
+        return None, f"the X-Request-Id sent is longer than {REQUEST_ID_LIMIT} characters"
+    if not (given.isascii() and given.isprintable()) or " " in given:
+        return None, "the X-Request-Id sent holds characters other than visible ASCII"
+    return given, None
+
+
 # --- the OpenAPI document's account of the errors --------------------------------------------
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -151,6 +194,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "Malformed request: the message names the field, instance or element.",
         401: "Missing or wrong API key (only when FLUXO_API_KEY is set).",
+        403: "Sent by a web page of another site (its Origin header); the API is not for cross-site pages.",
         413: "Body larger than FLUXO_MAX_BODY_BYTES, or more instances than FLUXO_MAX_INSTANCES.",
         415: "Wrong Content-Type, or an image that is not PNG/JPEG.",
         429: "The server is at FLUXO_MAX_CONCURRENCY requests; retry later.",

@@ -1,7 +1,7 @@
 """Operations and documentation: ``/metrics``, ``/metadata``, ``/report`` and the OpenAPI document.
 
-These routes answer operators and client authors, not prediction traffic: they are open
-without the API key and touch no batcher. The OpenAPI document is FastAPI's plus what
+These routes answer operators and client authors, not prediction traffic: they touch no
+batcher and are open without the API key, except ``/report``, which shows test samples. The OpenAPI document is FastAPI's plus what
 FastAPI cannot see (the bodies the prediction handlers parse themselves, the key's
 security schemes, the one model name this server answers to); ``/docs`` renders it
 (serving/docs.py).
@@ -9,7 +9,6 @@ security schemes, the one model name this server answers to); ``/docs`` renders 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,8 +19,9 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from serving.admission import METRICS_ROUTE
 from serving.contract import REPORT_FILE
-from serving.http import SECURITY_SCHEMES, ApiError, json_response
+from serving.http import SECURITY_SCHEMES, ApiError, json_response, require_api_key
 from serving.metrics import exposition, get_metrics
+from serving.ops_pool import run_ops
 from serving.rollout import CHALLENGER, CHAMPION, VARIANT_HEADER
 from serving.schemas import ErrorResponse, MetadataResponse
 from serving.server import ModelServer, server_of
@@ -38,7 +38,7 @@ router = APIRouter()
 async def metrics() -> Response:
     """Prometheus metrics summed over the workers (serving/metrics.py lists them)."""
     await get_metrics().flush_all()  # every worker's counts of the requests answered before this scrape
-    text, content_type = await asyncio.to_thread(exposition)
+    text, content_type = await run_ops(exposition)
     return Response(text, media_type=content_type)
 
 
@@ -53,12 +53,18 @@ async def metadata(request: Request) -> Response:
 @router.get("/report", response_class=HTMLResponse, tags=["model"],
             responses={200: {"content": {"text/html": {}}, "description": "The model report (self-contained HTML)."},
                        404: {"model": ErrorResponse, "description": "No report for this model or variant."},
-                       400: {"model": ErrorResponse, "description": "Unknown variant."}})
+                       400: {"model": ErrorResponse, "description": "Unknown variant."},
+                       401: {"model": ErrorResponse, "description": "Missing or wrong API key (FLUXO_API_KEY set "
+                                                                    "and FLUXO_REPORT_PUBLIC off)."}})
 async def report(request: Request, variant: str = CHAMPION) -> Response:
     """The live model's report, written at export: test metrics with intervals, per-class table,
     confusion matrix, calibration, confident mistakes, parity, latency, data, learning curves and
-    the comparison with the champion it replaced. ``?variant=challenger`` for the challenger's."""
-    return await _report(server_of(request), variant)
+    the comparison with the champion it replaced. ``?variant=challenger`` for the challenger's.
+    It shows test samples, so with ``FLUXO_API_KEY`` set it needs the key unless ``FLUXO_REPORT_PUBLIC`` is on."""
+    server = server_of(request)
+    if not server.config.report_public:
+        require_api_key(request.headers, server.config.api_key)
+    return await _report(server, variant)
 
 
 async def _report(server: ModelServer, variant: str) -> Response:
@@ -69,7 +75,7 @@ async def _report(server: ModelServer, variant: str) -> Response:
         raise ApiError(404, "no challenger is loaded (FLUXO_ROLLOUT=champion); GET /report shows the champion's")
     path = live.model.model_dir / REPORT_FILE
     try:
-        page = await asyncio.to_thread(path.read_bytes)
+        page = await run_ops(path.read_bytes)
     except FileNotFoundError:
         raise ApiError(404, f"{live.name} v{live.version or '?'} has no report: it was exported before fluxo wrote "
                             f"them; re-export its run with `fluxo export --run-id {live.info.get('run_id')}`") from None
@@ -101,6 +107,8 @@ def openapi_document(app: FastAPI, request_bodies: Mapping[str, dict[str, Any]],
                 operation = schema["paths"][path]["post"]
                 operation["requestBody"] = {"required": True, "content": content}
                 operation["security"] = [{"bearer": []}, {"apiKey": []}, {}]  # {}: when no key is configured
+            # The report shows test samples: keyed like the prediction routes (FLUXO_REPORT_PUBLIC opens it).
+            schema["paths"]["/report"]["get"]["security"] = [{"bearer": []}, {"apiKey": []}, {}]
             server: ModelServer | None = getattr(app.state, "server", None)
             if server is not None:
                 _name_the_model(schema, server)

@@ -8,7 +8,6 @@ answer with the same code; a change to the route cannot leave the fast path behi
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -16,8 +15,10 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import Scope
 
 from serving.http import (
     ERROR_RESPONSES,
@@ -27,12 +28,11 @@ from serving.http import (
     json_response,
     media_type,
     parse_json,
-    read_body,
     read_limited,
+    refuse_cross_site,
     require_api_key,
     require_json,
 )
-from serving.images import InvalidImage, UnsupportedImage, decode_image
 from serving.schemas import (
     InvalidInstances,
     PredictRequest,
@@ -77,42 +77,45 @@ async def predict(request: Request) -> Response:
              responses={200: {"model": PredictResponse}, **ERROR_RESPONSES})
 async def predict_image(request: Request) -> Response:
     """Classify PNG/JPEG files: multipart/form-data (one or more files), or one raw image/png|jpeg body."""
-    server = server_of(request)
+    return await image_response(server_of(request), request.scope, request.receive)
+
+
+async def image_response(server: ModelServer, scope: Scope, receive: Receive) -> Response:
+    """``POST /predict/image``, whole: the FastAPI route and the fast path (serving/fastpath.py) both answer with this.
+
+    Decoding is bounded work (serving/image_work.py): a pixel budget per request, small files
+    decoded inline, large ones on the worker's own pool whose queue refuses (429) when full.
+    """
+    headers = Headers(scope=scope)
     started = time.perf_counter() if server.payload is not None else 0.0
-    require_api_key(request.headers, server.config.api_key)
+    refuse_cross_site(headers)
+    require_api_key(headers, server.config.api_key)
     rollout = server.rollout
-    live = server.live if rollout is None else server.pick(request.headers)
+    live = server.live if rollout is None else server.pick(headers)
     if live.image is None:
         raise ApiError(400, f"model {live.name!r} takes no images (input shape {list(live.model.input_shape)}); "
                             "send numbers to POST /predict")
-    media = media_type(request.headers)
+    media = media_type(headers)
     if media != "multipart/form-data" and media not in IMAGE_TYPES:
         raise ApiError(415, f"Content-Type {media!r} is not accepted here; upload files as multipart/form-data "
                             "or send one image with Content-Type image/png or image/jpeg")
-    body = await read_body(request, server.config.max_body_bytes)
-    limit = server.config.max_instances
-    if media in IMAGE_TYPES:
-        files = [("the request body", body)]
-    else:
-        files = await _uploaded_files(request, body, limit)
-    if not files:
-        raise ApiError(400, "no file in the upload; send the image(s) as multipart/form-data file fields")
-    if len(files) > limit:
-        raise ApiError(413, f"{len(files)} files, more than the limit of {limit} per request (FLUXO_MAX_INSTANCES)")
-    spec = live.image
-
-    def decode_all() -> np.ndarray:
-        return np.stack([decode_image(data, spec, name) for name, data in files])
-
+    declared = headers.get("content-length")
+    counted = server.images.admit_upload(declared)
     try:
-        batch = await asyncio.to_thread(decode_all)
-    except UnsupportedImage as error:
-        raise ApiError(415, str(error)) from None
-    except InvalidImage as error:
-        raise ApiError(400, str(error)) from None
+        body = await read_limited(receive, declared, server.config.max_body_bytes)
+        limit = server.config.max_instances
+        files = [("the request body", body)] if media in IMAGE_TYPES else await _uploaded_files(scope, body, limit)
+        if not files:
+            raise ApiError(400, "no file in the upload; send the image(s) as multipart/form-data file fields")
+        if len(files) > limit:
+            raise ApiError(413, f"{len(files)} files, more than the limit of {limit} per request (FLUXO_MAX_INSTANCES)")
+        batch = await server.images.decode(files, live.image)
+    finally:
+        if counted:
+            server.images.upload_done()
     if rollout is None and server.payload is None:
         return predictions(live, await live.batcher.submit(batch))
-    return await server.respond(request.headers, "/predict/image", live, batch, started,
+    return await server.respond(headers, "/predict/image", live, batch, started,
                                 lambda rows: predictions(live, rows))
 
 
@@ -122,6 +125,7 @@ async def predict_response(server: ModelServer, headers: Mapping[str, str], rece
     ``receive`` is the request's ASGI channel; nothing is read before the key and the content type pass.
     """
     started = time.perf_counter() if server.payload is not None else 0.0
+    refuse_cross_site(headers)
     require_api_key(headers, server.config.api_key)
     require_json(headers)
     raw = await read_limited(receive, headers.get("content-length"), server.config.max_body_bytes)
@@ -151,7 +155,7 @@ def predictions(live: LiveModel, probabilities: np.ndarray) -> Response:
     return json_response({"predictions": answer, "model_version": live.version})
 
 
-async def _uploaded_files(request: Request, body: bytes, limit: int) -> list[tuple[str, bytes]]:
+async def _uploaded_files(scope: Scope, body: bytes, limit: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of every file part, in order; the body was already read against the size limit."""
     from starlette.formparsers import MultiPartException
     from starlette.requests import Request as StarletteRequest
@@ -165,7 +169,7 @@ async def _uploaded_files(request: Request, body: bytes, limit: int) -> list[tup
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    replayed = StarletteRequest({k: v for k, v in request.scope.items() if k != "app"}, replay)
+    replayed = StarletteRequest({k: v for k, v in scope.items() if k != "app"}, replay)
     try:
         form = await replayed.form(max_files=limit + 1, max_fields=limit + 1)
     except MultiPartException as error:

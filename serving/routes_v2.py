@@ -8,6 +8,7 @@ batcher, rollout and payload log as ``POST /predict`` (serving/server.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,14 +17,17 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from serving import v2 as oip
+from serving import v2_binary as binary
 from serving.http import (
     ERROR_RESPONSES,
     ApiError,
+    Receive,
     invalid,
     json_response,
     media_type,
     parse_json,
-    read_body,
+    read_limited,
+    refuse_cross_site,
     require_api_key,
     require_json,
 )
@@ -47,7 +51,7 @@ router = APIRouter()
 
 @router.get("/v2", response_model=oip.ServerMetadata, tags=["v2"])
 async def v2_server() -> Response:
-    return json_response({"name": "fluxo", "version": "1", "extensions": []})
+    return json_response({"name": "fluxo", "version": "1", "extensions": [binary.EXTENSION]})
 
 
 @router.get("/v2/health/live", tags=["v2"])
@@ -107,19 +111,36 @@ def _model_ready(request: Request, model_name: str, model_version: str | None) -
 
 
 async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
-    server = server_of(request)
+    return await infer_answer(server_of(request), request.headers, request.receive, model_name, model_version)
+
+
+async def infer_answer(server: ModelServer, headers: Mapping[str, str], receive: Receive, model_name: str,
+                       model_version: str | None) -> Response:
+    """An infer request, whole: the FastAPI routes and the fast path (serving/fastpath.py) both answer with this.
+
+    JSON tensors, or the binary tensor extension (serving/v2_binary.py) when the request says
+    ``Inference-Header-Content-Length``; outputs in binary when the request asks for them.
+    """
     started = time.perf_counter() if server.payload is not None else 0.0
-    require_api_key(request.headers, server.config.api_key)
+    refuse_cross_site(headers)
+    require_api_key(headers, server.config.api_key)
     rollout = server.rollout
     live = live_named(server, model_name, model_version, pinnable=rollout is not None)
     if rollout is not None and model_version is None:
-        live = server.pick(request.headers)
-    if (media_type(request.headers) == "application/octet-stream"
-            or "inference-header-content-length" in request.headers):
-        raise ApiError(415, "the binary tensor extension is not supported; send the tensors as JSON")
-    require_json(request.headers)
-    body = parse_json(await read_body(request, server.config.max_body_bytes))
+        live = server.pick(headers)
+    declared = headers.get("inference-header-content-length")
+    media = media_type(headers)
+    if declared is None and media == "application/octet-stream":
+        raise ApiError(415, "binary tensors need the Inference-Header-Content-Length header: the length of the JSON "
+                            "inference header the tensors' bytes follow (the binary tensor extension)")
+    if declared is None or media not in (None, "application/octet-stream"):
+        require_json(headers)
+    raw = await read_limited(receive, headers.get("content-length"), server.config.max_body_bytes)
     try:
+        header, blob = binary.split_body(raw, declared)
+        body = parse_json(header)
+        if declared is not None and isinstance(body, dict):
+            binary.attach_binary(body.get("inputs"), blob)
         tensor, lengths, request_id, outputs = oip.parse_request(body)
         batch = oip_tensor(tensor, live, server.config.max_instances)
         if lengths is not None:
@@ -127,18 +148,23 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
             if not addressed.model.takes_lengths:
                 raise InvalidInstances(f"inputs[1] 'lengths': model {live.name!r} takes no lengths; send only "
                                        f"{live.model.input_name!r}")
+            if isinstance(lengths.get("data"), np.ndarray):
+                lengths = {**lengths, "data": lengths["data"].tolist()}
             steps = oip.lengths_values(lengths, len(batch), batch.shape[-1])
             batch = nan_padded(batch, steps)
     except InvalidInstances as error:
         raise invalid(error) from None
+    in_binary = binary.binary_outputs(body, outputs)
+
+    def answer(name: str, rows: np.ndarray) -> Response:
+        document = oip.infer_response(name, live.version, request_id, outputs, rows, live.model.labels)
+        return binary.binary_response(document, in_binary) if in_binary else json_response(document)
+
     if rollout is None and server.payload is None:
-        probabilities = await live.batcher.submit(batch)
-        return json_response(oip.infer_response(live.name, live.version, request_id, outputs, probabilities,
-                                                live.model.labels))
+        return answer(live.name, await live.batcher.submit(batch))
     # Under the champion's name whichever variant answered: clients address the model, not the variant.
-    return await server.respond(request.headers, "/v2/models/{model_name}/infer", live, batch, started,
-                                lambda rows: json_response(oip.infer_response(model_name, live.version, request_id,
-                                                                              outputs, rows, live.model.labels)))
+    return await server.respond(headers, "/v2/models/{model_name}/infer", live, batch, started,
+                                lambda rows: answer(model_name, rows))
 
 
 def oip_tensor(tensor: Any, live: LiveModel, max_instances: int) -> np.ndarray:

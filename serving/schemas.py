@@ -313,9 +313,24 @@ def validate_tensor(
             "(FLUXO_MAX_INSTANCES); split the request"
         )
     data = tensor.get("data")
+    size = int(np.prod(shape))
+    if isinstance(data, np.ndarray):  # sent as bytes (serving/v2_binary.py): flat float32, every value its type
+        if data.size != size:
+            raise InvalidInstances(f"{where} carries {data.size} values in binary; shape {shape} needs {size}")
+        bad = np.flatnonzero(~np.isfinite(data))
+        if len(bad):
+            raise InvalidInstances(f"{where}.data[{int(bad[0])}] is {data[bad[0]]}; values must be finite numbers")
+        return data.astype(np.float32).reshape(shape)  # a copy: the request's buffer is read-only
     if not isinstance(data, list):
         raise InvalidInstances(f"{where}.data is {_describe(data)}, expected a list of numbers")
-    size = int(np.prod(shape))
+    if len(data) == size and all(type(value) is float or type(value) is int for value in data):
+        # The protocol's usual form, flat numbers: straight to float64, no object array (a third of the time).
+        try:
+            values = np.array(data, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64: the full check below names it
+            values = None
+        if values is not None and np.isfinite(values).all() and not (np.abs(values) > _FLOAT32_MAX).any():
+            return values.astype(np.float32).reshape(shape)
     try:
         grid = np.array(data, dtype=object)
     except ValueError:

@@ -26,9 +26,11 @@ from starlette.responses import Response
 from serving import ServingConfig, ServingError
 from serving.batching import Batcher
 from serving.contract import is_model_dir
-from serving.http import ApiError
+from serving.http import ApiError, client_request_id
+from serving.image_work import ImageWork
 from serving.images import ImageSpec, image_spec
 from serving.metrics import get_metrics
+from serving.ops_pool import run_ops
 from serving.payload_log import REQUEST_ID_HEADER, PayloadLogger, new_request_id
 from serving.reload import (
     PointerWatcher,
@@ -88,10 +90,13 @@ class ModelServer:
         source = config.require_model_dir()
         self.source = source
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxo-model")
+        self.images = ImageWork(config.image_threads, config.image_queue_pixels, config.max_request_pixels)
         self.metrics = get_metrics(config.max_batch_size)
         self._canary = config.rollout == CANARY
         self._shadow = config.rollout == SHADOW  # before the champion loads: its batcher mirrors in shadow mode
         self.challenger: LiveModel | None = None
+        self.challenger_error: str | None = None
+        """Why the last challenger load failed (``GET /metadata``'s ``rollout``); None once one loads."""
         self.live = self._load(resolve_model_dir(source))
         self.watcher = (
             PointerWatcher(source, self.live.model.model_dir) if is_model_root(source) else None
@@ -123,9 +128,10 @@ class ModelServer:
             providers=providers_for(self.config.provider),
             strict=self.config.provider == "cuda",
             variant=self.config.variant,
+            max_batch_size=self.config.max_batch_size,  # the batcher merges up to this many rows: checked at load
         )
         if self.config.warmup_runs:  # before it answers anyone: at start (readiness waits) or before a reload switches
-            seconds = model.warmup(sorted({1, self.config.max_batch_size}), self.config.warmup_runs)
+            seconds = model.warmup(list(model.batch_sizes), self.config.warmup_runs)  # the sizes checked at load
             self.metrics.warmup(variant, seconds)
             logger.info("warmed up %s (%s) in %.0f ms", model_dir, variant, seconds * 1000)
         spec = image_spec(model.metadata)
@@ -167,10 +173,9 @@ class ModelServer:
         try:
             target = resolve_model_dir(source)
             self._set_challenger(self._load_challenger(target), None)
-        except ServingError as error:
-            logger.error("challenger: %s; serving the champion alone", error)
-            self.metrics.challenger_reload("failed")
-            target = source  # a root is watched from its present pointer on; a plain directory is not watched
+        except Exception as error:  # noqa: BLE001 - a bad challenger never takes the champion down
+            self._load_failed("challenger", error, "dropped it; the champion serves alone", challenger=True)
+            target = source  # a root is watched from its present pointer on (so retried); a plain directory is not
         if is_model_root(source):
             self.challenger_watcher = PointerWatcher(source, target)
 
@@ -182,7 +187,20 @@ class ModelServer:
             raise ServingError(f"challenger {model_dir} cannot stand in for the champion: {problem}")
         return fresh
 
+    def _load_failed(self, label: str, error: Exception, then: str, challenger: bool) -> None:
+        """Log a failed load, count it (``fluxo_*reloads_total{outcome="failed"}``) and, for a challenger,
+        keep why for ``GET /metadata``: an operator sees a dropped challenger without reading logs."""
+        if isinstance(error, ServingError):
+            logger.error("%s: %s; %s", label, error, then)
+        else:  # not a failure the runtime foresaw: the traceback helps
+            logger.exception("%s: unexpected error (%s); %s", label, error, then)
+        (self.metrics.challenger_reload if challenger else self.metrics.reload)("failed")
+        if challenger:
+            self.challenger_error = str(error) if isinstance(error, ServingError) else f"{type(error).__name__}: {error}"
+
     def _set_challenger(self, fresh: LiveModel | None, previous: LiveModel | None) -> None:
+        if fresh is not None:
+            self.challenger_error = None
         self.challenger = fresh
         self.metrics.challenger_loaded(fresh.info if fresh else None, previous.info if previous else None)
         if fresh is not None:
@@ -191,22 +209,29 @@ class ModelServer:
     # --- hot reload --------------------------------------------------------------------------
 
     async def _load_published(
-        self, watcher: PointerWatcher, load: Callable[[Path], LiveModel], what: str, count: Callable[[str], None],
-        label: str = "hot reload",
+        self, watcher: PointerWatcher, load: Callable[[Path], LiveModel], what: str, challenger: bool = False,
     ) -> LiveModel | None:
-        """What ``watcher`` newly points at, loaded in a thread; None when unchanged or broken (logged, counted)."""
+        """What ``watcher`` newly points at, loaded and warmed in a thread; None when unchanged or broken.
+
+        Any failure (an unreadable pointer, a directory that does not load, check or warm up) is
+        logged, counted as failed and left to the watcher to retry with backoff (serving/reload.py):
+        the publish is not marked seen until it loads, and what is live keeps serving meanwhile.
+        """
+        label = "hot reload (challenger)" if challenger else "hot reload"
         try:
             target = watcher.poll()
             if target is None:
                 return None
             logger.info("%s: loading %s", label, target)
-            fresh = await asyncio.to_thread(load, target)
-        except ServingError as error:
-            logger.error("%s: %s; still serving %s", label, error, what)
-            count("failed")
+            fresh = await run_ops(load, target)
+        except Exception as error:  # noqa: BLE001 - whatever a publish holds, the live model stays
+            polls = watcher.failed()
+            then = (f"trying it again in {polls * self.config.reload_interval_s:g} s" if polls is not None
+                    else f"gave up after {watcher.retries + 1} tries; publish it again to retry")
+            self._load_failed(label, error, f"still serving {what}; {then}", challenger)
             return None
         watcher.accept(target)
-        count("ok")
+        (self.metrics.challenger_reload if challenger else self.metrics.reload)("ok")
         return fresh
 
     async def reload_if_published(self) -> bool:
@@ -217,8 +242,7 @@ class ModelServer:
         """
         if self.watcher is None:
             return False
-        fresh = await self._load_published(self.watcher, self._load, str(self.live.model.model_dir),
-                                           self.metrics.reload)
+        fresh = await self._load_published(self.watcher, self._load, str(self.live.model.model_dir))
         if fresh is None:
             return False
         previous, self.live = self.live, fresh
@@ -229,6 +253,7 @@ class ModelServer:
             logger.warning("challenger version %s no longer fits the champion (%s): serving the champion alone "
                            "until another challenger is published", challenger.version, problem)
             self._set_challenger(None, challenger)
+            self.challenger_error = f"challenger version {challenger.version} no longer fits the champion: {problem}"
         return True
 
     async def reload_challenger_if_published(self) -> bool:
@@ -237,8 +262,7 @@ class ModelServer:
             return False
         current = self.challenger
         what = f"challenger {current.model.model_dir}" if current else "the champion alone"
-        fresh = await self._load_published(self.challenger_watcher, self._load_challenger, what,
-                                           self.metrics.challenger_reload, "hot reload (challenger)")
+        fresh = await self._load_published(self.challenger_watcher, self._load_challenger, what, challenger=True)
         if fresh is None:
             return False
         self._set_challenger(fresh, current)
@@ -295,8 +319,12 @@ class ModelServer:
                     rows: np.ndarray, started: float, response: Response) -> Response:
         """Payload logging on (``self.payload`` set): echo or mint ``X-Request-Id``, queue the sampled record."""
         payload = self.payload
-        request_id = headers.get("x-request-id") or new_request_id()
+        request_id, refused = client_request_id(headers)
+        if request_id is None:
+            request_id = new_request_id()
         response.raw_headers.append((_REQUEST_ID_KEY, request_id.encode("latin-1")))  # no MutableHeaders scan
+        if refused is not None:  # said, not silently swapped: the client's own id is not in the log
+            response.raw_headers.append((b"x-request-id-replaced", refused.encode("latin-1")))
         if payload.sampled():
             payload.record(request_id, route, live.name, live.version, live.variant,
                            (time.perf_counter() - started) * 1000.0, batch, rows, live.model.labels)
@@ -365,6 +393,7 @@ class ModelServer:
             "canary_share": self.config.canary_share,
             "shadow_sample": self.config.shadow_sample,
             "challenger": challenger.info if challenger is not None else None,
+            "challenger_error": self.challenger_error,
         }
 
     # --- shutdown ------------------------------------------------------------------------------
@@ -389,6 +418,7 @@ class ModelServer:
     def close(self) -> None:
         if self.payload is not None:
             self.payload.close()
+        self.images.close()
         self._executor.shutdown(wait=True)
         if self._challenger_executor is not None:
             self._challenger_executor.shutdown(wait=True)
@@ -407,15 +437,10 @@ def _payload_logger(config: ServingConfig) -> PayloadLogger | None:
     """This worker's payload logger, or None (off: each route pays one attribute check)."""
     if config.payload_log is None:
         return None
-    upload = None
     if config.payload_upload is not None:
-        from serving.payload_store import S3Upload
-
-        upload = S3Upload(config.payload_upload, config.payload_log)
         logger.info("payload log: %.0f%% of answers to %s (spooled in %s)", config.payload_sample * 100,
                     config.payload_upload, config.payload_log)
     else:
         logger.info("payload log: %.0f%% of answers to %s", config.payload_sample * 100, config.payload_log)
-    return PayloadLogger(config.payload_log, config.payload_sample, config.payload_rotate_mb, config.payload_rotate_s,
-                         config.payload_queue, flush_s=config.payload_flush_s, upload=upload)
+    return PayloadLogger.from_config(config)
 

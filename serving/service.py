@@ -20,7 +20,7 @@ import bentoml
 
 from serving import API_KEY_ENV, MODEL_DIR_ENV, ServingConfig
 from serving.app import create_app
-from serving.fastpath import PredictFastPath
+from serving.fastpath import InferenceFastPath
 from serving.server import ModelServer
 
 logger = logging.getLogger(__name__)
@@ -74,4 +74,4 @@ class Fluxo:
 
 
 # Inside BentoML's timeout and concurrency limit, outside its context middleware and the mount (fastpath.py).
-Fluxo.add_asgi_middleware(PredictFastPath, state=app.state)
+Fluxo.add_asgi_middleware(InferenceFastPath, state=app.state)

@@ -7,6 +7,7 @@ limit and the batching path are reached by small requests.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -300,7 +301,8 @@ MALFORMED: dict[str, tuple[str, str | None, bytes | str, int, str]] = {
                           "outputs[0].name is 'logits'"),
     "v2-too-many": (INFER, JSON, _v2(shape=[MAX_INSTANCES + 1, 1, 8, 8], data=FLAT * (MAX_INSTANCES + 1)), 413,
                     f"limit of {MAX_INSTANCES}"),
-    "v2-binary-extension": (INFER, "application/octet-stream", b"\x00" * 256, 415, "binary tensor extension"),
+    "v2-binary-without-header-length": (INFER, "application/octet-stream", b"\x00" * 256, 415,
+                                        "Inference-Header-Content-Length"),
     "v2-unknown-model": ("/v2/models/nope/infer", JSON, _v2(), 404, "unknown model 'nope'"),
     "v2-unknown-version": (f"/v2/models/{MODEL}/versions/9/infer", JSON, _v2(), 404, "no version '9'"),
 }
@@ -337,6 +339,29 @@ def test_chunked_body_over_the_limit_is_refused(server: Server) -> None:
 
     response = httpx.post(f"{server.url}/predict", content=chunks(), headers={**AUTH, "Content-Type": JSON}, timeout=60)
     assert response.status_code == 413, response.text
+
+
+def test_tritons_own_client_works_with_its_defaults_and_with_json(server: Server, tmp_path: Path) -> None:
+    """NVIDIA's tritonclient (HTTP): health, metadata, and inference with binary tensors (its default)
+    and with JSON tensors, each giving /predict's answer."""
+    batch = sample_instances(5, seed=11)
+    np.save(tmp_path / "batch.npy", batch)
+    script = Path(__file__).with_name("triton_client_check.py")
+    address = server.url.removeprefix("http://")
+    run = subprocess.run([sys.executable, str(script), address, MODEL, KEY, str(tmp_path / "batch.npy")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    failed = {name: check for name, check in report.items() if not check["ok"]}
+    assert not failed, failed
+    assert all(report[name]["value"] is True for name in ("server live", "server ready", "model ready"))
+    assert "binary_tensor_data" in report["server metadata"]["value"]["extensions"]
+    assert report["model metadata"]["value"]["inputs"][0]["name"] == "input"
+    reference = probabilities(post(server, "/predict", {"instances": batch.tolist()}))
+    for mode in ("infer, binary tensors", "infer, JSON tensors"):
+        served, labels = report[mode]["value"]
+        np.testing.assert_allclose(np.array(served), reference, atol=1e-6, err_msg=mode)
+        assert labels == [DIGIT_LABELS[i] for i in reference.argmax(axis=1)], mode
 
 
 # --- API key -------------------------------------------------------------------------------
@@ -386,10 +411,12 @@ def test_lengths_for_a_model_that_takes_none_is_a_400(server: Server) -> None:
 
 
 def test_a_model_without_a_report_answers_404_with_the_fix_and_an_unknown_variant_400(server: Server) -> None:
-    missing = httpx.get(f"{server.url}/report", timeout=10)  # open like /metadata: no key needed
+    keyless = httpx.get(f"{server.url}/report", timeout=10)  # it shows test samples: keyed like predictions
+    assert keyless.status_code == 401 and keyless.headers["www-authenticate"] == "Bearer"
+    missing = httpx.get(f"{server.url}/report", headers=AUTH, timeout=10)
     assert missing.status_code == 404
     assert "has no report" in missing.json()["error"] and "fluxo export --run-id" in missing.json()["error"]
-    unknown = httpx.get(f"{server.url}/report", params={"variant": "shadow"}, timeout=10)
+    unknown = httpx.get(f"{server.url}/report", params={"variant": "shadow"}, headers=AUTH, timeout=10)
     assert unknown.status_code == 400 and "'champion'" in unknown.json()["error"]
 
 
@@ -445,24 +472,94 @@ def test_example_client(server: Server, capsys: pytest.CaptureFixture[str], monk
 
 
 # --- schemathesis over the OpenAPI document -------------------------------------------------
+#
+# Every operation of /openapi.json, in three modes: this module's server with its key; the same
+# server without it (every request to a route that declares the key must answer 401, whatever
+# else is wrong with it); and a server started without FLUXO_API_KEY, where every route's checks
+# are reached with no key at all. Each run's requests are read back from its HAR report, so a
+# run that silently skipped an operation (a multipart or binary body it could not build) fails.
+
+SCHEMATHESIS_MODES = ["with the key", "without the key", "on a server without a key"]
 
 
-def _schemathesis(server: Server, max_time: int, examples: int) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The module's settings less FLUXO_API_KEY: what a server without a key answers (started once, ~10 s)."""
+    root = tmp_path_factory.mktemp("open-serving")
+    env = {"FLUXO_MAX_INSTANCES": str(MAX_INSTANCES), "FLUXO_MAX_BATCH_SIZE": str(MAX_BATCH), "FLUXO_TIMEOUT_S": "60"}
+    with RunningServer(build_model_dir(root / "model"), env, root / "server.log") as running:
+        yield running.url
+
+
+@dataclass
+class SchemathesisRun:
+    generated: int
+    answers: dict[tuple[str, str], dict[int, int]]
+    """(method, path template) of every operation of the document → how often each status answered it."""
+    protected: set[tuple[str, str]]
+    """The operations whose document declares the API key."""
+
+
+def _schemathesis(request: pytest.FixtureRequest, mode: str, max_time: int, examples: int,
+                  work: Path) -> SchemathesisRun:
+    url = request.getfixturevalue("open_server") if mode == "on a server without a key" else (
+        request.getfixturevalue("server").url)
+    har = work / "requests.har"
     command = [
-        str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/openapi.json",
+        str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/openapi.json",
         "--checks", "not_a_server_error", "--max-examples", str(examples), "--max-time", str(max_time),
-        "--header", f"Authorization: Bearer {KEY}", "--seed", "7", "--request-timeout", "20", "--workers", "1",
+        "--seed", "7", "--request-timeout", "20", "--workers", "1", "--generation-database", "none",
+        "--report", "har", "--report-har-path", str(har),
+        *(["--header", f"Authorization: Bearer {KEY}"] if mode == "with the key" else []),
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=max_time + 120)
-
-
-def test_schemathesis_finds_no_server_errors(server: Server) -> None:
-    result = _schemathesis(server, max_time=15, examples=10)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=max_time + 120, cwd=work)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert re.search(r"\d+ generated, \d+ passed", result.stdout), result.stdout[-3000:]
+    generated = re.search(r"(\d+) generated, \d+ passed", result.stdout)
+    assert generated, result.stdout[-3000:]
+    document = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    operations = {(method.upper(), path): bool(op.get("security")) for path, ops in document["paths"].items()
+                  for method, op in ops.items()}
+    return SchemathesisRun(int(generated.group(1)), _answers(har, operations),
+                           {operation for operation, keyed in operations.items() if keyed})
+
+
+def _answers(har: Path, operations: dict[tuple[str, str], bool]) -> dict[tuple[str, str], dict[int, int]]:
+    """Statuses per operation of the requests in ``har``; requests with a method the path lacks are left out."""
+    patterns = [(operation, re.compile(re.sub(r"\\\{\w+\\\}", "[^/]*", re.escape(operation[1])) + "$"))
+                for operation in operations]
+    answers: dict[tuple[str, str], dict[int, int]] = {operation: {} for operation in operations}
+    for entry in json.loads(har.read_text())["log"]["entries"]:
+        method, path = entry["request"]["method"], httpx.URL(entry["request"]["url"]).raw_path.decode().split("?")[0]
+        for (op_method, template), pattern in patterns:
+            if op_method == method and pattern.match(path):
+                counts = answers[(op_method, template)]
+                counts[entry["response"]["status"]] = counts.get(entry["response"]["status"], 0) + 1
+                break
+    return answers
+
+
+def _check_run(run: SchemathesisRun, mode: str) -> None:
+    missed = [operation for operation, counts in run.answers.items() if not counts]
+    assert not missed, f"operations schemathesis never requested: {missed}"
+    assert run.protected >= {("POST", "/predict"), ("POST", "/predict/image"), ("POST", "/v2/models/{model_name}/infer")}
+    for operation, counts in run.answers.items():
+        if mode == "without the key" and operation in run.protected:
+            assert set(counts) == {401}, (operation, counts)  # the key is checked before anything else
+        else:
+            assert 401 not in counts, (operation, counts)
+
+
+@pytest.mark.parametrize("mode", SCHEMATHESIS_MODES)
+def test_schemathesis_finds_no_server_errors(request: pytest.FixtureRequest, mode: str, tmp_path: Path) -> None:
+    run = _schemathesis(request, mode, max_time=10, examples=10, work=tmp_path)
+    logging.getLogger(__name__).info("schemathesis %s: %d cases generated", mode, run.generated)  # --log-cli-level=INFO
+    _check_run(run, mode)
 
 
 @pytest.mark.slow
-def test_schemathesis_long_run_finds_no_server_errors(server: Server) -> None:
-    result = _schemathesis(server, max_time=300, examples=200)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+@pytest.mark.parametrize("mode", ["with the key", "on a server without a key"])
+def test_schemathesis_long_run_finds_no_server_errors(request: pytest.FixtureRequest, mode: str,
+                                                      tmp_path: Path) -> None:
+    run = _schemathesis(request, mode, max_time=120, examples=200, work=tmp_path)
+    logging.getLogger(__name__).info("schemathesis %s: %d cases generated", mode, run.generated)
+    _check_run(run, mode)
