@@ -139,8 +139,12 @@ def image_spec(metadata: Mapping[str, Any]) -> ImageSpec | None:
     return spec
 
 
+# Where Pillow finds an upload's orientation (ImageOps.exif_transpose); nothing else in them is used.
+_ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
 def _open(data: bytes, name: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         image = Image.open(io.BytesIO(data))
@@ -155,8 +159,13 @@ def _open(data: bytes, name: str) -> Any:
         raise InvalidImage(f"{name}: {width}x{height} pixels is more than the limit of {MAX_PIXELS} pixels")
     try:
         image.load()  # decoding happens here: truncated or corrupt data fails now
+        # EXIF is parsed lazily, by the orientation step: a malformed block must fail here too, as the
+        # client's mistake, not later as a 500. Upright in place, so _upright_opaque finds nothing to turn.
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as error:  # noqa: BLE001
         raise InvalidImage(f"{name}: corrupt {image.format} data ({error})") from None
+    for key in _ORIENTATION_SOURCES:  # done with: every copy (convert, resize) would parse them again, and
+        image.info.pop(key, None)  # a JPEG's EXIF that Pillow's JPEG reader skipped over fails a copy's parser
     return image
 
 
@@ -227,9 +236,11 @@ def flipped_polarity(image: Any, spec: ImageSpec) -> bool:
     A photo or scan of a digit is mostly background, so its border says which polarity it
     has: white ink on black (as MNIST files are) for a recipe that expects dark ink on white.
     """
-    if spec.background is None:
-        return False
-    brightness = border_brightness(np.asarray(image))
+    return spec.background is not None and _flipped(np.asarray(image), spec)
+
+
+def _flipped(pixels: np.ndarray, spec: ImageSpec) -> bool:
+    brightness = border_brightness(pixels)
     if brightness is None:
         return False
     return brightness < _DARK if spec.background == "light" else brightness > _LIGHT
@@ -252,11 +263,16 @@ def image_to_array(image: Any, spec: ImageSpec) -> np.ndarray:
     """
     from PIL import Image
 
-    image = to_training_polarity(_upright_opaque(image, spec.mode), spec)
+    image = _upright_opaque(image, spec.mode)
     if spec.fit is not None:
-        pixels = fit_pixels(image, spec.mode, (spec.height, spec.width), spec.fit)
+        pixels = fit_pixels(to_training_polarity(image, spec), spec.mode, (spec.height, spec.width), spec.fit)
         return _to_range(pixels.astype(np.float32), spec)
-    pixels = np.asarray(image, dtype=np.float32)
+    # The pixels are read out of Pillow once (each read is a copy, and was a third of a digit's decode):
+    # the border check and the flip (255 - v, exactly ImageOps.invert) work on that one array.
+    raw = np.asarray(image)
+    if spec.background is not None and _flipped(raw, spec):
+        raw = np.uint8(255) - raw
+    pixels = raw.astype(np.float32)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     resample = getattr(Image.Resampling, spec.resample.upper())

@@ -1,7 +1,7 @@
 """Open Inference Protocol (KServe v2, Triton's HTTP/REST API): documents and answers.
 
-Only the JSON form of the protocol is served; the binary tensor extension is
-refused with 415. The model has one input (``metadata.json`` input_name, FP32,
+Tensors come as JSON here, or as bytes through the binary tensor extension
+(serving/v2_binary.py), which Triton's clients use by default. The model has one input (``metadata.json`` input_name, FP32,
 shape ``[-1, *input_shape]``) and two outputs that carry what ``/predict``
 returns: ``probabilities`` (FP32 ``[n, n_labels]``, softmax of the logits) and
 ``label`` (BYTES ``[n]``, the most probable label).
@@ -121,8 +121,14 @@ def parse_request(body: Any) -> tuple[Any, Any | None, str | None, list[str]]:
         raise InvalidInstances(f"inputs must be a list holding the model's input tensor (and, for a model that takes "
                                f"them, a second one named {LENGTHS!r}); it is {found}")
     request_id = body.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInstances("id must be a string when given")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise InvalidInstances("id must be a string when given")
+        try:  # the answer echoes it: a lone surrogate (a "\ud800" escape, which the JSON fallback reads) cannot be sent
+            request_id.encode()
+        except UnicodeEncodeError:
+            raise InvalidInstances("id holds a lone UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode "
+                                   "text") from None
     requested = body.get("outputs")
     if requested is None:
         names = list(OUTPUTS)
@@ -149,11 +155,11 @@ def lengths_values(tensor: Any, count: int, steps: int) -> np.ndarray:
     if (not isinstance(data, list) or len(data) != count
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in data)):
         raise InvalidInstances(f"{where}.data must be {count} whole numbers, the valid steps of each sequence")
-    values = np.asarray(data, dtype=np.int64)
-    bad = np.flatnonzero((values < 1) | (values > steps))
-    if len(bad):
-        raise InvalidInstances(f"{where}.data[{int(bad[0])}] is {int(values[bad[0]])}; a length lies in 1..{steps}")
-    return values
+    # Range-checked as Python ints: JSON integers are unbounded, and numpy's int64 overflows (a 500) at 2**63.
+    bad = next((i for i, v in enumerate(data) if not 1 <= v <= steps), None)
+    if bad is not None:
+        raise InvalidInstances(f"{where}.data[{bad}] is {data[bad]}; a length lies in 1..{steps}")
+    return np.asarray(data, dtype=np.int64)
 
 
 def infer_response(model_name: str, version: str | None, request_id: str | None, outputs: list[str],
