@@ -30,24 +30,26 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import io
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from serving.http import ApiError
-from serving.images import MAX_PIXELS, ImageSpec, InvalidImage, UnsupportedImage, decode_image
+from serving.images import ImageSpec, InvalidImage, UnsupportedImage, decode_opened, open_upload
 
-LARGE_BODY = 64 * 1024
+LARGE_BODY = 16 * 1024
 """An upload body at least this big (or of unknown length) is a large upload: at most
-:data:`LARGE_UPLOADS_PER_THREAD` per decoding thread are read, parsed and decoded at once per worker,
-and one beyond that is refused (429) before its body is read. Reading and parsing a 700 KB multipart
-body is itself CPU work; a flood of them starved ordinary traffic even once each was refused with
-413 after parsing. Digit-sized uploads (hundreds of bytes) and photos under 64 KB are never held back."""
-LARGE_UPLOADS_PER_THREAD = 2
+:data:`LARGE_UPLOADS_PER_THREAD` per decoding thread are taken in at once per worker, and one beyond
+that is refused (429) before its body is read; a large upload is parsed, sized and decoded on the
+pool, at its lower priority. Parsing a 700 KB multipart body is itself CPU work: a flood of them
+starved ordinary traffic even once each was refused with 413 after parsing. Digit-sized uploads
+(hundreds of bytes) are never held back and decode inline."""
+LARGE_UPLOADS_PER_THREAD = 1
 
 INLINE_PIXELS = 128 * 128
 """Requests whose images hold at most this many pixels in all are decoded on the event loop: a
@@ -58,19 +60,7 @@ Files = Sequence[tuple[str, bytes]]
 
 def declared_pixels(data: bytes, name: str) -> int:
     """Width × height from the file's header alone (Pillow decodes nothing until ``load()``)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise InvalidImage(f"{name}: the file is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except UnidentifiedImageError:
-        raise InvalidImage(f"{name}: not a PNG or JPEG image (the file could not be identified)") from None
-    except Exception as error:  # noqa: BLE001 - Pillow raises many types for hostile headers
-        raise InvalidImage(f"{name}: not a readable PNG or JPEG image ({error})") from None
-    if width * height > MAX_PIXELS:  # decode_image says the same; said here before any budget is spent
-        raise InvalidImage(f"{name}: {width}x{height} pixels is more than the limit of {MAX_PIXELS} pixels")
+    width, height = open_upload(data, name).size
     return width * height
 
 
@@ -78,12 +68,14 @@ class _Abandoned(Exception):
     """The request went away while its files were being decoded; nobody reads this."""
 
 
-def _decode_all(files: Files, spec: ImageSpec, stop: threading.Event | None = None) -> np.ndarray:
+def _decode_all(files: Sequence[tuple[str, Any]], spec: ImageSpec,
+                stop: threading.Event | None = None) -> np.ndarray:
+    """(name, opened image) of every file → the batch; ``stop`` set: the request is gone, stop at the next file."""
     rows = []
-    for name, data in files:
+    for name, image in files:
         if stop is not None and stop.is_set():
-            raise _Abandoned  # the request is gone: the remaining files are not decoded
-        rows.append(decode_image(data, spec, name))
+            raise _Abandoned
+        rows.append(decode_opened(image, spec, name))
     return np.stack(rows)
 
 
@@ -136,6 +128,7 @@ class ImageWork:
         self.refused = 0  # requests answered 429 because the pool or the large-upload slots were full
         self._uploads = 0  # large uploads being read, parsed or decoded (event loop only: no lock)
         self._upload_limit = LARGE_UPLOADS_PER_THREAD * threads
+        self._last_trim = 0.0
 
     @property
     def pending_pixels(self) -> int:
@@ -151,31 +144,75 @@ class ImageWork:
             return False
         if self._uploads >= self._upload_limit:
             self.refused += 1
+            # The connection is closed with the answer: its unread body would otherwise still be received and
+            # parsed by the HTTP server, costing a 700 KB flood request almost what reading it would.
             raise ApiError(429, f"this worker is reading {self._uploads} large uploads already (over "
-                                f"{LARGE_BODY // 1024} KB each); retry shortly", {"Retry-After": "1"})
+                                f"{LARGE_BODY // 1024} KB each); retry shortly",
+                           {"Retry-After": "1", "Connection": "close"})
         self._uploads += 1
         return True
 
     def upload_done(self) -> None:
         self._uploads -= 1
+        if self._uploads == 0:
+            self._trim_when_idle()
 
-    async def decode(self, files: Files, spec: ImageSpec) -> np.ndarray:
-        """The request's files as one batch (n, *spec.shape); 400/413/415/429 as :class:`ApiError`."""
+    def _trim_when_idle(self) -> None:
+        """Give freed memory back once no large upload or decode is in progress, at most once a second,
+        on the decoding thread (idle then, so at once): a flood of large bodies refused before decoding
+        left the multipart parser's garbage with the process otherwise."""
+        now = time.monotonic()
+        if self._pending == 0 and now - self._last_trim >= 1.0:
+            self._last_trim = now
+            self._pool.submit(_give_back_memory)
+
+    async def decode(self, read: Callable[[], Files], spec: ImageSpec, large: bool = False) -> np.ndarray:
+        """The request's files as one batch (n, *spec.shape); 400/413/415/429 as :class:`ApiError`.
+
+        ``read`` gives the files (parsing the body when it is multipart). A ``large`` upload (one
+        :meth:`admit_upload` counted) is read, sized and decoded entirely on the pool, at its lower
+        priority: the event loop only received its bytes.
+        """
         try:
-            total = sum(declared_pixels(data, name) for name, data in files)
-            if total > self.request_pixels:
-                raise ApiError(413, f"the {len(files)} image(s) hold {total} pixels in all, more than the limit of "
-                                    f"{self.request_pixels} per request (FLUXO_MAX_REQUEST_PIXELS); send fewer or "
-                                    "smaller images per request")
+            if large:
+                return await self._large(read, spec)
+            opened, total = self._opened(read())
             if total <= INLINE_PIXELS:
-                return _decode_all(files, spec)
-            return await self._on_pool(files, spec, total)
+                return _decode_all(opened, spec)
+            return await self._on_pool(opened, spec, total)
         except UnsupportedImage as error:
             raise ApiError(415, str(error)) from None
         except InvalidImage as error:
             raise ApiError(400, str(error)) from None
 
-    async def _on_pool(self, files: Files, spec: ImageSpec, pixels: int) -> np.ndarray:
+    def _opened(self, files: Files) -> tuple[list[tuple[str, Any]], int]:
+        """Every file opened from its header, and their pixels in all; 413 over the request's budget."""
+        opened = [(name, open_upload(data, name)) for name, data in files]
+        total = sum(image.size[0] * image.size[1] for _, image in opened)
+        if total > self.request_pixels:
+            raise ApiError(413, f"the {len(files)} image(s) hold {total} pixels in all, more than the limit of "
+                                f"{self.request_pixels} per request (FLUXO_MAX_REQUEST_PIXELS); send fewer or "
+                                "smaller images per request")
+        return opened, total
+
+    async def _large(self, read: Callable[[], Files], spec: ImageSpec) -> np.ndarray:
+        stop = threading.Event()
+
+        def job() -> np.ndarray:
+            opened, total = self._opened(read())
+            with self._lock:
+                self._pending += total  # seen by the requests that queue beside it
+            try:
+                return _decode_all(opened, spec, stop)
+            finally:
+                self._release(total)
+
+        try:
+            return await asyncio.wrap_future(self._pool.submit(job))
+        finally:
+            stop.set()
+
+    async def _on_pool(self, files: Sequence[tuple[str, Any]], spec: ImageSpec, pixels: int) -> np.ndarray:
         with self._lock:
             # One request alone may always run (its size is already within the per-request budget).
             if self._pending and self._pending + pixels > self.queue_pixels:
@@ -196,7 +233,8 @@ class ImageWork:
             self._pending -= pixels
             idle = self._pending == 0
         if idle:
-            _give_back_memory()
+            self._last_trim = time.monotonic()
+            _give_back_memory()  # on the decoding thread that just finished: the pool is idle
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -16,7 +16,6 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Scope
 
@@ -33,6 +32,7 @@ from serving.http import (
     require_api_key,
     require_json,
 )
+from serving.multipart import uploaded_files
 from serving.schemas import (
     InvalidInstances,
     PredictRequest,
@@ -100,18 +100,22 @@ async def image_response(server: ModelServer, scope: Scope, receive: Receive) ->
         raise ApiError(415, f"Content-Type {media!r} is not accepted here; upload files as multipart/form-data "
                             "or send one image with Content-Type image/png or image/jpeg")
     declared = headers.get("content-length")
-    counted = server.images.admit_upload(declared)
+    large = server.images.admit_upload(declared)  # 429 before reading when this worker has its fill of them
     try:
         body = await read_limited(receive, declared, server.config.max_body_bytes)
         limit = server.config.max_instances
-        files = [("the request body", body)] if media in IMAGE_TYPES else await _uploaded_files(scope, body, limit)
-        if not files:
-            raise ApiError(400, "no file in the upload; send the image(s) as multipart/form-data file fields")
-        if len(files) > limit:
-            raise ApiError(413, f"{len(files)} files, more than the limit of {limit} per request (FLUXO_MAX_INSTANCES)")
-        batch = await server.images.decode(files, live.image)
+
+        def files() -> list[tuple[str, bytes]]:
+            if media in IMAGE_TYPES:
+                return [("the request body", body)]
+            found = uploaded_files(headers.get("content-type", ""), body, limit)
+            if not found:
+                raise ApiError(400, "no file in the upload; send the image(s) as multipart/form-data file fields")
+            return found
+
+        batch = await server.images.decode(files, live.image, large)
     finally:
-        if counted:
+        if large:
             server.images.upload_done()
     if rollout is None and server.payload is None:
         return predictions(live, await live.batcher.submit(batch))
@@ -153,35 +157,3 @@ def predictions(live: LiveModel, probabilities: np.ndarray) -> Response:
     best = probabilities.argmax(axis=1).tolist()
     answer = [{"label": labels[i], "probabilities": row} for i, row in zip(best, probabilities)]
     return json_response({"predictions": answer, "model_version": live.version})
-
-
-async def _uploaded_files(scope: Scope, body: bytes, limit: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every file part, in order; the body was already read against the size limit."""
-    from starlette.formparsers import MultiPartException
-    from starlette.requests import Request as StarletteRequest
-
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    replayed = StarletteRequest({k: v for k, v in scope.items() if k != "app"}, replay)
-    try:
-        form = await replayed.form(max_files=limit + 1, max_fields=limit + 1)
-    except MultiPartException as error:
-        status = 413 if "Too many" in str(error) else 400
-        raise ApiError(status, f"malformed multipart upload: {error}") from None
-    except HTTPException as error:
-        raise ApiError(400, f"malformed multipart upload: {error.detail}") from None
-    files = []
-    try:
-        for field, value in form.multi_items():
-            if hasattr(value, "read"):
-                files.append((f"file {value.filename or field!r}", await value.read()))
-    finally:
-        await form.close()
-    return files

@@ -36,7 +36,12 @@ from serving.runtime import nan_padded
 from serving.schemas import ErrorResponse, InvalidInstances, validate_tensor
 from serving.server import LiveModel, ModelServer, server_of
 
-_INFER_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}}
+_INFER_BODY = {
+    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+    # The binary tensor extension (serving/v2_binary.py): the JSON inference header, then the tensors' bytes;
+    # the header's length in Inference-Header-Content-Length.
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}
 # The handlers parse their bodies themselves; the OpenAPI document still states them (routes_ops.openapi_document).
 REQUEST_BODIES: dict[str, dict[str, Any]] = {
     "/v2/models/{model_name}/infer": _INFER_BODY,
