@@ -14,8 +14,7 @@ This middleware is added to the BentoML service (``add_asgi_middleware``), which
 inside BentoML's ``TimeoutMiddleware``, so 504 behaves as before, and outside everything
 listed above. Each route is answered by the very function its FastAPI route calls
 (serving/routes_predict.py, serving/routes_v2.py: one definition of the validation, limits,
-API key, rollout and payload log), after the same cross-site check (serving/http.py,
-``refuse_cross_site``), and admitted and counted with the functions
+API key, cross-site check, rollout and payload log), and admitted and counted with the functions
 :class:`serving.admission.RequestAccounting` uses for every other request (429 beyond
 ``FLUXO_MAX_CONCURRENCY``, in-progress gauge, count and time by route template). Every other
 request, and every request before the model is loaded, goes down the full stack unchanged.
@@ -33,34 +32,26 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from serving.admission import admit, settle
-from serving.http import ApiError, Receive, error_response, refuse_cross_site
+from serving.http import ApiError, Receive, error_response
 from serving.routes_predict import image_response, predict_response
 from serving.routes_v2 import infer_answer
 from serving.server import ModelServer
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[ModelServer, dict[str, Any], Headers, Receive], Awaitable[Response]]
+Handler = Callable[[ModelServer, Headers, Receive], Awaitable[Response]]
 V2_INFER = "/v2/models/{model_name}/infer"
 V2_INFER_VERSION = "/v2/models/{model_name}/versions/{model_version}/infer"
 
 
-async def _predict(server: ModelServer, scope: dict[str, Any], headers: Headers, receive: Receive) -> Response:
-    return await predict_response(server, headers, receive)
-
-
-async def _image(server: ModelServer, scope: dict[str, Any], headers: Headers, receive: Receive) -> Response:
-    return await image_response(server, scope, receive)
-
-
 def _infer(model_name: str, model_version: str | None) -> Handler:
-    async def answer(server: ModelServer, scope: dict[str, Any], headers: Headers, receive: Receive) -> Response:
+    async def answer(server: ModelServer, headers: Headers, receive: Receive) -> Response:
         return await infer_answer(server, headers, receive, model_name, model_version)
 
     return answer
 
 
-_FIXED: dict[str, Handler] = {"/predict": _predict, "/predict/image": _image}
+_FIXED: dict[str, Handler] = {"/predict": predict_response, "/predict/image": image_response}
 
 
 def route_of(path: str) -> tuple[str, Handler] | None:
@@ -107,9 +98,7 @@ class InferenceFastPath:
         status = 499  # until an answer is ready: the client went away, or the timeout cancelled us
         try:
             try:
-                headers = Headers(scope=scope)
-                refuse_cross_site(headers)
-                response = await handler(server, scope, headers, receive)
+                response = await handler(server, Headers(scope=scope), receive)
             except ApiError as error:
                 response = error_response(error.status, error.message, error.headers)
             except ClientDisconnect:

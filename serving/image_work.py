@@ -34,8 +34,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +125,6 @@ class ImageWork:
                                         initializer=_lower_priority)
         self._lock = threading.Lock()
         self._pending = 0  # pixels submitted and not yet released by the thread that decodes them
-        self.refused = 0  # requests answered 429 because the pool or the large-upload slots were full
         self._uploads = 0  # large uploads being read, parsed or decoded (event loop only: no lock)
         self._upload_limit = LARGE_UPLOADS_PER_THREAD * threads
         self._last_trim = 0.0
@@ -143,7 +142,6 @@ class ImageWork:
         if not large:
             return False
         if self._uploads >= self._upload_limit:
-            self.refused += 1
             # Not with "Connection: close": the server would close with the body unread, and the client,
             # still sending it, gets a reset instead of this answer (the soak counted 904 of them).
             raise ApiError(429, f"this worker is reading {self._uploads} large uploads already (over "
@@ -215,7 +213,6 @@ class ImageWork:
         with self._lock:
             # One request alone may always run (its size is already within the per-request budget).
             if self._pending and self._pending + pixels > self.queue_pixels:
-                self.refused += 1
                 raise ApiError(429, f"this worker is decoding {self._pending} pixels of images already "
                                     "(FLUXO_IMAGE_QUEUE_PIXELS); retry shortly", {"Retry-After": "1"})
             self._pending += pixels

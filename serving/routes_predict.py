@@ -15,9 +15,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
-from starlette.datastructures import Headers
 from starlette.responses import Response
-from starlette.types import Scope
 
 from serving.http import (
     ERROR_RESPONSES,
@@ -77,16 +75,15 @@ async def predict(request: Request) -> Response:
              responses={200: {"model": PredictResponse}, **ERROR_RESPONSES})
 async def predict_image(request: Request) -> Response:
     """Classify PNG/JPEG files: multipart/form-data (one or more files), or one raw image/png|jpeg body."""
-    return await image_response(server_of(request), request.scope, request.receive)
+    return await image_response(server_of(request), request.headers, request.receive)
 
 
-async def image_response(server: ModelServer, scope: Scope, receive: Receive) -> Response:
+async def image_response(server: ModelServer, headers: Mapping[str, str], receive: Receive) -> Response:
     """``POST /predict/image``, whole: the FastAPI route and the fast path (serving/fastpath.py) both answer with this.
 
     Decoding is bounded work (serving/image_work.py): a pixel budget per request, small files
     decoded inline, large ones on the worker's own pool whose queue refuses (429) when full.
     """
-    headers = Headers(scope=scope)
     started = time.perf_counter() if server.payload is not None else 0.0
     refuse_cross_site(headers)
     require_api_key(headers, server.config.api_key)
