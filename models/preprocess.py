@@ -1,8 +1,10 @@
-"""Preprocessing baked into the network, so the exported ONNX graph takes raw inputs."""
+"""Preprocessing baked into the network, so the exported ONNX graph takes raw inputs: one
+standardisation for images and sequences, per-column encoding and scaling for tables."""
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,3 +31,82 @@ class Standardized(nn.Module):
         if lengths is None or not self.takes_lengths:
             return self.inner(scaled)
         return self.inner(scaled, lengths=lengths)
+
+
+class TableInput(nn.Module):
+    """A table's raw columns (numbers, NaN for an empty cell, a text value's vocabulary index)
+    → the features a network learns from, as part of the graph.
+
+    Number columns: an empty cell takes the training median, then ``(x - center) / scale``;
+    a column that had empty cells in training also adds a 0/1 missing-indicator. Text
+    columns: one-hot over the vocabulary; an empty or unseen value (NaN) is all zeros.
+    Everything is fitted on the training split and stored as buffers, so the exported
+    graph, ``fluxo predict``, the gate and the monitor all read raw columns the same way.
+    """
+
+    def __init__(self, columns: list[dict[str, Any]]) -> None:
+        super().__init__()
+        numbers = [i for i, c in enumerate(columns) if c["type"] == "number"]
+        flagged = [i for i in numbers if columns[i].get("missing")]
+
+        def buffer(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32)
+
+        self.register_buffer("numbers", torch.tensor(numbers, dtype=torch.long))
+        self.register_buffer("flagged", torch.tensor(flagged, dtype=torch.long))
+        self.register_buffer("median", buffer([columns[i].get("median", 0.0) for i in numbers]))
+        self.register_buffer("center", buffer([columns[i].get("center", 0.0) for i in numbers]))
+        self.register_buffer("scale", buffer([columns[i].get("scale", 1.0) or 1.0 for i in numbers]))
+        self.categories = [(i, len(c["categories"])) for i, c in enumerate(columns) if c["type"] == "category"]
+        self.out_features = len(numbers) + len(flagged) + sum(size for _, size in self.categories)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if len(self.numbers):
+            values = x.index_select(1, self.numbers)
+            values = torch.where(torch.isnan(values), self.median, values)
+            parts.append((values - self.center) / self.scale)
+        if len(self.flagged):
+            parts.append(torch.isnan(x.index_select(1, self.flagged)).to(x.dtype))
+        for index, size in self.categories:
+            codes = torch.arange(size, dtype=x.dtype, device=x.device)
+            parts.append((x[:, index : index + 1] == codes).to(x.dtype))  # NaN equals nothing: no category
+        return torch.cat(parts, dim=1)
+
+
+class TableModel(nn.Module):
+    """``inner(TableInput(x))``, and for a regression target, the output back in the target's units.
+
+    The network learns a standardised target (``(y - mean) / std`` of the training split),
+    which a weight initialisation suits whatever the target's scale; the graph answers in
+    the target's own units.
+    """
+
+    takes_lengths = False
+
+    def __init__(self, inner: nn.Module, columns: list[dict[str, Any]],
+                 target: dict[str, float] | None = None) -> None:
+        super().__init__()
+        self.encode = TableInput(columns)
+        self.inner = inner
+        self.rescaled = target is not None
+        self.register_buffer("target_mean", torch.tensor(float((target or {}).get("mean", 0.0))))
+        self.register_buffer("target_std", torch.tensor(float((target or {}).get("std", 1.0)) or 1.0))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.inner(self.encode(x))
+        return out * self.target_std + self.target_mean if self.rescaled else out
+
+
+def inner_input_shape(spec: dict[str, Any]) -> tuple[int, ...]:
+    """The shape the network itself sees: a table's encoded width, else the input's own shape."""
+    if spec.get("kind") == "table":
+        return (TableInput(spec["table"]["columns"]).out_features,)
+    return tuple(spec["input_shape"])
+
+
+def wrap_model(inner: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """The network with its input preprocessing in front, as trained, checkpointed and exported."""
+    if spec.get("kind") == "table":
+        return TableModel(inner, spec["table"]["columns"], spec["table"].get("target"))
+    return Standardized(inner, spec["mean"], spec["std"])

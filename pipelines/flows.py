@@ -51,7 +51,7 @@ CACHED = {"cache_key_fn": _by_fingerprint, "persist_result": True}
 def ingest_task(ctx: RunContext) -> Ingested:
     from pipelines.data.ingest import ingest
 
-    return ingest(ctx.root, ctx.settings.data)
+    return ingest(ctx.root, ctx.settings.data, ctx.settings.model.name)
 
 
 @task(name="push-data", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)

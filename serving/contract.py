@@ -52,7 +52,7 @@ FORMAT_VERSION = 1
 FIX = "re-run the export step (or `fluxo serve`) to rewrite the model directory"
 # What two models must share to stand in for each other: the gate refuses a champion with
 # another contract, and a server refuses such a challenger beside its champion.
-CONTRACT_FIELDS = ("kind", "input_shape", "input_dtype", "labels", "image")
+CONTRACT_FIELDS = ("kind", "input_shape", "input_dtype", "labels", "image", "columns")
 
 
 class Normalization(BaseModel):
@@ -60,6 +60,42 @@ class Normalization(BaseModel):
 
     mean: float
     std: float
+
+
+class TableColumn(BaseModel):
+    """One column of a table model's input, in the graph's input order.
+
+    The graph takes one float32 per column: a number column's value (NaN for an empty
+    cell), a category column's index in ``categories`` (NaN for an empty cell, or an unseen
+    value under ``unseen_category: ignore``). Clients send the values themselves (a category
+    as its text); serving/table_rows.py turns rows into that tensor.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    type: Literal["number", "category"]
+    categories: list[str] | None = Field(None, description="A category column's vocabulary, in code order.")
+    missing: int = Field(0, description="Empty cells the column had at ingest (the graph adds an indicator when > 0).")
+    median: float | None = Field(None, description="Training median an empty cell takes (number columns).")
+    center: float | None = Field(None, description="Subtracted after imputation (mean, or median for robust scaling).")
+    scale: float | None = Field(None, description="Divided by after centring (standard deviation, or IQR).")
+
+
+class TableInput(BaseModel):
+    """A table model's input: its columns and what the service does with an empty or unseen value."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    columns: list[TableColumn]
+    missing: Literal["refuse", "impute"] = Field(
+        "impute", description="A null value: imputed inside the graph (impute) or a 400 naming the column (refuse).")
+    unseen_category: Literal["ignore", "refuse"] = Field(
+        "ignore", description="A category value training never saw: encoded as none and counted, or a 400.")
+    scaling: Literal["standard", "robust"] = Field("standard", description="How number columns are scaled.")
+
+    def names(self) -> list[str]:
+        return [column.name for column in self.columns]
 
 
 class Preprocessing(BaseModel):
@@ -90,7 +126,7 @@ class ModelMetadata(BaseModel):
     task: Literal["multiclass", "binary"] = Field("multiclass", description="What the softmax over labels means.")
     run_id: str | None = Field(None, description="MLflow run the model was trained in.")
     dataset: str | None = Field(None, description="Dataset the run was trained on (its manifest name).")
-    kind: Literal["image", "sequence"] | None = Field(None, description="Input kind.")
+    kind: Literal["image", "sequence", "table"] | None = Field(None, description="Input kind.")
     data_version: str | None = Field(None, description="DVC md5 of the training data.")
     input_name: str = Field(INPUT_NAME, description="Graph input name.")
     output_name: str = Field(OUTPUT_NAME, description="Graph output name.")
@@ -114,7 +150,11 @@ class ModelMetadata(BaseModel):
     model_version: str | None = Field(
         None, description="Only in directories written before registry.json existed; read, never written."
     )
-    example_instance: list[Any] | None = Field(
+    table: TableInput | None = Field(
+        None, description="A table model's columns (names, order, types, vocabularies, training statistics) and "
+        "its policies for empty and unseen values; None for images and sequences.",
+    )
+    example_instance: list[Any] | dict[str, Any] | None = Field(
         None, description="One held-out test instance, raw values (a sequence to its own end): the request "
         "`fluxo serve` prints to paste. Absent for inputs too large to paste (and in older directories).",
     )
@@ -151,8 +191,10 @@ class ModelMetadata(BaseModel):
 
     def input_contract(self) -> dict[str, Any]:
         """The :data:`CONTRACT_FIELDS`: what a client (and a challenger) must agree with."""
+        columns = None if self.table is None else [
+            {"name": c.name, "type": c.type, "categories": c.categories} for c in self.table.columns]
         values = {"kind": self.kind, "input_shape": list(self.input_shape), "input_dtype": self.input_dtype,
-                  "labels": list(self.labels), "image": self.preprocessing.image}
+                  "labels": list(self.labels), "image": self.preprocessing.image, "columns": columns}
         return {field: values[field] for field in CONTRACT_FIELDS}
 
 

@@ -70,7 +70,7 @@ def data_ingest(
     from pipelines.data.store import read_dataset
 
     settings = Invocation(config, [*(overrides or []), *([f"data.dataset={dataset}"] if dataset else [])], root).settings
-    ingested = ingest(root, settings.data)
+    ingested = ingest(root, settings.data, settings.model.name)
     pushed = push(root, settings.data)
     echo_json(ingest_summary(ingested, pushed, read_dataset(root / settings.data.data_dir).manifest))
 

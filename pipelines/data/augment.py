@@ -85,9 +85,19 @@ class Augmenter:
 
 
 def build_augmenter(settings: AugmentSettings, kind: str, num_classes: int) -> Augmenter | None:
-    """The augmenter for a dataset ``kind`` ("image" or "sequence"), or None when no op is enabled for it."""
+    """The augmenter for a dataset ``kind`` ("image" or "sequence"), or None when no op is enabled for it.
+
+    A table takes none: its raw columns hold empty cells and category codes that neither a
+    sequence op nor mixing two rows would leave meaningful.
+    """
+    if kind == "table":
+        enabled = [name for name in ("image", "sequence", "mix") if getattr(settings, name).enabled()]
+        if enabled:
+            raise FluxoError(f"augment.{enabled[0]} is set, but a table takes no augmentation; remove the augment "
+                             "section (or train on this file as sequences: --set data.sequence.kind=sequence)")
+        return None
     if kind not in KINDS:
-        raise FluxoError(f"augment: unknown dataset kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise FluxoError(f"augment: unknown dataset kind {kind!r}; expected one of {', '.join(KINDS)}, table")
     if num_classes < 1:
         raise FluxoError(f"augment: num_classes must be at least 1, got {num_classes}")
     ops = settings.image if kind == "image" else settings.sequence

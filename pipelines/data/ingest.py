@@ -31,8 +31,11 @@ class Ingested:
     version: DataVersion
 
 
-def ingest(root: Path, settings: DataSettings) -> Ingested:
-    """Write the configured dataset, validated and split, under ``root / data_dir``, and ``dvc add`` it once."""
+def ingest(root: Path, settings: DataSettings, model_name: str | None = None) -> Ingested:
+    """Write the configured dataset, validated and split, under ``root / data_dir``, and ``dvc add`` it once.
+
+    ``model_name`` is the run's model.name: a table or sequence model reads a CSV/Parquet file
+    as its kind of input when data.sequence.kind is auto."""
     root = Path(root)
     data_dir = root / settings.data_dir
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +43,7 @@ def ingest(root: Path, settings: DataSettings) -> Ingested:
     dvc_file = data_dir.with_name(data_dir.name + ".dvc")
     previous_dvc = dvc_file.read_bytes() if dvc_file.exists() else None
     try:
-        raw = load_source(settings, scratch)
+        raw = load_source(settings, scratch, model_name)
         checked = validate(raw, settings.validation)
         raw.y, raw.labels = checked.y, checked.labels
         indices = stratified_split(

@@ -1,4 +1,4 @@
-"""A user's sequence file (CSV, NPZ or Parquet) → (N, C, L) float32 sequences and targets.
+"""A user's file (CSV, NPZ or Parquet) → (N, C, L) float32 sequences, or a table, and targets.
 
 Wide CSV/Parquet: one row per sample, the label column plus one column per time
 step; trailing empty cells are padding, so rows may have different lengths.
@@ -43,6 +43,8 @@ def _targets(
     task = settings.target
     if task == "auto":
         task = "regression" if numeric and not integral else "classification"
+        if task == "classification" and numeric:
+            task = _integers_as(present, path, settings)
     if task == "regression":
         if not numeric:
             raise FluxoError(f"{path}: sequence.target=regression but {settings.label_column!r} is not numeric")
@@ -51,6 +53,19 @@ def _targets(
     index = {value: i for i, value in enumerate(classes)}
     y = np.array([0 if gone else index[v] for v, gone in zip(series.tolist(), missing)], dtype=np.int64)
     return y, [str(c) for c in classes], "classification", missing
+
+
+def _integers_as(present: Any, path: Path, settings: "SequenceSettings") -> str:
+    """Integer targets are classes only when few distinct values stand for many rows (the rule in
+    SequenceSettings.MAX_CLASSES); the decision is said in one line with the setting that overrides it."""
+    distinct, rows = int(present.nunique()), len(present)
+    limit = max(settings.MAX_CLASSES, int(np.sqrt(rows)))
+    if distinct <= limit:
+        return "classification"
+    log.info("%s: %r holds %d distinct integers in %d rows (more than %d): read as a regression target; set "
+             "data.sequence.target=classification to treat them as classes", path, settings.label_column, distinct,
+             rows, limit)
+    return "regression"
 
 
 def _from_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -74,7 +89,8 @@ def _from_lists(column: Any) -> tuple[np.ndarray, np.ndarray]:
     return out, lengths
 
 
-def _table(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def _frame(path: Path, settings: "SequenceSettings") -> tuple[Any, np.ndarray]:
+    """The file's feature columns and its targets."""
     import pandas as pd
 
     try:
@@ -83,15 +99,19 @@ def _table(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.nda
         raise FluxoError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({error})") from error
     if settings.label_column not in frame.columns:
         raise FluxoError(_no_label(path, "column", settings.label_column, [str(c) for c in frame.columns]))
-    targets = frame.pop(settings.label_column).to_numpy()
+    return frame, frame.pop(settings.label_column).to_numpy()
+
+
+def _sequences(path: Path, frame: Any, settings: "SequenceSettings") -> tuple[np.ndarray, np.ndarray | None]:
+    """Feature columns read as one step each (or one list column): (N, 1, L) padded, and lengths."""
+    import pandas as pd
+
     if frame.shape[1] == 1 and frame.iloc[:, 0].map(lambda v: isinstance(v, (list, np.ndarray))).all():
-        x, lengths = _from_lists(frame.iloc[:, 0])
-        return x, lengths, targets
+        return _from_lists(frame.iloc[:, 0])
     text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if text:
         raise FluxoError(_not_numbers(path, frame, text, settings.label_column))
-    x, lengths = _from_rows(frame.to_numpy(dtype=np.float64))
-    return x, lengths, targets
+    return _from_rows(frame.to_numpy(dtype=np.float64))
 
 
 def _not_numbers(path: Path, frame: Any, columns: list[Any], label: str) -> str:
@@ -148,6 +168,11 @@ def _csv_lines(path: Path, rows: int) -> list[int] | None:
     return starts[1:] if len(starts) - 1 == rows else None
 
 
+def _typos_message(label: str) -> Any:
+    """:func:`_not_numbers` for the table reader, which names the number columns with a few typos."""
+    return lambda path, frame, columns: _not_numbers(path, frame, columns, label)
+
+
 _CONVENTIONAL_LABELS = ("label", "labels", "target", "y", "class")
 
 
@@ -163,11 +188,15 @@ def _no_label(path: Path, kind: str, label: str, names: list[str]) -> str:
     )
 
 
-def _npz_label(path: Path, arrays: list[str], label: str) -> str:
-    """The configured label array, or ``y`` where the file holds just ``x`` and ``y`` (plus ``lengths``)."""
+def _npz_label(path: Path, arrays: list[str], label: str, chosen: bool) -> str:
+    """The configured label array, or ``y`` where the file holds just ``x`` and ``y`` (plus ``lengths``).
+
+    The ``y`` convention stands in only for the default name: a label the user set (``chosen``)
+    and the file lacks is an error naming the arrays there are, never silently replaced.
+    """
     if label in arrays:
         return label
-    if set(arrays) - {"x", "lengths"} == {"y"}:
+    if not chosen and set(arrays) - {"x", "lengths"} == {"y"}:
         log.info("%s: no %r array; taking the targets from 'y' (x/y convention)", path, label)
         return "y"
     raise FluxoError(_no_label(path, "array", label, arrays))
@@ -175,7 +204,9 @@ def _npz_label(path: Path, arrays: list[str], label: str) -> str:
 
 def _npz(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     arrays = read_npz(path, "sequences")
-    label = _npz_label(path, list(arrays), settings.label_column)
+    # Settings are validated from a full dump of the defaults, so "set by the user" is "not the default".
+    chosen = settings.label_column != type(settings).model_fields["label_column"].default
+    label = _npz_label(path, list(arrays), settings.label_column, chosen)
     x = arrays["x"].astype(np.float32)
     targets = arrays[label]
     lengths = arrays["lengths"].astype(np.int64) if "lengths" in arrays else None
@@ -188,12 +219,28 @@ def _npz(path: Path, settings: "SequenceSettings") -> tuple[np.ndarray, np.ndarr
     return x, lengths, targets
 
 
-def load_sequence_file(path: Path, settings: "SequenceSettings") -> RawDataset:
-    """Read sequences and targets; NaN steps and missing targets are left to validation, which
-    reports them together with every other problem the file has."""
+def load_sequence_file(path: Path, settings: "SequenceSettings", model_name: str | None = None) -> RawDataset:
+    """Read a table or sequences, and targets; NaN steps and missing targets are left to validation,
+    which reports them together with every other problem the file has.
+
+    A CSV or Parquet file is a table or sequences by ``data.sequence.kind``
+    (pipelines/data/table_file.py's ``choose_kind``; ``model_name``, the run's model.name,
+    decides when it names a table or sequence model); an NPZ file holds sequences.
+    """
+    from pipelines.data.table_file import choose_kind, read_table
     from pipelines.settings import dataset_display_name
 
-    x, lengths, targets = _npz(path, settings) if path.suffix.lower() == ".npz" else _table(path, settings)
+    kind, schema = "sequence", None
+    if path.suffix.lower() == ".npz":
+        x, lengths, targets = _npz(path, settings)
+    else:
+        frame, targets = _frame(path, settings)
+        kind, why = choose_kind(frame, settings, model_name)
+        log.info("%s: read as a %s (%s; data.sequence.kind chooses)", path, kind, why)
+        if kind == "table":
+            (x, schema), lengths = read_table(path, frame, settings, _typos_message(settings.label_column)), None
+        else:
+            x, lengths = _sequences(path, frame, settings)
     if len(targets) != len(x):
         raise FluxoError(f"{path}: {len(x)} sequences but {len(targets)} targets")
     if len(x) == 0:
@@ -204,18 +251,23 @@ def load_sequence_file(path: Path, settings: "SequenceSettings") -> RawDataset:
     if missing.any():
         no_target = [ids[i] for i in np.flatnonzero(missing)]
         problems.append(Problem("missing_label", f"samples have no {settings.label_column!r} value", no_target))
-    log.info("read %d sequences of up to %d steps from %s (%s)", len(x), x.shape[2], path, task)
+    if schema is not None:
+        log.info("read %d rows of %d columns from %s (%s)", len(x), x.shape[1], path, task)
+        preprocessing = {"table": schema}
+    else:
+        log.info("read %d sequences of up to %d steps from %s (%s)", len(x), x.shape[2], path, task)
+        preprocessing = {"variable_length": lengths is not None, "padding": "zeros after each sequence's length"}
     return RawDataset(
         name=dataset_display_name(str(path)),
-        kind="sequence",
+        kind=kind,
         x=x,
         y=y,
         labels=labels,
         task=task,
         lengths=lengths,
         ids=ids,
-        description=f"sequence file {path}",
-        preprocessing={"variable_length": lengths is not None, "padding": "zeros after each sequence's length"},
+        description=f"{'table' if schema is not None else 'sequence file'} {path}",
+        preprocessing=preprocessing,
         problems=problems,
         readable=~missing if missing.any() else None,
     )

@@ -83,11 +83,12 @@ def load_builtin(name: str) -> RawDataset:
     return raw
 
 
-def load_source(settings: "DataSettings", scratch: Path) -> RawDataset:
-    """A built-in name, an image folder (one subfolder per class) or a sequence file.
+def load_source(settings: "DataSettings", scratch: Path, model_name: str | None = None) -> RawDataset:
+    """A built-in name, an image folder (one subfolder per class) or a table or sequence file.
 
     ``scratch`` is a directory on the same disk as ``data/`` for decoded images that
-    may not fit in memory; the caller removes it.
+    may not fit in memory; the caller removes it. ``model_name`` (the run's model.name)
+    reads a CSV/Parquet file as the kind of input that model takes, under data.sequence.kind=auto.
     """
     dataset = settings.dataset
     if dataset in BUILTIN_SOURCES:
@@ -105,7 +106,7 @@ def load_source(settings: "DataSettings", scratch: Path) -> RawDataset:
             )
         from pipelines.data.sequence_file import load_sequence_file
 
-        return load_sequence_file(path, settings.sequence)
+        return load_sequence_file(path, settings.sequence, model_name)
     raise FluxoError(
         f"dataset {dataset!r}: neither a built-in ({', '.join(sorted(BUILTIN_SOURCES))}) nor an existing "
         "folder or file; check the path"

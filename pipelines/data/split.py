@@ -60,8 +60,11 @@ def stratified_split(
         counts = np.bincount(y[candidates]) if task == "classification" else []
         smallest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max))) if len(counts) else None
         hint = f" (class index {smallest} has {counts[smallest]} samples)" if smallest is not None else ""
+        many = task == "classification" and len(counts) > 20
+        regression = (f", or, if the {len(counts)} classes are values of a quantity, set "
+                      "data.sequence.target=regression") if many else ""
         raise FluxoError(
             f"cannot split {len(candidates)} samples into train/val/test{hint}: {error}; add samples to small "
-            "classes or lower data.val_fraction/data.test_fraction"
+            f"classes or lower data.val_fraction/data.test_fraction{regression}"
         ) from error
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}

@@ -127,13 +127,15 @@ def first_occurrences(hashes: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return candidates[first][inverse.reshape(-1)]
 
 
-def _non_finite(x: np.ndarray) -> np.ndarray:
+def _non_finite(x: np.ndarray, empty_cells: bool = False) -> np.ndarray:
+    """Samples holding NaN or Inf; with ``empty_cells`` (a table, whose empty cells are NaN and
+    handled by data.sequence.missing) only those holding Inf."""
     if not np.issubdtype(x.dtype, np.floating):
         return np.zeros(len(x), dtype=bool)
     bad = np.zeros(len(x), dtype=bool)
     for start in range(0, len(x), _CHUNK):
-        chunk = np.asarray(x[start : start + _CHUNK])
-        bad[start : start + len(chunk)] = ~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        chunk = np.asarray(x[start : start + _CHUNK]).reshape(min(_CHUNK, len(x) - start), -1)
+        bad[start : start + len(chunk)] = (np.isinf(chunk) if empty_cells else ~np.isfinite(chunk)).any(axis=1)
     return bad
 
 
@@ -200,7 +202,7 @@ def _source_checks(raw: RawDataset) -> list[Finding]:
 
 
 def _non_finite_check(raw: RawDataset, keep: np.ndarray, policy: "ValidationSettings") -> tuple[Finding, np.ndarray]:
-    bad = _non_finite(raw.x) & keep
+    bad = _non_finite(raw.x, empty_cells=raw.kind == "table") & keep
     items = [raw.sample_id(i) for i in np.flatnonzero(bad)]
     finding = Finding("non_finite", policy.non_finite, items, "samples containing NaN or Inf",
                       "samples contain NaN or Inf", _fix("non_finite"))

@@ -32,7 +32,11 @@ from pipelines.export.variants import as_metadata, build_variants, log_decisions
 from pipelines.settings import FluxoSettings
 from pipelines.train.checkpoint import load_checkpoint, rebuild_model
 from serving.checksums import seal
-from serving.contract import MODEL_FILE, REPORT_FILE, ModelMetadata, Normalization, Preprocessing, replace_dir, staging_dir, write_metadata
+from serving.contract import (
+    MODEL_FILE, REPORT_FILE, ModelMetadata, Normalization, Preprocessing, TableInput, replace_dir, staging_dir,
+    write_metadata,
+)
+from serving.table_rows import row_object
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +117,10 @@ def build_metadata(
         data_version=identity.data_version,
         input_shape=list(spec["input_shape"]),
         labels=[str(label) for label in spec["labels"]],
-        preprocessing=Preprocessing(normalize=Normalization(mean=spec["mean"], std=spec["std"]), image=image,
-                                    upload_background=upload_background),
+        preprocessing=Preprocessing(
+            normalize=None if spec.get("kind") == "table" else Normalization(mean=spec["mean"], std=spec["std"]),
+            image=image, upload_background=upload_background),
+        table=table_input(spec),
         test_metrics=test_metrics,
         onnx_opset=opset,
         variable_length=served is not None,
@@ -125,17 +131,25 @@ def build_metadata(
     )
 
 
+def table_input(spec: dict[str, Any]) -> TableInput | None:
+    """A table model's input contract from its spec (columns with training statistics, policies)."""
+    return TableInput.model_validate(spec["table"]) if spec.get("kind") == "table" else None
+
+
 EXAMPLE_MAX_VALUES = 4096
 """Largest instance (in values) kept as the printed example: a 64x64 image still pastes, a photo does not."""
 
 
-def example_instance(test: Any) -> list[Any] | None:
-    """The first held-out test instance as a client sends it (raw values, a sequence cut at its own end).
+def example_instance(test: Any, table: TableInput | None = None) -> list[Any] | dict[str, Any] | None:
+    """The first held-out test instance as a client sends it (raw values, a sequence cut at its own end,
+    a table's row as an object keyed by column name).
 
     ``fluxo serve`` prints it as a ready-to-paste request whatever ``data/`` holds by then.
     """
     if len(test) == 0 or int(np.prod(test.x.shape[1:])) > EXAMPLE_MAX_VALUES:
         return None
+    if table is not None:
+        return row_object(test.x[0], table)
     instance = np.asarray(test.x[0])
     if test.lengths is not None:
         instance = instance[..., : int(test.lengths[0])]
@@ -189,7 +203,7 @@ def export_model(
         recipe = image_recipe(dataset.manifest)
         metadata = build_metadata(spec, identity, test_metrics, settings.export.opset, recipe, parity, served,
                                   upload_background(recipe, dataset.splits["train"].x), with_lengths is not None,
-                                  example_instance(test))
+                                  example_instance(test, table_input(spec)))
         for leftover in staging.iterdir():  # a downloaded checkpoint is not part of the model directory
             if leftover.name != MODEL_FILE:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

@@ -39,11 +39,43 @@ class ImageSettings(_Section):
 
 
 class SequenceSettings(_Section):
-    """How a CSV, NPZ or Parquet file becomes sequences and targets."""
+    """How a CSV, NPZ or Parquet file becomes a table or sequences, and targets."""
+
+    # An integer-valued target is a class label only when it has few distinct values for its rows:
+    # at most MAX_CLASSES, or at most the square root of the row count (10 digits in 4,000 rows are
+    # classes; 214 values in 442 rows, the diabetes progression score, are a quantity).
+    MAX_CLASSES: ClassVar[int] = 20
 
     label_column: str = Field("label", description="Column (CSV/Parquet) or array (NPZ) holding the targets.")
     target: Literal["auto", "classification", "regression"] = Field(
-        "auto", description="auto: integer or string targets are classes, other numbers regression."
+        "auto",
+        description="auto: text targets are classes; integer targets are classes when they take at most "
+        f"{MAX_CLASSES} distinct values or at most sqrt(rows), else regression; other numbers regression.",
+    )
+    kind: Literal["auto", "table", "sequence"] = Field(
+        "auto",
+        description="How a CSV/Parquet file's columns are read. table: named features (scaled one by one, text "
+        "columns one-hot encoded, missing values handled by data.sequence.missing), raced only with table models; "
+        "sequence: one column per step. auto: a sequence when model.name is a sequence model, the file has ragged "
+        "rows or a list column, or its columns are numbered steps (t0, t1, ... or 0, 1, ...); otherwise a table.",
+    )
+    missing: Literal["refuse", "impute"] = Field(
+        "impute",
+        description="Empty cells of a table: impute (the training split's median, plus a 0/1 missing-indicator "
+        "feature for each column that had any; both inside the exported graph, so a served null is imputed the "
+        "same way) or refuse (ingest fails naming the columns; the service refuses nulls).",
+    )
+    max_categories: int = Field(
+        20, ge=2, description="A table's text column with at most this many distinct values is one-hot encoded; "
+        "one with more is refused, naming the column and its count.",
+    )
+    unseen_category: Literal["ignore", "refuse"] = Field(
+        "ignore", description="A value of a text column that training never saw, at serving time: ignore (counted "
+        "in fluxo_unseen_categories_total and encoded as no category) or refuse (a 400 naming the column).",
+    )
+    scaling: Literal["standard", "robust"] = Field(
+        "standard", description="Per-column scaling of a table inside the graph, fitted on the training split: "
+        "standard (mean, standard deviation) or robust (median, interquartile range; for heavy tails).",
     )
 
 
@@ -108,13 +140,16 @@ class ModelSettings(_Section):
     SMALL_IMAGE_MODEL: ClassVar[str] = "cnn2d"
     IMAGE_MODEL: ClassVar[str] = "lenet"
     SEQUENCE_MODEL: ClassVar[str] = "resnet1d"
+    # Tables: a feed-forward network on standardised columns (batch norm, dropout), the course's
+    # first model; recurrent and convolutional models see an order the columns do not have.
+    TABLE_MODEL: ClassVar[str] = "tabular_mlp"
 
     name: str | None = Field(
         None,
         description="Model name in the models registry (`fluxo models`), or auto: race a portfolio of them on the "
         "validation split and train the winner (auto.*). Unset: chosen from the ingested data when training "
         f"starts: {SMALL_IMAGE_MODEL} for images under {SMALL_IMAGE_SIDE} pixels a side, {IMAGE_MODEL} for larger "
-        f"ones, {SEQUENCE_MODEL} for sequences; the run logs the choice and records it as its model.name.",
+        f"ones, {SEQUENCE_MODEL} for sequences, {TABLE_MODEL} for tables; the run logs the choice and records it as its model.name.",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model builder.")
 
@@ -132,6 +167,8 @@ class ModelSettings(_Section):
             return cls.IMAGE_MODEL, f"{shape} images ({cls.SMALL_IMAGE_SIDE} pixels a side or more)"
         if kind == "sequence":
             return cls.SEQUENCE_MODEL, f"sequences of {input_shape[-1]} steps"
+        if kind == "table":
+            return cls.TABLE_MODEL, f"tables ({input_shape[-1]} columns)"
         raise FluxoError(f"no default model for {kind} data; set model.name (see `fluxo models`)")
 
 
@@ -256,6 +293,12 @@ class GateSettings(_Section):
     max_class_regression: float | None = Field(
         None, ge=0, le=1,
         description="Largest drop in any one class's recall against the champion; None: not checked.",
+    )
+    beat_baselines: bool = Field(
+        True, description="Refuse a candidate whose best validation score is below a baseline its run trained "
+        "beside it (the MLP, and for a table the scaled linear model) by more than the validation split's sampling "
+        "noise (two standard errors of the difference; 0.02 of R²): a model at chance level is never champion. The "
+        "refused version becomes the challenger. false: not checked.",
     )
 
 

@@ -17,11 +17,16 @@ PORTFOLIO: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "sequence": [("mlp", {"hidden": 128}), ("mlp", {"hidden": 512}), ("cnn1d", {"channels": 25}),
                  ("cnn1d", {"channels": 64}), ("resnet1d", {"channels": 32}), ("gru", {"hidden": 64}),
                  ("lstm", {"hidden": 64})],
+    # A table's columns have no order: feed-forward models only, the linear reference first.
+    "table": [("linear", {}), ("mlp", {"hidden": 128}), ("tabular_mlp", {"width": 64, "depth": 1}),
+              ("tabular_mlp", {"width": 128, "depth": 2}), ("tabular_mlp", {"width": 256, "depth": 2, "dropout": 0.3}),
+              ("tabular_mlp", {"width": 256, "depth": 3})],
 }
 
 
 class AutoSettings(BaseModel):
-    """The race behind ``model.name: auto`` (pipelines/train/auto.py): successive halving on validation accuracy."""
+    """The race behind ``model.name: auto`` (pipelines/train/auto.py): successive halving on validation accuracy
+    (R² for a regression target)."""
 
     model_config = ConfigDict(extra="forbid")
 

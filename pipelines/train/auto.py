@@ -77,6 +77,7 @@ class Candidate:
     scores: dict[int, float] = field(default_factory=dict)  # rung epochs → best validation accuracy
     full: tuple[int, float] | None = None  # trained to completion: (epochs run, best validation accuracy)
     run_ids: list[str] = field(default_factory=list)
+    regression: bool = False  # raced on a regression target: ranked by validation R², early rungs follow val_loss
 
     @property
     def label(self) -> str:
@@ -112,7 +113,8 @@ def portfolio(settings: FluxoSettings, dataset: Dataset) -> list[Candidate]:
                              f"{', '.join(sorted(MODEL_REGISTRY))}")
     entries = [(m, p) for m, p in PORTFOLIO[kind] if wanted is None or m in wanted or m == BASELINE]
     augmented = (False, True) if settings.auto.with_augmentation and _augments(settings, kind) else (False,)
-    candidates = [Candidate(model, dict(params), lr, aug) for model, params in entries
+    regression = dataset.task == "regression"
+    candidates = [Candidate(model, dict(params), lr, aug, regression=regression) for model, params in entries
                   for lr in settings.auto.learning_rates for aug in augmented]
     return candidates + (preset_candidates(kind, wanted) if settings.auto.with_presets else [])
 
@@ -136,7 +138,9 @@ def preset_candidates(kind: str, wanted: list[str] | None, folder: Path | None =
         recipe = yaml.safe_load(path.read_text()) or {}
         model = (recipe.get("model") or {}).get("name")
         spec = MODEL_REGISTRY.get(model)
-        if spec is None or spec.input_kind not in (kind, "any") or (wanted is not None and model not in wanted):
+        # A table races only table models' recipes: the "any" presets (an MLP's) are tuned with image augmentation.
+        takes = (kind,) if kind == "table" else (kind, "any")
+        if spec is None or spec.input_kind not in takes or (wanted is not None and model not in wanted):
             continue
         sections = {key: recipe.get(key) or {} for key in ("model", "train", "augment")}
         train = sections["train"]
@@ -165,7 +169,8 @@ def candidate_settings(settings: FluxoSettings, candidate: Candidate, epochs: in
 
     race = {"baseline_epochs": 0, "init_from": None, "freeze": []} if in_race or epochs is not None else {}
     if epochs is not None:
-        race.update({"monitor": "val_accuracy", "epochs": epochs})
+        regression = settings.train.task == "regression" or candidate.regression
+        race.update({"monitor": "val_loss" if regression else "val_accuracy", "epochs": epochs})
     if candidate.preset is not None:
         recipe = candidate.preset
         defaults = TrainSettings().model_dump()
@@ -228,11 +233,12 @@ def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset
             alive, epochs = finished[: max(1, math.ceil(len(finished) / settings.auto.eta))], epochs * settings.auto.eta
         _complete_while_time(trainer, others, out_of_time)
         ranked = rank(candidates)
-        board = leaderboard(ranked)
+        board = leaderboard(ranked, score_metric(dataset))
         mlflow.log_dict({"leaderboard": board, "seconds": round(time.perf_counter() - started, 1)},
                         "auto/leaderboard.json")
-        mlflow.log_metrics({"auto_best_val_accuracy": ranked[0].best()[1],
-                            "auto_baseline_val_accuracy": _baseline(ranked).best()[1],
+        metric = score_metric(dataset)
+        mlflow.log_metrics({f"auto_best_val_{metric}": ranked[0].best()[1],
+                            f"auto_baseline_val_{metric}": _baseline(ranked).best()[1],
                             "auto_seconds": time.perf_counter() - started})
         mlflow.set_tags({"fluxo.auto.winner": ranked[0].label})
     log.info("auto leaderboard (%d candidates, %.0f s):\n%s", len(ranked), time.perf_counter() - started,
@@ -247,6 +253,11 @@ def _complete_while_time(trainer: _Trainer, candidates: list[Candidate], out_of_
         if out_of_time():
             return
         trainer.complete(candidate)
+
+
+def score_metric(dataset: Dataset) -> str:
+    """What the race ranks by: validation accuracy, or R² for a regression target (pipelines/train/engine.py)."""
+    return "r2" if dataset.task == "regression" else "accuracy"
 
 
 def rank(candidates: list[Candidate]) -> list[Candidate]:
@@ -275,11 +286,13 @@ class _Trainer:
 
     def rung(self, candidate: Candidate, epochs: int) -> None:
         candidate.scores[epochs] = self._fit(candidate, epochs)[1]
-        log.info("auto: %-44s %3d epochs: val accuracy %.4f", candidate.label, epochs, candidate.scores[epochs])
+        log.info("auto: %-44s %3d epochs: val %s %.4f", candidate.label, epochs, score_metric(self.dataset),
+                 candidate.scores[epochs])
 
     def complete(self, candidate: Candidate) -> None:
         candidate.full = self._fit(candidate, None)
-        log.info("auto: %-44s %3d epochs (to completion): val accuracy %.4f", candidate.label, *candidate.full)
+        log.info("auto: %-44s %3d epochs (to completion): val %s %.4f", candidate.label, candidate.full[0],
+                 score_metric(self.dataset), candidate.full[1])
 
     def _fit(self, candidate: Candidate, epochs: int | None) -> tuple[int, float]:
         import mlflow
@@ -297,7 +310,8 @@ class _Trainer:
                     self.root, candidate_settings(self.settings, candidate, epochs, in_race=True),
                     self.data_version, MLflowTracker(), run_key=run.info.run_id, dataset=self.dataset)
             candidate.run_ids.append(run.info.run_id)
-        return len(fit.history), max(r["val_accuracy"] for r in fit.history)
+        key = f"val_{score_metric(self.dataset)}"
+        return len(fit.history), max(r[key] for r in fit.history)
 
 
 @contextmanager
@@ -318,24 +332,25 @@ def _baseline(ranked: list[Candidate]) -> Candidate:
     return next(c for c in ranked if c.model == BASELINE)
 
 
-def leaderboard(ranked: list[Candidate]) -> list[dict[str, Any]]:
+def leaderboard(ranked: list[Candidate], metric: str = "accuracy") -> list[dict[str, Any]]:
     baseline = _baseline(ranked)
     rows = []
     for place, candidate in enumerate(ranked, 1):
         epochs, score = candidate.best()
         role = "winner" if place == 1 else "baseline" if candidate is baseline else ""
         rows.append({"rank": place, "candidate": candidate.label, "epochs": epochs, "finished": candidate.full is not None,
-                     "val_accuracy": round(score, 4),
+                     f"val_{metric}": round(score, 4),
                      "role": role if candidate is not baseline or place != 1 else "winner (the baseline)"})
     return rows
 
 
 def format_leaderboard(rows: list[dict[str, Any]]) -> str:
     width = max(len(r["candidate"]) for r in rows)
-    lines = [f"  {'#':>2}  {'candidate'.ljust(width)}  epochs  val acc"]
+    metric = next(key for key in rows[0] if key.startswith("val_"))
+    lines = [f"  {'#':>2}  {'candidate'.ljust(width)}  epochs  {'val R²' if metric == 'val_r2' else 'val acc'}"]
     for r in rows:
         epochs = f"{r['epochs']}{'*' if r['finished'] else ''}"
-        lines.append(f"  {r['rank']:>2}  {r['candidate'].ljust(width)}  {epochs:>6}  {r['val_accuracy']:.4f}"
+        lines.append(f"  {r['rank']:>2}  {r['candidate'].ljust(width)}  {epochs:>6}  {r[metric]:.4f}"
                      f"  {r['role']}")
     lines.append("  (* trained to completion, early stopping included)")
     return "\n".join(lines)
@@ -344,8 +359,8 @@ def format_leaderboard(rows: list[dict[str, Any]]) -> str:
 def choose(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset,
            train_and_evaluate: Callable[..., Any]) -> tuple[FluxoSettings, str]:
     """Run the race; (the winner's settings for a full training run, the search's parent run id)."""
-    if dataset.task == "regression" or settings.train.task in ("regression", "multilabel"):
-        raise FluxoError("model.name=auto races on validation accuracy: it needs a classification dataset; "
+    if settings.train.task == "multilabel":
+        raise FluxoError("model.name=auto races on validation accuracy or R²: it cannot rank multilabel models; "
                          "name a model for this one (`fluxo models`)")
     ranked = race(root, settings, data_version, dataset, train_and_evaluate)
     winner = ranked[0]

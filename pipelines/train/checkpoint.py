@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from models import build_model
-from models.preprocess import Standardized
+from models.preprocess import inner_input_shape, wrap_model
 from pipelines.errors import FluxoError
 
 
@@ -42,17 +42,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FluxoError(f"checkpoint {path}: unreadable ({error}); retrain or pick another run") from error
 
 
-def model_payload(model: Standardized, spec: dict[str, Any]) -> dict[str, Any]:
+def model_payload(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
     """What it takes to rebuild the model anywhere: registry name, config, shape, labels, weights."""
     return {"spec": spec, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
 def rebuild_model(payload: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a :class:`Standardized` model from :func:`model_payload` output, in eval mode."""
+    """Rebuild a model with its preprocessing (:func:`models.preprocess.wrap_model`) from
+    :func:`model_payload` output, in eval mode."""
     spec = payload["spec"]
     outputs = spec.get("num_outputs", len(spec["labels"]))
-    inner = build_model(spec["architecture"], tuple(spec["input_shape"]), outputs, **spec["params"])
-    model = Standardized(inner, spec["mean"], spec["std"])
+    inner = build_model(spec["architecture"], inner_input_shape(spec), outputs, **spec["params"])
+    model = wrap_model(inner, spec)
     model.load_state_dict(payload["state_dict"])
     return model.eval(), spec
 

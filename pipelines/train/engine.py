@@ -296,7 +296,7 @@ class _Loop:
         count = int(totals[2])
         learning_rate = float(state.optimizer.param_groups[0]["lr"])  # a tensor when compiled
         state.schedule.after_epoch()
-        val_loss, val_accuracy, _, _ = evaluate(self.model, self.val, self.step)
+        val_loss, val_accuracy, val_outputs, val_targets = evaluate(self.model, self.val, self.step)
         state.record = {
             "epoch": state.epoch,
             "train_loss": totals[0] / max(count, 1),
@@ -305,6 +305,9 @@ class _Loop:
             "val_accuracy": val_accuracy,
             "learning_rate": learning_rate,
         }
+        task = self.step.task
+        if task.name == "regression":  # what the race ranks regression by, whatever the loss is
+            state.record["val_r2"] = task.metrics(val_targets.cpu(), task.scores(val_outputs).cpu())["r2"]
         state.history.append(state.record)
         state.partial = fresh_partial()
         state.order_rng = self.train.rng_state()

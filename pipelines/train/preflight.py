@@ -48,8 +48,14 @@ def resolve_task(settings: FluxoSettings, dataset: Dataset) -> Task:
 
 
 def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float, std: float, task: Task) -> dict[str, Any]:
-    """Everything needed to rebuild the network; saved in checkpoints, MLflow and export metadata."""
+    """Everything needed to rebuild the network; saved in checkpoints, MLflow and export metadata.
+
+    A table's spec also holds its columns with the training split's statistics (``table``),
+    from which models/preprocess.py builds the encoding in front of the network.
+    """
+    table = table_statistics(dataset, task.name == "regression") if dataset.kind == "table" else None
     return {
+        **({"table": table} if table is not None else {}),
         "task": task.name,
         "num_outputs": task.num_outputs(len(dataset.labels)),
         "architecture": settings.model.name,
@@ -74,6 +80,38 @@ def split_statistics(split: Split, chunk: int = 65_536) -> tuple[float, float]:
             count += values.size
     mean = total / max(count, 1)
     return mean, float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 0.0)))
+
+
+def table_statistics(dataset: Dataset, regression: bool) -> dict[str, Any]:
+    """The manifest's table schema with each number column's median, center and scale fitted on the
+    training split (after imputing the median), and a regression target's mean and std.
+
+    ``data.sequence.scaling``: standard (mean, standard deviation) or robust (median,
+    interquartile range), recorded in the schema at ingest.
+    """
+    schema = dataset.manifest["preprocessing"]["table"]
+    train = dataset.splits["train"]
+    x = np.asarray(train.x, dtype=np.float64)
+    columns = []
+    for index, column in enumerate(schema["columns"]):
+        column = dict(column)
+        if column["type"] == "number":
+            values = x[:, index]
+            present = values[~np.isnan(values)]
+            median = float(np.median(present)) if len(present) else 0.0
+            filled = np.where(np.isnan(values), median, values)
+            if schema.get("scaling") == "robust":
+                low, high = np.percentile(filled, [25, 75])
+                center, scale = median, float(high - low)
+            else:
+                center, scale = float(filled.mean()), float(filled.std())
+            column.update(median=median, center=float(center), scale=scale if scale > 1e-12 else 1.0)
+        columns.append(column)
+    out = {**schema, "columns": columns}
+    if regression:
+        y = np.asarray(train.y, dtype=np.float64)
+        out["target"] = {"mean": float(y.mean()), "std": float(y.std()) or 1.0}
+    return out
 
 
 def resolve_model(settings: FluxoSettings, dataset: Dataset) -> tuple[FluxoSettings, str | None]:
@@ -147,4 +185,5 @@ def check_data_matches(wanted: str | None, dataset: Dataset, source: str) -> Non
     )
 
 
-__all__ = ["check_data_matches", "check_trainable", "model_spec", "resolve_model", "resolve_task", "split_statistics"]
+__all__ = ["check_data_matches", "check_trainable", "model_spec", "resolve_model", "resolve_task", "split_statistics",
+           "table_statistics"]

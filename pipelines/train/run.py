@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from models import build_model
-from models.preprocess import Standardized
+from models.preprocess import inner_input_shape, wrap_model
 from pipelines.data.augment import augmentation_grid, build_augmenter
 from pipelines.context import RunContext
 from pipelines.train.result import TrainResult
@@ -85,7 +85,7 @@ class _Prepared:
     dataset: Dataset
     task: Task
     spec: dict[str, Any]
-    model: Standardized
+    model: torch.nn.Module  # the network behind its input preprocessing (models/preprocess.py)
     device: torch.device
     started_from: WarmStart | None = None  # None: trained from scratch
 
@@ -100,7 +100,7 @@ class _Prepared:
 
 
 def _retrain_on_train_val(run: _Prepared, config: FitConfig, result: FitResult, augmenter: Augment | None,
-                          tracker: Tracker) -> Standardized:
+                          tracker: Tracker) -> torch.nn.Module:
     """Goodfellow et al., algorithm 7.2: retrain from scratch on train+val for the best epoch count.
 
     Early stopping found how long to train; the validation samples then become training
@@ -108,8 +108,8 @@ def _retrain_on_train_val(run: _Prepared, config: FitConfig, result: FitResult, 
     """
     settings, spec = run.settings, run.spec
     seed_everything(settings.train.seed)
-    inner = build_model(settings.model.name, run.dataset.input_shape, spec["num_outputs"], **settings.model.params)
-    model = Standardized(inner, spec["mean"], spec["std"]).to(run.device)
+    inner = build_model(settings.model.name, inner_input_shape(spec), spec["num_outputs"], **settings.model.params)
+    model = wrap_model(inner, spec).to(run.device)
     train, val = run.dataset.splits["train"], run.dataset.splits["val"]
     lengths = None if train.lengths is None else np.concatenate([train.lengths, val.lengths])
     combined = Split(train.shards + val.shards, np.concatenate([train.y, val.y]), lengths)
@@ -129,21 +129,36 @@ def _retrain_on_train_val(run: _Prepared, config: FitConfig, result: FitResult, 
 
 
 def _baseline(run: _Prepared, result: FitResult, tracker: Tracker) -> None:
-    """Fit the MLP baseline (pipelines/train/baseline.py) and log it beside the model's best validation accuracy."""
-    from pipelines.train.baseline import BASELINE, compare, fit_baseline
+    """Fit the baselines (pipelines/train/baseline.py) and log them beside the model's best validation score.
+
+    The MLP for classification; for a table also the scaled linear model (logistic or ridge
+    regression), for regression too. The run's tag ``fluxo.baseline`` is what the gate reads.
+    """
+    from pipelines.train.baseline import BASELINE, BASELINE_TAG, LINEAR, compare, fit_baseline, fit_linear
 
     settings = run.settings
     epochs = settings.train.baseline_epochs
-    if epochs == 0 or settings.model.name == BASELINE or run.task.name not in ("multiclass", "binary"):
+    classifier = run.task.name in ("multiclass", "binary")
+    table = run.dataset.kind == "table"
+    if epochs == 0 or not (classifier or (table and run.task.name == "regression")) or not len(run.dataset.splits["val"]):
         return
+    metric = "accuracy" if classifier else "r2"
     best = next((r for r in result.history if r["epoch"] == result.best_epoch), None)
-    if best is None or "val_accuracy" not in best:
+    if best is None or f"val_{metric}" not in best:
         return
-    score = fit_baseline(run.dataset, run.spec["mean"], run.spec["std"], settings.train.seed, epochs)
-    beaten = compare(settings.model.name, best["val_accuracy"], score)
-    tracker.log_metrics({"baseline_val_accuracy": score.val_accuracy, "baseline_seconds": score.seconds,
-                         "best_val_accuracy": best["val_accuracy"]})
-    tracker.set_tags({"fluxo.baseline": "beaten" if beaten else "not beaten"})
+    baselines = []
+    if classifier and settings.model.name != BASELINE:
+        baselines.append(fit_baseline(run.dataset, run.spec, settings.train.seed, epochs))
+    if table and settings.model.name != LINEAR:
+        baselines.append(fit_linear(run.dataset, run.spec, settings.train.seed))
+    if not baselines:
+        return
+    verdict = compare(settings.model.name, best[f"val_{metric}"], baselines, metric, len(run.dataset.splits["val"]))
+    tracker.log_metrics({f"best_val_{metric}": best[f"val_{metric}"],
+                         **{f"{'baseline' if b.name == BASELINE else 'linear'}_val_{metric}": b.val_score
+                            for b in baselines},
+                         **{f"{'baseline' if b.name == BASELINE else 'linear'}_seconds": b.seconds for b in baselines}})
+    tracker.set_tags({BASELINE_TAG: verdict})
 
 
 def git_commit(root: Path) -> str:
@@ -170,10 +185,10 @@ def _set_up(root: Path, settings: FluxoSettings, dataset: Dataset, warm_start: b
     seed_everything(settings.train.seed)
     device = resolve_device(settings.train.device)
     task = resolve_task(settings, dataset)
-    mean, std = split_statistics(dataset.splits["train"])
+    mean, std = split_statistics(dataset.splits["train"]) if dataset.kind != "table" else (0.0, 1.0)
     spec = model_spec(settings, dataset, mean, std, task)
     try:
-        inner = build_model(settings.model.name, dataset.input_shape, spec["num_outputs"], **settings.model.params)
+        inner = build_model(settings.model.name, inner_input_shape(spec), spec["num_outputs"], **settings.model.params)
     except (TypeError, ValueError) as error:
         raise FluxoError(f"model.params for {settings.model.name!r}: {error}") from error
     started_from = None
@@ -187,7 +202,7 @@ def _set_up(root: Path, settings: FluxoSettings, dataset: Dataset, warm_start: b
 
         frozen = freeze(inner, settings.train.freeze)
         log.info("frozen: %d parameter tensors under %s", len(frozen), ", ".join(settings.train.freeze))
-    model = Standardized(inner, mean, std).to(device)
+    model = wrap_model(inner, spec).to(device)
     return _Prepared(settings, dataset, task, spec, model, device, started_from)
 
 
@@ -245,7 +260,7 @@ def _augmenter(run: _Prepared, tracker: Tracker) -> Augment | None:
     return augmenter
 
 
-def _evaluate_test(run: _Prepared, model: Standardized) -> tuple[dict[str, float], np.ndarray, torch.Tensor]:
+def _evaluate_test(run: _Prepared, model: torch.nn.Module) -> tuple[dict[str, float], np.ndarray, torch.Tensor]:
     """The test split scored by the final model: its ``test_*`` metrics, the true targets and the logits."""
     _, _, logits, test_y = evaluate(model, run.batches("test"), TaskStep(run.task))
     truth, scores = test_y.cpu().numpy(), run.task.scores(logits).detach().cpu().numpy()
