@@ -92,11 +92,42 @@ class GateDecision:
         return json.dumps(short)
 
 
+@dataclass(frozen=True)
+class BaselineVerdict:
+    """What the candidate's run found against the baselines it trained beside (pipelines/train/baseline.py)."""
+
+    worse: bool  # below a baseline by more than the validation split's noise
+    model: float | None  # the model's best validation score
+    baselines: dict[str, float]  # baseline name → its validation score
+    metric: str  # accuracy or r2
+
+    @classmethod
+    def of_run(cls, tags: dict[str, str], metrics: dict[str, float]) -> BaselineVerdict | None:
+        """From the run's ``fluxo.baseline`` tag and metrics; None when no baseline was trained."""
+        from pipelines.train.baseline import BASELINE_TAG, WORSE
+
+        verdict = tags.get(BASELINE_TAG)
+        if verdict is None:
+            return None
+        metric = "r2" if "best_val_r2" in metrics else "accuracy"
+        scores = {name: metrics[f"{name}_val_{metric}"] for name in ("baseline", "linear")
+                  if f"{name}_val_{metric}" in metrics}
+        return cls(verdict == WORSE, metrics.get(f"best_val_{metric}"), scores, metric)
+
+    def reason(self) -> str:
+        shown = ", ".join(f"{'mlp' if name == 'baseline' else name} {score:.4f}" for name, score in self.baselines.items())
+        model = f"{self.model:.4f}" if self.model is not None else "?"
+        return (f"the model is worse than a baseline its run trained beside it, beyond the validation split's noise "
+                f"(validation {self.metric} {model}; {shown}): gate.beat_baselines=true")
+
+
 def decide(candidate: ServedScore, champion: ServedScore | None, gate: GateSettings,
-           data_version: str | None = None) -> GateDecision:
+           data_version: str | None = None, baselines: BaselineVerdict | None = None) -> GateDecision:
     """Apply the gate's conditions; every failed one is named, with its setting."""
     metric, reasons = gate.metric, []
     value = candidate.metrics[metric]
+    if gate.beat_baselines and baselines is not None and baselines.worse:
+        reasons.append(baselines.reason())
     if gate.min_value is not None and value < gate.min_value:
         reasons.append(f"served {metric} {value:.4f} < gate.min_value={gate.min_value}")
     if champion is not None:

@@ -27,7 +27,7 @@ def gate_step(ctx: RunContext, exported: ExportedModel, registered: RegisteredVe
               dataset: Dataset | None = None) -> GateDecision:
     """Score the candidate and the current champion as served on the candidate's test split."""
     from pipelines.data.store import read_dataset
-    from pipelines.registry.gate import decide, served_score
+    from pipelines.registry.gate import BaselineVerdict, decide, served_score
     from pipelines.registry.store import materialize_version
     from pipelines.registry.versions import champion_version
 
@@ -39,8 +39,10 @@ def gate_step(ctx: RunContext, exported: ExportedModel, registered: RegisteredVe
     if held is not None and str(held.version) != registered.version:
         served = materialize_version(ctx, registered.name, str(held.version))
         champion = served_score(served.onnx_path, dataset, str(held.version))
-    decision = decide(candidate, champion, settings.gate, exported.identity.data_version)
     run_id = registered.run_id
+    run = client.get_run(run_id)
+    baselines = BaselineVerdict.of_run(run.data.tags, run.data.metrics)
+    decision = decide(candidate, champion, settings.gate, exported.identity.data_version, baselines)
     for metric, value in candidate.metrics.items():
         client.log_metric(run_id, f"served_test_{metric}", value)
     if champion is not None:

@@ -19,9 +19,10 @@ def test_the_baseline_learns_digits_and_is_deterministic(project: Path, settings
     ingest(project, settings_for().data)
     dataset = read_dataset(project / "data")
     mean, std = split_statistics(dataset.splits["train"])
-    first = fit_baseline(dataset, mean, std, seed=3, epochs=10)
-    assert first.val_accuracy > 0.85 and first.samples == len(dataset.splits["train"].y)
-    assert fit_baseline(dataset, mean, std, seed=3, epochs=10).val_accuracy == first.val_accuracy
+    spec = {"kind": dataset.kind, "mean": mean, "std": std}
+    first = fit_baseline(dataset, spec, seed=3, epochs=10)
+    assert first.val_score > 0.85 and first.samples == len(dataset.splits["train"].y)
+    assert fit_baseline(dataset, spec, seed=3, epochs=10).val_score == first.val_score
     assert first.seconds < 30
 
 
@@ -35,9 +36,10 @@ def test_a_model_worse_than_the_baseline_is_warned_about_and_tagged(
         result = train(open_run(project, settings), version(project, settings.data))
     run = MlflowClient().get_run(result.run_id)
     assert run.data.metrics["baseline_val_accuracy"] > run.data.metrics["best_val_accuracy"] + 0.3
-    assert run.data.tags["fluxo.baseline"] == "not beaten"
+    assert run.data.tags["fluxo.baseline"] == "worse"
     warning = next(r.getMessage() for r in caplog.records if "baseline" in r.getMessage())
     assert "cnn2d does not beat the MLP baseline" in warning and "--set model.name=mlp" in warning
+    assert "the gate will not promote it" in warning
 
 
 def test_a_model_that_wins_is_tagged_and_the_baseline_can_be_turned_off(project: Path, settings_for) -> None:
