@@ -31,6 +31,9 @@ In shadow and canary mode (serving/rollout.py), also:
 - ``fluxo_challenger_info{model_name, model_version, provider}`` and
   ``fluxo_challenger_reloads_total{outcome}``: the challenger's twins of the two above.
 
+For a table model: ``fluxo_unseen_categories_total{column}``, category values training never saw,
+encoded as no category (``unseen_category: ignore``; serving/table_rows.py), per column of the model.
+
 With ``FLUXO_PAYLOAD_LOG`` set (serving/payload_log.py): ``fluxo_payload_records_total``,
 ``fluxo_payload_dropped_total`` (the bounded queue was full, or a write failed), ``fluxo_payload_files_total``
 and ``fluxo_payload_expired_files_total`` (deleted by retention).
@@ -118,6 +121,9 @@ class Metrics:
         self.payload_records = Counter("fluxo_payload_records", "Payload records written to the payload log")
         self.payload_dropped = Counter("fluxo_payload_dropped", "Payload records dropped: the log's queue was full "
                                        "(FLUXO_PAYLOAD_QUEUE records or FLUXO_PAYLOAD_QUEUE_MB) or its file failed to write")
+        self.unseen = Counter("fluxo_unseen_categories", "Category values training never saw, encoded as no "
+                              "category (unseen_category: ignore), by column", ["column"])
+        self._unseen_children: dict[str, Any] = {}
         self.payload_files = Counter("fluxo_payload_files", "Payload log files completed (.parquet)")
         self.payload_expired = Counter("fluxo_payload_expired_files", "Payload files deleted from local disk by "
                                        "retention (FLUXO_PAYLOAD_KEEP_DAYS, FLUXO_PAYLOAD_KEEP_MB)")
@@ -147,6 +153,14 @@ class Metrics:
         tally = self.tally
         tally.inc(children[0])
         tally.observe(children[1], seconds)
+
+    def unseen_categories(self, counts: dict[str, int]) -> None:
+        """Unseen category values of one request, per column (the model's column names: a bounded label set)."""
+        for column, count in counts.items():
+            child = self._unseen_children.get(column)
+            if child is None:
+                child = self._unseen_children[column] = self.unseen.labels(column)
+            self.tally.inc(child, count)
 
     def batch(self, instances: int, requests: int, seconds: float) -> None:
         tally = self.tally

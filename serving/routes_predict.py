@@ -40,6 +40,7 @@ from serving.schemas import (
     validate_sequences,
 )
 from serving.server import LiveModel, ModelServer, server_of
+from serving.table_rows import validate_rows
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 
@@ -67,7 +68,8 @@ router = APIRouter()
 @router.post("/predict", response_model=None, tags=["predict"],
              responses={200: {"model": PredictResponse}, **ERROR_RESPONSES})
 async def predict(request: Request) -> Response:
-    """Classify instances: each a nested list shaped like GET /metadata's input_shape, raw values."""
+    """Classify instances: each a nested list shaped like GET /metadata's input_shape, raw values; for a table
+    model, an object keyed by column name or a list of values in column order (GET /metadata table.columns)."""
     return await predict_response(server_of(request), request.headers, request.receive)
 
 
@@ -138,9 +140,16 @@ async def predict_response(server: ModelServer, headers: Mapping[str, str], rece
         raise ApiError(400, 'the body has no "instances": send {"instances": [x1, x2, ...]}' + hint)
     rollout = server.rollout
     live = server.live if rollout is None else server.pick(headers)
+    champion = server.live.model
     try:  # the champion's contract, whichever variant answers (ModelServer.answer)
-        validate = validate_sequences if server.live.model.takes_lengths else validate_instances
-        batch = validate(body["instances"], live.model.input_shape, server.config.max_instances, only_numbers(raw))
+        if champion.table_rows is not None:  # a table: rows by column (serving/table_rows.py); NaN is an empty value
+            batch, unseen = validate_rows(body["instances"], champion.table_rows, server.config.max_instances,
+                                          only_numbers(raw))
+            if unseen:
+                server.metrics.unseen_categories(unseen)
+        else:
+            validate = validate_sequences if champion.takes_lengths else validate_instances
+            batch = validate(body["instances"], live.model.input_shape, server.config.max_instances, only_numbers(raw))
     except InvalidInstances as error:
         raise invalid(error) from None
     if rollout is None and server.payload is None:

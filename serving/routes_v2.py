@@ -35,6 +35,7 @@ from serving.rollout import CANARY
 from serving.runtime import nan_padded
 from serving.schemas import ErrorResponse, InvalidInstances, validate_tensor
 from serving.server import LiveModel, ModelServer, server_of
+from serving.table_rows import validate_table_tensor
 
 _INFER_BODY = {
     "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
@@ -107,7 +108,8 @@ async def v2_infer_version(request: Request, model_name: str, model_version: str
 def _model_metadata(request: Request, model_name: str, model_version: str | None) -> Response:
     live = live_named(server_of(request), model_name, model_version)
     return json_response(oip.model_metadata(live.name, live.version, live.model.input_name, live.model.input_shape,
-                                            len(live.model.labels), live.model.takes_lengths))
+                                            len(live.model.labels), live.model.takes_lengths,
+                                            table=live.info.get("table")))
 
 
 def _model_ready(request: Request, model_name: str, model_version: str | None) -> Response:
@@ -173,7 +175,13 @@ async def infer_answer(server: ModelServer, headers: Mapping[str, str], receive:
 
 
 def oip_tensor(tensor: Any, live: LiveModel, max_instances: int) -> np.ndarray:
-    """The request's input tensor as a float32 batch, checked against ``live``'s input (name, shape, count)."""
+    """The request's input tensor as a float32 batch, checked against ``live``'s input (name, shape, count).
+
+    A table model takes its graph's input, FP32 [n, F] of raw columns, categories as codes; JSON null
+    (or NaN in binary) is an empty value where the model imputes (serving/table_rows.validate_table_tensor).
+    """
+    if live.model.table_rows is not None:
+        return validate_table_tensor(tensor, "inputs[0]", live.model.input_name, live.model.table_rows, max_instances)
     return validate_tensor(tensor, "inputs[0]", live.model.input_name, live.model.input_shape, max_instances)
 
 

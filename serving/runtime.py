@@ -20,7 +20,16 @@ import numpy as np
 import onnxruntime as ort
 
 from serving import ServingError
-from serving.contract import FIX, LENGTHS_NAME, METADATA_FILE, MODEL_FILE, VARIANTS, read_model_dir, variant_file
+from serving.contract import (
+    FIX,
+    LENGTHS_NAME,
+    METADATA_FILE,
+    MODEL_FILE,
+    VARIANTS,
+    TableInput,
+    read_model_dir,
+    variant_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +227,21 @@ class OnnxModel:
         self.labels: list[str] = list(self.metadata["labels"])
         self.input_name: str = self.metadata["input_name"]
         self.output_name: str = self.metadata["output_name"]
+        self.kind: str | None = self.metadata.get("kind")
+        # A table model's columns, prepared once for POST /predict's rows (serving/table_rows.py); None otherwise.
+        self.table: TableInput | None = None
+        self.table_rows: Any = None
+        if self.kind == "table":
+            from serving.table_rows import TableRows
+
+            if not self.metadata.get("table"):
+                raise ServingError(f"{self.model_dir / METADATA_FILE}: kind is 'table' but there is no 'table' field "
+                                   f"(its columns); {_FIX}")
+            self.table = TableInput.model_validate(self.metadata["table"])
+            if len(self.table.columns) != int(np.prod(self.input_shape)) or len(self.input_shape) != 1:
+                raise ServingError(f"{self.model_dir / METADATA_FILE}: 'table' lists {len(self.table.columns)} columns, "
+                                   f"input_shape is {list(self.input_shape)}; {_FIX}")
+            self.table_rows = TableRows(self.table)
         requested = list(providers) if providers else choose_providers()
         self.variant: str = choose_variant(self.metadata, variant, requested[0], self.model_dir)
         self.session = self._open_session(threads, requested)
@@ -353,8 +377,19 @@ class OnnxModel:
 
 
 def public_metadata(meta: Mapping[str, Any], provider: str, variant: str = "fp32") -> dict[str, Any]:
-    """The metadata fields a client may rely on, plus the provider and the variant actually running."""
+    """The metadata fields a client may rely on, plus the provider and the variant actually running.
+
+    ``kind`` is the input kind (image, sequence, table; null in older directories). A table model
+    adds ``table``: its columns in input order (name, type, a category's vocabulary, the training
+    statistics: missing count, median, center, scale) and its policies (``missing``,
+    ``unseen_category``, ``scaling``); ``columns`` is the part of it two models must share to
+    stand in for each other (name, type, categories: serving.contract.CONTRACT_FIELDS). Both are
+    null for other kinds.
+    """
     metrics = meta.get("test_metrics") or {}
+    table = meta.get("table") if meta.get("kind") == "table" else None
+    columns = None if not table else [
+        {"name": c.get("name"), "type": c.get("type"), "categories": c.get("categories")} for c in table["columns"]]
     return {
         "model_name": meta.get("model_name"),
         "model_version": None if meta.get("model_version") is None else str(meta["model_version"]),
@@ -368,6 +403,9 @@ def public_metadata(meta: Mapping[str, Any], provider: str, variant: str = "fp32
         "test_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         "onnx_opset": meta.get("onnx_opset"),
         "takes_lengths": bool(meta.get("takes_lengths")),
+        "kind": meta.get("kind"),
+        "table": table,
+        "columns": columns,
         "provider": provider,
         "variant": variant,
         "variants": {name: {k: v for k, v in decision.items() if k != "file"}

@@ -39,7 +39,10 @@ class PredictRequest(BaseModel):
 
     instances: list[Any] = Field(
         description="One nested list of numbers per instance, each shaped exactly like the model's input_shape "
-        "(see GET /metadata), raw values as stored in the dataset.",
+        "(see GET /metadata), raw values as stored in the dataset. For a table model (GET /metadata kind "
+        "\"table\"), each instance is an object keyed by column name (every column of GET /metadata table.columns) "
+        "or a list of one value per column in that order: a number column's number, a category column's text, "
+        "null for an empty value when table.missing is impute.",
     )
 
 
@@ -84,6 +87,16 @@ class MetadataResponse(BaseModel):
     )
     image: dict[str, Any] | None = Field(
         None, description="How POST /predict/image turns a PNG/JPEG into an instance; null when the model takes no images."
+    )
+    kind: str | None = Field(None, description="Input kind: image, sequence or table (null in older model directories).")
+    table: dict[str, Any] | None = Field(
+        None, description="A table model's input: columns in input order (name, type number|category, a category's "
+        "vocabulary in code order, training statistics: missing, median, center, scale) and the policies missing "
+        "(impute|refuse) and unseen_category (ignore|refuse); null for other kinds.",
+    )
+    columns: list[dict[str, Any]] | None = Field(
+        None, description="A table model's columns as its input contract (name, type, categories): what a "
+        "challenger must share; null for other kinds.",
     )
 
 

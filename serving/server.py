@@ -368,7 +368,9 @@ class ModelServer:
             started = time.perf_counter()
             if batch.shape[1:] != challenger.model.input_shape:
                 raise ValueError(f"batch of shape {batch.shape} for a challenger reading {challenger.model.input_shape}")
-            if not challenger.model.takes_lengths:  # a champion's ragged rows are NaN-padded; it reads zeros
+            # A champion's ragged rows are NaN-padded, a challenger without lengths reads zeros; a table's
+            # NaN is an empty cell, which its graph imputes.
+            if self.live.model.takes_lengths and not challenger.model.takes_lengths:
                 batch = np.nan_to_num(batch, nan=0.0)
             rows = await challenger.batcher.submit(batch)
             agree = agreements(champion_rows, rows)

@@ -75,6 +75,11 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    parameters: dict[str, Any] | None = Field(
+        None, description="For a table model: {\"kind\": \"table\", \"table\": ...}, the columns of the input "
+        "tensor in order (name, type, a category's vocabulary in code order, training statistics) and the "
+        "policies for empty and unseen values, as GET /metadata's table. Absent for other kinds.",
+    )
 
 
 class ServerMetadata(BaseModel):
@@ -86,11 +91,19 @@ class ServerMetadata(BaseModel):
 
 
 def model_metadata(name: str, version: str | None, input_name: str, input_shape: tuple[int, ...],
-                   n_labels: int, takes_lengths: bool = False) -> dict[str, Any]:
+                   n_labels: int, takes_lengths: bool = False, table: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``GET /v2/models/{name}``; a table model's columns (``table``) go in ``parameters``.
+
+    The protocol's tensor metadata has no room for column names, so a table model adds
+    ``parameters: {"kind": "table", "table": {...}}`` (the protocol's extension field): the
+    input tensor is FP32 [n, F], one value per column in ``table.columns`` order, a category as
+    its code (its index in ``categories``), JSON null (or NaN in binary) for an empty value when
+    ``table.missing`` is impute (serving/table_rows.validate_table_tensor).
+    """
     inputs = [{"name": input_name, "datatype": "FP32", "shape": [-1, *input_shape]}]
     if takes_lengths:  # optional: each zero-padded sequence's valid steps
         inputs.append({"name": LENGTHS, "datatype": "INT64", "shape": [-1]})
-    return {
+    document: dict[str, Any] = {
         "name": name,
         "versions": [version] if version is not None else [],
         "platform": PLATFORM,
@@ -100,6 +113,9 @@ def model_metadata(name: str, version: str | None, input_name: str, input_shape:
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
         ],
     }
+    if table is not None:
+        document["parameters"] = {"kind": "table", "table": table}
+    return document
 
 
 def parse_request(body: Any) -> tuple[Any, Any | None, str | None, list[str]]:

@@ -26,6 +26,7 @@ from pipelines.errors import FluxoError
 from pipelines.predict.sources import (
     Chunk,
     Contract,
+    Unseen,
     chunks,
     check_input,
     count_instances,
@@ -59,6 +60,7 @@ class PredictResult:
     seconds: float = 0.0
     run_id: str | None = None
     input_sha256: str | None = None
+    unseen_categories: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -72,6 +74,7 @@ class PredictResult:
             "seconds": round(self.seconds, 3),
             "rows_per_s": round(self.rows / self.seconds, 1) if self.seconds > 0 else None,
             "mlflow_run_id": self.run_id,
+            **({"unseen_categories": self.unseen_categories} if self.unseen_categories else {}),
         }
 
 
@@ -141,6 +144,7 @@ def _contract(model: Any, settings: FluxoSettings) -> Contract:
         takes_lengths=bool(getattr(model, "takes_lengths", False)),
         image=image_spec(model.metadata),
         label_column=settings.data.sequence.label_column,
+        table=getattr(model, "table_rows", None),
     )
 
 
@@ -157,6 +161,7 @@ class LoopResult:
     kept: list[tuple[str, str]]
     skipped: int
     sha256: str
+    unseen: dict[str, int] = field(default_factory=dict)
 
 
 def predict_to_parquet(
@@ -174,6 +179,7 @@ def predict_to_parquet(
     rows, kept, skipped = 0, [], 0
     version = model.metadata.get("model_version")
     digest = hashlib.sha256()
+    unseen = Unseen()
     try:
         with pq.ParquetWriter(temporary, _schema()) as writer:
             source = chunks(input_path, contract, batch_size, digest)
@@ -181,6 +187,7 @@ def predict_to_parquet(
                 if chunk.errors and on_error == "fail":
                     raise _refuse(input_path, chunk.errors)
                 skipped += len(chunk.errors)
+                unseen.add(chunk.unseen)
                 kept.extend(chunk.errors[: max(0, KEPT_ERRORS - len(kept))])
                 if chunk.ids:
                     writer.write_table(_table(chunk.ids, model.predict_proba(chunk.batch), model.labels, version))
@@ -190,7 +197,7 @@ def predict_to_parquet(
         Path(temporary).unlink(missing_ok=True)
         raise
     sha256 = digest.hexdigest() if hashes_while_reading(input_path) else input_sha256(input_path)
-    return LoopResult(rows, kept, skipped, sha256)
+    return LoopResult(rows, kept, skipped, sha256, unseen.counts)
 
 
 def _write_errors(path: Path, input_path: Path, skipped: int, kept: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -241,11 +248,14 @@ def predict(
     seconds = time.perf_counter() - started
     result = PredictResult(output=output, errors_path=errors_path_for(output), model_name=served.as_dict()["model_name"],
                            model_version=served.version, rows=loop.rows, skipped=loop.skipped, seconds=seconds,
-                           input_sha256=loop.sha256)
+                           input_sha256=loop.sha256, unseen_categories=loop.unseen)
     result.errors = _write_errors(result.errors_path, input_path, loop.skipped, loop.kept)
     if loop.skipped:
         log.warning("%s: skipped %d rows (first: %s); all listed in %s", input_path, loop.skipped,
                     "; ".join(f"{e['id']}: {e['reason']}" for e in result.errors[:3]), result.errors_path)
+    if loop.unseen:
+        log.warning("%s: category values training never saw, encoded as no category (unseen_category: ignore): %s",
+                    input_path, ", ".join(f"{count} in {column!r}" for column, count in loop.unseen.items()))
     if record:
         result.run_id = _record(onnx_model, result, input_path)
     return result
