@@ -46,7 +46,7 @@ from pipelines.data.store import Dataset
 from pipelines.data.versioning import DataVersion
 from pipelines.errors import FluxoError
 from pipelines.settings import FluxoSettings
-from pipelines.settings.auto import AUTO, PORTFOLIO  # noqa: F401 - AUTO re-exported
+from pipelines.settings.auto import AUTO, LEARNING_RATE_SCALE, PORTFOLIO  # noqa: F401 - AUTO re-exported
 
 log = logging.getLogger(__name__)
 KIND_TAG = "fluxo.kind"
@@ -114,8 +114,8 @@ def portfolio(settings: FluxoSettings, dataset: Dataset) -> list[Candidate]:
     entries = [(m, p) for m, p in PORTFOLIO[kind] if wanted is None or m in wanted or m == BASELINE]
     augmented = (False, True) if settings.auto.with_augmentation and _augments(settings, kind) else (False,)
     regression = dataset.task == "regression"
-    candidates = [Candidate(model, dict(params), lr, aug, regression=regression) for model, params in entries
-                  for lr in settings.auto.learning_rates for aug in augmented]
+    candidates = [Candidate(model, dict(params), lr * LEARNING_RATE_SCALE.get(model, 1.0), aug, regression=regression)
+                  for model, params in entries for lr in settings.auto.learning_rates for aug in augmented]
     return candidates + (preset_candidates(kind, wanted) if settings.auto.with_presets else [])
 
 
