@@ -123,7 +123,9 @@ class ModelMetadata(BaseModel):
     format_version: int = Field(FORMAT_VERSION, description="Version of this layout.")
     model_name: str = Field("model", description="Registry name the model joins, e.g. fluxo-digits.")
     architecture: str | None = Field(None, description="Registry name of the network (models/).")
-    task: Literal["multiclass", "binary"] = Field("multiclass", description="What the softmax over labels means.")
+    task: Literal["multiclass", "binary", "regression"] = Field(
+        "multiclass", description="multiclass/binary: the outputs are logits over labels (softmax); regression: "
+        "one output per instance, the predicted value in the target's units (labels is [the target's name]).")
     run_id: str | None = Field(None, description="MLflow run the model was trained in.")
     dataset: str | None = Field(None, description="Dataset the run was trained on (its manifest name).")
     kind: Literal["image", "sequence", "table"] | None = Field(None, description="Input kind.")

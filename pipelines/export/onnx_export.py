@@ -35,16 +35,17 @@ class TwoClassLogits(nn.Module):
 
 
 def servable(model: nn.Module, task: str) -> nn.Module:
-    """The module whose logits the service can softmax over the labels."""
+    """The module whose outputs the service reads: logits to softmax over the labels, or (regression)
+    one value per instance in the target's units."""
     from pipelines.errors import FluxoError
 
     if task == "binary":
         return TwoClassLogits(model).eval()
-    if task in ("multiclass", None):
+    if task in ("multiclass", "regression", None):
         return model
     raise FluxoError(
-        f"a {task} model trains and is tracked in MLflow, but export for serving supports multiclass and binary "
-        "classifiers only so far; keep the run's checkpoint artifact"
+        f"a {task} model trains and is tracked in MLflow, but export for serving supports classifiers and "
+        "regression only so far; keep the run's checkpoint artifact"
     )
 
 

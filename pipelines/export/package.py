@@ -208,8 +208,8 @@ def export_model(
             if leftover.name != MODEL_FILE:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         # Kept variants land in staging beside model.onnx; every decision goes into metadata.json.
-        variants = build_variants(staging, dataset, settings.export, takes_lengths=with_lengths is not None,
-                                  seed=settings.train.seed)
+        variants = {} if task == "regression" else build_variants(  # judged on accuracy: classifiers only
+            staging, dataset, settings.export, takes_lengths=with_lengths is not None, seed=settings.train.seed)
         metadata = metadata.model_copy(update={"variants": as_metadata(variants)})
         if variants:
             with mlflow.start_run(run_id=run_id):

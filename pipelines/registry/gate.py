@@ -38,12 +38,22 @@ class ServedScore:
 
 
 def served_score(onnx_path: Path, dataset: Dataset, version: str) -> ServedScore:
-    """Accuracy, macro precision/recall/F1 and per-class recall of the graph on the test split."""
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+    """Accuracy, macro precision/recall/F1 and per-class recall of the graph on the test split;
+    for a regression target R², MAE and RMSE."""
+    from sklearn.metrics import (
+        accuracy_score, mean_absolute_error, mean_squared_error, precision_recall_fscore_support, r2_score,
+    )
 
     test = dataset.splits["test"]
     truth = np.asarray(test.y)
-    predicted = onnx_logits(onnx_path, test.x, lengths=test.lengths).argmax(1)  # lengths: only a graph that takes them
+    outputs = onnx_logits(onnx_path, test.x, lengths=test.lengths)  # lengths: only a graph that takes them
+    if dataset.task == "regression":
+        values = outputs.reshape(len(truth), -1)[:, 0].astype(np.float64)
+        metrics = {"r2": float(r2_score(truth, values)) if len(truth) > 1 else float("nan"),
+                   "mae": float(mean_absolute_error(truth, values)),
+                   "rmse": float(np.sqrt(mean_squared_error(truth, values)))}
+        return ServedScore(version, metrics, [], len(truth))
+    predicted = outputs.argmax(1)
     classes = list(range(len(dataset.labels)))
     precision, recall, f1, _ = precision_recall_fscore_support(truth, predicted, labels=classes, average="macro",
                                                                zero_division=0)
@@ -124,20 +134,22 @@ class BaselineVerdict:
 def decide(candidate: ServedScore, champion: ServedScore | None, gate: GateSettings,
            data_version: str | None = None, baselines: BaselineVerdict | None = None) -> GateDecision:
     """Apply the gate's conditions; every failed one is named, with its setting."""
-    metric, reasons = gate.metric, []
+    metric, reasons = gate.metric_for("regression" if "r2" in candidate.metrics else "classification"), []
+    lower = metric in gate.LOWER_IS_BETTER  # mae, rmse: a smaller error wins
     value = candidate.metrics[metric]
     if gate.beat_baselines and baselines is not None and baselines.worse:
         reasons.append(baselines.reason())
-    if gate.min_value is not None and value < gate.min_value:
-        reasons.append(f"served {metric} {value:.4f} < gate.min_value={gate.min_value}")
+    if gate.min_value is not None and (value > gate.min_value if lower else value < gate.min_value):
+        reasons.append(f"served {metric} {value:.4f} {'>' if lower else '<'} gate.min_value={gate.min_value}")
     if champion is not None:
         theirs = champion.metrics[metric]
-        if value - theirs < gate.min_improvement:
+        gain = theirs - value if lower else value - theirs
+        if gain < gate.min_improvement:
             reasons.append(
                 f"served {metric} {value:.4f} vs champion v{champion.version} {theirs:.4f} on the same test split: "
-                f"improvement {value - theirs:+.4f} < gate.min_improvement={gate.min_improvement}"
+                f"improvement {gain:+.4f} < gate.min_improvement={gate.min_improvement}"
             )
-        if gate.max_class_regression is not None:
+        if gate.max_class_regression is not None and candidate.class_recall and champion.class_recall:
             drops = [(i, old - new) for i, (new, old) in enumerate(zip(candidate.class_recall, champion.class_recall))]
             worst, drop = max(drops, key=lambda item: item[1])
             if drop > gate.max_class_regression:

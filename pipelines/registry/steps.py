@@ -46,7 +46,7 @@ def gate_step(ctx: RunContext, exported: ExportedModel, registered: RegisteredVe
     for metric, value in candidate.metrics.items():
         client.log_metric(run_id, f"served_test_{metric}", value)
     if champion is not None:
-        client.log_metric(run_id, f"gate_champion_{settings.gate.metric}", champion.metrics[settings.gate.metric])
+        client.log_metric(run_id, f"gate_champion_{decision.metric}", champion.metrics[decision.metric])
     client.log_dict(run_id, decision.as_dict(), "export/gate.json")
     return decision
 

@@ -281,15 +281,34 @@ class GateSettings(_Section):
     test split, so the champion is re-scored whenever the data changed.
     """
 
-    metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro"] = Field(
-        "accuracy", description="Served test metric that decides (higher wins)."
+    # The metric the gate decides on when gate.metric is auto, per task.
+    DEFAULT_METRIC: ClassVar[dict[str, str]] = {"classification": "accuracy", "regression": "r2"}
+    CLASSIFICATION_METRICS: ClassVar[tuple[str, ...]] = ("accuracy", "f1_macro", "precision_macro", "recall_macro")
+    REGRESSION_METRICS: ClassVar[tuple[str, ...]] = ("r2", "mae", "rmse")
+    LOWER_IS_BETTER: ClassVar[tuple[str, ...]] = ("mae", "rmse")
+
+    metric: Literal["auto", "accuracy", "f1_macro", "precision_macro", "recall_macro", "r2", "mae", "rmse"] = Field(
+        "auto", description="Served test metric that decides: auto is accuracy for classifiers and r2 for "
+        "regression; mae and rmse (regression) win lower, the others higher.",
     )
     min_value: float | None = Field(
-        None, ge=0, le=1, description="The candidate's metric must reach this; None: no floor."
+        None, description="The candidate's metric must reach this (for mae and rmse: stay at or below it); "
+        "None: no floor.",
     )
     min_improvement: float = Field(
         0.0, description="Candidate minus champion must be at least this; 0 lets a tie promote, 0.01 asks a point more."
     )
+    def metric_for(self, task: str) -> str:
+        """The metric that decides for a dataset of ``task`` (classification or regression); a metric of
+        the other kind of task is an error naming the ones that fit."""
+        if self.metric == "auto":
+            return self.DEFAULT_METRIC[task]
+        fitting = self.REGRESSION_METRICS if task == "regression" else self.CLASSIFICATION_METRICS
+        if self.metric not in fitting:
+            raise FluxoError(f"gate.metric={self.metric} does not apply to a {task} model; use one of "
+                             f"{', '.join(('auto',) + fitting)}")
+        return self.metric
+
     max_class_regression: float | None = Field(
         None, ge=0, le=1,
         description="Largest drop in any one class's recall against the champion; None: not checked.",

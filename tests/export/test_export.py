@@ -232,7 +232,7 @@ def test_failed_parity_leaves_the_previous_model_directory_untouched(project: Pa
 
 
 def test_an_unknown_gate_metric_is_a_clear_error(settings_for) -> None:
-    with pytest.raises(FluxoError, match=r"--set gate.metric=test_acc: gate.metric: Input should be 'accuracy'"):
+    with pytest.raises(FluxoError, match=r"--set gate.metric=test_acc: gate.metric: Input should be 'auto'"):
         settings_for("gate.metric=test_acc")
 
 
