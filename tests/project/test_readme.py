@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _curl_bodies() -> list[str]:
-    return re.findall(r"curl [^\n]*? -d '([^']*)'", README.read_text())
+    return re.findall(r"curl (?:[^\n]|\\\n)*? -d '([^']*)'", README.read_text())  # a line may end with a backslash
 
 
 def test_the_readme_predict_request_is_complete_and_real() -> None:
@@ -27,11 +27,17 @@ def test_the_readme_predict_request_is_complete_and_real() -> None:
 
     bodies = _curl_bodies()
     assert bodies, "the README shows no request to paste"
+    from sklearn.datasets import load_wine
+
     for body in bodies:
         assert "..." not in body
-        instances = np.asarray(json.loads(body)["instances"], dtype=np.float32)
-        assert instances.shape[1:] == (1, 8, 8)  # the digits model's input_shape
-        np.testing.assert_array_equal(instances[0, 0], load_digits().images[0])
+        instances = json.loads(body)["instances"]
+        if isinstance(instances[0], dict):  # "Your own table": wine.csv's first row, keyed by its columns
+            assert instances[0] == load_wine(as_frame=True).frame.drop(columns="target").iloc[0].to_dict()
+            continue
+        values = np.asarray(instances, dtype=np.float32)
+        assert values.shape[1:] == (1, 8, 8)  # the digits model's input_shape
+        np.testing.assert_array_equal(values[0, 0], load_digits().images[0])
 
 
 def test_every_fluxo_command_in_the_readme_table_exists() -> None:
