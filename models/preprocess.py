@@ -4,6 +4,7 @@ standardisation for images and sequences, per-column encoding and scaling for ta
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,14 +15,19 @@ class Standardized(nn.Module):
     """``inner((x - mean) / std)`` with the training set's statistics stored as buffers.
 
     Baking the statistics into the module means checkpoints, ONNX exports and the
-    service all agree on preprocessing without a separate step that could drift.
+    service all agree on preprocessing without a separate step that could drift. ``mean``
+    and ``std`` are one number, or one per channel of a (C, L) sequence (shaped (C, 1)
+    inside, so they broadcast over the steps).
     """
 
-    def __init__(self, inner: nn.Module, mean: float, std: float) -> None:
+    def __init__(self, inner: nn.Module, mean: float | Sequence[float], std: float | Sequence[float]) -> None:
         super().__init__()
         self.inner = inner
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(float(std) if std > 0 else 1.0))
+        center, scale = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        if center.ndim:
+            center, scale = center.reshape(-1, 1), scale.reshape(-1, 1)
+        self.register_buffer("mean", center)
+        self.register_buffer("std", torch.where(scale > 0, scale, torch.ones_like(scale)))
         # Recurrent models use sequence lengths; convolutional ones see the zero padding as signal.
         self.takes_lengths = "lengths" in inspect.signature(inner.forward).parameters
 

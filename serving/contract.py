@@ -56,10 +56,11 @@ CONTRACT_FIELDS = ("kind", "input_shape", "input_dtype", "labels", "image", "col
 
 
 class Normalization(BaseModel):
-    """The standardisation inside the graph: raw dataset values go in, the graph subtracts and divides."""
+    """The standardisation inside the graph: raw dataset values go in, the graph subtracts and divides
+    (one number, or one per channel of a sequence whose channels are on different scales)."""
 
-    mean: float
-    std: float
+    mean: float | list[float]
+    std: float | list[float]
 
 
 class TableColumn(BaseModel):

@@ -99,4 +99,5 @@ def lengths_graph(model: nn.Module, variable_length: bool) -> nn.Module | None:
 
     if not variable_length or not isinstance(model.inner, RecurrentClassifier):
         return None
-    return Standardized(LengthAwareRecurrent(model.inner), float(model.mean), float(model.std)).eval()
+    return Standardized(LengthAwareRecurrent(model.inner), model.mean.flatten().tolist() if model.mean.ndim else
+                        float(model.mean), model.std.flatten().tolist() if model.std.ndim else float(model.std)).eval()

@@ -62,11 +62,14 @@ def encoder(spec: dict[str, Any]) -> Encode:
                 return table(torch.from_numpy(np.array(x, dtype=np.float32)))
 
         return encode_table
-    mean, std = spec["mean"], spec["std"] or 1.0
+    from models.preprocess import Standardized
+
+    scaling = Standardized(torch.nn.Identity(), spec["mean"], spec["std"])
 
     def encode(x: np.ndarray) -> torch.Tensor:
         values = torch.from_numpy(np.array(x, dtype=np.float32))  # a copy: x may be a read-only memory map
-        return ((values - mean) / std).reshape(len(values), -1)
+        with torch.no_grad():
+            return scaling(values).reshape(len(values), -1)
 
     return encode
 

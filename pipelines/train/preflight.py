@@ -47,7 +47,8 @@ def resolve_task(settings: FluxoSettings, dataset: Dataset) -> Task:
     return build_task(name, **options)
 
 
-def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float, std: float, task: Task) -> dict[str, Any]:
+def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float | list[float], std: float | list[float],
+               task: Task) -> dict[str, Any]:
     """Everything needed to rebuild the network; saved in checkpoints, MLflow and export metadata.
 
     A table's spec also holds its columns with the training split's statistics (``table``),
@@ -80,6 +81,34 @@ def split_statistics(split: Split, chunk: int = 65_536) -> tuple[float, float]:
             count += values.size
     mean = total / max(count, 1)
     return mean, float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 0.0)))
+
+
+# A sequence's channels are scaled one by one when one scalar would leave them on scales this far apart
+# (the ratio of their standard deviations), or their means further apart than the pooled deviation.
+PER_CHANNEL_RATIO = 10.0
+
+
+def input_statistics(dataset: Dataset) -> tuple[float | list[float], float | list[float]]:
+    """The standardisation in front of the network: one mean and deviation over the training split,
+    or, for a multichannel sequence whose channels are on different scales, one per channel.
+
+    An accelerometer's channel in g beside a temperature in kelvin: one scalar would leave the
+    first nearly constant. Tables are scaled column by column elsewhere (:func:`table_statistics`).
+    """
+    if dataset.kind == "table":
+        return 0.0, 1.0
+    train = dataset.splits["train"]
+    mean, std = split_statistics(train)
+    if dataset.kind != "sequence" or dataset.input_shape[0] < 2:
+        return mean, std
+    x = np.asarray(train.x, dtype=np.float64)  # (N, C, L); padding included, as the scalar statistics
+    means, stds = x.mean(axis=(0, 2)), x.std(axis=(0, 2))
+    spread = stds.max() / max(stds.min(), 1e-12)
+    if spread <= PER_CHANNEL_RATIO and np.ptp(means) <= std:
+        return mean, std
+    log.info("per-channel scaling: the %d channels' standard deviations range from %.3g to %.3g, their means "
+             "from %.3g to %.3g", len(means), stds.min(), stds.max(), means.min(), means.max())
+    return [float(v) for v in means], [float(v) if v > 0 else 1.0 for v in stds]
 
 
 def table_statistics(dataset: Dataset, regression: bool) -> dict[str, Any]:
@@ -185,5 +214,5 @@ def check_data_matches(wanted: str | None, dataset: Dataset, source: str) -> Non
     )
 
 
-__all__ = ["check_data_matches", "check_trainable", "model_spec", "resolve_model", "resolve_task", "split_statistics",
-           "table_statistics"]
+__all__ = ["check_data_matches", "check_trainable", "input_statistics", "model_spec", "resolve_model", "resolve_task",
+           "split_statistics", "table_statistics"]

@@ -61,6 +61,7 @@ from pipelines.train.preflight import (  # noqa: F401 - check_data_matches, spli
     check_data_matches,
     check_model_fits_data,
     check_trainable,
+    input_statistics,
     model_spec,
     resolve_model,
     resolve_task,
@@ -185,7 +186,7 @@ def _set_up(root: Path, settings: FluxoSettings, dataset: Dataset, warm_start: b
     seed_everything(settings.train.seed)
     device = resolve_device(settings.train.device)
     task = resolve_task(settings, dataset)
-    mean, std = split_statistics(dataset.splits["train"]) if dataset.kind != "table" else (0.0, 1.0)
+    mean, std = input_statistics(dataset)
     spec = model_spec(settings, dataset, mean, std, task)
     try:
         inner = build_model(settings.model.name, inner_input_shape(spec), spec["num_outputs"], **settings.model.params)

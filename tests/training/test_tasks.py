@@ -46,7 +46,7 @@ def test_binary_task_trains_exports_and_serves_two_probabilities(project: Path, 
     assert logits.shape == (3, 2) and np.all(logits[:, 0] == 0)
 
 
-def test_regression_task_reports_r2_and_is_not_exported_for_serving(project: Path, settings_for, tmp_path: Path) -> None:
+def test_regression_task_reports_r2_and_is_exported_answering_values(project: Path, settings_for, tmp_path: Path) -> None:
     settings = settings_for(f"data.dataset={_waves(tmp_path / 'freq.csv', regression=True)}", "model.name=cnn1d",
                             "model.params={}", "train.epochs=20", "train.learning_rate=0.01")
     ingest(project, settings.data)
@@ -54,12 +54,47 @@ def test_regression_task_reports_r2_and_is_not_exported_for_serving(project: Pat
     result = train(open_run(project, settings), data_version)
     assert set(result.test_metrics) == {"test_r2", "test_mse", "test_rmse", "test_mae"}
     assert result.test_metrics["test_r2"] > 0.5
-    with pytest.raises(FluxoError, match="regression model trains and is tracked.*multiclass and binary"):
-        export_run(open_run(project, settings), result.run_id)
+    exported = export_run(open_run(project, settings), result.run_id)
+    from serving.contract import read_metadata
+
+    assert exported.parity.passed and read_metadata(exported.export_dir).task == "regression"
+    import onnxruntime as ort
+
+    from pipelines.data.store import read_dataset
+
+    test = read_dataset(project / "data").splits["test"]
+    session = ort.InferenceSession(str(exported.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    values = session.run(None, {"input": np.asarray(test.x, dtype=np.float32)})[0]
+    assert values.shape == (len(test.y), 1)  # the frequency itself, in its own units
+    assert float(np.corrcoef(values[:, 0], test.y)[0, 1]) > 0.7
     with pytest.raises(FluxoError, match="val_accuracy means nothing for regression"):
         train_and_evaluate(project, settings_for(f"data.dataset={tmp_path / 'freq.csv'}", "model.name=cnn1d",
                                                  "model.params={}", "train.monitor=val_accuracy"),
                            data_version, NullTracker())
+
+
+def test_channels_on_different_scales_are_scaled_one_by_one_in_the_graph(
+    project: Path, settings_for, tmp_path: Path
+) -> None:
+    """Two channels, one in thousandths and one in thousands: one scalar would flatten the first."""
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 2 * np.pi, 16)
+    fast = rng.random(200) > 0.5
+    small = 0.001 * np.sin((1 + 2 * fast)[:, None] * t) + 0.0002 * rng.normal(size=(200, 16))
+    large = 1000 + 500 * rng.normal(size=(200, 16))  # noise on a large offset
+    np.savez(tmp_path / "sensors.npz", x=np.stack([small, large], 1).astype(np.float32),
+             label=np.where(fast, "fast", "slow"))
+    settings = settings_for(f"data.dataset={tmp_path / 'sensors.npz'}", "model.name=cnn1d", "model.params={}",
+                            "train.epochs=15", "train.learning_rate=0.01")
+    ingest(project, settings.data)
+    result = train(open_run(project, settings), version(project, settings.data))
+    exported = export_run(open_run(project, settings), result.run_id)
+    from serving.contract import read_metadata
+
+    normalize = read_metadata(exported.export_dir).preprocessing.normalize
+    assert isinstance(normalize.mean, list) and len(normalize.mean) == 2 and normalize.mean[1] > 900
+    assert normalize.std[0] < 0.01 < 100 < normalize.std[1]
+    assert exported.parity.passed and result.test_metrics["test_accuracy"] > 0.9
 
 
 ADAM = {"optimizer": "Adam"}  # the default every case without train.optimizer must get
