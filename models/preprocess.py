@@ -104,8 +104,33 @@ class TableModel(nn.Module):
         return out * self.target_std + self.target_mean if self.rescaled else out
 
 
+class ColumnsAsSteps(nn.Module):
+    """A table's columns read as the steps of one channel: ``(N, F) → (N, 1, F)``, for a sequence model
+    raced on a table whose columns may be a sequence (the data's ``as_steps``).
+
+    The graph still takes the table's rows, so the service, ``fluxo predict`` and the contract
+    are the table's whichever kind of model won; the scaling in front (``Standardized``) is
+    the one of sequences, over every value, which keeps the shape a step pattern has.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.unsqueeze(1))
+
+
+def reads_steps(spec: dict[str, Any]) -> bool:
+    """A sequence model trained on a table's columns as steps (see :class:`ColumnsAsSteps`)."""
+    return spec.get("kind") == "table" and spec.get("input_kind") == "sequence"
+
+
 def inner_input_shape(spec: dict[str, Any]) -> tuple[int, ...]:
-    """The shape the network itself sees: a table's encoded width, else the input's own shape."""
+    """The shape the network itself sees: a table's encoded width (or its columns as one channel's
+    steps), else the input's own shape."""
+    if reads_steps(spec):
+        return (1, len(spec["table"]["columns"]))
     if spec.get("kind") == "table":
         return (TableInput(spec["table"]["columns"]).out_features,)
     return tuple(spec["input_shape"])
@@ -113,6 +138,8 @@ def inner_input_shape(spec: dict[str, Any]) -> tuple[int, ...]:
 
 def wrap_model(inner: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """The network with its input preprocessing in front, as trained, checkpointed and exported."""
+    if reads_steps(spec):
+        return Standardized(ColumnsAsSteps(inner), spec["mean"], spec["std"])
     if spec.get("kind") == "table":
         return TableModel(inner, spec["table"]["columns"], spec["table"].get("target"))
     return Standardized(inner, spec["mean"], spec["std"])

@@ -129,11 +129,19 @@ def read_table(path: Path, frame: "pd.DataFrame", settings: "SequenceSettings",
         )
     _check_missing(path, columns, settings)
     schema = {"columns": columns, "missing": settings.missing, "unseen_category": settings.unseen_category,
-              "scaling": settings.scaling}
+              "scaling": settings.scaling, "as_steps": _as_steps(columns, settings)}
     categories = [c["name"] for c in columns if c["type"] == "category"]
     log.info("%s: a table of %d columns (%d numbers, %d text one-hot encoded%s)", path, len(columns),
              len(columns) - len(categories), len(categories), f": {', '.join(categories)}" if categories else "")
     return x, schema
+
+
+def _as_steps(columns: list[dict[str, Any]], settings: "SequenceSettings") -> bool:
+    """Whether sequence models may also read this table's columns as steps: only when nobody said it is a
+    table (data.sequence.kind=auto) and every column is a number with no empty cell (what a sequence holds).
+    ``model.name=auto`` then races them beside the table models, and the validation split decides."""
+    return settings.kind == "auto" and len(columns) > 1 and all(
+        c["type"] == "number" and not c["missing"] for c in columns)
 
 
 def _check_missing(path: Path, columns: list[dict[str, Any]], settings: "SequenceSettings") -> None:

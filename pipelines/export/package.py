@@ -31,6 +31,7 @@ from pipelines.report.step import report_step
 from pipelines.export.variants import as_metadata, build_variants, log_decisions
 from pipelines.settings import FluxoSettings
 from pipelines.train.checkpoint import load_checkpoint, rebuild_model
+from models.preprocess import reads_steps
 from serving.checksums import seal
 from serving.contract import (
     MODEL_FILE, REPORT_FILE, ModelMetadata, Normalization, Preprocessing, TableInput, replace_dir, staging_dir,
@@ -118,7 +119,8 @@ def build_metadata(
         input_shape=list(spec["input_shape"]),
         labels=[str(label) for label in spec["labels"]],
         preprocessing=Preprocessing(
-            normalize=None if spec.get("kind") == "table" else Normalization(mean=spec["mean"], std=spec["std"]),
+            normalize=None if spec.get("kind") == "table" and not reads_steps(spec)
+            else Normalization(mean=spec["mean"], std=spec["std"]),
             image=image, upload_background=upload_background),
         table=table_input(spec),
         test_metrics=test_metrics,

@@ -99,8 +99,14 @@ class Candidate:
 
 
 def portfolio(settings: FluxoSettings, dataset: Dataset) -> list[Candidate]:
-    """The candidates for this dataset, in the fixed order they are trained."""
+    """The candidates for this dataset, in the fixed order they are trained.
+
+    A table is raced with table models only, unless nobody said it is a table and its columns
+    are all numbers without empty cells (``as_steps``): then the sequence models race too,
+    reading the columns as steps, and the validation split decides which reading wins.
+    """
     from models import MODEL_REGISTRY
+    from pipelines.train.preflight import steps_allowed
 
     kind = dataset.kind
     if kind not in PORTFOLIO:
@@ -111,7 +117,10 @@ def portfolio(settings: FluxoSettings, dataset: Dataset) -> list[Candidate]:
         if unknown:
             raise FluxoError(f"auto.models: {', '.join(unknown)} not registered; choose from "
                              f"{', '.join(sorted(MODEL_REGISTRY))}")
-    entries = [(m, p) for m, p in PORTFOLIO[kind] if wanted is None or m in wanted or m == BASELINE]
+    offered = list(PORTFOLIO[kind])
+    if steps_allowed(dataset):  # a table whose columns may be steps: sequence models race beside, validation decides
+        offered += [(m, p) for m, p in PORTFOLIO["sequence"] if (m, p) not in offered]
+    entries = [(m, p) for m, p in offered if wanted is None or m in wanted or m == BASELINE]
     augmented = (False, True) if settings.auto.with_augmentation and _augments(settings, kind) else (False,)
     regression = dataset.task == "regression"
     candidates = [Candidate(model, dict(params), lr * LEARNING_RATE_SCALE.get(model, 1.0), aug, regression=regression)

@@ -57,6 +57,7 @@ def model_spec(settings: FluxoSettings, dataset: Dataset, mean: float | list[flo
     table = table_statistics(dataset, task.name == "regression") if dataset.kind == "table" else None
     return {
         **({"table": table} if table is not None else {}),
+        "input_kind": MODEL_REGISTRY[settings.model.name].input_kind,
         "task": task.name,
         "num_outputs": task.num_outputs(len(dataset.labels)),
         "architecture": settings.model.name,
@@ -88,14 +89,14 @@ def split_statistics(split: Split, chunk: int = 65_536) -> tuple[float, float]:
 PER_CHANNEL_RATIO = 10.0
 
 
-def input_statistics(dataset: Dataset) -> tuple[float | list[float], float | list[float]]:
+def input_statistics(dataset: Dataset, model_name: str | None = None) -> tuple[float | list[float], float | list[float]]:
     """The standardisation in front of the network: one mean and deviation over the training split,
     or, for a multichannel sequence whose channels are on different scales, one per channel.
 
     An accelerometer's channel in g beside a temperature in kelvin: one scalar would leave the
     first nearly constant. Tables are scaled column by column elsewhere (:func:`table_statistics`).
     """
-    if dataset.kind == "table":
+    if dataset.kind == "table" and not reads_steps(model_name, dataset):
         return 0.0, 1.0
     train = dataset.splits["train"]
     mean, std = split_statistics(train)
@@ -181,10 +182,29 @@ def _check_params_fit_default(name: str, reason: str, params: dict[str, Any], ki
     )
 
 
+def steps_allowed(dataset: Dataset) -> bool:
+    """A table whose columns sequence models may read as steps (pipelines/data/table_file.py's ``as_steps``)."""
+    return dataset.kind == "table" and bool(dataset.manifest.get("preprocessing", {}).get("table", {}).get("as_steps"))
+
+
+def reads_steps(model_name: str | None, dataset: Dataset) -> bool:
+    """A sequence model trained on a table's columns as steps (models/preprocess.py's ColumnsAsSteps)."""
+    spec = MODEL_REGISTRY.get(model_name or "")
+    return spec is not None and spec.input_kind == "sequence" and steps_allowed(dataset)
+
+
 def check_model_fits_data(name: str, dataset: Dataset) -> None:
     if name not in MODEL_REGISTRY:
         raise FluxoError(f"model.name={name!r} is not registered; choose one of {', '.join(sorted(MODEL_REGISTRY))}")
     wanted = MODEL_REGISTRY[name].input_kind
+    if reads_steps(name, dataset):
+        return
+    if wanted == "sequence" and dataset.kind == "table":
+        raise FluxoError(
+            f"model.name={name!r} reads sequences but data/ holds {dataset.manifest['name']!r} as a table (named "
+            "columns, text or empty cells, or data.sequence.kind=table); pick a table model (tabular_mlp, linear, mlp) "
+            "or, if its columns are steps, ingest it with --set data.sequence.kind=sequence"
+        )
     if wanted not in ("any", dataset.kind):
         raise FluxoError(
             f"model.name={name!r} takes {wanted} inputs but dataset {dataset.manifest['name']!r} is a {dataset.kind} "

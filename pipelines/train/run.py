@@ -186,7 +186,7 @@ def _set_up(root: Path, settings: FluxoSettings, dataset: Dataset, warm_start: b
     seed_everything(settings.train.seed)
     device = resolve_device(settings.train.device)
     task = resolve_task(settings, dataset)
-    mean, std = input_statistics(dataset)
+    mean, std = input_statistics(dataset, settings.model.name)
     spec = model_spec(settings, dataset, mean, std, task)
     try:
         inner = build_model(settings.model.name, inner_input_shape(spec), spec["num_outputs"], **settings.model.params)
