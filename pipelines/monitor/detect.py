@@ -6,7 +6,9 @@ probabilities miss anything the model still answers confidently. So several ques
 (the signals of pipelines/monitor/signals/: do the raw inputs differ, do the model's
 features differ, do its answers differ?), each at ``alpha`` divided by their number, so
 that one alarm on clean traffic stays within ``alpha`` (Bonferroni). The test itself:
-pipelines/monitor/mmd.py.
+pipelines/monitor/mmd.py; a table's columns and a regression model's values are tested one
+value at a time instead (pipelines/monitor/columns.py), the columns' tests sharing their
+signal's level the same way.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ def compare(reference: Sample, window: Sample, alpha: float,
     level = alpha / len(chosen)
     findings = {}
     for signal in chosen:
-        ref, win = signal.reference(reference), signal.summarize(window)
-        findings[signal.name] = Finding(signal, ref, win, signal.test(ref, win, level))
+        findings[signal.name] = signal.compare(reference, window, level)
     return findings
 
 

@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# Permutations of the null when its chi-square approximation is undefined (degenerate kernels).
+PERMUTATIONS = 500
+
 
 @dataclass(frozen=True)
 class TestResult:
-    """One signal's test: the MMD statistic, its p-value and the decision at its level."""
+    """One signal's test: its statistic (MMD's, or that of the signal's own test), p-value and decision at its level."""
 
     signal: str
     statistic: float
@@ -33,11 +36,30 @@ class TestResult:
 
 
 def mmd_test(signal: str, reference: np.ndarray, window: np.ndarray, level: float) -> TestResult:
-    """hyppo's unbiased MMD (gaussian kernel, median bandwidth) with the chi-square approximation of its null."""
+    """hyppo's unbiased MMD (gaussian kernel, median bandwidth) with the chi-square approximation of its null.
+
+    Never a silent "no drift": NaN or infinite features are refused (ValueError: a signal
+    imputes empty cells before it tests; a NaN statistic would read as p = 1). Both sides
+    one constant row (hyppo refuses zero variance) are alike: p = 1. A chi-square p-value
+    that comes out NaN is computed again from a permutation null; still NaN is an error.
+    """
     from hyppo.ksample import MMD
 
+    ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    win = np.asarray(window, np.float64).reshape(len(window), -1)
+    for side, values in (("reference", ref), ("window", win)):
+        if not np.isfinite(values).all():
+            raise ValueError(f"drift signal {signal!r}: its {side} holds NaN or infinite values; a signal imputes "
+                             "empty values before MMD (a NaN statistic would read as no drift)")
+    pooled = np.concatenate([ref, win])
+    if not len(pooled) or (pooled == pooled[0]).all():
+        return TestResult(signal, 0.0, 1.0, level, False)  # every instance alike, on both sides: nothing differs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # hyppo warns about "replications" it does not run here
-        statistic, p_value = MMD().test(np.asarray(reference, np.float64), np.asarray(window, np.float64), auto=True)
-    p_value = float(np.nan_to_num(p_value, nan=1.0))
+        statistic, p_value = MMD().test(ref, win, auto=True)
+        if not np.isfinite(p_value):
+            statistic, p_value = MMD().test(ref, win, reps=PERMUTATIONS, auto=False, random_state=0)
+    if not (np.isfinite(p_value) and np.isfinite(statistic)):
+        raise ValueError(f"drift signal {signal!r}: MMD gives statistic {statistic}, p-value {p_value}")
+    p_value = float(p_value)
     return TestResult(signal, float(statistic), p_value, level, p_value < level)

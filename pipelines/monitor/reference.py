@@ -19,6 +19,7 @@ from pipelines.data.versioning import checkout_version, read_data_version
 from pipelines.errors import FluxoError
 from pipelines.monitor.embedding import Embedded, Embedder
 from pipelines.settings import FluxoSettings
+from serving.contract import TableInput
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class Reference:
     inputs: np.ndarray
     embedded: Embedded
     labels: np.ndarray
+    table: TableInput | None = None  # a table model's columns: its inputs are raw columns, NaN an empty cell
 
 
 def data_dir_for(root: Path, settings: FluxoSettings, md5: str) -> Path:
@@ -56,4 +58,15 @@ def load_reference(root: Path, settings: FluxoSettings, metadata: dict, embedder
     rows = np.sort(rng.choice(len(val), min(settings.monitor.reference_size, len(val)), replace=False))
     inputs = np.asarray(val.x[rows], dtype=np.float32)  # splits are stored class by class: sample, never slice
     lengths = None if val.lengths is None else np.asarray(val.lengths)[rows]
-    return Reference(str(md5), inputs, embedder(inputs, lengths), np.asarray(val.y)[rows])
+    return Reference(str(md5), inputs, embedder(inputs, lengths), np.asarray(val.y)[rows], table_contract(metadata))
+
+
+def table_contract(metadata: dict) -> TableInput | None:
+    """A table model's columns (metadata.json ``table``), None for other kinds; a table without them is an error:
+    its columns cannot be tested one by one, and MMD over raw columns would read category codes as numbers."""
+    if metadata.get("kind") != "table":
+        return None
+    if not metadata.get("table"):
+        raise FluxoError(f"model {metadata.get('model_name')} takes a table but its metadata.json lists no columns; "
+                         "re-export it with fluxo")
+    return TableInput.model_validate(metadata["table"])

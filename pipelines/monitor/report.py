@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pipelines.monitor.signals import Finding
-from pipelines.reporting import page, table
+from pipelines.reporting import esc, page, table
 
 _COUNTS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -26,6 +26,8 @@ def drift_report(summary: dict, findings: Mapping[str, Finding], labels: list[st
     tests = [finding.test for finding in findings.values()]
     rows = [(t.signal, f"{t.statistic:.5f}", f"{t.p_value:.3g}", f"{t.level:.3g}", "yes" if t.drift else "no")
             for t in tests]
+    if summary.get("drifted_columns"):
+        verdict += f" in columns {', '.join(summary['drifted_columns'])}"
     window = summary["window"]
     facts = table(["", ""], [
         ("model", f"{summary['model']} v{summary['model_version']}"),
@@ -35,14 +37,16 @@ def drift_report(summary: dict, findings: Mapping[str, Finding], labels: list[st
         ("instances / requests", f"{window['instances']} / {window['requests']}"),
     ])
     sections = [
-        ("Verdict", f'<p class="{css}">{verdict}</p>' + table(
-            ["signal", "MMD statistic", "p-value", "level", "drift"], rows)),
+        ("Verdict", f'<p class="{css}">{esc(verdict)}</p>' + table(
+            ["signal", "statistic", "p-value", "level", "drift"], rows)),
         ("What was compared", facts),
     ]
     for finding in findings.values():
         section = finding.signal.section(finding, labels)
         if section is not None:
             sections.append(section)
+    tests = "hyppo MMD (chi-square null)"
+    if "drifted_columns" in summary:
+        tests += ", a table's columns one by one (KS, Fisher, chi-squared)"
     return page(f"Drift report: {summary['model']} v{summary['model_version']}",
-                f"hyppo MMD (chi-square null), alpha {summary['alpha']} split over {_signals(len(findings))}",
-                sections)
+                f"{tests}, alpha {summary['alpha']} split over {_signals(len(findings))}", sections)

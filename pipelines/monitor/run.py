@@ -11,6 +11,7 @@ trigger retraining.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from pipelines.errors import FluxoError
 from pipelines.monitor.detect import compare, scores
 from pipelines.monitor.embedding import Embedder
-from pipelines.monitor.reference import load_reference
+from pipelines.monitor.reference import load_reference, table_contract
 from pipelines.monitor.report import drift_report
 from pipelines.monitor.signals import Sample
 from pipelines.monitor.status import write_status
@@ -73,8 +74,9 @@ def monitor(ctx: RunContext, model: str | None, name: str, window_hours: float |
     metadata = served.as_dict()
     model_name, version = str(metadata["model_name"]), served.version
     shape = tuple(int(s) for s in metadata["input_shape"])
+    regression = metadata.get("task") == "regression"
     window = read_window(payload_dir(root, settings), model_name, version, shape, hours,
-                         settings.monitor.max_instances, now)
+                         settings.monitor.max_instances, now, regression=regression)
     summary: dict[str, Any] = {
         "model": model_name, "model_version": version, "data_version": metadata.get("data_version"),
         "alpha": settings.monitor.alpha, "window": window.as_dict(), "reference_size": 0,
@@ -87,23 +89,37 @@ def monitor(ctx: RunContext, model: str | None, name: str, window_hours: float |
         if record:
             write_status(root, model_name, summary)
         return MonitorResult(summary, None)
-    embedder = Embedder(served.onnx_path)
+    embedder = Embedder(served.onnx_path, task=metadata.get("task"), table=table_contract(metadata))
     reference = load_reference(root, settings, metadata, embedder)
-    findings = compare(Sample.of_reference(reference), Sample.of_window(window, embedder(window.inputs)),
-                       settings.monitor.alpha)
+    findings = compare(Sample.of_reference(reference),
+                       Sample.of_window(window, embedder(window.inputs), reference.table), settings.monitor.alpha)
     tests = [finding.test for finding in findings.values()]
     summary["reference_size"] = len(reference.inputs)
     summary["scores"] = scores(findings)
     summary["drift_detected"] = any(test.drift for test in tests)
     summary["embedding"] = "head input" if embedder.has_head else "logits"
+    if reference.table is not None:  # by name, from the table's column tests (pipelines/monitor/columns.py)
+        summary["drifted_columns"] = drifted_columns(summary["scores"])
     report = drift_report(summary, findings, list(metadata["labels"]))
     verdict = "DRIFT" if summary["drift_detected"] else "no drift"
-    log.info("%s v%s: %s over %d instances (p-values %s; level %.3g each)", model_name, version, verdict,
-             len(window), ", ".join(f"{t.signal} {t.p_value:.3g}" for t in tests), tests[0].level)
+    log.info("%s v%s: %s over %d instances (p-values %s; level %.3g each)%s", model_name, version, verdict,
+             len(window), ", ".join(f"{t.signal} {t.p_value:.3g}" for t in tests), tests[0].level,
+             f"; drifted columns: {', '.join(summary['drifted_columns'])}" if summary.get("drifted_columns") else "")
     if record:
         summary["mlflow_run_id"] = _record(root, settings, summary, report)
         write_status(root, model_name, summary)
     return MonitorResult(summary, report)
+
+
+def drifted_columns(scores: dict[str, dict[str, Any]]) -> list[str]:
+    """The table columns any signal found drifted, in the order first named."""
+    names = (name for score in scores.values() for name in score.get("drifted_columns", ()))
+    return list(dict.fromkeys(names))
+
+
+def _metric_name(text: str) -> str:
+    """``text`` as MLflow allows in a metric name (letters, digits, ``_ - . /`` and spaces)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
 
 
 def _record(root: Path, settings: FluxoSettings, summary: dict[str, Any], report: str) -> str:
@@ -123,6 +139,8 @@ def _record(root: Path, settings: FluxoSettings, summary: dict[str, Any], report
         for signal, score in summary["scores"].items():
             metrics[f"drift_{signal}_statistic"] = score["statistic"]
             metrics[f"drift_{signal}_p_value"] = score["p_value"]
+            for column in score.get("columns", ()):  # a table's column tests, each by name
+                metrics[_metric_name(f"drift_{signal}_{column['column']}_{column['test']}_p_value")] = column["p_value"]
         mlflow.log_metrics(metrics)
         mlflow.log_text(report, "drift_report.html")
         mlflow.log_dict(summary, "drift_summary.json")

@@ -23,6 +23,7 @@ class Window:
     end: datetime
     first_seen: datetime | None
     last_seen: datetime | None
+    values: np.ndarray | None = None  # (n,): a regression model's answers, as the service answered; else None
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -40,13 +41,16 @@ _COLUMNS = ("time", "model_name", "model_version", "variant", "inputs", "input_s
 
 
 def read_window(location: Path | str, model_name: str, model_version: str | None, input_shape: tuple[int, ...],
-                hours: float, max_instances: int, now: datetime | None = None) -> Window:
+                hours: float, max_instances: int, now: datetime | None = None, regression: bool = False) -> Window:
     """The newest ``max_instances`` instances of ``model_name`` v``model_version`` logged in the last ``hours``.
 
     ``location`` is the payload log: a local directory or the ``s3://`` URL the service uploads to.
 
     Only the champion variant's answers count: a challenger's (canary) answers come from
     another model, so their probabilities are not this model's.
+
+    ``regression``: the model answers one value per instance, which its records hold as ``probabilities``
+    (serving/payload_log.py): the window's ``values``.
 
     Files are read newest first, a record batch at a time, keeping only the newest instances
     that fit the window; reading stops once no file left can hold a newer one. Memory is the
@@ -70,7 +74,7 @@ def read_window(location: Path | str, model_name: str, model_version: str | None
                 newest.add(_matching(batch, model_name, model_version, input_shape, start))
     except OSError as error:
         raise FluxoError(str(error)) from error
-    return _window(newest.table, max_instances, input_shape, start, end)
+    return _window(newest.table, max_instances, input_shape, start, end, regression)
 
 
 class _Newest:
@@ -124,20 +128,40 @@ def _matching(batch: Any, model_name: str, model_version: str | None, input_shap
     return table.filter(same) if len(shapes) else table
 
 
-def _window(table: Any, max_instances: int, input_shape: tuple[int, ...], start: datetime, end: datetime) -> Window:
-    """The :class:`Window` of ``table``'s records (newest first); the last one is cut to ``max_instances`` in all."""
-    inputs, probabilities, times, kept = [], [], [], 0
+def _window(table: Any, max_instances: int, input_shape: tuple[int, ...], start: datetime, end: datetime,
+            regression: bool = False) -> Window:
+    """The :class:`Window` of ``table``'s records (newest first); the last one is cut to ``max_instances`` in all.
+
+    A regression model's values: each record's ``probabilities``, (n, 1); when a record holds other than
+    one value per instance, the window has none and the monitor runs the graph on its inputs instead.
+    """
+    inputs, probabilities, values, times, kept = [], [], [], [], 0
     rows = [] if table is None else zip(table["inputs"].to_numpy(zero_copy_only=False),
                                         table["probabilities"].to_numpy(zero_copy_only=False), table["time"].to_pylist())
     for row_inputs, row_probabilities, when in rows:
         x = np.asarray(row_inputs, np.float32).reshape(-1, *input_shape)
-        p = np.asarray(row_probabilities, np.float32).reshape(len(x), -1)
+        p = (np.zeros((len(x), 0), np.float32) if row_probabilities is None
+             else np.asarray(row_probabilities, np.float32).reshape(len(x), -1))
         take = min(len(x), max_instances - kept)
         inputs.append(x[:take])
         probabilities.append(p[:take])
+        if regression and values is not None:
+            if p.shape[1] == 1:
+                values.append(p[:take, 0])
+            else:
+                values = None
         times.append(when)
         kept += take
     if not inputs:
         empty = np.zeros((0, *input_shape), np.float32)
-        return Window(empty, np.zeros((0, 0), np.float32), 0, start, end, None, None)
-    return Window(np.concatenate(inputs), np.concatenate(probabilities), len(times), start, end, min(times), max(times))
+        return Window(empty, np.zeros((0, 0), np.float32), 0, start, end, None, None,
+                      np.zeros(0, np.float32) if regression else None)
+    return Window(np.concatenate(inputs), _rows(probabilities), len(times), start, end, min(times), max(times),
+                  np.concatenate(values) if regression and values is not None else None)
+
+
+def _rows(parts: list[np.ndarray]) -> np.ndarray:
+    """Records' probabilities as one array; records of different widths (a regression log without them) as (n, 0)."""
+    if len({p.shape[1] for p in parts}) == 1:
+        return np.concatenate(parts)
+    return np.zeros((sum(len(p) for p in parts), 0), np.float32)

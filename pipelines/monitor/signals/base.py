@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pipelines.monitor.embedding import Embedded
     from pipelines.monitor.reference import Reference
     from pipelines.monitor.window import Window
+    from serving.contract import TableInput
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,24 @@ class Sample:
     embeddings: np.ndarray  # (n, d): the head's input (pipelines/monitor/embedding.py)
     probabilities: np.ndarray  # (n, classes): the reference's from the graph, a window's as the service answered
     labels: np.ndarray | None = None  # true classes: known for the reference's validation samples, not for traffic
+    values: np.ndarray | None = None  # (n,): a regression model's predicted values; None for a classifier
+    table: TableInput | None = None  # a table model's columns (serving/contract.py); inputs are then its raw columns
 
     @classmethod
     def of_reference(cls, reference: Reference) -> Sample:
         """The model's reference data (pipelines/monitor/reference.py)."""
         return cls(reference.inputs, reference.embedded.embeddings, reference.embedded.probabilities,
-                   reference.labels)
+                   reference.labels, reference.embedded.values, reference.table)
 
     @classmethod
-    def of_window(cls, window: Window, seen: Embedded) -> Sample:
-        """A window of logged payloads, with what the served graph makes of its inputs (``seen``)."""
-        return cls(window.inputs, seen.embeddings, window.probabilities)
+    def of_window(cls, window: Window, seen: Embedded, table: TableInput | None = None) -> Sample:
+        """A window of logged payloads, with what the served graph makes of its inputs (``seen``).
+
+        A regression model's values are the service's answers when the log holds them, else the graph's
+        (``seen``: the same graph). ``table``: the model's columns, for a table model.
+        """
+        values = window.values if window.values is not None else seen.values
+        return cls(window.inputs, seen.embeddings, window.probabilities, None, values, table)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,14 @@ class DriftSignal:
     def summarize(self, sample: Sample) -> np.ndarray:
         """The window side, from the logged payloads."""
         return self.features(sample)
+
+    def compare(self, reference: Sample, window: Sample, level: float) -> Finding:
+        """This signal on one window: :meth:`reference` and :meth:`summarize`, then :meth:`test`.
+
+        A signal whose test needs more than the two arrays (a table's column contract) overrides this.
+        """
+        ref, win = self.reference(reference), self.summarize(window)
+        return Finding(self, ref, win, self.test(ref, win, level))
 
     def test(self, reference: np.ndarray, window: np.ndarray, level: float) -> TestResult:
         """The two-sample test at ``level`` (its share of ``monitor.alpha``)."""
