@@ -204,16 +204,23 @@ def _print_welcome(ctx: RunContext, url: str, served_dir: ModelDir, metadata: di
     instance = example_instance(ctx, metadata)
     example = example_request(metadata, url, instances=[instance] if instance is not None else None)
     report = f"\n  report:   {url}/report (open it in a browser)" if (served_dir.path / REPORT_FILE).is_file() else ""
-    typer.echo(f"  metadata: curl -s {url}/metadata\n  predict:  {example['curl']}{report}\n")
+    answers = (f'\n            (a regression model: answers {{"value"}} per instance, in the units of '
+               f'{metadata["labels"][0]})' if metadata.get("task") == "regression" else "")
+    typer.echo(f"  metadata: curl -s {url}/metadata\n  predict:  {example['curl']}{answers}{report}\n")
     if following is not None:
         typer.echo(f"  following {'the registry and ' if following else ''}local promotions: "
                    "a new champion is served within seconds\n")
 
 
-def example_instance(ctx: RunContext, metadata: dict[str, Any]) -> list[Any] | None:
-    """A real held-out sample for the printed example: the model directory's, else data/'s if it is the model's."""
+def example_instance(ctx: RunContext, metadata: dict[str, Any]) -> list[Any] | dict[str, Any] | None:
+    """A real held-out sample for the printed example: the model directory's, else data/'s if it is the model's.
+
+    A table model's row is an object keyed by column name, a category as its text, as POST /predict takes it.
+    """
     from pipelines.data.store import read_dataset
     from pipelines.data.versioning import read_data_version
+    from serving.contract import TableInput
+    from serving.table_rows import row_object
 
     if metadata.get("example_instance") is not None:
         return metadata["example_instance"]
@@ -224,6 +231,10 @@ def example_instance(ctx: RunContext, metadata: dict[str, Any]) -> list[Any] | N
         test = read_dataset(ctx.root / data_dir).splits["test"]
     except FluxoError:
         return None
+    if len(test.y) == 0:
+        return None
+    if metadata.get("kind") == "table" and metadata.get("table"):
+        return row_object(test.x[0], TableInput.model_validate(metadata["table"]))
     return test.x[0].tolist()
 
 

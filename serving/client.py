@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,20 +34,45 @@ def zero_instance(input_shape: Sequence[int]) -> Any:
     return [zero_instance(input_shape[1:]) for _ in range(int(input_shape[0]))]
 
 
+def table_instance(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A table model's default example row, an object keyed by column name (GET /metadata table.columns):
+    a number column's training median (0 when unknown), a category column's first category; a valid request
+    whatever the model's policy for empty values."""
+    row: dict[str, Any] = {}
+    for column in table.get("columns") or []:
+        if column.get("type") == "category":
+            categories = column.get("categories") or []
+            row[column["name"]] = categories[0] if categories else None
+        else:
+            median = column.get("median")
+            row[column["name"]] = median if isinstance(median, (int, float)) and math.isfinite(median) else 0
+    return row
+
+
+def default_instance(metadata: Mapping[str, Any]) -> Any:
+    """The instance the example request sends when no real one is known: a table's default row
+    (:func:`table_instance`), else all zeros shaped like one instance."""
+    if metadata.get("kind") == "table" and metadata.get("table"):
+        return table_instance(metadata["table"])
+    return zero_instance(metadata["input_shape"])
+
+
 def example_request(
     metadata: Mapping[str, Any], url: str = DEFAULT_URL, instances: list[Any] | None = None
 ) -> dict[str, Any]:
     """A ready-to-run request for the served model: its URL, JSON body and a curl line.
 
-    ``instances`` (say, a real held-out sample) replaces the default single
-    all-zero instance. The Content-Type header is spelled out although the
-    service reads any body as JSON, so the line also works against plain
-    BentoML deployments.
+    ``instances`` (say, a real held-out sample: a table model's is an object keyed by column
+    name) replaces the default single instance (:func:`default_instance`). The answer is
+    ``{"label", "probabilities"}`` per instance for a classifier, ``{"value"}`` for a regression
+    model (``metadata`` task). The Content-Type header is spelled out although the service
+    reads any body as JSON, so the line also works against plain BentoML deployments.
     """
-    body = {"instances": instances if instances is not None else [zero_instance(metadata["input_shape"])]}
+    body = {"instances": instances if instances is not None else [default_instance(metadata)]}
     endpoint = url.rstrip("/") + "/predict"
     payload = json.dumps(body, separators=(",", ":"))
-    curl = f"curl -s -X POST {endpoint} -H 'Content-Type: application/json' -d '{payload}'"
+    # Quoted for the shell: a category's text may hold a single quote.
+    curl = f"curl -s -X POST {endpoint} -H 'Content-Type: application/json' -d {shlex.quote(payload)}"
     return {"url": endpoint, "body": body, "curl": curl}
 
 

@@ -52,6 +52,10 @@ _RECORD_OVERHEAD = 256
 _ROW_GROUP_BYTES = 4 * 1024 * 1024
 COLUMNS = ("request_id", "time", "route", "model_name", "model_version", "variant", "latency_ms",
            "inputs", "input_shape", "probabilities", "labels")
+"""One record per answered request. ``probabilities``: per instance, what the model answered, flat (a
+classifier's probabilities over its labels; a regression model's one value, in the target's units, so
+each instance's list holds one number and a reader's ``reshape(n, -1)`` gives (n, 1) values). ``labels``:
+per instance, the most probable label (a regression model: its one label, the target's name)."""
 
 
 def _schema() -> Any:
@@ -142,6 +146,8 @@ class PayloadLogger:
     def record(self, request_id: str, route: str, model_name: str, model_version: str | None, variant: str,
                latency_ms: float, inputs: np.ndarray, probabilities: np.ndarray, label_names: Sequence[str]) -> None:
         """Queue one answered request; O(1), never blocks, never raises (a full queue drops and counts).
+
+        ``probabilities``: the rows the model answered, (n, n_labels), or a regression model's (n, 1) values.
 
         The arrays are kept by reference (nobody writes to them after the answer); flattening,
         the predicted labels and the Arrow conversion happen in the writer thread. Full means

@@ -5,7 +5,8 @@ Three modes (``FLUXO_ROLLOUT``):
 - ``champion``: the champion answers everything; none of this module runs per request.
 - ``shadow``: the champion answers everything; a sampled share of requests
   (``FLUXO_SHADOW_SAMPLE``) is also run on the challenger off the response path,
-  and the two answers are compared (argmax equal or not).
+  and the two answers are compared (argmax equal or not; for a regression model, values
+  within a tolerance or not: :func:`agreements`).
 - ``canary``: a share ``FLUXO_CANARY_SHARE`` of requests is answered by the
   challenger. A request with an ``X-Request-Key`` header always gets the same
   variant (its key is hashed, not drawn), so one user sees one model; a key-less
@@ -18,14 +19,16 @@ exactly; serving/server.py wires it to the live models and the metrics.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from serving import ROLLOUT_MODES
-from serving.contract import contract_mismatch  # noqa: F401 - the rollout checks challengers with it
+from serving.contract import contract_mismatch
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -106,11 +109,47 @@ class RolloutPolicy:
         return taken, np.repeat(np.array(keep, dtype=bool), sizes)
 
 
-def agreements(champion: np.ndarray, challenger: np.ndarray) -> int:
-    """How many rows of two (n, n_labels) answers pick the same label (argmax equal)."""
+REGRESSION_RTOL = 0.05
+"""Regression: a challenger's value agrees within 5% of the champion's value..."""
+REGRESSION_RMSE_SHARE = 0.1
+"""...or within a tenth of the champion's test RMSE (its typical error), whichever is wider: a value near 0
+cannot agree by a relative tolerance alone, and a difference well inside the champion's own error is no
+disagreement a reader should act on."""
+
+
+def value_tolerance(champion_info: Mapping[str, Any]) -> float:
+    """The absolute part of the regression tolerance: :data:`REGRESSION_RMSE_SHARE` * the champion's
+    test RMSE (``/metadata`` test_metrics.test_rmse), 0 when the model directory does not record it."""
+    rmse = (champion_info.get("test_metrics") or {}).get("test_rmse")
+    return REGRESSION_RMSE_SHARE * float(rmse) if isinstance(rmse, (int, float)) and math.isfinite(rmse) else 0.0
+
+
+def agreements(champion: np.ndarray, challenger: np.ndarray, regression: bool = False, atol: float = 0.0) -> int:
+    """How many rows of two (n, n_labels) answers pick the same label (argmax equal).
+
+    ``regression``: the answers are (n, 1) values; a row agrees when
+    ``|challenger - champion| <= max(REGRESSION_RTOL * |champion|, atol)`` (``atol``: :func:`value_tolerance`).
+    The share that agrees is what ``fluxo_shadow_comparisons_total{outcome="agree"}`` counts either way.
+    """
     if champion.shape != challenger.shape:
         raise ValueError(f"answers of shape {champion.shape} and {challenger.shape} cannot be compared")
+    if regression:
+        ours, theirs = champion.astype(np.float64), challenger.astype(np.float64)
+        within = np.abs(theirs - ours) <= np.maximum(REGRESSION_RTOL * np.abs(ours), atol)
+        return int(np.count_nonzero(within.all(axis=1)))
     return int(np.count_nonzero(champion.argmax(axis=1) == challenger.argmax(axis=1)))
+
+
+def rollout_mismatch(champion_info: Mapping[str, Any], challenger_info: Mapping[str, Any]) -> str | None:
+    """Why a challenger cannot stand in for the champion: another input contract (:func:`contract_mismatch`)
+    or another task (a regression model's values and a classifier's probabilities cannot be compared); or None."""
+    problem = contract_mismatch(champion_info, challenger_info)
+    if problem is not None:
+        return problem
+    ours, theirs = champion_info.get("task") or "multiclass", challenger_info.get("task") or "multiclass"
+    if (ours == "regression") != (theirs == "regression"):
+        return f"its task is {theirs!r}, the champion's is {ours!r}"
+    return None
 
 
 class ShadowBook:
@@ -143,6 +182,7 @@ class ShadowBook:
 
 
 __all__ = [
-    "CANARY", "CHALLENGER", "CHAMPION", "MODES", "OUTCOMES", "REQUEST_KEY_HEADER", "SHADOW", "VARIANTS",
-    "VARIANT_HEADER", "RolloutPolicy", "ShadowBook", "agreements", "contract_mismatch", "key_fraction",
+    "CANARY", "CHALLENGER", "CHAMPION", "MODES", "OUTCOMES", "REGRESSION_RMSE_SHARE", "REGRESSION_RTOL",
+    "REQUEST_KEY_HEADER", "SHADOW", "VARIANTS", "VARIANT_HEADER", "RolloutPolicy", "ShadowBook", "agreements",
+    "contract_mismatch", "key_fraction", "rollout_mismatch", "value_tolerance",
 ]

@@ -68,8 +68,9 @@ router = APIRouter()
 @router.post("/predict", response_model=None, tags=["predict"],
              responses={200: {"model": PredictResponse}, **ERROR_RESPONSES})
 async def predict(request: Request) -> Response:
-    """Classify instances: each a nested list shaped like GET /metadata's input_shape, raw values; for a table
-    model, an object keyed by column name or a list of values in column order (GET /metadata table.columns)."""
+    """Classify (or, for a regression model, predict a value for) instances: each a nested list shaped like
+    GET /metadata's input_shape, raw values; for a table model, an object keyed by column name or a list of values
+    in column order (GET /metadata table.columns). GET /metadata task says which answer comes back."""
     return await predict_response(server_of(request), request.headers, request.receive)
 
 
@@ -158,7 +159,11 @@ async def predict_response(server: ModelServer, headers: Mapping[str, str], rece
 
 
 def predictions(live: LiveModel, probabilities: np.ndarray) -> Response:
-    """``{"predictions": [{"label", "probabilities"}, ...], "model_version"}``: /predict's answer."""
+    """``{"predictions": [{"label", "probabilities"}, ...], "model_version"}``: /predict's answer; a regression
+    model's ``probabilities`` are its (n, 1) values, answered ``{"predictions": [{"value"}, ...], ...}``."""
+    if live.model.regression:
+        answer = [{"value": value} for value in probabilities[:, 0]]  # numpy float32: orjson writes its shortest form
+        return json_response({"predictions": answer, "model_version": live.version})
     labels = live.model.labels
     best = probabilities.argmax(axis=1).tolist()
     answer = [{"label": labels[i], "probabilities": row} for i, row in zip(best, probabilities)]

@@ -95,7 +95,8 @@ async def v2_model_version_ready(request: Request, model_name: str, model_versio
 @router.post("/v2/models/{model_name}/infer", response_model=None, tags=["v2"],
              responses={200: {"model": oip.InferResponse}, **_MISSING, **ERROR_RESPONSES})
 async def v2_infer(request: Request, model_name: str) -> Response:
-    """Open Inference Protocol inference: one FP32 input tensor, outputs probabilities and label."""
+    """Open Inference Protocol inference: one FP32 input tensor, outputs probabilities and label (a regression
+    model: value, FP32 [n, 1])."""
     return await _infer(request, model_name, None)
 
 
@@ -109,7 +110,7 @@ def _model_metadata(request: Request, model_name: str, model_version: str | None
     live = live_named(server_of(request), model_name, model_version)
     return json_response(oip.model_metadata(live.name, live.version, live.model.input_name, live.model.input_shape,
                                             len(live.model.labels), live.model.takes_lengths,
-                                            table=live.info.get("table")))
+                                            table=live.info.get("table"), regression=live.model.regression))
 
 
 def _model_ready(request: Request, model_name: str, model_version: str | None) -> Response:
@@ -148,7 +149,7 @@ async def infer_answer(server: ModelServer, headers: Mapping[str, str], receive:
         body = parse_json(header)
         if declared is not None and isinstance(body, dict):
             binary.attach_binary(body.get("inputs"), blob)
-        tensor, lengths, request_id, outputs = oip.parse_request(body)
+        tensor, lengths, request_id, outputs = oip.parse_request(body, oip.outputs_of(live.model.regression))
         batch = oip_tensor(tensor, live, server.config.max_instances)
         if lengths is not None:
             addressed = live if model_version is not None else server.live  # a pinned version, or the champion's contract

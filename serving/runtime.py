@@ -228,6 +228,14 @@ class OnnxModel:
         self.input_name: str = self.metadata["input_name"]
         self.output_name: str = self.metadata["output_name"]
         self.kind: str | None = self.metadata.get("kind")
+        self.task: str = str(self.metadata.get("task") or "multiclass")
+        # A regression model answers one value per instance (the graph's output, in the target's units), not a
+        # softmax over labels: :meth:`predict_outputs` is what the batcher runs and every route reads.
+        self.regression: bool = self.task == "regression"
+        if self.regression and len(self.labels) != 1:
+            raise ServingError(f"{self.model_dir / METADATA_FILE}: task is 'regression' but labels lists "
+                               f"{len(self.labels)} names; a regression model has one output, labels [the target's "
+                               f"name]; {_FIX}")
         # A table model's columns, prepared once for POST /predict's rows (serving/table_rows.py); None otherwise.
         self.table: TableInput | None = None
         self.table_rows: Any = None
@@ -278,7 +286,7 @@ class OnnxModel:
                 ) from error
 
     def warmup(self, batch_sizes: Sequence[int], runs: int) -> float:
-        """Run each batch size ``runs`` times on made-up rows, through :meth:`predict_proba`; seconds spent.
+        """Run each batch size ``runs`` times on made-up rows, through :meth:`predict_outputs`; seconds spent.
 
         The check run above only covers one row. ONNX Runtime sizes its memory arena and
         its kernels' buffers on the first runs of each batch shape, so without this the
@@ -295,7 +303,7 @@ class OnnxModel:
                 batch[::2, :, max(1, self.input_shape[-1] // 2):] = np.nan
             try:
                 for _ in range(runs):
-                    self.predict_proba(batch)
+                    self.predict_outputs(batch)
             except Exception as error:  # a ServingError like every load failure: callers keep what they serve
                 raise ServingError(f"{self.model_dir / MODEL_FILE}: warmup fails on a batch of {size} rows "
                                    f"({error}); {_batch_fix(size)}") from error
@@ -371,6 +379,14 @@ class OnnxModel:
         """Class probabilities: the softmax of :meth:`predict_logits`."""
         return softmax(self.predict_logits(batch))
 
+    def predict_outputs(self, batch: np.ndarray) -> np.ndarray:
+        """What the service answers from: class probabilities (n, n_labels), or for a regression model
+        the graph's values (n, 1) in the target's units."""
+        if not self.regression:
+            return self.predict_proba(batch)
+        values = self.predict_logits(batch)
+        return values.reshape(len(values), 1)
+
     def info(self) -> dict[str, Any]:
         """What ``GET /metadata`` reports: identity, data version, contract, metrics, provider."""
         return public_metadata(self.metadata, self.provider, self.variant)
@@ -384,7 +400,8 @@ def public_metadata(meta: Mapping[str, Any], provider: str, variant: str = "fp32
     statistics: missing count, median, center, scale) and its policies (``missing``,
     ``unseen_category``, ``scaling``); ``columns`` is the part of it two models must share to
     stand in for each other (name, type, categories: serving.contract.CONTRACT_FIELDS). Both are
-    null for other kinds.
+    null for other kinds. ``task`` is multiclass, binary (answers: a label and its probabilities) or
+    regression (answers: one value, in the units of the target ``labels[0]``).
     """
     metrics = meta.get("test_metrics") or {}
     table = meta.get("table") if meta.get("kind") == "table" else None
@@ -394,6 +411,7 @@ def public_metadata(meta: Mapping[str, Any], provider: str, variant: str = "fp32
         "model_name": meta.get("model_name"),
         "model_version": None if meta.get("model_version") is None else str(meta["model_version"]),
         "architecture": meta.get("architecture"),
+        "task": str(meta.get("task") or "multiclass"),
         "run_id": meta.get("run_id"),
         "dataset": meta.get("dataset"),
         "data_version": meta.get("data_version"),

@@ -47,16 +47,24 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    """The model's answer for one instance."""
+    """A classifier's answer for one instance (GET /metadata task multiclass or binary)."""
 
     label: str = Field(description="The most probable label.")
     probabilities: list[float] = Field(description="One probability per label, in the order of GET /metadata labels.")
 
 
+class ValuePrediction(BaseModel):
+    """A regression model's answer for one instance (GET /metadata task regression)."""
+
+    value: float = Field(description="The predicted value, in the units of the target (GET /metadata labels[0]).")
+
+
 class PredictResponse(BaseModel):
     """Body of a successful ``POST /predict``: one prediction per instance, in request order."""
 
-    predictions: list[Prediction]
+    predictions: list[Prediction | ValuePrediction] = Field(
+        description="A classifier answers {label, probabilities} per instance, a regression model {value} "
+        "(GET /metadata task says which).")
     model_version: str | None = Field(description="Registry version of the served model; null for a plain export.")
 
 
@@ -66,12 +74,15 @@ class MetadataResponse(BaseModel):
     model_name: str | None
     model_version: str | None
     architecture: str | None = None
+    task: str = Field("multiclass", description="multiclass or binary: POST /predict answers a label and its "
+                      "probabilities; regression: one value per instance, in the units of the target labels[0].")
     run_id: str | None = None
     dataset: str | None = None
     data_version: str | None
     input_shape: list[int]
     input_dtype: str = "float32"
-    labels: list[str]
+    labels: list[str] = Field(description="Class names in probability order; for a regression model, [the target's "
+                              "name].")
     test_metrics: dict[str, float]
     onnx_opset: int | None = None
     takes_lengths: bool = Field(

@@ -48,7 +48,8 @@ from serving.rollout import (
     RolloutPolicy,
     ShadowBook,
     agreements,
-    contract_mismatch,
+    rollout_mismatch,
+    value_tolerance,
 )
 from serving.runtime import CPU, OnnxModel, providers_for, public_metadata
 
@@ -137,7 +138,7 @@ class ModelServer:
         spec = image_spec(model.metadata)
         champion = variant == CHAMPION
         batcher = Batcher(
-            model.predict_proba,
+            model.predict_outputs,  # probabilities, or a regression model's values
             # The challenger runs in its own thread: a slow challenger never queues ahead of the champion.
             self._executor if champion else self._challenger_executor,
             max_batch_size=self.config.max_batch_size,
@@ -180,9 +181,9 @@ class ModelServer:
             self.challenger_watcher = PointerWatcher(source, target)
 
     def _load_challenger(self, model_dir: Path) -> LiveModel:
-        """Load a challenger; it must read the champion's inputs and name its labels (else ServingError)."""
+        """Load a challenger; it must read the champion's inputs, name its labels and share its task (else ServingError)."""
         fresh = self._load(model_dir, CHALLENGER)
-        problem = contract_mismatch(self.live.info, fresh.info)
+        problem = rollout_mismatch(self.live.info, fresh.info)
         if problem is not None:
             raise ServingError(f"challenger {model_dir} cannot stand in for the champion: {problem}")
         return fresh
@@ -249,7 +250,7 @@ class ModelServer:
         self.metrics.model_loaded(fresh.info, previous.info)
         logger.info("hot reload: now serving %s (was version %s)", fresh.model.describe(), previous.version)
         challenger = self.challenger
-        if challenger is not None and (problem := contract_mismatch(fresh.info, challenger.info)) is not None:
+        if challenger is not None and (problem := rollout_mismatch(fresh.info, challenger.info)) is not None:
             logger.warning("challenger version %s no longer fits the champion (%s): serving the champion alone "
                            "until another challenger is published", challenger.version, problem)
             self._set_challenger(None, challenger)
@@ -373,7 +374,8 @@ class ModelServer:
             if self.live.model.takes_lengths and not challenger.model.takes_lengths:
                 batch = np.nan_to_num(batch, nan=0.0)
             rows = await challenger.batcher.submit(batch)
-            agree = agreements(champion_rows, rows)
+            regression = self.live.model.regression  # a challenger of another task is refused at load
+            agree = agreements(champion_rows, rows, regression, value_tolerance(self.live.info) if regression else 0.0)
         except Exception as error:  # noqa: BLE001 - nobody awaits this task: count, log once, move on
             self.metrics.shadow(0, 0, len(batch))
             if self._shadow_error_logged is not challenger:

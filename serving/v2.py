@@ -2,9 +2,11 @@
 
 Tensors come as JSON here, or as bytes through the binary tensor extension
 (serving/v2_binary.py), which Triton's clients use by default. The model has one input (``metadata.json`` input_name, FP32,
-shape ``[-1, *input_shape]``) and two outputs that carry what ``/predict``
-returns: ``probabilities`` (FP32 ``[n, n_labels]``, softmax of the logits) and
-``label`` (BYTES ``[n]``, the most probable label).
+shape ``[-1, *input_shape]``) and outputs that carry what ``/predict`` returns. A classifier
+has two: ``probabilities`` (FP32 ``[n, n_labels]``, softmax of the logits) and ``label``
+(BYTES ``[n]``, the most probable label). A regression model (``/metadata`` task regression)
+has one: ``value`` (FP32 ``[n, 1]``, the graph's output as is, in the target's units), the
+shape its graph declares, as Triton would answer for the same ONNX model.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import BaseModel, Field
 from serving.schemas import InvalidInstances
 
 OUTPUTS = ("probabilities", "label")
+REGRESSION_OUTPUTS = ("value",)
 LENGTHS = "lengths"  # the optional second input of a model that takes lengths (serving/contract.LENGTHS_NAME)
 PLATFORM = "onnxruntime_onnx"
 
@@ -32,7 +35,7 @@ class InferTensor(BaseModel):
 
 
 class RequestedOutput(BaseModel):
-    name: str = Field(description="probabilities or label.")
+    name: str = Field(description="probabilities or label; value for a regression model.")
     parameters: dict[str, Any] | None = None
 
 
@@ -90,8 +93,14 @@ class ServerMetadata(BaseModel):
     extensions: list[str]
 
 
+def outputs_of(regression: bool) -> tuple[str, ...]:
+    """The output tensors a model answers: ``value`` for a regression model, else probabilities and label."""
+    return REGRESSION_OUTPUTS if regression else OUTPUTS
+
+
 def model_metadata(name: str, version: str | None, input_name: str, input_shape: tuple[int, ...],
-                   n_labels: int, takes_lengths: bool = False, table: dict[str, Any] | None = None) -> dict[str, Any]:
+                   n_labels: int, takes_lengths: bool = False, table: dict[str, Any] | None = None,
+                   regression: bool = False) -> dict[str, Any]:
     """``GET /v2/models/{name}``; a table model's columns (``table``) go in ``parameters``.
 
     The protocol's tensor metadata has no room for column names, so a table model adds
@@ -108,7 +117,7 @@ def model_metadata(name: str, version: str | None, input_name: str, input_shape:
         "versions": [version] if version is not None else [],
         "platform": PLATFORM,
         "inputs": inputs,
-        "outputs": [
+        "outputs": [{"name": "value", "datatype": "FP32", "shape": [-1, 1]}] if regression else [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, n_labels]},
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
         ],
@@ -118,8 +127,10 @@ def model_metadata(name: str, version: str | None, input_name: str, input_shape:
     return document
 
 
-def parse_request(body: Any) -> tuple[Any, Any | None, str | None, list[str]]:
+def parse_request(body: Any, known: tuple[str, ...] = OUTPUTS) -> tuple[Any, Any | None, str | None, list[str]]:
     """The envelope of an infer request: (input tensor, ``lengths`` tensor or None, id, requested outputs).
+
+    ``known``: the model's output names (:func:`outputs_of`); requested outputs must be among them.
 
     A ``lengths`` tensor (INT64 ``[n]``) may follow the input for a model that takes lengths
     (a recurrent model on variable-length data): each zero-padded sequence's valid steps.
@@ -147,15 +158,15 @@ def parse_request(body: Any) -> tuple[Any, Any | None, str | None, list[str]]:
                                    "text") from None
     requested = body.get("outputs")
     if requested is None:
-        names = list(OUTPUTS)
+        names = list(known)
     else:
         if not isinstance(requested, list) or not requested:
-            raise InvalidInstances(f"outputs must be a non-empty list of {{\"name\": ...}} with names from {list(OUTPUTS)}")
+            raise InvalidInstances(f"outputs must be a non-empty list of {{\"name\": ...}} with names from {list(known)}")
         names = []
         for i, item in enumerate(requested):
             name = item.get("name") if isinstance(item, dict) else None
-            if name not in OUTPUTS:
-                raise InvalidInstances(f"outputs[{i}].name is {name!r}; this model's outputs are {list(OUTPUTS)}")
+            if name not in known:
+                raise InvalidInstances(f"outputs[{i}].name is {name!r}; this model's outputs are {list(known)}")
             names.append(name)
     return inputs[0], lengths, request_id, names
 
@@ -180,10 +191,11 @@ def lengths_values(tensor: Any, count: int, steps: int) -> np.ndarray:
 
 def infer_response(model_name: str, version: str | None, request_id: str | None, outputs: list[str],
                    probabilities: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """The answer document; ``probabilities`` are a regression model's (n, 1) values when ``outputs`` is ``value``."""
     n, k = probabilities.shape
     tensors = []
     for name in outputs:
-        if name == "probabilities":
+        if name in ("probabilities", "value"):  # a regression model's value: its (n, 1) rows
             tensors.append({"name": name, "datatype": "FP32", "shape": [n, k], "data": probabilities.ravel()})
         else:
             best = probabilities.argmax(axis=1).tolist()

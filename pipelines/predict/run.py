@@ -5,6 +5,10 @@ provider, the service's validation and image decoding in ``sources``), so a batc
 and a ``POST /predict`` answer for the same instance agree. Output is written chunk by
 chunk to a temporary file beside the target and renamed into place at the end: a reader
 never sees half a file, and a failed run leaves the previous one untouched.
+
+Columns: ``id``, then a classifier's ``label``, ``probability`` (of that label) and
+``probabilities`` (over all labels, in metadata order), or a regression model's ``value`` (in
+the target's units, as ``POST /predict`` answers it), then ``model_version``.
 """
 
 from __future__ import annotations
@@ -83,9 +87,11 @@ def errors_path_for(output: Path) -> Path:
     return output.with_name(f"{output.stem}.errors.json")
 
 
-def _schema() -> Any:
+def _schema(regression: bool = False) -> Any:
     import pyarrow as pa
 
+    if regression:
+        return pa.schema([("id", pa.string()), ("value", pa.float32()), ("model_version", pa.string())])
     return pa.schema([
         ("id", pa.string()),
         ("label", pa.string()),
@@ -95,11 +101,20 @@ def _schema() -> Any:
     ])
 
 
-def _table(ids: list[str], probabilities: np.ndarray, labels: list[str], version: str | None) -> Any:
-    """One chunk's rows as an Arrow table; probabilities as one list column without Python floats."""
+def _table(ids: list[str], probabilities: np.ndarray, labels: list[str], version: str | None,
+           regression: bool = False) -> Any:
+    """One chunk's rows as an Arrow table; probabilities as one list column without Python floats.
+
+    ``regression``: ``probabilities`` are the model's (n, 1) values, written as the ``value`` column."""
     import pyarrow as pa
 
     n, k = probabilities.shape
+    if regression:
+        return pa.table({
+            "id": pa.array(ids, pa.string()),
+            "value": pa.array(np.ascontiguousarray(probabilities[:, 0], dtype=np.float32)),
+            "model_version": pa.array([version] * n, pa.string()),
+        }, schema=_schema(True))
     best = probabilities.argmax(axis=1)
     offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
     values = pa.array(np.ascontiguousarray(probabilities, dtype=np.float32).ravel())
@@ -178,10 +193,11 @@ def predict_to_parquet(
     os.close(handle)
     rows, kept, skipped = 0, [], 0
     version = model.metadata.get("model_version")
+    regression = bool(getattr(model, "regression", False))
     digest = hashlib.sha256()
     unseen = Unseen()
     try:
-        with pq.ParquetWriter(temporary, _schema()) as writer:
+        with pq.ParquetWriter(temporary, _schema(regression)) as writer:
             source = chunks(input_path, contract, batch_size, digest)
             for chunk in _progress(source, count_instances(input_path)):
                 if chunk.errors and on_error == "fail":
@@ -190,7 +206,8 @@ def predict_to_parquet(
                 unseen.add(chunk.unseen)
                 kept.extend(chunk.errors[: max(0, KEPT_ERRORS - len(kept))])
                 if chunk.ids:
-                    writer.write_table(_table(chunk.ids, model.predict_proba(chunk.batch), model.labels, version))
+                    answers = model.predict_outputs(chunk.batch) if regression else model.predict_proba(chunk.batch)
+                    writer.write_table(_table(chunk.ids, answers, model.labels, version, regression))
                     rows += len(chunk.ids)
         os.replace(temporary, output)
     except BaseException:

@@ -2,6 +2,8 @@
 
 Everything here works on what the service would answer (probabilities from the ONNX graph),
 so the report describes the model as clients meet it, not as it looked inside PyTorch.
+A regression model's answers are values in the target's units (:class:`RegressionEvaluation`):
+MAE, RMSE and R², with the same bootstrap.
 Confidence intervals come from a percentile bootstrap over test samples: a test split of
 a few hundred images moves accuracy by several points, and a reader comparing two
 versions needs to see that before reading meaning into a 0.5-point gap.
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+REGRESSION_METRICS = ("mae", "rmse", "r2")
+LOWER_IS_BETTER = frozenset({"mae", "rmse"})
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,67 @@ def evaluate(truth: np.ndarray, probabilities: np.ndarray, classes: int, seed: i
                           "support": int(confusion[c].sum())})
     return Evaluation(truth, probabilities, bootstrap_intervals(truth, predicted, classes, seed=seed), per_class,
                       confusion, calibration(truth, probabilities))
+
+
+@dataclass(frozen=True)
+class RegressionEvaluation:
+    """A regression graph's answers on the test split: one value per sample, in the target's units."""
+
+    truth: np.ndarray  # float64 (n,)
+    values: np.ndarray  # float64 (n,): what the service answers
+    metrics: dict[str, Interval]  # mae, rmse, r2
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """true − predicted: positive where the model answered too low."""
+        return self.truth - self.values
+
+
+def regression_scores(truth: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
+    """MAE, RMSE and R² of each row (a leading axis for stacked resamples), as scikit-learn computes them.
+
+    R² of a constant truth is scikit-learn's ``force_finite`` answer: 1 for a perfect fit, else 0.
+    """
+    truth, values = np.atleast_2d(truth).astype(np.float64), np.atleast_2d(values).astype(np.float64)
+    error = truth - values
+    residual = (error ** 2).sum(-1)
+    total = ((truth - truth.mean(-1, keepdims=True)) ** 2).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(total > 0, 1.0 - residual / total, np.where(residual == 0, 1.0, 0.0))
+    return {"mae": np.abs(error).mean(-1), "rmse": np.sqrt((error ** 2).mean(-1)), "r2": r2}
+
+
+def regression_intervals(truth: np.ndarray, values: np.ndarray, resamples: int = 1000, level: float = 0.95,
+                         seed: int = 0) -> dict[str, Interval]:
+    """Point value and percentile-bootstrap interval of every metric in :data:`REGRESSION_METRICS`."""
+    truth, values = np.asarray(truth, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    point = {name: float(v[0]) for name, v in regression_scores(truth, values).items()}
+    if len(truth) < 2:  # nothing to resample; R² is undefined on one sample
+        point["r2"] = float("nan")
+        return {name: Interval(point[name], point[name], point[name]) for name in REGRESSION_METRICS}
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // len(truth))  # resamples at a time: bounded memory on a large test split
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, resamples, chunk):
+        rows = rng.integers(0, len(truth), size=(min(chunk, resamples - start), len(truth)))
+        parts.append(regression_scores(truth[rows], values[rows]))
+    resampled = {name: np.concatenate([part[name] for part in parts]) for name in REGRESSION_METRICS}
+    tail = (1 - level) / 2 * 100
+    return {name: Interval(point[name], float(np.percentile(resampled[name], tail)),
+                           float(np.percentile(resampled[name], 100 - tail))) for name in REGRESSION_METRICS}
+
+
+def evaluate_regression(truth: np.ndarray, outputs: np.ndarray, seed: int = 0) -> RegressionEvaluation:
+    """``outputs``: the graph's (n, 1) answers (or (n,)); the value is the first column."""
+    truth = np.asarray(truth, dtype=np.float64).ravel()
+    values = np.asarray(outputs, dtype=np.float64).reshape(len(truth), -1)[:, 0]
+    return RegressionEvaluation(truth, values, regression_intervals(truth, values, seed=seed))
+
+
+def largest_errors(evaluation: RegressionEvaluation, limit: int = 8) -> list[int]:
+    """Test rows with the largest absolute error, largest first."""
+    error = np.abs(evaluation.residuals)
+    return [int(i) for i in np.argsort(-error, kind="stable")[:limit]]
 
 
 def confident_mistakes(evaluation: Evaluation, limit: int = 8) -> list[int]:

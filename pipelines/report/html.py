@@ -5,6 +5,10 @@ registered with it in MLflow, copied into every served directory, answered by th
 service at ``GET /report``. The page is self-contained (pipelines/reporting.py): no
 scripts, figures inlined, nothing fetched, so it opens the same from MLflow, the
 service or disk.
+
+A regression model (metadata task ``regression``) gets its own middle: MAE, RMSE and R² with
+their intervals, the champion on the same numbers, predicted against true, the residuals and
+the largest errors, in place of the per-class table, confusion matrix, calibration and mistakes.
 """
 
 from __future__ import annotations
@@ -17,15 +21,22 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.report.evaluation import METRICS, Evaluation, Latency, confident_mistakes
+from pipelines.report.evaluation import (
+    LOWER_IS_BETTER, METRICS, REGRESSION_METRICS, Evaluation, Latency, RegressionEvaluation, confident_mistakes,
+    largest_errors,
+)
 from serving.scoring import ParityReport
-from pipelines.report.plots import confusion_figure, learning_curves_figure, reliability_figure, sample_figure
+from pipelines.report.plots import (
+    confusion_figure, learning_curves_figure, predicted_vs_true_figure, reliability_figure, residuals_figure,
+    sample_figure,
+)
 from pipelines.reporting import Markup, esc, image, page, table
 from serving.contract import ModelMetadata
 
 log = logging.getLogger(__name__)
 
-CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_r2")
+METRIC_NAMES = {"mae": "MAE", "rmse": "RMSE", "r2": "R²"}
 
 
 @dataclass(frozen=True)
@@ -33,14 +44,14 @@ class ChampionComparison:
     """The registry's champion when this model was exported, scored on this model's test split."""
 
     version: str
-    evaluation: Evaluation | None = None
+    evaluation: Evaluation | RegressionEvaluation | None = None
     note: str = ""  # why it was not scored, when it was not
 
 
 @dataclass(frozen=True)
 class ReportInputs:
     metadata: ModelMetadata
-    evaluation: Evaluation
+    evaluation: Evaluation | RegressionEvaluation
     test_x: np.ndarray
     parity: ParityReport
     latency: Sequence[Latency]
@@ -54,11 +65,23 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value * 100:.2f}%"
 
 
+def _regression(inputs: ReportInputs) -> bool:
+    return isinstance(inputs.evaluation, RegressionEvaluation)
+
+
+def _number(value: float | None) -> str:
+    """A regression metric in the target's units (or R²): four significant digits, — when absent or undefined."""
+    if value is None or not np.isfinite(value):
+        return "—"
+    return f"{value:.4g}"
+
+
 def _summary(inputs: ReportInputs) -> str:
     m = inputs.metadata
     rows = [("model", m.model_name), ("architecture", m.architecture), ("task", m.task), ("MLflow run", m.run_id),
             ("dataset", m.dataset), ("data version (DVC md5)", m.data_version),
-            ("input", f"{m.kind or 'tensor'} {list(m.input_shape)}, {len(m.labels)} labels"),
+            ("input", f"{m.kind or 'tensor'} {list(m.input_shape)}, "
+                      + (f"target {m.labels[0]}" if _regression(inputs) else f"{len(m.labels)} labels")),
             ("exported", inputs.created.strftime("%Y-%m-%d %H:%M:%S UTC"))]
     return table(("", "value"), rows, left=2)
 
@@ -83,6 +106,10 @@ def _champion(inputs: ReportInputs) -> str:
         return "<p>No champion was registered when this model was exported: it is the first of its name.</p>"
     if champion.evaluation is None:
         return f"<p>Champion v{esc(champion.version)} was not compared: {esc(champion.note)}</p>"
+    if _regression(inputs):
+        return _regression_champion(inputs)
+    if not isinstance(champion.evaluation, Evaluation):
+        return f"<p>Champion v{esc(champion.version)} was not compared: it is a regression model.</p>"
     ours, theirs = inputs.evaluation, champion.evaluation
     rows = []
     for name in METRICS:
@@ -132,15 +159,78 @@ def _mistakes(inputs: ReportInputs) -> str:
             "confidence).</p>" + "".join(figures))
 
 
+def _regression_metrics(inputs: ReportInputs) -> str:
+    trained = inputs.metadata.test_metrics
+    rows = []
+    for name in REGRESSION_METRICS:
+        interval = inputs.evaluation.metrics[name]
+        rows.append((METRIC_NAMES[name], _number(interval.value), f"{_number(interval.low)} – {_number(interval.high)}",
+                     _number(trained.get(f"test_{name}"))))
+    samples = len(inputs.evaluation.truth)
+    note = (f'<p class="muted">{samples} test samples, answered by the exported ONNX graph as the service runs it; '
+            f"MAE and RMSE in the units of {esc(inputs.metadata.labels[0])} (lower is better), R² the share of its "
+            "variance explained (1 is perfect, 0 is predicting the mean). The interval is a 95% percentile "
+            "bootstrap over samples (1,000 resamples). “As trained” is the PyTorch model on the same split.</p>")
+    return table(("metric", "as served", "95% interval", "as trained"), rows) + note
+
+
+def _regression_champion(inputs: ReportInputs) -> str:
+    champion = inputs.champion
+    ours, theirs = inputs.evaluation, champion.evaluation
+    if not isinstance(theirs, RegressionEvaluation):
+        return f"<p>Champion v{esc(champion.version)} was not compared: it is not a regression model.</p>"
+    rows = []
+    for name in REGRESSION_METRICS:
+        delta = ours.metrics[name].value - theirs.metrics[name].value
+        better = -delta if name in LOWER_IS_BETTER else delta
+        css = "good" if better > 0 else "bad" if better < 0 else "muted"
+        rows.append((METRIC_NAMES[name] + (" (lower is better)" if name in LOWER_IS_BETTER else ""),
+                     _number(ours.metrics[name].value), _number(theirs.metrics[name].value),
+                     Markup(f'<span class="{css}">{delta:+.4g}</span>')))
+    note = (f'<p class="muted">Both graphs scored on this model\'s test split; the promotion gate decides on the '
+            f"same numbers (its decision is export/gate.json in the run). {esc(champion.note)}</p>")
+    return table(("metric", "this model", f"champion v{champion.version}", "difference"), rows) + note
+
+
+def _predicted_vs_true(inputs: ReportInputs) -> str:
+    evaluation = inputs.evaluation
+    return image(predicted_vs_true_figure(evaluation.truth, evaluation.values, inputs.metadata.labels[0]),
+                 "predicted against true value on the test split (the dashed line: a perfect model)")
+
+
+def _residuals(inputs: ReportInputs) -> str:
+    evaluation = inputs.evaluation
+    residuals = evaluation.residuals
+    text = (f"<p>Residuals (true − predicted): mean <b>{_number(float(residuals.mean()))}</b> (a bias when far from "
+            f"0), standard deviation {_number(float(residuals.std()))}, median absolute "
+            f"{_number(float(np.median(np.abs(residuals))))}.</p>")
+    return text + image(residuals_figure(evaluation.truth, evaluation.values),
+                        "residual against prediction (a pattern is error the model could still learn), and their histogram")
+
+
+def _largest_errors(inputs: ReportInputs) -> str:
+    evaluation = inputs.evaluation
+    rows = [(row, _number(float(evaluation.truth[row])), _number(float(evaluation.values[row])),
+             _number(float(evaluation.residuals[row]))) for row in largest_errors(evaluation)]
+    return (table(("test row", "true", "predicted", "residual"), rows)
+            + '<p class="muted">The test samples answered furthest from their true value.</p>')
+
+
 def _curves(inputs: ReportInputs) -> str:
-    uri = learning_curves_figure(inputs.history)
-    return image(uri, "per-epoch loss and accuracy") if uri else "<p>The run logged no per-epoch curves.</p>"
+    history, caption = inputs.history, "per-epoch loss and accuracy"
+    if _regression(inputs):  # accuracy means nothing for a value: loss and validation R² only
+        history = {key: points for key, points in history.items() if not key.endswith("_accuracy")}
+        caption = "per-epoch loss and validation R²"
+    uri = learning_curves_figure(history)
+    return image(uri, caption) if uri else "<p>The run logged no per-epoch curves.</p>"
 
 
 def _parity(inputs: ReportInputs) -> str:
     p = inputs.parity
-    rows = [("samples", p.samples), ("max |Δlogit|", f"{p.max_abs_diff:.2e}"), ("allowed (export.parity_atol)",
-            f"{p.atol:.0e}"), ("argmax agreement", _pct(p.argmax_agreement)),
+    regression = _regression(inputs)
+    rows = [("samples", p.samples), ("max |Δvalue|" if regression else "max |Δlogit|", f"{p.max_abs_diff:.2e}"),
+            ("allowed (export.parity_atol)", f"{p.atol:.0e}"),
+            *([] if regression else [("argmax agreement", _pct(p.argmax_agreement))]),
             ("result", Markup('<span class="good">passed</span>' if p.passed else '<span class="bad">failed</span>'))]
     return table(("PyTorch vs ONNX Runtime", "value"), rows)
 
@@ -155,6 +245,9 @@ def _latency(inputs: ReportInputs) -> str:
 
 def _variants(inputs: ReportInputs) -> str:
     variants = inputs.metadata.variants
+    if not variants and _regression(inputs):
+        return "<p>No lower-precision variant was tried: the variants' gate judges accuracy, so regression models " \
+               "are served in fp32.</p>"
     if not variants:
         return "<p>No lower-precision variant was tried (export.variants is empty).</p>"
 
@@ -186,6 +279,8 @@ def _data(inputs: ReportInputs) -> str:
 def render_report(inputs: ReportInputs) -> str:
     """The whole page as HTML text."""
     m = inputs.metadata
+    if _regression(inputs):
+        return _render_regression(inputs)
     accuracy = inputs.evaluation.metrics["accuracy"]
     subtitle = (f"{m.architecture} on {m.dataset}: test accuracy {_pct(accuracy.value)} as served "
                 f"(95% interval {_pct(accuracy.low)} – {_pct(accuracy.high)}), run {m.run_id}")
@@ -198,6 +293,27 @@ def render_report(inputs: ReportInputs) -> str:
                                    "confusion matrix on the test split (rows: true label)")),
         ("Calibration", _calibration(inputs)),
         ("Most confident mistakes", _mistakes(inputs)),
+        ("Learning curves", _curves(inputs)),
+        ("Parity", _parity(inputs)),
+        ("Latency", _latency(inputs)),
+        ("Variants", _variants(inputs)),
+        ("Data", _data(inputs)),
+    ]
+    return page(f"{m.model_name} — model report", subtitle, sections)
+
+
+def _render_regression(inputs: ReportInputs) -> str:
+    m = inputs.metadata
+    r2, mae = inputs.evaluation.metrics["r2"], inputs.evaluation.metrics["mae"]
+    subtitle = (f"{m.architecture} on {m.dataset}: test R² {_number(r2.value)} as served "
+                f"(95% interval {_number(r2.low)} – {_number(r2.high)}), MAE {_number(mae.value)}, run {m.run_id}")
+    sections = [
+        ("Model", _summary(inputs)),
+        ("Test metrics", _regression_metrics(inputs)),
+        ("Against the champion", _champion(inputs)),
+        ("Predicted against true", _predicted_vs_true(inputs)),
+        ("Residuals", _residuals(inputs)),
+        ("Largest errors", _largest_errors(inputs)),
         ("Learning curves", _curves(inputs)),
         ("Parity", _parity(inputs)),
         ("Latency", _latency(inputs)),

@@ -48,10 +48,49 @@ def reliability_figure(result: Calibration) -> str:
     return figure_uri(figure)
 
 
+def predicted_vs_true_figure(truth: np.ndarray, values: np.ndarray, target: str) -> str:
+    """Each test sample's answer against its true value, with the diagonal a perfect model would sit on."""
+    figure, axis = new_figure(4.8, 4.4)
+    axis.scatter(truth, values, s=10, alpha=0.6, color="#4c78a8", edgecolors="none")
+    finite = np.concatenate([np.asarray(truth, np.float64), np.asarray(values, np.float64)])
+    finite = finite[np.isfinite(finite)]
+    if finite.size:
+        low, high = float(finite.min()), float(finite.max())
+        axis.plot([low, high], [low, high], "--", color="#57606a", lw=1, label="predicted = true")
+        axis.legend(loc="upper left", fontsize=8)
+    axis.set_xlabel(f"true {target}")
+    axis.set_ylabel(f"predicted {target}")
+    axis.grid(alpha=0.3)
+    return figure_uri(figure)
+
+
+def residuals_figure(truth: np.ndarray, values: np.ndarray) -> str:
+    """Residuals (true − predicted) against the prediction, and their histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    residuals = np.asarray(truth, np.float64) - np.asarray(values, np.float64)
+    figure, (scatter, histogram) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    scatter.scatter(values, residuals, s=10, alpha=0.6, color="#4c78a8", edgecolors="none")
+    scatter.axhline(0.0, ls="--", color="#57606a", lw=1)
+    scatter.set_xlabel("predicted")
+    scatter.set_ylabel("residual (true − predicted)")
+    scatter.grid(alpha=0.3)
+    histogram.hist(residuals[np.isfinite(residuals)], bins=min(40, max(5, len(residuals) // 5)), color="#4c78a8",
+                   edgecolor="white")
+    histogram.axvline(0.0, ls="--", color="#57606a", lw=1)
+    histogram.set_xlabel("residual (true − predicted)")
+    histogram.set_ylabel("samples")
+    return figure_uri(figure)
+
+
 def learning_curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> str | None:
-    """Loss and accuracy per epoch (train and validation); None when the run logged no curves."""
+    """Loss and accuracy (or a regression's validation R²) per epoch; None when the run logged no curves."""
     panels = [[key for key in ("train_loss", "val_loss") if history.get(key)],
-              [key for key in ("train_accuracy", "val_accuracy") if history.get(key)]]
+              [key for key in ("train_accuracy", "val_accuracy") if history.get(key)],
+              [key for key in ("val_r2",) if history.get(key)]]
     panels = [keys for keys in panels if keys]
     if not panels:
         return None

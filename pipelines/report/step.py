@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.store import Dataset
-from pipelines.report.evaluation import evaluate, measure_latency, softmax
+from pipelines.report.evaluation import RegressionEvaluation, evaluate, evaluate_regression, measure_latency, softmax
 from serving.scoring import ParityReport, onnx_logits
 from pipelines.report.html import CURVES, ChampionComparison, ReportInputs, write_report
 from pipelines.context import RunContext
@@ -29,9 +29,12 @@ LATENCY_BATCHES = (1, 32)
 
 
 def served_evaluation(onnx_path: Path, dataset: Dataset, seed: int = 0):
+    """The graph's answers on the test split: class probabilities, or for a regression target its values."""
     test = dataset.splits["test"]
-    probabilities = softmax(onnx_logits(onnx_path, test.x, lengths=test.lengths))
-    return evaluate(np.asarray(test.y), probabilities, len(dataset.labels), seed=seed)
+    outputs = onnx_logits(onnx_path, test.x, lengths=test.lengths)
+    if dataset.task == "regression":
+        return evaluate_regression(np.asarray(test.y), outputs, seed=seed)
+    return evaluate(np.asarray(test.y), softmax(outputs), len(dataset.labels), seed=seed)
 
 
 def run_history(client: Any, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -87,9 +90,14 @@ def report_step(ctx: RunContext, model_dir: Path, metadata: ModelMetadata, datas
         champion=champion_comparison(ctx, client, metadata, dataset),
     )
     path = write_report(Path(model_dir) / REPORT_FILE, inputs)
-    accuracy = evaluation.metrics["accuracy"]
-    metrics = {"report_test_ece": evaluation.calibration.ece, "report_test_accuracy_ci95_low": accuracy.low,
-               "report_test_accuracy_ci95_high": accuracy.high}
+    if isinstance(evaluation, RegressionEvaluation):
+        metrics = {f"report_test_{name}_ci95_{end}": getattr(evaluation.metrics[name], end)
+                   for name in ("r2", "mae", "rmse") for end in ("low", "high")}
+        metrics = {key: value for key, value in metrics.items() if np.isfinite(value)}
+    else:
+        accuracy = evaluation.metrics["accuracy"]
+        metrics = {"report_test_ece": evaluation.calibration.ece, "report_test_accuracy_ci95_low": accuracy.low,
+                   "report_test_accuracy_ci95_high": accuracy.high}
     metrics |= {f"report_latency_ms_batch{lat.batch_size}": lat.median_ms for lat in latency}
     with mlflow.start_run(run_id=str(metadata.run_id)):
         mlflow.log_metrics(metrics)
