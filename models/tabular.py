@@ -45,8 +45,19 @@ def build_tabular_mlp(
     return TabularMLP(input_shape[0], num_classes, width, depth, dropout)
 
 
+class Linear(nn.Module):
+    """One linear layer, named ``head`` like every model's last layer (summaries and warm starts find it)."""
+
+    def __init__(self, features: int, outputs: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(features, outputs)
+
+    def forward(self, x):  # noqa: ANN001, ANN201 - a tensor in, a tensor out
+        return self.head(x)
+
+
 @register_model("linear", input_kind="table")
 def build_linear(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """One linear layer: logistic regression (softmax) or linear regression on the scaled columns."""
     expect_rank("linear", input_shape, 1, "(features,)")
-    return nn.Linear(input_shape[0], num_classes)
+    return Linear(input_shape[0], num_classes)

@@ -75,12 +75,17 @@ def choose_kind(frame: "pd.DataFrame", settings: "SequenceSettings", model_name:
 
 
 def _ragged(values: np.ndarray) -> bool:
-    """Rows whose empty cells are all trailing, and not all rows of one length: sequences padded at the end."""
+    """Rows whose empty cells are all trailing, at three lengths or more: sequences padded at the end.
+
+    Two lengths are not enough: a table whose last column alone has empty cells looks the same.
+    """
     empty = np.isnan(values)
     if not empty.any():
         return False
     filled_after = np.flip(np.logical_or.accumulate(np.flip(~empty, 1), 1), 1)  # a filled cell at or after it
-    return not (empty & filled_after).any()
+    if (empty & filled_after).any():
+        return False
+    return len(np.unique(values.shape[1] - empty.sum(axis=1))) >= 3
 
 
 def read_table(path: Path, frame: "pd.DataFrame", settings: "SequenceSettings",

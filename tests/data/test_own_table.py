@@ -127,6 +127,8 @@ def test_a_table_is_scaled_in_the_graph_gated_against_a_linear_model_and_served_
     assert code == 0, log.read_text()[-3000:]
 
 
+# A whole run for the refusal; the gate's rule itself is tested in the fast suite (tests/export/test_export.py).
+@pytest.mark.slow
 def test_a_chance_level_model_is_not_made_champion(tmp_path: Path) -> None:
     """A first version far below the baselines trained beside it becomes the challenger, with the reason."""
     user = Project.clone_shaped(tmp_path)
@@ -177,3 +179,8 @@ def test_integer_targets_with_many_values_are_regression_and_numbered_columns_a_
     assert _json(user.fluxo("data", "ingest", "--dataset", "steps.csv"))["kind"] == "sequence"
     forced = _json(user.fluxo("data", "ingest", "--dataset", "steps.csv", "--set", "data.sequence.kind=table"))
     assert forced["kind"] == "table" and forced["task"] == "classification", forced
+
+    # Empty cells in the last column only: still a table (ragged sequences end at three lengths or more).
+    features.loc[::4, "s2"] = np.nan
+    features.to_csv(user.root / "gaps.csv", index=False)
+    assert _json(user.fluxo("data", "ingest", "--dataset", "gaps.csv"))["kind"] == "table"

@@ -159,8 +159,9 @@ def test_variable_length_export_records_accuracy_as_served(project: Path, settin
 
 
 def _mnist1d_run(project: Path, settings_for):
+    # One epoch names a registry entry, it does not beat an MLP: no baseline, so the gate's floor does not apply.
     settings = settings_for("data.dataset=mnist1d", "model.name=cnn1d", "model.params={channels: 4}", "train.epochs=1",
-                            config=None)
+                            "train.baseline_epochs=0", config=None)
     ingest(project, settings.data)
     return train(open_run(project, settings), version(project, settings.data))
 
@@ -234,6 +235,32 @@ def test_failed_parity_leaves_the_previous_model_directory_untouched(project: Pa
 def test_an_unknown_gate_metric_is_a_clear_error(settings_for) -> None:
     with pytest.raises(FluxoError, match=r"--set gate.metric=test_acc: gate.metric: Input should be 'auto'"):
         settings_for("gate.metric=test_acc")
+
+
+def test_the_gate_floor_refuses_only_a_model_worse_than_its_baselines_and_scores_regression_its_way() -> None:
+    from pipelines.registry.gate import BaselineVerdict, ServedScore, decide
+    from pipelines.settings import GateSettings
+
+    score = ServedScore("1", {"accuracy": 0.12, "f1_macro": 0.1, "precision_macro": 0.1, "recall_macro": 0.1},
+                        [0.1] * 10, 500)
+    worse = BaselineVerdict.of_run({"fluxo.baseline": "worse"}, {"best_val_accuracy": 0.117,
+                                                                  "baseline_val_accuracy": 0.208})
+    refused = decide(score, None, GateSettings(), baselines=worse)
+    assert not refused.promoted and "worse than a baseline" in refused.reasons[0] and "mlp 0.2080" in refused.reasons[0]
+    assert decide(score, None, GateSettings(beat_baselines=False), baselines=worse).promoted
+    within = BaselineVerdict.of_run({"fluxo.baseline": "not beaten"}, {"best_val_accuracy": 0.95,
+                                                                        "linear_val_accuracy": 0.96})
+    assert decide(score, None, GateSettings(), baselines=within).promoted  # within the split's noise
+
+    # Regression: R² by default; MAE wins lower, against the champion and against a ceiling.
+    mine, theirs = ServedScore("2", {"r2": 0.5, "mae": 40.0, "rmse": 50.0}, [], 89), \
+        ServedScore("1", {"r2": 0.45, "mae": 42.0, "rmse": 52.0}, [], 89)
+    assert decide(mine, theirs, GateSettings()).metric == "r2" and decide(mine, theirs, GateSettings()).promoted
+    assert decide(mine, theirs, GateSettings(metric="mae")).promoted
+    assert not decide(theirs, mine, GateSettings(metric="mae")).promoted
+    assert not decide(mine, None, GateSettings(metric="mae", min_value=30)).promoted
+    with pytest.raises(FluxoError, match="gate.metric=accuracy does not apply to a regression model"):
+        decide(mine, theirs, GateSettings(metric="accuracy"))
 
 
 def _onnx_accuracy(model_dir: Path, project: Path) -> float:

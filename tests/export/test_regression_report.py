@@ -106,6 +106,8 @@ def test_the_page_shows_the_regression_numbers_plots_and_champion_instead_of_cla
     assert "it is the first of its name" in alone
 
 
+# Forty seconds of a whole run; the page itself is tested above, and regression export in tests/training/test_tasks.py.
+@pytest.mark.slow
 def test_fluxo_run_on_a_regression_csv_writes_the_report(project: Path, tmp_path: Path) -> None:
     """The whole pipeline, as a user runs it, on scikit-learn's diabetes table (442 rows, an integer
     target with 214 values: ingest reads it as a regression)."""

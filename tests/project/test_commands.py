@@ -61,9 +61,10 @@ def test_train_export_promote_rollback(user: Project) -> None:
 
     line = one_error_line(user.fluxo("export", "--run-id", "0123456789abcdef"))
     assert "0123456789abcdef" in line, line
-    exported = _json(user.fluxo("export", "--run-id", first["run_id"]))
+    # Exported with the preset it was trained with: a smoke run is not held to the baselines (configs/smoke.yaml).
+    exported = _json(user.fluxo("export", "--run-id", first["run_id"], "--config", SMOKE))
     assert exported["version"] == "1" and exported["parity"]["passed"], exported
-    worse = _json(user.fluxo("export", "--run-id", second["run_id"]))
+    worse = _json(user.fluxo("export", "--run-id", second["run_id"], "--config", SMOKE))
     assert worse["version"] == "2" and "challenger" in worse["promotion"], worse
 
     line = one_error_line(user.fluxo("promote", "7"))

@@ -12,7 +12,7 @@ from models import MODEL_REGISTRY, build_model
 from models.summary import summarize
 from pipelines.cli import app
 
-SHAPES = {"image": (1, 28, 28), "sequence": (1, 40), "any": (1, 8, 8)}
+SHAPES = {"image": (1, 28, 28), "sequence": (1, 40), "any": (1, 8, 8), "table": (12,)}
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))

@@ -9,7 +9,7 @@ import torch
 from models import MODEL_REGISTRY, build_model
 from models.preprocess import Standardized
 
-SHAPES = {"image": (1, 8, 8), "sequence": (1, 40), "any": (1, 40)}
+SHAPES = {"image": (1, 8, 8), "sequence": (1, 40), "any": (1, 40), "table": (12,)}
 
 
 # Non-default configs whose extra layers (BN, a second direction, a second layer) must train and export too.
