@@ -50,7 +50,7 @@ def _autompg() -> Any:
 
     x, y = autompg_data()
     names = ["cylinders", "displacement", "horsepower", "weight", "acceleration", "model_year", "origin"]
-    frame = pd.DataFrame(x, columns=names)
+    frame = pd.DataFrame(x[:, : len(names)], columns=names)  # the eighth, the car's name, is NaN in mlxtend's copy
     frame["label"] = y
     return frame
 
@@ -141,24 +141,33 @@ def main() -> None:
                     runs[method].append({"seed": seed, **scored})
             print(f"{name} seed {seed}: " + ", ".join(f"{m} {r[-1]['score']:.4f} ({r[-1]['seconds']:.1f} s)"
                                                       for m, r in runs.items()), flush=True)
-        results[name] = {
+        results[name] = entry = {
             "task": task, "rows": len(frame), "columns": frame.shape[1] - 1,
             "metric": "test R²" if task == "regression" else "test accuracy",
             "methods": {m: {"score": _spread([r["score"] for r in rs]),
                             "seconds": _spread([r["seconds"] for r in rs]), "runs": rs} for m, rs in runs.items()},
         }
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    record = {"benchmark": "tabular", "commit": commit.strip(), "seeds": args.seeds, "budget_minutes": args.budget,
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                          "python": platform.python_version()},
-              "datasets": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        record = _write(args, {name: entry})  # after each dataset: a later failure keeps what was measured
     _print(record, args.out)
 
 
+def _write(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``results`` into ``args.out`` (the other datasets' entries of this commit are kept)."""
+    out = Path(args.out)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    kept = previous.get("datasets", {}) if previous.get("commit") == commit.strip() else {}
+    record = {"benchmark": "tabular", "commit": commit.strip(), "seeds": args.seeds, "budget_minutes": args.budget,
+              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                          "python": platform.python_version()},
+              "baselines_fitted_on": "train+val", "datasets": {**kept, **results}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def _print(record: dict[str, Any], out: str) -> None:
-    print(f"\n| data | task | fluxo --auto | scaled linear | boosted trees | fluxo - best | times (s): fluxo, linear, trees |")
+    print("\n| data | task | fluxo --auto | scaled linear | boosted trees | fluxo - best | times (s): fluxo, linear, trees |")
     print("|---|---|---|---|---|---|---|")
     for name, entry in record["datasets"].items():
         m = entry["methods"]
