@@ -93,12 +93,12 @@ def _baselines(data: Path, task: str, seed: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def _fluxo(project: Path, csv: Path, seed: int, budget: float) -> dict[str, float]:
+def _fluxo(project: Path, csv: Path, seed: int, budget: float, extra: list[str]) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUXO_", "MLFLOW_"))}
     started = time.perf_counter()
     done = subprocess.run(
         [str(FLUXO), "run", "--auto", "--budget", str(budget), "--set", f"data.dataset={csv}",
-         "--set", f"data.split_seed={seed}", "--set", f"train.seed={seed}"],
+         "--set", f"data.split_seed={seed}", "--set", f"train.seed={seed}", *(a for e in extra for a in ("--set", e))],
         cwd=project, env=env, capture_output=True, text=True, timeout=3600,
     )
     seconds = time.perf_counter() - started
@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=float, default=5.0, help="minutes for each race (auto.budget_minutes)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "tabular.json"))
+    parser.add_argument("--fluxo-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="settings for the fluxo runs, e.g. train.retrain_on_train_val=true (recorded)")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     for name in args.datasets:
@@ -136,7 +138,7 @@ def main() -> None:
                 project = Path(folder)
                 csv = project / f"{name}.csv"
                 frame.to_csv(csv, index=False)
-                runs["fluxo_auto"].append({"seed": seed, **_fluxo(project, csv, seed, args.budget)})
+                runs["fluxo_auto"].append({"seed": seed, **_fluxo(project, csv, seed, args.budget, args.fluxo_set)})
                 for method, scored in _baselines(project / "data", task, seed).items():
                     runs[method].append({"seed": seed, **scored})
             print(f"{name} seed {seed}: " + ", ".join(f"{m} {r[-1]['score']:.4f} ({r[-1]['seconds']:.1f} s)"
@@ -156,8 +158,10 @@ def _write(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     out = Path(args.out)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    kept = previous.get("datasets", {}) if previous.get("commit") == commit.strip() else {}
+    same = previous.get("commit") == commit.strip() and previous.get("fluxo_settings", []) == args.fluxo_set
+    kept = previous.get("datasets", {}) if same else {}
     record = {"benchmark": "tabular", "commit": commit.strip(), "seeds": args.seeds, "budget_minutes": args.budget,
+              "fluxo_settings": args.fluxo_set,
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "python": platform.python_version()},
               "baselines_fitted_on": "train+val", "datasets": {**kept, **results}}
