@@ -27,10 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from pipelines.errors import FluxoError
+from pipelines.predict.chunk import Chunk, Contract, Unseen
 from pipelines.predict.sources import (
-    Chunk,
-    Contract,
-    Unseen,
     chunks,
     check_input,
     count_instances,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from pipelines.data.npz import read_npz
 from pipelines.errors import FluxoError
+from pipelines.predict.chunk import Chunk, Contract
 
 log = logging.getLogger(__name__)
 
@@ -34,39 +34,6 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 TABLE_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-@dataclass
-class Chunk:
-    """Up to ``batch_size`` instances: the valid ones as one float32 batch, the bad ones with their reason."""
-
-    ids: list[str]
-    batch: np.ndarray
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    unseen: dict[str, int] = field(default_factory=dict)  # a table's unseen category values per column
-
-
-@dataclass(frozen=True)
-class Contract:
-    """What a source must know about the model to shape instances: shape, padding, image recipe, label column."""
-
-    input_shape: tuple[int, ...]
-    variable_length: bool = False
-    takes_lengths: bool = False  # the graph reads each sequence to its own end: padding goes in as NaN
-    image: Any = None  # serving.images.ImageSpec or None
-    label_column: str = "label"
-    table: Any = None  # serving.table_rows.TableRows of a table model, or None
-
-
-@dataclass
-class Unseen:
-    """Category values training never saw, per column, over a whole input (encoded as no category)."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, counts: dict[str, int]) -> None:
-        for column, count in counts.items():
-            self.counts[column] = self.counts.get(column, 0) + count
 
 
 def _service_problem(row: np.ndarray, shape: tuple[int, ...]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import FluxoError
-from pipelines.predict.sources import Chunk, Contract
+from pipelines.predict.chunk import Chunk, Contract
 
 
 def _table_columns(path: Path, present: Sequence[Any], contract: Contract) -> tuple[list[str], str | None]:

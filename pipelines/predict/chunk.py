@@ -1,0 +1,42 @@
+"""What an input reader for ``fluxo predict`` hands on (:class:`Chunk`) and what it must know about the
+model (:class:`Contract`): shared by the readers in pipelines/predict/sources.py and table_source.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Chunk:
+    """Up to ``batch_size`` instances: the valid ones as one float32 batch, the bad ones with their reason."""
+
+    ids: list[str]
+    batch: np.ndarray
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    unseen: dict[str, int] = field(default_factory=dict)  # a table's unseen category values per column
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a source must know about the model to shape instances: shape, padding, image recipe, label column."""
+
+    input_shape: tuple[int, ...]
+    variable_length: bool = False
+    takes_lengths: bool = False  # the graph reads each sequence to its own end: padding goes in as NaN
+    image: Any = None  # serving.images.ImageSpec or None
+    label_column: str = "label"
+    table: Any = None  # serving.table_rows.TableRows of a table model, or None
+
+
+@dataclass
+class Unseen:
+    """Category values training never saw, per column, over a whole input (encoded as no category)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, counts: dict[str, int]) -> None:
+        for column, count in counts.items():
+            self.counts[column] = self.counts.get(column, 0) + count
