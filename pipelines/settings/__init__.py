@@ -21,6 +21,7 @@ from pipelines.settings.data import (  # noqa: F401 - the data section, importab
 )
 from pipelines.settings.data import Section
 from pipelines.settings.auto import AutoSettings
+from pipelines.settings.cluster import ClusterSettings
 from pipelines.settings.monitor import MonitorSettings
 from pipelines.settings.orchestration import OrchestrationSettings
 from pipelines.settings.serve import ServeSettings
@@ -273,6 +274,7 @@ class FluxoSettings(BaseSettings):
     auto: AutoSettings = Field(default_factory=AutoSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @field_validator("data")
     @classmethod
