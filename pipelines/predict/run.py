@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -148,7 +149,8 @@ def _load_model(model_dir: Path) -> Any:
     return OnnxModel(model_dir, threads=max(1, min(os.cpu_count() or 1, 8)), providers=[CPU])
 
 
-def _contract(model: Any, settings: FluxoSettings) -> Contract:
+def contract_for(model: Any, label_column: str) -> Contract:
+    """What the readers must know about a loaded model (``label_column``: data.sequence.label_column)."""
     from serving.images import image_spec
 
     return Contract(
@@ -156,7 +158,7 @@ def _contract(model: Any, settings: FluxoSettings) -> Contract:
         variable_length=bool(model.metadata.get("variable_length")),
         takes_lengths=bool(getattr(model, "takes_lengths", False)),
         image=image_spec(model.metadata),
-        label_column=settings.data.sequence.label_column,
+        label_column=label_column,
         table=getattr(model, "table_rows", None),
     )
 
@@ -177,6 +179,24 @@ class LoopResult:
     unseen: dict[str, int] = field(default_factory=dict)
 
 
+@contextmanager
+def _atomic_parquet(output: Path, regression: bool) -> Iterator[Any]:
+    """A Parquet writer on a temporary file beside ``output``, renamed into place only when the block ends
+    without an error (removed otherwise): a reader never sees half a file, a failed run leaves the old one."""
+    import pyarrow.parquet as pq
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(handle)
+    try:
+        with pq.ParquetWriter(temporary, _schema(regression)) as writer:
+            yield writer
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def predict_to_parquet(
     model: Any, contract: Contract, input_path: Path, output: Path, on_error: OnError = "skip",
     batch_size: int = 4096,
@@ -184,35 +204,56 @@ def predict_to_parquet(
     """The streaming loop alone (no registry, no MLflow), writing ``output`` atomically."""
     import hashlib
 
-    import pyarrow.parquet as pq
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(handle)
     rows, kept, skipped = 0, [], 0
     version = model.metadata.get("model_version")
     regression = bool(getattr(model, "regression", False))
     digest = hashlib.sha256()
     unseen = Unseen()
-    try:
-        with pq.ParquetWriter(temporary, _schema(regression)) as writer:
-            source = chunks(input_path, contract, batch_size, digest)
-            for chunk in _progress(source, count_instances(input_path)):
-                if chunk.errors and on_error == "fail":
-                    raise _refuse(input_path, chunk.errors)
-                skipped += len(chunk.errors)
-                unseen.add(chunk.unseen)
-                kept.extend(chunk.errors[: max(0, KEPT_ERRORS - len(kept))])
-                if chunk.ids:
-                    answers = model.predict_outputs(chunk.batch) if regression else model.predict_proba(chunk.batch)
-                    writer.write_table(_table(chunk.ids, answers, model.labels, version, regression))
-                    rows += len(chunk.ids)
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with _atomic_parquet(output, regression) as writer:
+        source = chunks(input_path, contract, batch_size, digest)
+        for chunk in _progress(source, count_instances(input_path)):
+            if chunk.errors and on_error == "fail":
+                raise _refuse(input_path, chunk.errors)
+            skipped += len(chunk.errors)
+            unseen.add(chunk.unseen)
+            kept.extend(chunk.errors[: max(0, KEPT_ERRORS - len(kept))])
+            if chunk.ids:
+                answers = model.predict_outputs(chunk.batch) if regression else model.predict_proba(chunk.batch)
+                writer.write_table(_table(chunk.ids, answers, model.labels, version, regression))
+                rows += len(chunk.ids)
     sha256 = digest.hexdigest() if hashes_while_reading(input_path) else input_sha256(input_path)
     return LoopResult(rows, kept, skipped, sha256, unseen.counts)
+
+
+def predict_on_cluster_to_parquet(
+    settings: FluxoSettings, cluster_cpus: int, model: Any, model_dir: Path, contract: Contract, input_path: Path,
+    output: Path, on_error: OnError = "skip", batch_size: int = 4096,
+) -> LoopResult:
+    """:func:`predict_to_parquet` with the reading and predicting done by the cluster's actors
+    (pipelines/predict/on_cluster.py); the same file, written here in the input's order."""
+    import pyarrow as pa
+
+    from pipelines.predict.on_cluster import predicted_shares
+
+    rows, kept, skipped = 0, [], 0
+    unseen = Unseen()
+    total = count_instances(input_path)
+    with _atomic_parquet(output, bool(getattr(model, "regression", False))) as writer:
+        for answer in predicted_shares(settings.cluster, cluster_cpus, model_dir, settings.data.sequence.label_column,
+                                       input_path, contract, batch_size, KEPT_ERRORS):
+            if answer["fatal"]:
+                raise FluxoError(answer["fatal"])
+            errors = [tuple(error) for error in json.loads(answer["errors"])]
+            if errors and on_error == "fail":
+                raise _refuse(input_path, errors)
+            skipped += int(answer["skipped"])
+            unseen.add(json.loads(answer["unseen"]))
+            kept.extend(errors[: max(0, KEPT_ERRORS - len(kept))])
+            for batch in pa.ipc.open_stream(answer["table"]):
+                writer.write_batch(batch)
+            rows += int(answer["rows"])
+            log.info("predicted %d%s instances", rows + skipped, f"/{total}" if total else "")
+    return LoopResult(rows, kept, skipped, input_sha256(input_path), unseen.counts)
 
 
 def _write_errors(path: Path, input_path: Path, skipped: int, kept: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -257,9 +298,16 @@ def predict(
     check_input(input_path)  # a missing file is the user's to fix, before any store is opened or model fetched
     served = materialize_model(ctx, model, name)
     onnx_model = _load_model(served.path)
-    contract = _contract(onnx_model, ctx.settings)
+    contract = contract_for(onnx_model, ctx.settings.data.sequence.label_column)
     started = time.perf_counter()
-    loop = predict_to_parquet(onnx_model, contract, input_path, output, on_error, batch_size)
+    if ctx.settings.cluster.enabled:
+        from pipelines.cluster import ray_cluster
+
+        with ray_cluster(ctx.settings.cluster) as cluster:
+            loop = predict_on_cluster_to_parquet(ctx.settings, cluster.cpus, onnx_model, served.path, contract,
+                                                 input_path, output, on_error, batch_size)
+    else:
+        loop = predict_to_parquet(onnx_model, contract, input_path, output, on_error, batch_size)
     seconds = time.perf_counter() - started
     result = PredictResult(output=output, errors_path=errors_path_for(output), model_name=served.as_dict()["model_name"],
                            model_version=served.version, rows=loop.rows, skipped=loop.skipped, seconds=seconds,

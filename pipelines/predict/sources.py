@@ -107,27 +107,33 @@ def _check_array_shape(path: Path, shape: tuple[int, ...], contract: Contract, w
                          "save the instances as one array of that shape")
 
 
-def npy_chunks(path: Path, contract: Contract, batch_size: int, digest: Any = None) -> Iterator[Chunk]:
+def npy_chunks(path: Path, contract: Contract, batch_size: int, digest: Any = None,
+               rows: tuple[int, int] | None = None) -> Iterator[Chunk]:
     """A (N, *input_shape) ``.npy`` read ``batch_size`` rows at a time (bounded memory for any N).
 
     ``digest`` (a hashlib object) is fed every byte as it is read, so the input's hash
-    costs no second pass over a file that may be larger than memory.
+    costs no second pass over a file that may be larger than memory. ``rows`` (start, stop)
+    reads only that range, ids still counted from the file's first row (one cluster task's share;
+    no digest then).
     """
     shape, dtype, fortran, offset = _npy_header(path)
     _check_array_shape(path, shape, contract, "the array")
     if fortran or dtype.hasobject:
         raise FluxoError(f"{path}: a Fortran-ordered or object array cannot be streamed; save a C-ordered numeric array")
     row_items = int(np.prod(shape[1:]))
+    first, stop = rows if rows is not None else (0, shape[0])
+    stop = min(stop, shape[0])
     with path.open("rb") as handle:
         header = handle.read(offset)
-        if digest is not None:
+        if digest is not None and rows is None:
             digest.update(header)
-        for start in range(0, shape[0], batch_size):
-            count = min(batch_size, shape[0] - start)
+        handle.seek(offset + first * row_items * dtype.itemsize)
+        for start in range(first, stop, batch_size):
+            count = min(batch_size, stop - start)
             data = handle.read(count * row_items * dtype.itemsize)
             if len(data) != count * row_items * dtype.itemsize:
                 raise FluxoError(f"{path}: truncated: the header promises {shape[0]} rows, the file ends near row {start}")
-            if digest is not None:
+            if digest is not None and rows is None:
                 digest.update(data)
             values = np.frombuffer(data, dtype=dtype)
             ids = [str(i) for i in range(start, start + count)]
@@ -319,24 +325,32 @@ def csv_chunks(path: Path, contract: Contract, batch_size: int) -> Iterator[Chun
                          "every line needs the header's number of fields") from error
 
 
-def parquet_chunks(path: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
-    """A wide Parquet file read ``batch_size`` rows at a time with pyarrow."""
-    import pyarrow.parquet as pq
+def parquet_chunks(path: Path, contract: Contract, batch_size: int, row_groups: Sequence[int] | None = None,
+                   start: int = 0) -> Iterator[Chunk]:
+    """A wide Parquet file read ``batch_size`` rows at a time with pyarrow.
+
+    ``row_groups`` reads only those (one cluster task's share), ``start`` being the file row they begin at."""
 
     if contract.table is not None:
         from pipelines.predict.table_source import table_parquet_chunks
 
-        yield from table_parquet_chunks(path, contract, batch_size)
+        yield from table_parquet_chunks(path, contract, batch_size, row_groups, start)
         return
-    try:
-        reader = pq.ParquetFile(path)
-    except Exception as error:
-        raise FluxoError(f"{path}: not a readable Parquet file ({error})") from error
-    start = 0
-    for batch in reader.iter_batches(batch_size=batch_size):
+    reader = open_parquet(path)
+    for batch in reader.iter_batches(batch_size=batch_size, row_groups=row_groups):
         frame = batch.to_pandas()
         yield _frame_chunk(frame, start, path, contract)
         start += len(frame)
+
+
+def open_parquet(path: Path) -> Any:
+    """``pyarrow.parquet.ParquetFile`` for ``path``, or a FluxoError naming it."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as error:
+        raise FluxoError(f"{path}: not a readable Parquet file ({error})") from error
 
 
 # --- image folders ----------------------------------------------------------------------------
@@ -347,14 +361,16 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def image_chunks(folder: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
-    """Files decoded one by one with the service's upload path (serving.images.decode_image)."""
+def image_chunks(folder: Path, contract: Contract, batch_size: int, names: Sequence[str] | None = None) -> Iterator[Chunk]:
+    """Files decoded one by one with the service's upload path (serving.images.decode_image).
+
+    ``names`` (paths relative to ``folder``) reads only those: one cluster task's share."""
     from serving.images import InvalidImage, decode_image
 
     if contract.image is None:
         raise FluxoError(f"{folder}: an image folder, but the model takes no images (input shape "
                          f"{list(contract.input_shape)}); pass a .npy, NPZ, CSV or Parquet file")
-    files = image_files(folder)
+    files = image_files(folder) if names is None else [folder / name for name in names]
     if not files:
         raise FluxoError(f"{folder}: no PNG or JPEG file below it")
     for start in range(0, len(files), batch_size):

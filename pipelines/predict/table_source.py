@@ -69,17 +69,16 @@ def table_csv_chunks(path: Path, contract: Contract, batch_size: int) -> Iterato
                          "every line needs the header's number of fields") from error
 
 
-def table_parquet_chunks(path: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
-    """A table model's Parquet file: the model's columns read by name, ``batch_size`` rows at a time."""
-    import pyarrow.parquet as pq
+def table_parquet_chunks(path: Path, contract: Contract, batch_size: int, row_groups: Sequence[int] | None = None,
+                         start: int = 0) -> Iterator[Chunk]:
+    """A table model's Parquet file: the model's columns read by name, ``batch_size`` rows at a time.
 
-    try:
-        reader = pq.ParquetFile(path)
-    except Exception as error:
-        raise FluxoError(f"{path}: not a readable Parquet file ({error})") from error
+    ``row_groups`` reads only those (one cluster task's share), ``start`` being the file row they begin at."""
+    from pipelines.predict.sources import open_parquet
+
+    reader = open_parquet(path)
     columns, id_column = _table_columns(path, reader.schema_arrow.names, contract)
-    start = 0
-    for batch in reader.iter_batches(batch_size=batch_size, columns=columns):
+    for batch in reader.iter_batches(batch_size=batch_size, columns=columns, row_groups=row_groups):
         frame = batch.to_pandas()
         yield _table_chunk(frame, start, path, contract, id_column)
         start += len(frame)

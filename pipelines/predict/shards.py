@@ -1,0 +1,85 @@
+"""An input cut into shares that cluster tasks read on their own: row ranges of a ``.npy``, row groups
+of a Parquet file, runs of an image folder's files.
+
+Each share is read by the very readers of the one-process path (pipelines/predict/sources.py) with
+its range, so ids, validation and encoding are theirs, and the shares' answers in order are the
+one-process answers. A CSV or NPZ file cannot be cut without reading it (text lines; a compressed
+zip member): it is one share, which a cluster runs on one worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipelines.predict.chunk import Chunk, Contract
+from pipelines.predict.sources import _npy_header, _check_array_shape, chunks, image_files, open_parquet
+
+ShareKind = Literal["npy", "parquet", "images", "whole"]
+
+
+@dataclass(frozen=True)
+class Share:
+    """One task's part of the input: what to read, and where its rows start in the whole."""
+
+    path: str
+    kind: ShareKind
+    start: int = 0
+    stop: int = 0
+    row_groups: tuple[int, ...] = ()
+    names: tuple[str, ...] = field(default=())
+
+    def read(self, contract: Contract, batch_size: int) -> Iterator[Chunk]:
+        """This share's chunks, by the one-process readers."""
+        from pipelines.predict.sources import image_chunks, npy_chunks, parquet_chunks
+
+        path = Path(self.path)
+        if self.kind == "npy":
+            return npy_chunks(path, contract, batch_size, rows=(self.start, self.stop))
+        if self.kind == "parquet":
+            return parquet_chunks(path, contract, batch_size, row_groups=list(self.row_groups), start=self.start)
+        if self.kind == "images":
+            return image_chunks(path, contract, batch_size, names=self.names)
+        return chunks(path, contract, batch_size)
+
+
+def plan_shares(path: Path, contract: Contract, rows_per_share: int) -> list[Share]:
+    """``path`` cut into shares of about ``rows_per_share`` instances, in the input's order.
+
+    What the one-process path would refuse before reading any row (a wrong shape, an empty folder)
+    is refused here, before a task is sent."""
+    path = Path(path)
+    if path.is_dir():
+        files = image_files(path)
+        if not files:
+            return [Share(str(path), "whole")]  # the reader's own error, raised where it runs
+        names = [file.relative_to(path).as_posix() for file in files]
+        return [Share(str(path), "images", start, start + len(part), names=tuple(part))
+                for start in range(0, len(names), rows_per_share)
+                for part in [names[start:start + rows_per_share]]]
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        shape = _npy_header(path)[0]
+        _check_array_shape(path, shape, contract, "the array")
+        return [Share(str(path), "npy", start, min(start + rows_per_share, shape[0]))
+                for start in range(0, shape[0], rows_per_share)] or [Share(str(path), "npy", 0, 0)]
+    if suffix in (".parquet", ".pq"):
+        return _parquet_shares(path, rows_per_share)
+    return [Share(str(path), "whole")]
+
+
+def _parquet_shares(path: Path, rows_per_share: int) -> list[Share]:
+    """Consecutive row groups gathered until a share holds ``rows_per_share`` rows (a row group is never split)."""
+    metadata = open_parquet(path).metadata
+    shares, groups, start, rows = [], [], 0, 0
+    for index in range(metadata.num_row_groups):
+        groups.append(index)
+        rows += metadata.row_group(index).num_rows
+        if rows >= rows_per_share:
+            shares.append(Share(str(path), "parquet", start, start + rows, row_groups=tuple(groups)))
+            groups, start, rows = [], start + rows, 0
+    if groups or not shares:
+        shares.append(Share(str(path), "parquet", start, start + rows, row_groups=tuple(groups)))
+    return shares
