@@ -218,17 +218,11 @@ def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset
     with mlflow.start_run(run_name=f"auto-{dataset.manifest['name']}", tags={KIND_TAG: SEARCH}) as parent:
         mlflow.log_params({"auto.candidates": len(candidates), "auto.budget_minutes": settings.auto.budget_minutes,
                            "auto.eta": settings.auto.eta, "auto.first_epochs": settings.auto.first_epochs})
-        trainer = _Trainer(root, settings, data_version, dataset, train_and_evaluate)
+        trainer = _trainer(root, settings, data_version, dataset, train_and_evaluate)
         alive, epochs, presets_done = list(grid), settings.auto.first_epochs, False
         while alive and not out_of_time():
             top = epochs >= settings.train.epochs  # the top rung is training to completion
-            for candidate in alive:
-                if out_of_time():
-                    break
-                if top:
-                    trainer.complete(candidate)
-                else:
-                    trainer.rung(candidate, epochs)
+            trainer.train_all(alive, None if top else epochs, out_of_time)
             if not presets_done:  # every grid candidate has a score: now this dataset's recipes, each to its end
                 presets_done = True
                 _complete_while_time(trainer, own, out_of_time)
@@ -258,10 +252,18 @@ def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset
 
 
 def _complete_while_time(trainer: _Trainer, candidates: list[Candidate], out_of_time: Callable[[], bool]) -> None:
-    for candidate in candidates:
-        if out_of_time():
-            return
-        trainer.complete(candidate)
+    trainer.train_all(candidates, None, out_of_time)
+
+
+def _trainer(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset,
+             train_and_evaluate: Callable[..., Any]) -> _Trainer:
+    """One candidate after another in this process, or each rung's candidates at once on the cluster
+    (``cluster.address``: pipelines/train/spread.py)."""
+    if settings.cluster.enabled:
+        from pipelines.train.spread import ClusterTrainer
+
+        return ClusterTrainer(root, settings, data_version, dataset, train_and_evaluate)
+    return _Trainer(root, settings, data_version, dataset, train_and_evaluate)
 
 
 def score_metric(dataset: Dataset) -> str:
@@ -285,7 +287,8 @@ def rank(candidates: list[Candidate]) -> list[Candidate]:
 
 @dataclass
 class _Trainer:
-    """Trains one candidate as a nested MLflow run, at a rung of the race or to completion."""
+    """Trains candidates one after another in this process, each as a nested MLflow run, at a rung of the
+    race (``epochs``) or to completion (None)."""
 
     root: Path
     settings: FluxoSettings
@@ -293,34 +296,58 @@ class _Trainer:
     dataset: Dataset
     train_and_evaluate: Callable[..., Any]
 
-    def rung(self, candidate: Candidate, epochs: int) -> None:
-        candidate.scores[epochs] = self._fit(candidate, epochs)[1]
-        log.info("auto: %-44s %3d epochs: val %s %.4f", candidate.label, epochs, score_metric(self.dataset),
-                 candidate.scores[epochs])
+    def train_all(self, candidates: list[Candidate], epochs: int | None, out_of_time: Callable[[], bool]) -> None:
+        """Each candidate in turn, while the budget lasts."""
+        for candidate in candidates:
+            if out_of_time():
+                return
+            self.record(candidate, epochs, self._fit(candidate, epochs))
 
-    def complete(self, candidate: Candidate) -> None:
-        candidate.full = self._fit(candidate, None)
-        log.info("auto: %-44s %3d epochs (to completion): val %s %.4f", candidate.label, candidate.full[0],
-                 score_metric(self.dataset), candidate.full[1])
+    def record(self, candidate: Candidate, epochs: int | None, result: tuple[int, float]) -> None:
+        """A candidate's (epochs run, best validation score), at its rung or as finished, and its log line."""
+        metric = score_metric(self.dataset)
+        if epochs is None:
+            candidate.full = result
+            log.info("auto: %-44s %3d epochs (to completion): val %s %.4f", candidate.label, result[0], metric, result[1])
+        else:
+            candidate.scores[epochs] = result[1]
+            log.info("auto: %-44s %3d epochs: val %s %.4f", candidate.label, epochs, metric, result[1])
 
     def _fit(self, candidate: Candidate, epochs: int | None) -> tuple[int, float]:
         import mlflow
 
-        from pipelines.train.tracker import MLflowTracker
-
-        length = f"{epochs}ep" if epochs is not None else "full"
-        with mlflow.start_run(run_name=f"{candidate.label} {length}", nested=True, tags={KIND_TAG: CANDIDATE}) as run:
-            mlflow.log_params({"auto.model": candidate.model, "auto.params": candidate.params,
-                               "auto.learning_rate": candidate.learning_rate, "auto.augment": candidate.augment,
-                               "auto.epochs": epochs if epochs is not None else "full",
-                               "auto.preset": candidate.name or None})
-            with _quiet("pipelines.train.run", "pipelines.train.engine"):  # one line per candidate
-                _, _, _, fit = self.train_and_evaluate(
-                    self.root, candidate_settings(self.settings, candidate, epochs, in_race=True),
-                    self.data_version, MLflowTracker(), run_key=run.info.run_id, dataset=self.dataset)
+        with mlflow.start_run(run_name=run_name(candidate, epochs), nested=True, tags={KIND_TAG: CANDIDATE}) as run:
+            result = fit_candidate(self.root, self.settings, self.data_version, candidate, epochs,
+                                   self.train_and_evaluate, self.dataset)
             candidate.run_ids.append(run.info.run_id)
-        key = f"val_{score_metric(self.dataset)}"
-        return len(fit.history), max(r[key] for r in fit.history)
+        return result
+
+
+def run_name(candidate: Candidate, epochs: int | None) -> str:
+    return f"{candidate.label} {f'{epochs}ep' if epochs is not None else 'full'}"
+
+
+def fit_candidate(root: Path, settings: FluxoSettings, data_version: DataVersion, candidate: Candidate,
+                  epochs: int | None, train_and_evaluate: Callable[..., Any],
+                  dataset: Dataset | None = None) -> tuple[int, float]:
+    """Train one candidate inside the active MLflow run (the candidate's own): (epochs run, best validation score).
+
+    ``dataset`` None: read from ``root`` (a cluster worker reads the data itself)."""
+    import mlflow
+
+    from pipelines.data.store import read_dataset
+    from pipelines.train.tracker import MLflowTracker
+
+    dataset = dataset or read_dataset(root / settings.data.data_dir)
+    mlflow.log_params({"auto.model": candidate.model, "auto.params": candidate.params,
+                       "auto.learning_rate": candidate.learning_rate, "auto.augment": candidate.augment,
+                       "auto.epochs": epochs if epochs is not None else "full", "auto.preset": candidate.name or None})
+    with _quiet("pipelines.train.run", "pipelines.train.engine"):  # one line per candidate
+        _, _, _, fit = train_and_evaluate(root, candidate_settings(settings, candidate, epochs, in_race=True),
+                                          data_version, MLflowTracker(), run_key=mlflow.active_run().info.run_id,
+                                          dataset=dataset)
+    key = f"val_{score_metric(dataset)}"
+    return len(fit.history), max(r[key] for r in fit.history)
 
 
 @contextmanager
@@ -371,7 +398,13 @@ def choose(root: Path, settings: FluxoSettings, data_version: DataVersion, datas
     if settings.train.task == "multilabel":
         raise FluxoError("model.name=auto races on validation accuracy or R²: it cannot rank multilabel models; "
                          "name a model for this one (`fluxo models`)")
-    ranked = race(root, settings, data_version, dataset, train_and_evaluate)
+    if settings.cluster.enabled:
+        from pipelines.cluster import ray_cluster
+
+        with ray_cluster(settings.cluster):
+            ranked = race(root, settings, data_version, dataset, train_and_evaluate)
+    else:
+        ranked = race(root, settings, data_version, dataset, train_and_evaluate)
     winner = ranked[0]
     chosen = candidate_settings(settings, winner, None)  # trained to completion, as the run (or preset) says
     log.info("auto: training the winner, %s, for up to %d epochs", winner.label, chosen.train.epochs)
