@@ -108,8 +108,15 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted run in its MLflow run.")] = False,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="With --resume: the run to continue.")] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes (torchrun, DDP).")] = 1,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, help="Data-parallel Ray Train workers on the cluster that cluster.address names (DDP "
+        "across nodes)."
+    )] = None,
 ) -> None:
     """Train and evaluate on the current data/ as a new MLflow run (or --resume an interrupted one)."""
+    if workers is not None and (nproc > 1 or resume):
+        raise FluxoError("--workers trains on a Ray cluster: drop --nproc (processes on this machine); a cluster run "
+                         "resumes by itself after a worker dies, so --resume is for runs of one machine")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(code=_relaunch_with_torchrun(nproc))
     from pipelines.data.ingest import version
@@ -121,9 +128,30 @@ def train(
     # `dvc add` is idempotent: it records the version of whatever data/ holds right now.
     data_version = version(root, invocation.settings.data)
     ctx = invocation.context()
-    result = resume_training(ctx, data_version, run_id) if resume else train_step(ctx, data_version)
+    if workers is not None:
+        result = _train_on_cluster(ctx, data_version, workers)
+    else:
+        result = resume_training(ctx, data_version, run_id) if resume else train_step(ctx, data_version)
     if result.run_id:  # rank 0 only under torchrun
         echo_json({"run_id": result.run_id, **result.test_metrics})
+
+
+def _train_on_cluster(ctx: Any, data_version: Any, workers: int) -> Any:
+    """``--workers N``: the training step under Ray Train on the cluster ``cluster.address`` names."""
+    from pipelines.cluster import ray_cluster
+    from pipelines.settings.auto import AUTO
+    from pipelines.train.on_cluster import train_on_cluster
+
+    settings = ctx.settings
+    if not settings.cluster.enabled:
+        raise FluxoError(f"--workers {workers}: no cluster to train on; set cluster.address (--set cluster.address=local "
+                         "starts one on this machine, HOST:PORT joins a running one), or use --nproc for processes "
+                         "on this machine")
+    if settings.model.name == AUTO:
+        raise FluxoError("model.name=auto races its candidates on the cluster by itself: drop --workers, or name a "
+                         "model to train with --workers")
+    with ray_cluster(settings.cluster) as cluster:
+        return train_on_cluster(ctx, data_version, workers, cluster.cpus)
 
 
 def check_preset_matches_data(invocation: Invocation) -> None:

@@ -9,6 +9,7 @@ and writes checkpoints, exactly as in a fresh ``train()``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from pipelines.errors import FluxoError
 from pipelines.identity import REGISTERED_MODEL_TAG
 from pipelines.settings import FluxoSettings
 from pipelines.train import distributed
+from pipelines.train.callbacks import Callback
 from pipelines.train.checkpoint import load_checkpoint, load_latest_state
 from pipelines.train.distributed import DistInfo
 from pipelines.train.lock import training_lock
@@ -28,7 +30,8 @@ from pipelines.train.tracker import MLflowTracker, NullTracker
 log = logging.getLogger(__name__)
 
 
-def resume_training(ctx: RunContext, data_version: DataVersion, run_id: str | None = None) -> TrainResult:
+def resume_training(ctx: RunContext, data_version: DataVersion, run_id: str | None = None,
+                    callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Continue an interrupted run from its newest good state, inside the same MLflow run.
 
     The run's own settings (saved in the state) are used, so the continuation is the
@@ -41,8 +44,8 @@ def resume_training(ctx: RunContext, data_version: DataVersion, run_id: str | No
             state = _shared_state(ctx.root, ctx.settings, data_version, run_id, ranks, held)
             saved = FluxoSettings.model_validate(state["settings"])
             if ranks.main:
-                return _resume_main(_saved_context(ctx, saved), data_version, state, ranks)
-            return _resume_follower(ctx.root, saved, data_version, state, ranks)
+                return _resume_main(_saved_context(ctx, saved), data_version, state, ranks, callbacks)
+            return _resume_follower(ctx.root, saved, data_version, state, ranks, callbacks)
     finally:
         distributed.shutdown()
 
@@ -120,7 +123,8 @@ def _saved_context(ctx: RunContext, saved: FluxoSettings) -> RunContext:
     return open_run(ctx.root, saved)
 
 
-def _resume_main(ctx: RunContext, data_version: DataVersion, state: dict[str, Any], ranks: DistInfo) -> TrainResult:
+def _resume_main(ctx: RunContext, data_version: DataVersion, state: dict[str, Any], ranks: DistInfo,
+                 callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Rank 0 (or the single process): reopen the run's MLflow run and train on, writing checkpoints."""
     import mlflow
 
@@ -129,7 +133,7 @@ def _resume_main(ctx: RunContext, data_version: DataVersion, state: dict[str, An
         tags = run.data.tags
         _warn_on_new_world_size(tags.get("world_size"), ranks.world)
         _, test_metrics, checkpoint, result = train_and_evaluate(
-            root, saved, data_version, MLflowTracker(), run_key=state["run_key"], resume=state
+            root, saved, data_version, MLflowTracker(), run_key=state["run_key"], resume=state, callbacks=callbacks
         )
     # The registry entry is the run's identity, set when it started; a resume never renames it.
     registered = tags.get(REGISTERED_MODEL_TAG, "")
@@ -137,10 +141,10 @@ def _resume_main(ctx: RunContext, data_version: DataVersion, state: dict[str, An
 
 
 def _resume_follower(root: Path, saved: FluxoSettings, data_version: DataVersion, state: dict[str, Any],
-                     ranks: DistInfo) -> TrainResult:
+                     ranks: DistInfo, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Ranks 1…N-1: the same state, no MLflow and no checkpoints, as in a fresh ``train()``."""
     _, test_metrics, checkpoint, result = train_and_evaluate(
-        root, saved, data_version, NullTracker(), run_key=f"rank{ranks.rank}", resume=state
+        root, saved, data_version, NullTracker(), run_key=f"rank{ranks.rank}", resume=state, callbacks=callbacks
     )
     return TrainResult("", checkpoint, test_metrics, result.best_epoch, result.seconds)
 

@@ -363,10 +363,18 @@ def train_and_evaluate(
     return run.spec, test[0], best_path, result
 
 
-def train(ctx: RunContext, data_version: DataVersion) -> TrainResult:
+def run_name(dataset: Dataset, settings: FluxoSettings) -> str:
+    """A training run's MLflow name: the dataset and the model."""
+    return f"{dataset.manifest['name']}-{settings.model.name}"
+
+
+def train(ctx: RunContext, data_version: DataVersion, callbacks: Sequence[Callback] = (),
+          run_id: str | None = None) -> TrainResult:
     """Train and evaluate inside a new MLflow run that records the data version as its input.
 
-    Under ``torchrun`` every rank trains; only rank 0 opens the MLflow run and writes checkpoints.
+    Under ``torchrun`` (or Ray Train) every rank trains; only rank 0 opens the MLflow run and writes
+    checkpoints. ``callbacks`` run on every rank after the run's own, at each epoch. ``run_id``: an
+    MLflow run created for this training beforehand (a cluster's driver does), instead of a new one.
     """
     import mlflow
 
@@ -385,13 +393,14 @@ def train(ctx: RunContext, data_version: DataVersion) -> TrainResult:
     try:
         if not ranks.main:
             _, test_metrics, checkpoint, result = train_and_evaluate(
-                root, settings, data_version, NullTracker(), run_key=f"rank{ranks.rank}", dataset=dataset
+                root, settings, data_version, NullTracker(), run_key=f"rank{ranks.rank}", dataset=dataset,
+                callbacks=callbacks,
             )
             return TrainResult("", checkpoint, test_metrics, result.best_epoch, result.seconds)
         dataset_name = dataset.manifest["name"]
         registered = default_registered_model(settings.tracking.registered_model, dataset_name)
         train_split = dataset.splits["train"]
-        with mlflow.start_run(run_name=f"{dataset_name}-{settings.model.name}") as run:
+        with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(dataset, settings)) as run:
             with warnings.catch_warnings():
                 # A local path matches two equivalent MLflow source types; it picks one and warns.
                 warnings.simplefilter("ignore", UserWarning)
@@ -412,7 +421,8 @@ def train(ctx: RunContext, data_version: DataVersion) -> TrainResult:
             # Held while training, so a `--resume` of this run from another process is refused.
             with training_lock(Path(root) / settings.train.checkpoint_dir / run.info.run_id, run.info.run_id):
                 _, test_metrics, checkpoint, result = train_and_evaluate(
-                    root, settings, data_version, MLflowTracker(), run_key=run.info.run_id, dataset=dataset
+                    root, settings, data_version, MLflowTracker(), run_key=run.info.run_id, dataset=dataset,
+                    callbacks=callbacks,
                 )
         return TrainResult(run.info.run_id, checkpoint, test_metrics, result.best_epoch, result.seconds, registered)
     finally:
