@@ -1,5 +1,6 @@
 """What an input reader for ``fluxo predict`` hands on (:class:`Chunk`) and what it must know about the
-model (:class:`Contract`): shared by the readers in pipelines/predict/sources.py and table_source.py."""
+model (:class:`Contract`, :func:`contract_for`): shared by the readers in pipelines/predict/sources.py and
+table_source.py, in one process or on a cluster's actors."""
 
 from __future__ import annotations
 
@@ -40,3 +41,29 @@ class Unseen:
     def add(self, counts: dict[str, int]) -> None:
         for column, count in counts.items():
             self.counts[column] = self.counts.get(column, 0) + count
+
+
+def contract_for(model: Any, label_column: str) -> Contract:
+    """What the readers must know about a loaded model (``label_column``: data.sequence.label_column)."""
+    from serving.images import image_spec
+
+    return Contract(
+        input_shape=tuple(model.input_shape),
+        variable_length=bool(model.metadata.get("variable_length")),
+        takes_lengths=bool(getattr(model, "takes_lengths", False)),
+        image=image_spec(model.metadata),
+        label_column=label_column,
+        table=getattr(model, "table_rows", None),
+    )
+
+
+def open_parquet(path: Any) -> Any:
+    """``pyarrow.parquet.ParquetFile`` for ``path``, or a FluxoError naming it (every Parquet reader's opening)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.errors import FluxoError
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as error:
+        raise FluxoError(f"{path}: not a readable Parquet file ({error})") from error

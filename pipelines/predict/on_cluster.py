@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import FluxoError
-from pipelines.predict.chunk import Contract, Unseen
-from pipelines.predict.shards import Share, plan_shares
+from pipelines.predict.answers import answers_schema, answers_table
+from pipelines.predict.chunk import Contract, Unseen, contract_for
+from pipelines.predict.shares import Share, plan_shares
 from pipelines.settings.cluster import ClusterSettings
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ class SharePredictor:
 
     def __init__(self, files: dict[str, bytes], label_column: str, threads: int, batch_size: int,
                  kept_errors: int) -> None:
-        from pipelines.predict.run import contract_for
         from serving.runtime import CPU, OnnxModel
 
         self._folder = tempfile.TemporaryDirectory(prefix="fluxo-model-")
@@ -65,15 +65,13 @@ class SharePredictor:
         """One share's answers as Arrow IPC bytes, with its skipped rows; a FluxoError as ``fatal``."""
         import pyarrow as pa
 
-        from pipelines.predict.run import _schema, _table
-
         regression = bool(getattr(self.model, "regression", False))
         version = self.model.metadata.get("model_version")
         sink = pa.BufferOutputStream()
         kept: list[tuple[str, str]] = []
         skipped, rows, unseen, fatal = 0, 0, Unseen(), ""
         try:
-            with pa.ipc.new_stream(sink, _schema(regression)) as writer:
+            with pa.ipc.new_stream(sink, answers_schema(regression)) as writer:
                 for chunk in share.read(self.contract, self.batch_size):
                     skipped += len(chunk.errors)
                     unseen.add(chunk.unseen)
@@ -81,7 +79,7 @@ class SharePredictor:
                     if chunk.ids:
                         answers = (self.model.predict_outputs(chunk.batch) if regression
                                    else self.model.predict_proba(chunk.batch))
-                        writer.write_table(_table(chunk.ids, answers, self.model.labels, version, regression))
+                        writer.write_table(answers_table(chunk.ids, answers, self.model.labels, version, regression))
                         rows += len(chunk.ids)
         except FluxoError as error:
             fatal = str(error)

@@ -4,11 +4,9 @@ The model runs exactly as the service runs it (``serving.runtime.OnnxModel`` on 
 provider, the service's validation and image decoding in ``sources``), so a batch answer
 and a ``POST /predict`` answer for the same instance agree. Output is written chunk by
 chunk to a temporary file beside the target and renamed into place at the end: a reader
-never sees half a file, and a failed run leaves the previous one untouched.
-
-Columns: ``id``, then a classifier's ``label``, ``probability`` (of that label) and
-``probabilities`` (over all labels, in metadata order), or a regression model's ``value`` (in
-the target's units, as ``POST /predict`` answers it), then ``model_version``.
+never sees half a file, and a failed run leaves the previous one untouched. The columns:
+pipelines/predict/answers.py. With ``cluster.address`` set, a Ray cluster's actors read and predict
+(pipelines/predict/on_cluster.py) and this process writes their answers in the input's order.
 """
 
 from __future__ import annotations
@@ -25,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 
 from pipelines.errors import FluxoError
-from pipelines.predict.chunk import Chunk, Contract, Unseen
+from pipelines.predict.answers import answers_table, answers_schema
+from pipelines.predict.chunk import Chunk, Contract, Unseen, contract_for
 from pipelines.predict.sources import (
     chunks,
     check_input,
@@ -86,46 +84,6 @@ def errors_path_for(output: Path) -> Path:
     return output.with_name(f"{output.stem}.errors.json")
 
 
-def _schema(regression: bool = False) -> Any:
-    import pyarrow as pa
-
-    if regression:
-        return pa.schema([("id", pa.string()), ("value", pa.float32()), ("model_version", pa.string())])
-    return pa.schema([
-        ("id", pa.string()),
-        ("label", pa.string()),
-        ("probability", pa.float32()),
-        ("probabilities", pa.list_(pa.float32())),
-        ("model_version", pa.string()),
-    ])
-
-
-def _table(ids: list[str], probabilities: np.ndarray, labels: list[str], version: str | None,
-           regression: bool = False) -> Any:
-    """One chunk's rows as an Arrow table; probabilities as one list column without Python floats.
-
-    ``regression``: ``probabilities`` are the model's (n, 1) values, written as the ``value`` column."""
-    import pyarrow as pa
-
-    n, k = probabilities.shape
-    if regression:
-        return pa.table({
-            "id": pa.array(ids, pa.string()),
-            "value": pa.array(np.ascontiguousarray(probabilities[:, 0], dtype=np.float32)),
-            "model_version": pa.array([version] * n, pa.string()),
-        }, schema=_schema(True))
-    best = probabilities.argmax(axis=1)
-    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
-    values = pa.array(np.ascontiguousarray(probabilities, dtype=np.float32).ravel())
-    return pa.table({
-        "id": pa.array(ids, pa.string()),
-        "label": pa.array([labels[i] for i in best], pa.string()),
-        "probability": pa.array(probabilities[np.arange(n), best].astype(np.float32)),
-        "probabilities": pa.ListArray.from_arrays(offsets, values),
-        "model_version": pa.array([version] * n, pa.string()),
-    }, schema=_schema())
-
-
 def _progress(chunks_in: Iterator[Chunk], total: int | None) -> Iterator[Chunk]:
     """A tqdm bar on a terminal; elsewhere (CI, logs) one INFO line per chunk."""
     from tqdm import tqdm
@@ -147,20 +105,6 @@ def _load_model(model_dir: Path) -> Any:
     from serving.runtime import CPU, OnnxModel
 
     return OnnxModel(model_dir, threads=max(1, min(os.cpu_count() or 1, 8)), providers=[CPU])
-
-
-def contract_for(model: Any, label_column: str) -> Contract:
-    """What the readers must know about a loaded model (``label_column``: data.sequence.label_column)."""
-    from serving.images import image_spec
-
-    return Contract(
-        input_shape=tuple(model.input_shape),
-        variable_length=bool(model.metadata.get("variable_length")),
-        takes_lengths=bool(getattr(model, "takes_lengths", False)),
-        image=image_spec(model.metadata),
-        label_column=label_column,
-        table=getattr(model, "table_rows", None),
-    )
 
 
 def _refuse(input_path: Path, errors: list[tuple[str, str]]) -> FluxoError:
@@ -189,7 +133,7 @@ def _atomic_parquet(output: Path, regression: bool) -> Iterator[Any]:
     handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(handle)
     try:
-        with pq.ParquetWriter(temporary, _schema(regression)) as writer:
+        with pq.ParquetWriter(temporary, answers_schema(regression)) as writer:
             yield writer
         os.replace(temporary, output)
     except BaseException:
@@ -219,7 +163,7 @@ def predict_to_parquet(
             kept.extend(chunk.errors[: max(0, KEPT_ERRORS - len(kept))])
             if chunk.ids:
                 answers = model.predict_outputs(chunk.batch) if regression else model.predict_proba(chunk.batch)
-                writer.write_table(_table(chunk.ids, answers, model.labels, version, regression))
+                writer.write_table(answers_table(chunk.ids, answers, model.labels, version, regression))
                 rows += len(chunk.ids)
     sha256 = digest.hexdigest() if hashes_while_reading(input_path) else input_sha256(input_path)
     return LoopResult(rows, kept, skipped, sha256, unseen.counts)

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipelines.data.npz import read_npz
 from pipelines.errors import FluxoError
-from pipelines.predict.chunk import Chunk, Contract
+from pipelines.predict.chunk import Chunk, Contract, open_parquet
 
 log = logging.getLogger(__name__)
 
@@ -341,16 +341,6 @@ def parquet_chunks(path: Path, contract: Contract, batch_size: int, row_groups: 
         frame = batch.to_pandas()
         yield _frame_chunk(frame, start, path, contract)
         start += len(frame)
-
-
-def open_parquet(path: Path) -> Any:
-    """``pyarrow.parquet.ParquetFile`` for ``path``, or a FluxoError naming it."""
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path)
-    except Exception as error:
-        raise FluxoError(f"{path}: not a readable Parquet file ({error})") from error
 
 
 # --- image folders ----------------------------------------------------------------------------

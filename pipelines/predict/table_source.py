@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import FluxoError
-from pipelines.predict.chunk import Chunk, Contract
+from pipelines.predict.chunk import Chunk, Contract, open_parquet
 
 
 def _table_columns(path: Path, present: Sequence[Any], contract: Contract) -> tuple[list[str], str | None]:
@@ -74,8 +74,6 @@ def table_parquet_chunks(path: Path, contract: Contract, batch_size: int, row_gr
     """A table model's Parquet file: the model's columns read by name, ``batch_size`` rows at a time.
 
     ``row_groups`` reads only those (one cluster task's share), ``start`` being the file row they begin at."""
-    from pipelines.predict.sources import open_parquet
-
     reader = open_parquet(path)
     columns, id_column = _table_columns(path, reader.schema_arrow.names, contract)
     for batch in reader.iter_batches(batch_size=batch_size, columns=columns, row_groups=row_groups):

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipelines.errors import FluxoError
 from pipelines.settings import FluxoSettings
-from pipelines.train.auto import CANDIDATE, KIND_TAG, Candidate, _Trainer, fit_candidate, run_name
+from pipelines.train.trial import CANDIDATE, KIND_TAG, Candidate, Trainer, fit_candidate, run_name
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def _train_on_worker(root: Path, settings: FluxoSettings, data_version: Any, can
 
 
 @dataclass
-class ClusterTrainer(_Trainer):
-    """:class:`pipelines.train.auto._Trainer` with a batch of candidates trained at once, one task each."""
+class ClusterTrainer(Trainer):
+    """:class:`pipelines.train.trial.Trainer` with a batch of candidates trained at once, one task each."""
 
     def train_all(self, candidates: list[Candidate], epochs: int | None, out_of_time: Callable[[], bool]) -> None:
         """Every candidate of the batch at once (the budget is checked before the batch, not inside it)."""

@@ -8,17 +8,20 @@ skipped rows and why), and a user's mistake found by a worker must still be one 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tests.serving_fixtures import build_model_dir, digit_png, sample_instances
-from tests.users import Project, one_error_line
+from tests.users import Project, one_error_line, wait_for
 
 # Several shares from a small input, so two actors each get more than one and order is tested.
 SMALL_SHARES = ("--set", "cluster.rows_per_task=97", "--set", "cluster.cpus=2")
@@ -141,3 +144,39 @@ def test_a_local_cluster_listens_on_loopback_only_and_stops_with_the_command(tmp
 
     alive = [pid for pid in seen["children"] if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert not alive, f"Ray processes left running after the command: {alive}"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_mid_prediction_leaves_no_ray_process_and_no_partial_file(user: Project, stop: int) -> None:
+    source = user.root / "long.npy"
+    if not source.exists():
+        np.save(source, sample_instances(200_000, seed=9))
+    out = user.root / "long.parquet"
+    process, log = user.start("predict", str(source), "-o", str(out), "--model", str(user.root.parent / "model"),
+                              "--set", f"tracking.tracking_uri=sqlite:///{user.root.parent / 'mlflow.db'}",
+                              "--set", "cluster.address=local", "--set", "cluster.rows_per_task=500")
+    try:
+        wait_for(lambda: "predicted" in log.read_text(errors="replace"), "the first shares predicted", timeout=180)
+        ours = _ray_processes()
+        assert ours, "a local cluster runs while the command predicts"
+        process.send_signal(stop)
+        assert process.wait(timeout=60) != 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    wait_for(lambda: not [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+             "the cluster's processes gone", timeout=60)
+    assert not out.exists() and not list(user.root.glob(".long.parquet.*")), "no output, no temporary file"
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
+def _ray_processes() -> list[psutil.Process]:
+    """Ray's own processes on this machine (only this test's cluster runs now)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if any(name in " ".join(process.cmdline()) for name in ("raylet", "gcs_server", "ray::")):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found

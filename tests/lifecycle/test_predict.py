@@ -175,12 +175,12 @@ def test_an_image_folder_gives_the_upload_answers_and_skips_a_corrupt_file(proje
 STREAM = textwrap.dedent("""
     import json, resource, sys
     from pathlib import Path
-    from pipelines.predict.run import _contract, _load_model, predict_to_parquet
-    from pipelines.settings import load_settings
+    from pipelines.predict.chunk import contract_for
+    from pipelines.predict.run import _load_model, predict_to_parquet
 
     model_dir, small, big, out = map(Path, sys.argv[1:5])
     model = _load_model(model_dir)
-    contract = _contract(model, load_settings(None, []))
+    contract = contract_for(model, "label")
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     predict_to_parquet(model, contract, small, out)
     baseline = peak()

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipelines.predict.chunk import Chunk, Contract
-from pipelines.predict.sources import _npy_header, _check_array_shape, chunks, image_files, open_parquet
+from pipelines.predict.chunk import Chunk, Contract, open_parquet
+from pipelines.predict.sources import _check_array_shape, _npy_header, chunks, image_files
 
 ShareKind = Literal["npy", "parquet", "images", "whole"]
 
