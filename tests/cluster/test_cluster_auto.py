@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import make_settings, store_client
 from tests.users import Project
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a race per test: a minute each
+
 RACE = ("--set", "model.name=auto", "--set", "train.epochs=4", "--set", "auto.models=[cnn2d]",
         "--set", "auto.learning_rates=[0.003]", "--set", "auto.eta=2", "--set", "auto.with_presets=false")
 
@@ -101,3 +103,23 @@ def test_a_trial_whose_worker_dies_is_retried_and_one_that_keeps_dying_is_marked
     run = client.get_run(lost.run_ids[-1])
     assert run.info.status == "FAILED" and "attempts" in run.data.tags["fluxo.auto.failed"], run.data.tags
     assert client.get_run(kept.run_ids[-1]).info.status == "FINISHED"
+
+
+def test_a_study_runs_its_trials_at_once_each_a_nested_run_of_the_study(user: Project) -> None:
+    result = user.fluxo("tune", "--config", "configs/digits-cnn-tune.yaml", "--trials", "4", "--set", "train.epochs=2",
+                        "--set", "tune.startup_trials=1", "--set", "cluster.address=local", "--set", "cluster.cpus=2",
+                        *user.stores)  # type: ignore[attr-defined]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "up to 2 trial(s) at once on the cluster" in output, output[-4000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert sum(summary["trials"].values()) == 4 and (user.root / summary["preset"]).is_file(), summary
+    client = store_client(user.root.parent / "mlflow.db")
+    trials = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "tags.`fluxo.tune.role` = 'trial'")
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in trials}
+    assert len(trials) == 4 and len(parents) == 1 and None not in parents, [r.data.tags for r in trials]
+    study = client.get_run(parents.pop())
+    assert study.data.metrics["trials_complete"] + study.data.metrics.get("trials_pruned", 0) == 4
+    spans = sorted((r.info.start_time, r.info.end_time) for r in trials)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), f"no two trials overlapped: {spans}"

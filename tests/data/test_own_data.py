@@ -52,6 +52,7 @@ def digit_folder(root: Path, per_class: int = 30, side: int = 32) -> Path:
     return root
 
 
+@pytest.mark.slow  # half a minute or more: `make test-slow` (make test stays under 20 minutes)
 def test_an_image_folder_is_trained_with_the_default_for_its_size_and_served(tmp_path: Path) -> None:
     user = Project.clone_shaped(tmp_path)
     folder = digit_folder(user.root / "digits-png")

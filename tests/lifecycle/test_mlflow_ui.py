@@ -41,6 +41,7 @@ def _wait(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
     raise TimeoutError(url)
 
 
+@pytest.mark.slow  # half a minute or more: `make test-slow` (make test stays under 20 minutes)
 def test_ui_shows_run_curves_plots_data_version_and_champion(project: Path, settings_for, tmp_path: Path) -> None:
     settings = settings_for("train.epochs=3")
     ingest(project, settings.data)

@@ -126,6 +126,7 @@ def test_fluxo_serve_keeps_credentials_from_its_workers_and_fails_when_its_serve
         process.wait(30)
 
 
+@pytest.mark.slow  # half a minute or more: `make test-slow` (make test stays under 20 minutes)
 def test_fluxo_ui_puts_no_store_on_its_command_lines_and_no_password_in_its_errors(
     project: Path, tmp_path: Path
 ) -> None:

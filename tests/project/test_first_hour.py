@@ -143,6 +143,7 @@ def _records(payloads: Path) -> int:
     return read_payloads(payloads).num_rows if payloads.is_dir() else 0
 
 
+@pytest.mark.slow  # half a minute or more: `make test-slow` (make test stays under 20 minutes)
 def test_monitor_and_status_follow_the_served_model_after_data_moved_on(user: Project) -> None:
     """A digits model is served and logged; then MNIST-1D is ingested into data/. Both commands, with
     no option, still act on the served digits model, its payload log and its own data version."""

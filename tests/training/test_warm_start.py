@@ -83,6 +83,7 @@ def champion(project: Path, settings_for):
     return first, version(project, changed.data)
 
 
+@pytest.mark.slow  # half a minute or more: `make test-slow` (make test stays under 20 minutes)
 def test_a_warm_start_from_the_champion_reaches_its_accuracy_in_fewer_epochs(project: Path, settings_for,
                                                                                 champion) -> None:
     first, changed = champion

@@ -71,17 +71,33 @@ def tune(
     _quiet_optuna()
 
     metric = tune_settings.metric
+    name = f"tune-{dataset_name}-{settings.model.name}"
+    pruner = pruner or build_pruner(tune_settings)
+    journal = None
+    if settings.cluster.enabled:  # trials on a cluster's workers report into the study: a file they all see
+        from pipelines.train.tune.spread import journal_path, journal_storage
+
+        journal = journal_path(root, name)
     study = optuna.create_study(
         direction=tune_settings.direction,
         sampler=sampler or optuna.samplers.TPESampler(seed=tune_settings.seed),
-        pruner=pruner or build_pruner(tune_settings),
-        study_name=f"tune-{dataset_name}-{settings.model.name}",
+        pruner=pruner,
+        study_name=name,
+        storage=journal_storage(journal) if journal is not None else None,
     )
     started = time.perf_counter()
-    with mlflow.start_run(run_name=f"tune-{dataset_name}-{settings.model.name}") as parent:
+    with mlflow.start_run(run_name=name) as parent:
         record_study_start(settings, tune_settings, data_version, dataset_name, sampler, pruner)
-        study.optimize(Objective(root, settings, tune_settings, data_version), n_trials=tune_settings.trials,
-                       timeout=tune_settings.timeout_s)
+        if settings.cluster.enabled:  # trials at once on a Ray cluster (pipelines/train/tune/spread.py)
+            from pipelines.cluster import ray_cluster
+            from pipelines.train.tune.spread import optimize_on_cluster
+
+            with ray_cluster(settings.cluster) as cluster:
+                optimize_on_cluster(study, journal, root, settings, tune_settings, data_version, parent.info.run_id,
+                                    cluster.cpus)
+        else:
+            study.optimize(Objective(root, settings, tune_settings, data_version), n_trials=tune_settings.trials,
+                           timeout=tune_settings.timeout_s)
         seconds = time.perf_counter() - started
         rows, counts = record_trials(study, tune_settings, seconds)
         if counts["complete"] == 0:

@@ -67,8 +67,11 @@ class Objective:
     """What Optuna optimises: one trial, as a nested MLflow run, scored at its best epoch."""
 
     def __init__(self, root: Path, settings: FluxoSettings, tune_settings: TuneSettings,
-                 data_version: DataVersion) -> None:
+                 data_version: DataVersion, parent_run_id: str | None = None) -> None:
+        """``parent_run_id``: the study's run, for a trial run in another process (a cluster's worker);
+        None: the active run of this process is the parent."""
         self.root, self.settings, self.tune_settings, self.data_version = root, settings, tune_settings, data_version
+        self.parent_run_id = parent_run_id
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
         import optuna
@@ -77,7 +80,8 @@ class Objective:
 
         params = suggest(trial, self.tune_settings.space, self.settings)
         trial_settings = apply_params(self.settings, params)
-        run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True)
+        run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=self.parent_run_id is None,
+                               parent_run_id=self.parent_run_id)
         run_id = run.info.run_id
         trial.set_user_attr("run_id", run_id)
         status = "FAILED"
