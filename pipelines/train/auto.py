@@ -165,8 +165,7 @@ def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset
             if top or not finished:
                 break
             if len(finished) == 1:
-                if not out_of_time():
-                    trainer.complete(finished[0])  # the grid's leader, trained as the winner would be
+                trainer.train_all(finished, None, out_of_time)  # the grid's leader, trained as the winner would be
                 break
             alive, epochs = finished[: max(1, math.ceil(len(finished) / settings.auto.eta))], epochs * settings.auto.eta
         _complete_while_time(trainer, others, out_of_time)

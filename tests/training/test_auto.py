@@ -137,3 +137,35 @@ def test_a_preset_in_the_race_trains_its_own_recipe_to_completion(project: Path,
     board = json.loads(Path(client.download_artifacts(search.info.run_id, "auto/leaderboard.json")).read_text())
     row = next(r for r in board["leaderboard"] if "tiny-cnn" in r["candidate"])
     assert row["finished"] and row["epochs"] == 3
+
+
+def test_a_rung_left_with_one_candidate_trains_it_to_completion(project: Path, settings_for) -> None:
+    """The halving can end with one candidate below the top rung: that leader is then trained to completion.
+
+    Training is a stand-in here (each candidate's score is fixed by its width): the race's own steps, its
+    MLflow runs and its ranking are real."""
+    import mlflow
+
+    from pipelines.data.store import Dataset
+    from pipelines.train.auto import race
+
+    settings = settings_for("model.name=auto", "train.epochs=16", "auto.models=[cnn2d]", "auto.learning_rates=[0.003]",
+                            "auto.first_epochs=1", "auto.eta=4", "auto.with_presets=false")
+    calls: list[tuple[str, int]] = []
+
+    def fake_training(root, trial_settings, data_version, tracker, run_key, dataset):  # noqa: ANN001 - a stand-in
+        from types import SimpleNamespace
+
+        width = trial_settings.model.params.get("channels") or trial_settings.model.params.get("hidden")
+        calls.append((f"{trial_settings.model.name}{width}", trial_settings.train.epochs))
+        history = [{"val_accuracy": width / 1000, "val_loss": 1.0}] * trial_settings.train.epochs
+        return None, None, None, SimpleNamespace(history=history)
+
+    mlflow.set_tracking_uri(settings.tracking.tracking_uri)
+    dataset = Dataset({"name": "digits", "kind": "image", "input_shape": [1, 8, 8], "labels": list("0123456789")}, {})
+    ranked = race(project, settings, None, dataset, fake_training)
+    # 4 candidates at 1 epoch; eta 4 keeps the best one (mlp hidden=512) for 4 epochs, where it is alone: it is
+    # then trained to completion (train.epochs), not dropped.
+    assert calls[:4] == [("mlp128", 1), ("mlp512", 1), ("cnn2d16", 1), ("cnn2d32", 1)]
+    assert calls[4:] == [("mlp512", 4), ("mlp512", 16)]
+    assert ranked[0].label.startswith("mlp(hidden=512)") and ranked[0].full == (16, 0.512)
