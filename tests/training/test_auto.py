@@ -144,8 +144,6 @@ def test_a_rung_left_with_one_candidate_trains_it_to_completion(project: Path, s
 
     Training is a stand-in here (each candidate's score is fixed by its width): the race's own steps, its
     MLflow runs and its ranking are real."""
-    import mlflow
-
     from pipelines.data.store import Dataset
     from pipelines.train.auto import race
 
@@ -161,7 +159,7 @@ def test_a_rung_left_with_one_candidate_trains_it_to_completion(project: Path, s
         history = [{"val_accuracy": width / 1000, "val_loss": 1.0}] * trial_settings.train.epochs
         return None, None, None, SimpleNamespace(history=history)
 
-    mlflow.set_tracking_uri(settings.tracking.tracking_uri)
+    open_run(project, settings)  # MLflow at this test's store and experiment (not an earlier test's)
     dataset = Dataset({"name": "digits", "kind": "image", "input_shape": [1, 8, 8], "labels": list("0123456789")}, {})
     ranked = race(project, settings, None, dataset, fake_training)
     # 4 candidates at 1 epoch; eta 4 keeps the best one (mlp hidden=512) for 4 epochs, where it is alone: it is
