@@ -80,12 +80,13 @@ def _train_all(root: Path, train: Any) -> list[Any]:
     import mlflow
 
     from pipelines.cluster import ray_cluster
+    from pipelines.context import open_run
     from pipelines.data.store import read_dataset
     from pipelines.train.auto import Candidate
     from pipelines.train.spread import ClusterTrainer
 
     settings = make_settings(root, "cluster.address=local", "cluster.cpus=2")
-    mlflow.set_tracking_uri(settings.tracking.tracking_uri)
+    open_run(root, settings)  # MLflow at this project's store and experiment (not an earlier test's)
     candidates = [Candidate("cnn2d", {"channels": width}, 0.003, False) for width in (16, 32)]
     with ray_cluster(settings.cluster), mlflow.start_run(run_name="search"):
         trainer = ClusterTrainer(root, settings, None, read_dataset(root / settings.data.data_dir), train)
