@@ -1,7 +1,7 @@
 """fluxo on a Ray cluster against fluxo in one process: batch prediction, training and the auto race.
 
     .venv/bin/python bench/scale.py                       # 60,000 instances, the whole set
-    .venv/bin/python bench/scale.py --rows 20000 --skip-train --skip-auto
+    .venv/bin/python bench/scale.py --rows 300000 --skip-train --skip-auto --output scale_predict_300k.json
 
 Every number is a whole `fluxo` command run as a user runs it (a fresh process, imports, the
 cluster's start and stop included), beside the same command without a cluster, in one run:
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,11 @@ def lenet_model_dir(target: Path) -> Path:
 
     target.mkdir(parents=True)
     model = build_model("lenet", SHAPE, 10).eval()
-    torch.onnx.export(model, torch.zeros(1, *SHAPE), str(target / "model.onnx"), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                      dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript exporter: enough for a fixed LeNet, and no onnxscript step
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, torch.zeros(1, *SHAPE), str(target / "model.onnx"), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          dynamo=False)
     meta = metadata_for(SHAPE, [str(i) for i in range(10)], architecture="lenet", dataset="mnist")
     (target / "metadata.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return target
@@ -171,6 +174,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-auto", action="store_true")
+    parser.add_argument("--output", default="scale.json", help="file name under bench/results/")
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                                "rows": args.rows}
@@ -181,7 +185,7 @@ def main() -> None:
             results["train"] = bench_train(work, args.epochs)
         if not args.skip_auto:
             results["auto"] = bench_auto(work)
-    target = ROOT / "bench" / "results" / "scale.json"
+    target = ROOT / "bench" / "results" / args.output
     target.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(results, indent=2))
     print(f"wrote {target}")
