@@ -25,7 +25,6 @@ from pipelines.settings.cluster import LOCAL, ClusterSettings
 log = logging.getLogger(__name__)
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-JOIN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)

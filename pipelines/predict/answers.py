@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.predict.chunk import Chunk, Tally
+
 
 def answers_schema(regression: bool = False) -> Any:
     import pyarrow as pa
@@ -27,7 +29,7 @@ def answers_schema(regression: bool = False) -> Any:
 
 
 def answers_table(ids: list[str], probabilities: np.ndarray, labels: list[str], version: str | None,
-           regression: bool = False) -> Any:
+                  regression: bool = False) -> Any:
     """One chunk's rows as an Arrow table; probabilities as one list column without Python floats.
 
     ``regression``: ``probabilities`` are the model's (n, 1) values, written as the ``value`` column."""
@@ -50,3 +52,15 @@ def answers_table(ids: list[str], probabilities: np.ndarray, labels: list[str], 
         "probabilities": pa.ListArray.from_arrays(offsets, values),
         "model_version": pa.array([version] * n, pa.string()),
     }, schema=answers_schema())
+
+
+def write_answers(model: Any, chunk: Chunk, writer: Any, tally: Tally) -> None:
+    """One chunk through ``model`` (serving.runtime.OnnxModel) into ``writer`` (Parquet, or Arrow IPC from a
+    cluster's actor), its bad rows and unseen categories counted in ``tally``."""
+    tally.skip(chunk.errors, chunk.unseen)
+    if not chunk.ids:
+        return
+    regression = bool(getattr(model, "regression", False))
+    answers = model.predict_outputs(chunk.batch) if regression else model.predict_proba(chunk.batch)
+    writer.write_table(answers_table(chunk.ids, answers, model.labels, model.metadata.get("model_version"), regression))
+    tally.rows += len(chunk.ids)

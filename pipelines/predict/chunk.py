@@ -43,6 +43,24 @@ class Unseen:
             self.counts[column] = self.counts.get(column, 0) + count
 
 
+@dataclass
+class Tally:
+    """What a prediction loop counts over a whole input: rows answered, bad rows skipped (the first ``limit``
+    kept with their reason, for the errors file) and unseen category values; in one process or per share."""
+
+    limit: int
+    rows: int = 0
+    skipped: int = 0
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    unseen: Unseen = field(default_factory=Unseen)
+
+    def skip(self, errors: list[tuple[str, str]], unseen: dict[str, int], count: int | None = None) -> None:
+        """``errors`` skipped (``count`` of them when only some are listed) and ``unseen`` categories met."""
+        self.skipped += len(errors) if count is None else count
+        self.unseen.add(unseen)
+        self.kept.extend(errors[: max(0, self.limit - len(self.kept))])
+
+
 def contract_for(model: Any, label_column: str) -> Contract:
     """What the readers must know about a loaded model (``label_column``: data.sequence.label_column)."""
     from serving.images import image_spec

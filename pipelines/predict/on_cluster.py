@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import FluxoError
-from pipelines.predict.answers import answers_schema, answers_table
-from pipelines.predict.chunk import Contract, Unseen, contract_for
+from pipelines.predict.answers import answers_schema, write_answers
+from pipelines.predict.chunk import Contract, Tally, contract_for
 from pipelines.predict.shares import Share, plan_shares
 from pipelines.settings.cluster import ClusterSettings
 
@@ -65,26 +65,16 @@ class SharePredictor:
         """One share's answers as Arrow IPC bytes, with its skipped rows; a FluxoError as ``fatal``."""
         import pyarrow as pa
 
-        regression = bool(getattr(self.model, "regression", False))
-        version = self.model.metadata.get("model_version")
         sink = pa.BufferOutputStream()
-        kept: list[tuple[str, str]] = []
-        skipped, rows, unseen, fatal = 0, 0, Unseen(), ""
+        tally, fatal = Tally(self.kept_errors), ""
         try:
-            with pa.ipc.new_stream(sink, answers_schema(regression)) as writer:
+            with pa.ipc.new_stream(sink, answers_schema(bool(getattr(self.model, "regression", False)))) as writer:
                 for chunk in share.read(self.contract, self.batch_size):
-                    skipped += len(chunk.errors)
-                    unseen.add(chunk.unseen)
-                    kept.extend(chunk.errors[: max(0, self.kept_errors - len(kept))])
-                    if chunk.ids:
-                        answers = (self.model.predict_outputs(chunk.batch) if regression
-                                   else self.model.predict_proba(chunk.batch))
-                        writer.write_table(answers_table(chunk.ids, answers, self.model.labels, version, regression))
-                        rows += len(chunk.ids)
+                    write_answers(self.model, chunk, writer, tally)
         except FluxoError as error:
             fatal = str(error)
-        return {"table": sink.getvalue().to_pybytes(), "rows": rows, "skipped": skipped,
-                "errors": json.dumps(kept), "unseen": json.dumps(unseen.counts), "fatal": fatal}
+        return {"table": sink.getvalue().to_pybytes(), "rows": tally.rows, "skipped": tally.skipped,
+                "errors": json.dumps(tally.kept), "unseen": json.dumps(tally.unseen.counts), "fatal": fatal}
 
 
 def actor_count(settings: ClusterSettings, cluster_cpus: int, shares: int) -> int:

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 
 from pipelines.errors import FluxoError
-from pipelines.predict.answers import answers_table, answers_schema
-from pipelines.predict.chunk import Chunk, Contract, Unseen, contract_for
+from pipelines.predict.answers import answers_schema, write_answers
+from pipelines.predict.chunk import Chunk, Contract, Tally, contract_for
 from pipelines.predict.sources import (
     chunks,
     check_input,
@@ -148,25 +148,16 @@ def predict_to_parquet(
     """The streaming loop alone (no registry, no MLflow), writing ``output`` atomically."""
     import hashlib
 
-    rows, kept, skipped = 0, [], 0
-    version = model.metadata.get("model_version")
-    regression = bool(getattr(model, "regression", False))
     digest = hashlib.sha256()
-    unseen = Unseen()
-    with _atomic_parquet(output, regression) as writer:
+    tally = Tally(KEPT_ERRORS)
+    with _atomic_parquet(output, bool(getattr(model, "regression", False))) as writer:
         source = chunks(input_path, contract, batch_size, digest)
         for chunk in _progress(source, count_instances(input_path)):
             if chunk.errors and on_error == "fail":
                 raise _refuse(input_path, chunk.errors)
-            skipped += len(chunk.errors)
-            unseen.add(chunk.unseen)
-            kept.extend(chunk.errors[: max(0, KEPT_ERRORS - len(kept))])
-            if chunk.ids:
-                answers = model.predict_outputs(chunk.batch) if regression else model.predict_proba(chunk.batch)
-                writer.write_table(answers_table(chunk.ids, answers, model.labels, version, regression))
-                rows += len(chunk.ids)
+            write_answers(model, chunk, writer, tally)
     sha256 = digest.hexdigest() if hashes_while_reading(input_path) else input_sha256(input_path)
-    return LoopResult(rows, kept, skipped, sha256, unseen.counts)
+    return LoopResult(tally.rows, tally.kept, tally.skipped, sha256, tally.unseen.counts)
 
 
 def predict_on_cluster_to_parquet(
@@ -179,8 +170,7 @@ def predict_on_cluster_to_parquet(
 
     from pipelines.predict.on_cluster import predicted_shares
 
-    rows, kept, skipped = 0, [], 0
-    unseen = Unseen()
+    tally = Tally(KEPT_ERRORS)
     total = count_instances(input_path)
     with _atomic_parquet(output, bool(getattr(model, "regression", False))) as writer:
         for answer in predicted_shares(settings.cluster, cluster_cpus, model_dir, settings.data.sequence.label_column,
@@ -190,14 +180,12 @@ def predict_on_cluster_to_parquet(
             errors = [tuple(error) for error in json.loads(answer["errors"])]
             if errors and on_error == "fail":
                 raise _refuse(input_path, errors)
-            skipped += int(answer["skipped"])
-            unseen.add(json.loads(answer["unseen"]))
-            kept.extend(errors[: max(0, KEPT_ERRORS - len(kept))])
+            tally.skip(errors, json.loads(answer["unseen"]), int(answer["skipped"]))
             for batch in pa.ipc.open_stream(answer["table"]):
                 writer.write_batch(batch)
-            rows += int(answer["rows"])
-            log.info("predicted %d%s instances", rows + skipped, f"/{total}" if total else "")
-    return LoopResult(rows, kept, skipped, input_sha256(input_path), unseen.counts)
+            tally.rows += int(answer["rows"])
+            log.info("predicted %d%s instances", tally.rows + tally.skipped, f"/{total}" if total else "")
+    return LoopResult(tally.rows, tally.kept, tally.skipped, input_sha256(input_path), tally.unseen.counts)
 
 
 def _write_errors(path: Path, input_path: Path, skipped: int, kept: list[tuple[str, str]]) -> list[dict[str, str]]:
