@@ -88,3 +88,24 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[ClusterInfo]:
         yield info
     finally:
         ray.shutdown()
+
+
+TASK_RETRIES = 2  # a trial's attempts after the first when the process running it dies (never for its own errors)
+
+
+def trial_task(function: Any, cpus: int) -> Any:
+    """``function`` as a Ray task of ``cpus`` CPUs, run again (``TASK_RETRIES`` times) only when its process dies."""
+    import ray
+
+    return ray.remote(num_cpus=cpus, max_retries=TASK_RETRIES, retry_exceptions=False)(function)
+
+
+def carried_mistake(error: Any) -> FluxoError | None:
+    """The user's mistake a trial raised, out of the ``RayTaskError`` that carries it; None for any other error."""
+    return FluxoError(str(error.cause)) if isinstance(error.as_instanceof_cause(), FluxoError) else None
+
+
+def lost_reason(error: Exception) -> str:
+    """Why a trial is given up: its worker or node kept dying (for the log and the run's tag)."""
+    return f"{type(error).__name__} after {TASK_RETRIES + 1} attempts: {str(error).splitlines()[0][:300]}"
+

@@ -160,7 +160,7 @@ def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset
             trainer.train_all(alive, None if top else epochs, out_of_time)
             if not presets_done:  # every grid candidate has a score: now this dataset's recipes, each to its end
                 presets_done = True
-                _complete_while_time(trainer, own, out_of_time)
+                trainer.train_all(own, None, out_of_time)
             finished = sorted((c for c in alive if epochs in c.scores), key=lambda c: -c.scores[epochs])
             if top or not finished:
                 break
@@ -168,7 +168,7 @@ def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset
                 trainer.train_all(finished, None, out_of_time)  # the grid's leader, trained as the winner would be
                 break
             alive, epochs = finished[: max(1, math.ceil(len(finished) / settings.auto.eta))], epochs * settings.auto.eta
-        _complete_while_time(trainer, others, out_of_time)
+        trainer.train_all(others, None, out_of_time)
         ranked = rank(candidates)
         board = leaderboard(ranked, score_metric(dataset))
         mlflow.log_dict({"leaderboard": board, "seconds": round(time.perf_counter() - started, 1)},
@@ -183,10 +183,6 @@ def race(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset
     for candidate in ranked:
         candidate.run_ids = [parent.info.run_id, *candidate.run_ids]
     return ranked
-
-
-def _complete_while_time(trainer: Trainer, candidates: list[Candidate], out_of_time: Callable[[], bool]) -> None:
-    trainer.train_all(candidates, None, out_of_time)
 
 
 def _trainer(root: Path, settings: FluxoSettings, data_version: DataVersion, dataset: Dataset,

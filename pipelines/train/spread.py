@@ -3,7 +3,7 @@ the presets trained to completion, run as tasks on the cluster's workers instead
 
 Every candidate stays a nested MLflow run of the race: the driver creates it under the search's parent
 run, the worker trains inside it, reading the versioned data from the project (a path every node
-sees). A worker lost mid-trial (its process or node dies) is retried by Ray, ``MAX_RETRIES`` times;
+sees). A worker lost mid-trial (its process or node dies) is retried by Ray (pipelines/cluster.py);
 a trial still lost after that is marked FAILED in MLflow, named in the log and left out of the
 ranking, never dropped in silence. A user's mistake raised by a trial is raised here, as it would be
 in one process.
@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import FluxoError
+from pipelines.cluster import carried_mistake, lost_reason, trial_task
 from pipelines.settings import FluxoSettings
 from pipelines.train.trial import CANDIDATE, KIND_TAG, Candidate, Trainer, fit_candidate, run_name
 
 log = logging.getLogger(__name__)
 
-MAX_RETRIES = 2  # a trial's attempts after the first, when the process running it dies
 FAILED_TAG = "fluxo.auto.failed"
 
 
@@ -55,7 +54,7 @@ class ClusterTrainer(Trainer):
             return
         client, parent = mlflow.MlflowClient(), mlflow.active_run()
         cpus = self.settings.cluster.cpus_per_trial
-        remote = ray.remote(num_cpus=cpus, max_retries=MAX_RETRIES, retry_exceptions=False)(_train_on_worker)
+        remote = trial_task(_train_on_worker, cpus)
         pending: dict[Any, tuple[Candidate, str]] = {}
         started = time.perf_counter()
         for candidate in candidates:
@@ -82,12 +81,12 @@ class ClusterTrainer(Trainer):
             return ray.get(task)
         except ray.exceptions.RayTaskError as error:  # raised by the trial's own code: as in one process
             client.set_terminated(run_id, "FAILED")
-            cause = error.as_instanceof_cause()
-            if isinstance(cause, FluxoError):
-                raise FluxoError(str(error.cause)) from None
+            mistake = carried_mistake(error)
+            if mistake is not None:
+                raise mistake from None
             raise
-        except ray.exceptions.RayError as error:  # the worker or its node was lost, after MAX_RETRIES retries
-            reason = f"{type(error).__name__} after {MAX_RETRIES + 1} attempts: {str(error).splitlines()[0][:300]}"
+        except ray.exceptions.RayError as error:  # the worker or its node was lost, retries spent
+            reason = lost_reason(error)
             client.set_tag(run_id, FAILED_TAG, reason)
             client.set_terminated(run_id, "FAILED")
             log.warning("auto: %s failed on the cluster (%s); it is left out of the ranking", candidate.label, reason)

@@ -124,3 +124,20 @@ def test_a_study_runs_its_trials_at_once_each_a_nested_run_of_the_study(user: Pr
     assert study.data.metrics["trials_complete"] + study.data.metrics.get("trials_pruned", 0) == 4
     spans = sorted((r.info.start_time, r.info.end_time) for r in trials)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), f"no two trials overlapped: {spans}"
+
+
+def refuses(root: Path, settings: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
+    import uuid
+
+    from pipelines.errors import FluxoError
+
+    (Path(root) / f"refused-{uuid.uuid4().hex}").touch()  # one file per attempt
+    raise FluxoError("train.nope: a mistake of the user's, found inside the trial")
+
+
+def test_a_users_mistake_inside_a_trial_is_raised_as_itself_not_retried(user: Project) -> None:
+    from pipelines.errors import FluxoError
+
+    with pytest.raises(FluxoError, match=r"^train.nope: a mistake of the user's, found inside the trial$"):
+        _train_all(user.root, refuses)
+    assert len(list(user.root.glob("refused-*"))) <= 2, "a trial's own error is never retried"

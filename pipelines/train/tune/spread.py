@@ -4,7 +4,7 @@ samples its parameters (the sampler sees every finished trial, as in one process
 The study lives in a journal file under the project (:func:`journal_path`), so a trial on a worker
 reports each epoch into it and asks the pruner there, exactly as in one process. Each trial is still
 a nested MLflow run of the study's run. A trial whose worker dies is run again by Ray
-(``MAX_RETRIES``); one still lost is told to Optuna as failed, its MLflow run marked FAILED, and
+(pipelines/cluster.py); one still lost is told to Optuna as failed, its MLflow run marked FAILED, and
 named in the log: never dropped in silence. A user's mistake raised in a trial stops the study, as
 ``study.optimize`` does in one process.
 """
@@ -17,14 +17,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import FluxoError
+from pipelines.cluster import carried_mistake, lost_reason, trial_task
 from pipelines.settings import FluxoSettings
 from pipelines.settings.tune import TuneSettings
 from pipelines.train.tune.space import suggest
 
 log = logging.getLogger("pipelines.train.tune")
 
-MAX_RETRIES = 2  # a trial's attempts after the first, when the process running it dies
 FAILED_TAG = "fluxo.tune.failed"
 
 
@@ -73,7 +72,7 @@ def optimize_on_cluster(study: Any, journal: Path, root: Path, settings: FluxoSe
 
     cpus = settings.cluster.cpus_per_trial
     slots = max(1, cluster_cpus // cpus)
-    remote = ray.remote(num_cpus=cpus, max_retries=MAX_RETRIES, retry_exceptions=False)(_trial_on_worker)
+    remote = trial_task(_trial_on_worker, cpus)
     started, asked, pending = time.perf_counter(), 0, {}
     log.info("study %s: up to %d trial(s) at once on the cluster (%d CPU(s) each)", study.study_name, slots, cpus)
 
@@ -96,10 +95,11 @@ def optimize_on_cluster(study: Any, journal: Path, root: Path, settings: FluxoSe
         except ray.exceptions.RayTaskError as error:  # raised by the trial's own code: stops the study, as optimize does
             study.tell(trial, state=TrialState.FAIL)
             _cancel(pending)
-            if isinstance(error.as_instanceof_cause(), FluxoError):
-                raise FluxoError(str(error.cause)) from None
+            mistake = carried_mistake(error)
+            if mistake is not None:
+                raise mistake from None
             raise
-        except ray.exceptions.RayError as error:  # the worker or its node was lost, after MAX_RETRIES retries
+        except ray.exceptions.RayError as error:  # the worker or its node was lost, retries spent
             _lost(study, trial, error)
             continue
         if state == "pruned":
@@ -113,7 +113,7 @@ def _lost(study: Any, trial: Any, error: Exception) -> None:
     import mlflow
     from optuna.trial import TrialState
 
-    reason = f"{type(error).__name__} after {MAX_RETRIES + 1} attempts: {str(error).splitlines()[0][:300]}"
+    reason = lost_reason(error)
     run_id = trial.user_attrs.get("run_id")
     study.tell(trial, state=TrialState.FAIL)
     if run_id:
