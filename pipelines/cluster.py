@@ -87,7 +87,78 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[ClusterInfo]:
         log.info("%s", info.describe())
         yield info
     finally:
+        started_here = _local_cluster_processes(ray) if local else []
         ray.shutdown()
+        if local:
+            _stop_leftovers(started_here)
+
+
+LEFTOVER_GRACE_S = 5.0  # how long a process Ray left behind gets to exit on SIGTERM before SIGKILL
+
+
+def _local_cluster_processes(ray: Any) -> list[Any]:
+    """The processes of the cluster this command started: those of ours that name its session folder (the GCS,
+    the raylet, Ray's monitors) and their children (the raylet's agents and workers). Not every child of ours:
+    a Prefect server the command also started is not Ray's to stop."""
+    import psutil
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:  # not connected after all
+        return []
+    session = node.get_session_dir_path()
+    found: dict[int, Any] = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if session in " ".join(process.cmdline()):
+                found[process.pid] = process
+                found.update((child.pid, child) for child in process.children(recursive=True))
+        except psutil.Error:  # gone meanwhile
+            continue
+    return list(found.values())
+
+
+def _stop_leftovers(started_here: list[Any]) -> None:
+    """Stop what the local cluster left running after ``ray.shutdown()``.
+
+    Shutdown kills the GCS and the raylet, but the raylet's own children (the dashboard and runtime-env
+    agents, a worker still starting) only notice their parent is gone when a reconnect times out, a
+    minute or more later on a busy machine, and a stopped ``fluxo`` command must leave nothing behind.
+    They are ``started_here`` (found before shutdown), or orphans that name a raylet of ours in
+    ``RAY_RAYLET_PID``.
+    """
+    import psutil
+
+    raylets = {str(process.pid) for process in started_here if _name(process) == "raylet"}
+    leftovers = {process.pid: process for process in started_here if process.is_running()}
+    if raylets:
+        for process in psutil.process_iter():
+            try:
+                if process.pid not in leftovers and process.environ().get("RAY_RAYLET_PID") in raylets:
+                    leftovers[process.pid] = process
+            except psutil.Error:  # another user's process, or one gone meanwhile
+                continue
+    for process in leftovers.values():
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(list(leftovers.values()), timeout=LEFTOVER_GRACE_S)
+    for process in alive:
+        log.debug("Ray process %d outlived SIGTERM; killing it", process.pid)
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=LEFTOVER_GRACE_S)
+
+
+def _name(process: Any) -> str:
+    import psutil
+
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
 
 
 TASK_RETRIES = 2  # a trial's attempts after the first when the process running it dies (never for its own errors)

@@ -65,9 +65,9 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def wait_for(condition, what: str, timeout: float = 120.0, process: subprocess.Popen | None = None):
+def wait_for(condition, what: str, timeout: float = 120.0, process: subprocess.Popen | None = None, detail=None):
     """:func:`tests.waiting.wait_for` for a server's answers: a refused connection is "not yet", and a
-    server that exited ends the wait at once."""
+    server that exited ends the wait at once. ``detail``: what to show at the deadline."""
     def checked():
         if process is not None and process.poll() is not None:
             raise AssertionError(f"the process exited with {process.returncode} while waiting for {what}")
@@ -76,7 +76,7 @@ def wait_for(condition, what: str, timeout: float = 120.0, process: subprocess.P
         except (httpx.TransportError, OSError, ValueError):
             return None
 
-    return waiting.wait_for(checked, what, timeout, interval=0.2)
+    return waiting.wait_for(checked, what, timeout, interval=0.2, detail=detail)
 
 
 def stop(process: subprocess.Popen) -> int:

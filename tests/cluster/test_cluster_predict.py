@@ -164,10 +164,21 @@ def test_a_stop_mid_prediction_leaves_no_ray_process_and_no_partial_file(user: P
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    wait_for(lambda: not [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
-             "the cluster's processes gone", timeout=60)
+    wait_for(lambda: not _alive(ours), "the cluster's processes gone", timeout=60,
+             detail=lambda: "\n".join(f"{p.pid} {' '.join(p.cmdline())[:200]}" for p in _alive(ours)))
     assert not out.exists() and not list(user.root.glob(".long.parquet.*")), "no output, no temporary file"
     assert "Traceback" not in log.read_text(errors="replace")
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
 
 
 def _ray_processes() -> list[psutil.Process]:
