@@ -75,8 +75,7 @@ def monitor(ctx: RunContext, model: str | None, name: str, window_hours: float |
     model_name, version = str(metadata["model_name"]), served.version
     shape = tuple(int(s) for s in metadata["input_shape"])
     regression = metadata.get("task") == "regression"
-    window = read_window(payload_dir(root, settings), model_name, version, shape, hours,
-                         settings.monitor.max_instances, now, regression=regression)
+    window = _read(payload_dir(root, settings), settings, model_name, version, shape, hours, now, regression)
     summary: dict[str, Any] = {
         "model": model_name, "model_version": version, "data_version": metadata.get("data_version"),
         "alpha": settings.monitor.alpha, "window": window.as_dict(), "reference_size": 0,
@@ -109,6 +108,20 @@ def monitor(ctx: RunContext, model: str | None, name: str, window_hours: float |
         summary["mlflow_run_id"] = _record(root, settings, summary, report)
         write_status(root, model_name, summary)
     return MonitorResult(summary, report)
+
+
+def _read(location: Path | str, settings: FluxoSettings, model_name: str, version: str | None,
+          shape: tuple[int, ...], hours: float, now: datetime | None, regression: bool) -> Any:
+    """The window, read by this process or, with ``cluster.address`` set, by the cluster's tasks."""
+    if not settings.cluster.enabled:
+        return read_window(location, model_name, version, shape, hours, settings.monitor.max_instances, now,
+                           regression=regression)
+    from pipelines.cluster import ray_cluster
+    from pipelines.monitor.on_cluster import newest_on_cluster
+
+    with ray_cluster(settings.cluster):
+        return read_window(location, model_name, version, shape, hours, settings.monitor.max_instances, now,
+                           regression=regression, reader=newest_on_cluster)
 
 
 def drifted_columns(scores: dict[str, dict[str, Any]]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,7 +42,8 @@ _COLUMNS = ("time", "model_name", "model_version", "variant", "inputs", "input_s
 
 
 def read_window(location: Path | str, model_name: str, model_version: str | None, input_shape: tuple[int, ...],
-                hours: float, max_instances: int, now: datetime | None = None, regression: bool = False) -> Window:
+                hours: float, max_instances: int, now: datetime | None = None, regression: bool = False,
+                reader: Callable[[Path | str, list[Any], "Wanted"], Any] | None = None) -> Window:
     """The newest ``max_instances`` instances of ``model_name`` v``model_version`` logged in the last ``hours``.
 
     ``location`` is the payload log: a local directory or the ``s3://`` URL the service uploads to.
@@ -55,8 +57,10 @@ def read_window(location: Path | str, model_name: str, model_version: str | None
     Files are read newest first, a record batch at a time, keeping only the newest instances
     that fit the window; reading stops once no file left can hold a newer one. Memory is the
     window plus one row group, however large the day (bench/monitor_memory.py).
+
+    ``reader``: reads the window's files instead of this process (``newest_records``'s answer from the
+    location, the files newest first and what is wanted): pipelines/monitor/on_cluster.py's tasks.
     """
-    from serving.payload_log import part_batches
     from serving.payload_store import payload_parts
 
     if "://" not in str(location) and not Path(location).is_dir():
@@ -64,21 +68,46 @@ def read_window(location: Path | str, model_name: str, model_version: str | None
                          "(or point monitor.payload_log at the directory the service writes)")
     end = now or datetime.now(UTC)
     start = end - timedelta(hours=hours)
+    wanted = Wanted(model_name, model_version, tuple(input_shape), start, max_instances)
     try:
         filesystem, parts = payload_parts(location, since=start.date())  # day folders before the window: not listed
-        newest = _Newest(max_instances)
-        for part in parts:
-            if part.newest < start.timestamp() or newest.full_before(part.newest):
-                break  # newest first: no file from here on holds a record the window wants
-            for batch in part_batches(filesystem, part, _COLUMNS):
-                newest.add(_matching(batch, model_name, model_version, input_shape, start))
+        in_window = [part for part in parts if part.newest >= start.timestamp()]  # newest first: a prefix
+        if reader is not None:
+            table = reader(location, in_window, wanted)
+        else:
+            table = newest_records(filesystem, in_window, wanted)
     except OSError as error:
         raise FluxoError(str(error)) from error
-    return _window(newest.table, max_instances, input_shape, start, end, regression)
+    return _window(table, max_instances, input_shape, start, end, regression)
 
 
-class _Newest:
-    """The newest records holding ``limit`` instances, of all those added so far."""
+@dataclass(frozen=True)
+class Wanted:
+    """Which records a window counts, and how many instances it holds."""
+
+    model_name: str
+    model_version: str | None
+    input_shape: tuple[int, ...]
+    start: datetime
+    max_instances: int
+
+
+def newest_records(filesystem: Any, parts: list[Any], wanted: Wanted) -> Any:
+    """The newest records of ``parts`` (newest file first) holding ``wanted.max_instances`` instances, as one
+    table newest first (None when none match); stops at the first file that cannot hold a newer one."""
+    from serving.payload_log import part_batches
+
+    newest = Newest(wanted.max_instances)
+    for part in parts:
+        if newest.full_before(part.newest):
+            break
+        for batch in part_batches(filesystem, part, _COLUMNS):
+            newest.add(_matching(batch, wanted.model_name, wanted.model_version, wanted.input_shape, wanted.start))
+    return newest.table
+
+
+class Newest:
+    """The newest records holding ``limit`` instances, of all those added so far (on equal times, the first added)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

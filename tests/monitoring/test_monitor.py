@@ -274,3 +274,42 @@ def test_a_drift_event_starts_a_retraining_run_through_the_deployment_trigger(mn
         finally:
             os.killpg(schedule.pid, signal.SIGTERM)
             schedule.wait(timeout=60)
+
+
+def test_monitor_on_a_local_cluster_reads_the_same_window_and_finds_the_same_drift(mnist, tmp_path: Path) -> None:
+    """The installed `fluxo monitor`, once in its own process and once with the log's files read by a local Ray
+    cluster's tasks: one log of many files (two writers, overlapping in time), the same summary."""
+    from serving.payload_log import PayloadLogger
+
+    root, _, served = mnist
+    model_name, version = served.as_dict()["model_name"], served.version
+    labels = list(served.as_dict()["labels"])
+    log = tmp_path / "payloads"
+    writers = [PayloadLogger(log, rotate_mb=0.05, flush_records=8, start=False) for _ in range(2)]
+    test = read_dataset(root / "data", mmap=False).splits["test"].x
+    rng = np.random.default_rng(5)
+    x = IMAGE_SHIFTS["inverted"](test[rng.permutation(len(test))[:400]], None, 1.0)
+    for start in range(0, len(x), 4):
+        batch = x[start:start + 4]
+        writers[start // 4 % 2].record(f"r{start}", "/predict", model_name, version, "champion", 1.0, batch,
+                                       rng.dirichlet(np.ones(len(labels)), len(batch)).astype(np.float32), labels)
+    for writer in writers:
+        writer.close()
+    assert len(list(log.glob("*/*.parquet"))) >= 8, "a log of many files"
+    fluxo = Path(sys.executable).with_name("fluxo")
+    common = [str(fluxo), "monitor", "--json", "--root", str(root), "--set", "data.dataset=mnist",
+              "--set", f"tracking.tracking_uri=sqlite:///{root.parent / 'mlflow.db'}",
+              "--set", f"data.dvc_remote={root.parent / 'dvc-remote'}", "--set", f"monitor.payload_log={log}",
+              "--set", "monitor.max_instances=300"]
+    summaries = []
+    for extra in ((), ("--set", "cluster.address=local", "--set", "cluster.cpus=2")):
+        done = subprocess.run([*common, *extra], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summaries.append(json.loads(done.stdout))
+    one, spread = summaries
+    assert one["window"]["instances"] == 300 and one["drift_detected"] is True
+    for key in ("reference_size", "drift_detected", "scores"):
+        assert spread[key] == one[key], key
+    moments = ("start", "end")  # each run's own clock
+    assert {k: v for k, v in spread["window"].items() if k not in moments} == \
+        {k: v for k, v in one["window"].items() if k not in moments}
