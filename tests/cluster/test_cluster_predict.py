@@ -75,6 +75,7 @@ def test_npy_on_the_cluster_equals_the_one_process_output_row_for_row(user: Proj
     assert [e["id"] for e in cluster["skipped_examples"]] == ["5", "900"]
 
 
+@pytest.mark.slow  # 14 s: the .npy test covers the spread in make test
 def test_parquet_row_groups_are_spread_and_come_back_in_order(user: Project) -> None:
     x = sample_instances(700, seed=4).reshape(700, 64)
     frame = pa.table({f"v{i}": pa.array(x[:, i]) for i in range(64)} | {"id": pa.array([f"r{i}" for i in range(700)])})
@@ -85,6 +86,7 @@ def test_parquet_row_groups_are_spread_and_come_back_in_order(user: Project) -> 
     assert table.column("id").to_pylist()[:3] == ["r0", "r1", "r2"] and table.num_rows == 700
 
 
+@pytest.mark.slow  # 12 s
 def test_an_image_folder_on_the_cluster_skips_the_same_broken_file(user: Project) -> None:
     folder = user.root / "images"
     digits = sample_instances(230, seed=7)
@@ -98,6 +100,7 @@ def test_an_image_folder_on_the_cluster_skips_the_same_broken_file(user: Project
     assert table.num_rows == 230 and [e["id"] for e in cluster["skipped_examples"]] == ["d1/broken.png"]
 
 
+@pytest.mark.slow  # 21 s: four cluster starts
 def test_a_bad_row_under_on_error_fail_and_a_truncated_file_are_one_line_each(user: Project) -> None:
     x = sample_instances(400)
     x[300, 0, 0, 0] = np.nan
@@ -146,7 +149,7 @@ def test_a_local_cluster_listens_on_loopback_only_and_stops_with_the_command(tmp
     assert not alive, f"Ray processes left running after the command: {alive}"
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_stop_mid_prediction_leaves_no_ray_process_and_no_partial_file(user: Project, stop: int) -> None:
     source = user.root / "long.npy"
     if not source.exists():

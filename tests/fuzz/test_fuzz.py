@@ -50,7 +50,9 @@ def _without_progress(log: str) -> str:
     return "\n".join(line for line in log.splitlines() if not noise.match(line))
 
 
-@pytest.mark.parametrize("script", TARGETS)
+# One target briefly in make test (14 s each); the others, and all three for minutes, in make test-slow.
+@pytest.mark.parametrize("script", [pytest.param(script, marks=[] if script == "fuzz_image.py" else pytest.mark.slow)
+                                    for script in TARGETS])
 def test_fuzz_target_briefly(script: str, tmp_path: Path) -> None:
     runs = fuzz(script, SHORT_S, tmp_path)
     assert runs > 1000, f"{script} ran only {runs} inputs in {SHORT_S} s"

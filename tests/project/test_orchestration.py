@@ -33,6 +33,7 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> Project:
     return Project.clone_shaped(tmp_path_factory.mktemp("orchestration"))
 
 
+@pytest.mark.slow  # 28 s: three whole runs; make test's first-hour tests start the embedded server too
 def test_the_first_run_starts_the_server_the_next_reuses_it_and_stop_leaves_nothing(user: Project) -> None:
     assert _json(user.fluxo("prefect", "status"))["project_server"] is False
     first = user.fluxo("run", "--config", SMOKE)

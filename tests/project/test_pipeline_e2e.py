@@ -167,6 +167,7 @@ def test_a_user_mistake_inside_the_flow_is_not_retried_and_prints_no_traceback(
     assert all(r.exc_info is None for r in failures), "a user error must not be logged with its traceback"
 
 
+@pytest.mark.slow  # 15 s: a whole flow run with a fault
 def test_a_transient_fault_after_registration_is_retried_and_registers_once(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

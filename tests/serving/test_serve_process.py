@@ -122,6 +122,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("served") / "model")
 
 
+@pytest.mark.slow  # 13 s: two servers
 def test_two_servers_count_their_own_requests_and_a_scrape_right_after_a_burst_shows_all(
     project: Path, model_dir: Path, tmp_path: Path
 ) -> None:

@@ -479,7 +479,9 @@ def test_example_client(server: Server, capsys: pytest.CaptureFixture[str], monk
 # are reached with no key at all. Each run's requests are read back from its HAR report, so a
 # run that silently skipped an operation (a multipart or binary body it could not build) fails.
 
-SCHEMATHESIS_MODES = ["with the key", "without the key", "on a server without a key"]
+# make test runs one (11 s each); the other two are slow.
+SCHEMATHESIS_MODES = ["with the key", pytest.param("without the key", marks=pytest.mark.slow),
+                      pytest.param("on a server without a key", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")

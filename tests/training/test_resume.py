@@ -138,6 +138,7 @@ def test_training_lock_has_one_holder_at_a_time(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.slow  # 15 s: a second training process
 def test_resume_is_refused_while_another_process_holds_the_run(project: Path, settings_for, tmp_path: Path) -> None:
     settings = settings_for()
     ingest(project, settings.data)
