@@ -36,6 +36,7 @@ from pipelines.train.result import TrainResult
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"  # in a Ray Train checkpoint: the MLflow run the checkpoint's state belongs to
+STATES_KEPT = 2  # Ray Train checkpoints kept per training: the newest (a restart resumes it) and the one before
 
 
 class ReportToRayTrain(Callback):
@@ -135,7 +136,7 @@ def _create_run(ctx: RunContext) -> str:
 def train_on_cluster(ctx: RunContext, data_version: DataVersion, workers: int, cluster_cpus: int) -> TrainResult:
     """Train with ``workers`` Ray Train workers; the result rank 0 reported (the MLflow run, the test metrics)."""
     import torch
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     settings = ctx.settings
@@ -151,8 +152,12 @@ def train_on_cluster(ctx: RunContext, data_version: DataVersion, workers: int, c
                            "data_version": data_version, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker=None if gpu else {"CPU": settings.cluster.cpus_per_trial}),
-        run_config=RunConfig(name=f"fluxo-train-{data_version.md5[:12]}", storage_path=storage,
-                             failure_config=FailureConfig(max_failures=settings.cluster.max_failures)),
+        # Named by the MLflow run: Ray Train resumes a name it finds in the storage, so a name shared by two
+        # trainings (the data version's, as it was) made the second restore the first's last state. Only the
+        # newest states are kept: a restart needs the last one.
+        run_config=RunConfig(name=f"fluxo-train-{run_id}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=settings.cluster.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=STATES_KEPT)),
     )
     log.info("training on %d Ray Train worker(s) (%s), checkpoints in %s", workers, "GPU" if gpu else "CPU", storage)
     try:

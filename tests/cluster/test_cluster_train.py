@@ -55,10 +55,13 @@ def test_two_ray_train_workers_take_the_steps_of_two_torchrun_processes(user: Pr
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
 
 
-def _registered_states(storage: Path) -> int:
-    """Checkpoints Ray Train has registered (its snapshot lists them) that hold a training state."""
+def _registered_states(storage: Path, earlier: set[Path] = frozenset()) -> int:
+    """Checkpoints Ray Train has registered (its snapshot lists them) that hold a training state, in the runs'
+    folders other than ``earlier`` (those of the module's earlier runs)."""
     count = 0
     for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        if snapshot.parent in earlier:
+            continue
         try:
             entries = json.loads(snapshot.read_text())["checkpoint_results"]
         except (OSError, ValueError, KeyError):  # being rewritten right now: ask again
@@ -83,10 +86,11 @@ def test_a_worker_killed_mid_training_resumes_the_same_run_from_its_last_checkpo
     client = store_client(user.root.parent / "mlflow.db")
     before = {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
     storage = user.root / ".fluxo" / "ray-train"
+    earlier = set(storage.glob("*"))  # the two-worker test's run, already complete: not this run's checkpoints
     process, log = user.start("train", "--config", "configs/smoke.yaml", "--workers", "2", *CLUSTER, *epochs,
                               *_stores(user))
     try:
-        wait_for(lambda: _registered_states(storage) >= 2, "two epochs checkpointed", timeout=240)
+        wait_for(lambda: _registered_states(storage, earlier) >= 2, "two epochs checkpointed", timeout=240)
         # Ray's raylet parents its workers (not the command): this test's are the only ones on the machine.
         workers = [p for p in psutil.process_iter() if _is_train_worker(p)]
         assert len(workers) == 2, f"training ended before the kill (make its epochs longer): {log.read_text()[-2000:]}"
