@@ -1,5 +1,5 @@
 """An input cut into shares that cluster tasks read on their own: row ranges of a ``.npy``, row groups
-of a Parquet file, runs of an image folder's files.
+of a Parquet file, runs of an image folder's files; a folder of parts, each part's.
 
 Each share is read by the very readers of the one-process path (pipelines/predict/sources.py) with
 its range, so ids, validation and encoding are theirs, and the shares' answers in order are the
@@ -10,12 +10,12 @@ zip member): it is one share, which a cluster runs on one worker.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from pipelines.predict.chunk import Chunk, Contract, open_parquet
-from pipelines.predict.sources import _check_array_shape, _npy_header, chunks, image_files
+from pipelines.predict.sources import _check_array_shape, _npy_header, chunks, folder_files, part_name
 
 ShareKind = Literal["npy", "parquet", "images", "whole"]
 
@@ -30,35 +30,46 @@ class Share:
     stop: int = 0
     row_groups: tuple[int, ...] = ()
     names: tuple[str, ...] = field(default=())
+    part: str = ""  # a folder of parts: this part's relative path, which names its rows
 
     def read(self, contract: Contract, batch_size: int) -> Iterator[Chunk]:
         """This share's chunks, by the one-process readers."""
-        from pipelines.predict.sources import image_chunks, npy_chunks, parquet_chunks
+        from pipelines.predict.sources import image_chunks, named_rows, npy_chunks, parquet_chunks
 
         path = Path(self.path)
         if self.kind == "npy":
-            return npy_chunks(path, contract, batch_size, rows=(self.start, self.stop))
-        if self.kind == "parquet":
-            return parquet_chunks(path, contract, batch_size, row_groups=list(self.row_groups), start=self.start)
-        if self.kind == "images":
+            read = npy_chunks(path, contract, batch_size, rows=(self.start, self.stop))
+        elif self.kind == "parquet":
+            read = parquet_chunks(path, contract, batch_size, row_groups=list(self.row_groups), start=self.start)
+        elif self.kind == "images":
             return image_chunks(path, contract, batch_size, names=self.names)
-        return chunks(path, contract, batch_size)
+        else:
+            return chunks(path, contract, batch_size)
+        return named_rows(read, self.part) if self.part else read
 
 
 def plan_shares(path: Path, contract: Contract, rows_per_share: int) -> list[Share]:
     """``path`` cut into shares of about ``rows_per_share`` instances, in the input's order.
 
     What the one-process path would refuse before reading any row (a wrong shape, an empty folder)
-    is refused here, before a task is sent."""
+    is refused here, before a task is sent. A folder of parts is each part's shares in turn (a share
+    never spans two parts)."""
     path = Path(path)
     if path.is_dir():
-        files = image_files(path)
+        kind, files = folder_files(path)
+        if kind == "parts":
+            return [replace(share, part=part_name(path, part))
+                    for part in files for share in _file_shares(part, contract, rows_per_share)]
         if not files:
             return [Share(str(path), "whole")]  # the reader's own error, raised where it runs
         names = [file.relative_to(path).as_posix() for file in files]
         return [Share(str(path), "images", start, start + len(part), names=tuple(part))
                 for start in range(0, len(names), rows_per_share)
                 for part in [names[start:start + rows_per_share]]]
+    return _file_shares(path, contract, rows_per_share)
+
+
+def _file_shares(path: Path, contract: Contract, rows_per_share: int) -> list[Share]:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         shape = _npy_header(path)[0]

@@ -1,4 +1,4 @@
-"""Prediction inputs read in chunks: ``.npy``, NPZ, CSV, Parquet or an image folder.
+"""Prediction inputs read in chunks: ``.npy``, NPZ, CSV, Parquet, an image folder or a folder of parts.
 
 Every source yields :class:`Chunk` objects of at most ``batch_size`` instances, so a
 file larger than memory streams through: ``.npy`` is read slice by slice after its
@@ -6,6 +6,8 @@ header (plain reads rather than a memory map, whose touched pages would count in
 process's resident memory until the kernel evicts them), CSV through pandas'
 ``chunksize``, Parquet through pyarrow's ``iter_batches``, images file by file. NPZ
 archives are compressed zip members and cannot be sliced: their ``x`` is loaded whole.
+A folder of ``.npy`` and Parquet parts (what a Spark or Ray job writes) is read part by part,
+each row's id being its part's relative path, ``:``, and its id within the part.
 
 Validation is the service's: rows go through ``serving.schemas.validate_instances``
 (numbers) or ``serving.images.decode_image`` (files), so a row refused here would be
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 TABLE_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
+PART_SUFFIXES = frozenset({".npy", ".parquet", ".pq"})  # what a folder of parts holds: files that stream
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -362,7 +365,7 @@ def image_chunks(folder: Path, contract: Contract, batch_size: int, names: Seque
                          f"{list(contract.input_shape)}); pass a .npy, NPZ, CSV or Parquet file")
     files = image_files(folder) if names is None else [folder / name for name in names]
     if not files:
-        raise FluxoError(f"{folder}: no PNG or JPEG file below it")
+        raise FluxoError(f"{folder}: no PNG or JPEG file below it (nor any .npy or Parquet part); {_READS}")
     for start in range(0, len(files), batch_size):
         ids, arrays, errors = [], [], []
         for file in files[start:start + batch_size]:
@@ -378,12 +381,52 @@ def image_chunks(folder: Path, contract: Contract, batch_size: int, names: Seque
         yield Chunk(ids, batch, errors)
 
 
+# --- folders of parts ---------------------------------------------------------------------------
+
+
+def folder_files(folder: Path) -> tuple[str, list[Path]]:
+    """What a folder holds, anywhere below it, in a stable order: ``("images", PNG/JPEG files)`` or
+    ``("parts", .npy and Parquet files)``, whose relative paths name their rows; both kinds at once is refused."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | PART_SUFFIXES)
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]  # one listing: folders can hold 100,000s
+    parts = [p for p in files if p.suffix.lower() in PART_SUFFIXES]
+    if images and parts:
+        raise FluxoError(f"{folder}: holds both images ({len(images)}, e.g. {images[0].relative_to(folder)}) and "
+                         f".npy/Parquet parts ({len(parts)}, e.g. {parts[0].relative_to(folder)}); "
+                         "give a folder of one kind")
+    return ("parts", parts) if parts else ("images", images)
+
+
+def part_name(folder: Path, part: Path) -> str:
+    return part.relative_to(folder).as_posix()
+
+
+def named_rows(chunks: Iterator[Chunk], name: str) -> Iterator[Chunk]:
+    """``chunks`` of one part with each id (and each refused row's id) as ``name:id``: unique across the folder."""
+    for chunk in chunks:
+        chunk.ids = [f"{name}:{row}" for row in chunk.ids]
+        chunk.errors = [(f"{name}:{row}", why) for row, why in chunk.errors]
+        yield chunk
+
+
+def part_chunks(part: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
+    """One part of a folder, by its own reader."""
+    if part.suffix.lower() == ".npy":
+        return npy_chunks(part, contract, batch_size)
+    return parquet_chunks(part, contract, batch_size)
+
+
+def parts_chunks(folder: Path, parts: Sequence[Path], contract: Contract, batch_size: int) -> Iterator[Chunk]:
+    for part in parts:
+        yield from named_rows(part_chunks(part, contract, batch_size), part_name(folder, part))
+
+
 # --- dispatch ---------------------------------------------------------------------------------
 
 
 _READERS = {".npy": npy_chunks, ".npz": npz_chunks, ".csv": csv_chunks, ".parquet": parquet_chunks,
             ".pq": parquet_chunks}
-_READS = "pass an image folder or a .npy, .npz, .csv or .parquet file"
+_READS = "pass a .npy, .npz, .csv or .parquet file, or a folder of images or of .npy/.parquet parts"
 
 
 def check_input(path: Path) -> None:
@@ -407,7 +450,10 @@ def chunks(path: Path, contract: Contract, batch_size: int, digest: Any = None) 
     path = Path(path)
     check_input(path)
     if path.is_dir():
-        return image_chunks(path, contract, batch_size)
+        kind, files = folder_files(path)
+        if kind == "parts":
+            return parts_chunks(path, files, contract, batch_size)
+        return image_chunks(path, contract, batch_size, names=[part_name(path, file) for file in files] or None)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return npy_chunks(path, contract, batch_size, digest)
@@ -424,23 +470,29 @@ def count_instances(path: Path) -> int | None:
     path = Path(path)
     try:
         if path.is_dir():
-            return len(image_files(path))
-        if path.suffix.lower() == ".npy":
-            return _npy_header(path)[0][0]
-        if path.suffix.lower() in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(path).metadata.num_rows
+            kind, files = folder_files(path)
+            return len(files) if kind == "images" else sum(_rows_of(part) for part in files)
+        if path.suffix.lower() in PART_SUFFIXES:
+            return _rows_of(path)
     except (FluxoError, OSError, ValueError):
         return None
     return None
 
 
+def _rows_of(part: Path) -> int:
+    """The rows of one ``.npy`` or Parquet file, from its header or footer."""
+    if part.suffix.lower() == ".npy":
+        return _npy_header(part)[0][0]
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(part).metadata.num_rows
+
+
 def input_sha256(path: Path, block: int = 1 << 20) -> str:
-    """SHA-256 of the input, streamed; for a folder, of each image's relative path and bytes in order."""
+    """SHA-256 of the input, streamed; for a folder, of each file's relative path and bytes in order."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = [(p.relative_to(path).as_posix(), p) for p in image_files(path)] if path.is_dir() else [(None, path)]
+    files = [(p.relative_to(path).as_posix(), p) for p in folder_files(path)[1]] if path.is_dir() else [(None, path)]
     for name, file in files:
         if name is not None:
             digest.update(name.encode() + b"\0")

@@ -75,6 +75,22 @@ def test_npy_on_the_cluster_equals_the_one_process_output_row_for_row(user: Proj
     assert [e["id"] for e in cluster["skipped_examples"]] == ["5", "900"]
 
 
+def test_a_folder_of_parts_is_spread_part_by_part_and_named_as_in_one_process(user: Project) -> None:
+    x = sample_instances(900, seed=6)
+    x[450, 0, 2, 2] = np.nan  # a bad row in the second part
+    folder = user.root / "parts"
+    (folder / "b").mkdir(parents=True)
+    np.save(folder / "a.npy", x[:300])
+    np.save(folder / "b" / "c.npy", x[300:700])
+    flat = x[700:].reshape(200, 64)
+    pq.write_table(pa.table({f"v{i}": pa.array(flat[:, i]) for i in range(64)}), folder / "d.parquet", row_group_size=50)
+    one, cluster = _both(user, folder, "parts")
+    table = _same_output(user, "parts", one, cluster)
+    ids = table.column("id").to_pylist()
+    assert table.num_rows == 899 and ids[0] == "a.npy:0" and ids[-1] == "d.parquet:199"
+    assert [e["id"] for e in cluster["skipped_examples"]] == ["b/c.npy:150"]
+
+
 @pytest.mark.slow  # 14 s: the .npy test covers the spread in make test
 def test_parquet_row_groups_are_spread_and_come_back_in_order(user: Project) -> None:
     x = sample_instances(700, seed=4).reshape(700, 64)

@@ -319,3 +319,51 @@ def test_the_fast_row_check_flags_exactly_what_the_service_refuses() -> None:
         np.testing.assert_array_equal(chunk.batch, rows[[0, 4, 5]])
     too_big = np.full((1, 1, 2, 2), 1e39)  # float64 beyond float32's range
     assert validate_rows(too_big, ["x"], (1, 2, 2)).ids == []
+
+
+def _fluxo_predict(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """The installed `fluxo predict`, in a fresh process, as a user runs it."""
+    stores = project.parent
+    return subprocess.run([str(Path(sys.executable).with_name("fluxo")), "predict", *args, "--root", str(project),
+                           "--set", f"tracking.tracking_uri=sqlite:///{stores / 'mlflow.db'}"],
+                          capture_output=True, text=True, cwd=project, timeout=300)
+
+
+def test_a_folder_of_parts_is_each_part_in_turn_its_rows_named_by_part(project: Path, model_dir: Path) -> None:
+    """What a Spark or Ray job writes: .npy and Parquet parts below one folder. Each row is answered as when its
+    part is given alone, under the id ``part:id``; a bad row is skipped by that name; the folder's hash covers
+    every part."""
+    import pandas as pd
+
+    x = sample_instances(30, seed=2)
+    x[4, 0, 1, 1] = np.nan  # a bad row in the first part
+    folder = project / "parts"
+    (folder / "day=1").mkdir(parents=True)
+    np.save(folder / "day=1" / "part-0.npy", x[:12])
+    frame = pd.DataFrame(x[12:].reshape(18, 64), columns=[f"p{i}" for i in range(64)])
+    frame.insert(0, "id", [f"r{i}" for i in range(18)])
+    frame.to_parquet(folder / "part-1.parquet", row_group_size=5)
+    alone = {}
+    for name in ("day=1/part-0.npy", "part-1.parquet"):
+        done = _fluxo_predict(project, str(folder / name), "-o", str(project / f"{name.replace('/', '_')}.out.parquet"),
+                              "--model", str(model_dir), "--batch-size", "7")
+        assert done.returncode == 0, done.stderr[-3000:]
+        alone[name] = pq.read_table(project / f"{name.replace('/', '_')}.out.parquet").to_pydict()
+    done = _fluxo_predict(project, str(folder), "-o", str(project / "folder.parquet"), "--model", str(model_dir),
+                          "--batch-size", "7")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    table = pq.read_table(project / "folder.parquet").to_pydict()
+    assert table["id"] == [f"day=1/part-0.npy:{i}" for i in alone["day=1/part-0.npy"]["id"]] + \
+        [f"part-1.parquet:{i}" for i in alone["part-1.parquet"]["id"]]
+    assert table["id"][:5] == ["day=1/part-0.npy:0", "day=1/part-0.npy:1", "day=1/part-0.npy:2",
+                               "day=1/part-0.npy:3", "day=1/part-0.npy:5"]
+    assert table["probabilities"] == alone["day=1/part-0.npy"]["probabilities"] + alone["part-1.parquet"]["probabilities"]
+    assert summary["rows"] == 29 and summary["skipped"] == 1
+    assert [e["id"] for e in summary["skipped_examples"]] == ["day=1/part-0.npy:4"]
+    # A folder holding images beside parts is refused, naming both.
+    (folder / "stray.png").write_bytes(digit_png(np.zeros((8, 8))))
+    done = _fluxo_predict(project, str(folder), "-o", str(project / "mixed.parquet"), "--model", str(model_dir))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"{folder}: holds both images (1, e.g. stray.png) and .npy/Parquet parts (2" in done.stderr
+    assert not (project / "mixed.parquet").exists()
