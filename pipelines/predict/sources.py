@@ -409,16 +409,11 @@ def named_rows(chunks: Iterator[Chunk], name: str) -> Iterator[Chunk]:
         yield chunk
 
 
-def part_chunks(part: Path, contract: Contract, batch_size: int) -> Iterator[Chunk]:
-    """One part of a folder, by its own reader."""
-    if part.suffix.lower() == ".npy":
-        return npy_chunks(part, contract, batch_size)
-    return parquet_chunks(part, contract, batch_size)
-
-
 def parts_chunks(folder: Path, parts: Sequence[Path], contract: Contract, batch_size: int) -> Iterator[Chunk]:
+    """A folder of parts, each part by its own reader."""
     for part in parts:
-        yield from named_rows(part_chunks(part, contract, batch_size), part_name(folder, part))
+        read = npy_chunks if part.suffix.lower() == ".npy" else parquet_chunks
+        yield from named_rows(read(part, contract, batch_size), part_name(folder, part))
 
 
 # --- dispatch ---------------------------------------------------------------------------------
