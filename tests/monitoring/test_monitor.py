@@ -276,6 +276,7 @@ def test_a_drift_event_starts_a_retraining_run_through_the_deployment_trigger(mn
             schedule.wait(timeout=60)
 
 
+@pytest.mark.slow  # 28 s: two whole commands; tests/cluster/test_cluster_monitor.py checks the same window in make test
 def test_monitor_on_a_local_cluster_reads_the_same_window_and_finds_the_same_drift(mnist, tmp_path: Path) -> None:
     """The installed `fluxo monitor`, once in its own process and once with the log's files read by a local Ray
     cluster's tasks: one log of many files (two writers, overlapping in time), the same summary."""

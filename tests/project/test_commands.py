@@ -52,9 +52,11 @@ def test_data_ingest(user: Project) -> None:
     assert summary["dataset"] == "digits" and summary["splits"] == {"train": 1077, "val": 360, "test": 360}
 
 
+@pytest.mark.slow  # 49 s: four trainings and exports as subprocesses; tests/project/test_cli.py's promote and rollback run in make test
 def test_train_export_promote_rollback(user: Project) -> None:
     line = one_error_line(user.fluxo("train", "--config", "configs/mnist1d-cnn.yaml"))
     assert "fluxo data ingest --config configs/mnist1d-cnn.yaml" in line, line
+    _json(user.fluxo("data", "ingest", "--config", SMOKE))  # done by the ingest test too, when make test runs both
     first = _json(user.fluxo("train", "--config", SMOKE))
     second = _json(user.fluxo("train", "--config", SMOKE, "--set", "train.epochs=1",
                               "--set", "train.learning_rate=1e-6"))
