@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines.cluster import ray_cluster
 from pipelines.errors import FluxoError
 from pipelines.monitor.detect import compare, scores
 from pipelines.monitor.embedding import Embedder
+from pipelines.monitor.on_cluster import newest_on_cluster
 from pipelines.monitor.reference import load_reference, table_contract
 from pipelines.monitor.report import drift_report
 from pipelines.monitor.signals import Sample
@@ -113,15 +116,10 @@ def monitor(ctx: RunContext, model: str | None, name: str, window_hours: float |
 def _read(location: Path | str, settings: FluxoSettings, model_name: str, version: str | None,
           shape: tuple[int, ...], hours: float, now: datetime | None, regression: bool) -> Any:
     """The window, read by this process or, with ``cluster.address`` set, by the cluster's tasks."""
-    if not settings.cluster.enabled:
+    spread = settings.cluster.enabled
+    with ray_cluster(settings.cluster) if spread else nullcontext():
         return read_window(location, model_name, version, shape, hours, settings.monitor.max_instances, now,
-                           regression=regression)
-    from pipelines.cluster import ray_cluster
-    from pipelines.monitor.on_cluster import newest_on_cluster
-
-    with ray_cluster(settings.cluster):
-        return read_window(location, model_name, version, shape, hours, settings.monitor.max_instances, now,
-                           regression=regression, reader=newest_on_cluster)
+                           regression=regression, reader=newest_on_cluster if spread else None)
 
 
 def drifted_columns(scores: dict[str, dict[str, Any]]) -> list[str]:

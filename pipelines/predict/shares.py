@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.predict.chunk import Chunk, Contract, open_parquet
-from pipelines.predict.sources import _check_array_shape, _npy_header, chunks, folder_files, part_name
+from pipelines.predict.sources import _check_array_shape, _npy_header, chunks, folder_files, relative_name
 
 ShareKind = Literal["npy", "parquet", "images", "whole"]
 
@@ -58,11 +58,11 @@ def plan_shares(path: Path, contract: Contract, rows_per_share: int) -> list[Sha
     if path.is_dir():
         kind, files = folder_files(path)
         if kind == "parts":
-            return [replace(share, part=part_name(path, part))
+            return [replace(share, part=relative_name(path, part))
                     for part in files for share in _file_shares(part, contract, rows_per_share)]
         if not files:
             return [Share(str(path), "whole")]  # the reader's own error, raised where it runs
-        names = [file.relative_to(path).as_posix() for file in files]
+        names = [relative_name(path, file) for file in files]
         return [Share(str(path), "images", start, start + len(part), names=tuple(part))
                 for start in range(0, len(names), rows_per_share)
                 for part in [names[start:start + rows_per_share]]]

@@ -397,8 +397,9 @@ def folder_files(folder: Path) -> tuple[str, list[Path]]:
     return ("parts", parts) if parts else ("images", images)
 
 
-def part_name(folder: Path, part: Path) -> str:
-    return part.relative_to(folder).as_posix()
+def relative_name(folder: Path, file: Path) -> str:
+    """A file's path below ``folder``, with ``/``: an image's id, a part's name in its rows' ids."""
+    return file.relative_to(folder).as_posix()
 
 
 def named_rows(chunks: Iterator[Chunk], name: str) -> Iterator[Chunk]:
@@ -413,7 +414,7 @@ def parts_chunks(folder: Path, parts: Sequence[Path], contract: Contract, batch_
     """A folder of parts, each part by its own reader."""
     for part in parts:
         read = npy_chunks if part.suffix.lower() == ".npy" else parquet_chunks
-        yield from named_rows(read(part, contract, batch_size), part_name(folder, part))
+        yield from named_rows(read(part, contract, batch_size), relative_name(folder, part))
 
 
 # --- dispatch ---------------------------------------------------------------------------------
@@ -448,7 +449,7 @@ def chunks(path: Path, contract: Contract, batch_size: int, digest: Any = None) 
         kind, files = folder_files(path)
         if kind == "parts":
             return parts_chunks(path, files, contract, batch_size)
-        return image_chunks(path, contract, batch_size, names=[part_name(path, file) for file in files] or None)
+        return image_chunks(path, contract, batch_size, names=[relative_name(path, file) for file in files] or None)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return npy_chunks(path, contract, batch_size, digest)
@@ -487,7 +488,7 @@ def input_sha256(path: Path, block: int = 1 << 20) -> str:
     """SHA-256 of the input, streamed; for a folder, of each file's relative path and bytes in order."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = [(p.relative_to(path).as_posix(), p) for p in folder_files(path)[1]] if path.is_dir() else [(None, path)]
+    files = [(relative_name(path, p), p) for p in folder_files(path)[1]] if path.is_dir() else [(None, path)]
     for name, file in files:
         if name is not None:
             digest.update(name.encode() + b"\0")
